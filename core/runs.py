@@ -1,0 +1,235 @@
+"""Runs on disk and the background queue that trains them.
+
+A run is a folder: config.json, classes.json, splits.json, status.json, epochs.jsonl,
+best.safetensors, test_metrics.json, predictions.csv. The disk is the truth; the queue only
+decides what trains next. Status is written by whoever trains (the app's worker thread, or a
+command-line process), so any page, tab or restarted server reads the same state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+
+from core import paths
+
+ACTIVE_STATES = ("queued", "preparing", "running")
+STALE_AFTER_S = 120
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; stored as config.json."""
+    data_root: str = ""
+    split: tuple = (0.7, 0.15, 0.15)
+    split_seed: int = 0
+    max_per_class: int | None = None
+    arch: str = "mobilenetv2_100"
+    weights: str = "auto"            # auto, bundled, hub-cache, hub, file, random
+    weights_file: str | None = None
+    freeze: str = "head"             # head, top_k, full, scratch
+    top_k: int = 1
+    head: str = "linear"             # linear, mlp
+    hidden: int = 128
+    dropout: float = 0.0
+    optimizer: str = "adamw"         # sgd, adam, adamw, rmsprop
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    scheduler: str = "none"          # none, step, cosine
+    step_size: int = 7
+    gamma: float = 0.1
+    epochs: int = 10
+    batch_size: int = 32
+    image_size: int = 128
+    seed: int = 0
+    augment: dict = field(default_factory=dict)
+    cache_features: bool = True      # used when the backbone is frozen and nothing augments
+    device: str = "auto"
+    name: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in data.items() if k in known})
+        cfg.split = tuple(cfg.split)
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- one run's folder
+
+class Run:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.id = self.path.name
+
+    @classmethod
+    def create(cls, config: RunConfig, root: Path | None = None) -> "Run":
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = (root or paths.runs_dir()) / f"{stamp}-{config.arch}-{secrets.token_hex(2)}"
+        path.mkdir(parents=True)
+        run = cls(path)
+        run.write_json("config.json", config.to_dict())
+        run.set_status("queued", message="Waiting for the device")
+        return run
+
+    # files
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def read_json(self, name: str, default=None):
+        try:
+            return json.loads(self.file(name).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return default
+
+    def write_json(self, name: str, data) -> None:
+        paths.atomic_write_text(self.file(name), json.dumps(data, indent=1))
+
+    @property
+    def config(self) -> RunConfig:
+        return RunConfig.from_dict(self.read_json("config.json", {}))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.read_json("classes.json", [])
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.file("best.safetensors")
+
+    # status
+    def set_status(self, state: str, **info) -> None:
+        status = self.read_json("status.json", {}) or {}
+        status.update(info, state=state, pid=os.getpid(), updated=time.time())
+        self.write_json("status.json", status)
+
+    def status(self) -> dict:
+        """The stored status, with runs whose trainer died shown as 'interrupted'."""
+        status = self.read_json("status.json", {}) or {}
+        if status.get("state") in ACTIVE_STATES and not self._alive(status):
+            status = dict(status, state="interrupted",
+                          message="The process training this run stopped (server restart?). "
+                                  "Finished epochs and the best checkpoint are kept.")
+        return status
+
+    def _alive(self, status: dict) -> bool:
+        if status.get("pid") == os.getpid():
+            return MANAGER.knows(self.id)
+        try:
+            os.kill(int(status.get("pid", -1)), 0)
+        except (OSError, ValueError):
+            return False
+        return time.time() - status.get("updated", 0) < STALE_AFTER_S
+
+    # epochs
+    def append_epoch(self, row: dict) -> None:
+        with open(self.file("epochs.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def epochs(self) -> list[dict]:
+        try:
+            lines = self.file("epochs.jsonl").read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def label(self) -> str:
+        cfg, status = self.config, self.status()
+        acc = status.get("test_acc")
+        tail = f" · test acc {acc:.1%}" if isinstance(acc, float) else ""
+        return f"{self.id} · {cfg.name or cfg.arch} · {status.get('state', '?')}{tail}"
+
+
+def list_runs(root: Path | None = None) -> list[Run]:
+    """All runs, newest first."""
+    base = root or paths.runs_dir()
+    return [Run(p) for p in sorted(base.iterdir(), reverse=True)
+            if p.is_dir() and (p / "config.json").exists()]
+
+
+def get_run(run_id: str, root: Path | None = None) -> Run:
+    path = (root or paths.runs_dir()) / Path(run_id).name   # a name, never a path from outside
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"No run called {run_id}")
+    return Run(path)
+
+
+# ---------------------------------------------------------------- background queue
+
+class RunManager:
+    """One worker thread trains queued runs one after another (one device, one queue).
+    Stop requests are events the training loop checks every batch."""
+
+    def __init__(self):
+        self._queue: queue.Queue[Run] = queue.Queue()
+        self._stops: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+
+    def submit(self, config: RunConfig, root: Path | None = None) -> Run:
+        run = Run.create(config, root)
+        with self._lock:
+            self._stops[run.id] = threading.Event()
+            self._queue.put(run)
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="finetune-lab-trainer",
+                                                daemon=True)
+                self._worker.start()
+        return run
+
+    def stop(self, run_id: str) -> None:
+        with self._lock:
+            event = self._stops.get(run_id)
+        if event:
+            event.set()
+
+    def knows(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._stops
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._stops)
+
+    def wait(self, run_id: str, timeout: float | None = None) -> bool:
+        """Block until `run_id` leaves the queue (tests, notebooks)."""
+        end = time.monotonic() + (timeout or 1e9)
+        while self.knows(run_id) and time.monotonic() < end:
+            time.sleep(0.05)
+        return not self.knows(run_id)
+
+    def _work(self):
+        from core.training import train_run
+        while True:
+            try:
+                run = self._queue.get(timeout=5)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._worker = None
+                        return
+                continue
+            event = self._stops[run.id]
+            try:
+                if event.is_set():
+                    run.set_status("stopped", message="Stopped before it started")
+                else:
+                    train_run(run, stop=event)
+            except Exception as err:  # noqa: BLE001 - a crashed run must never kill the queue
+                run.set_status("failed", message=f"{type(err).__name__}: {err}")
+            finally:
+                with self._lock:
+                    self._stops.pop(run.id, None)
+
+
+MANAGER = RunManager()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Finetune Lab set-up and launch. Usage:
+#   ./lab.sh          install everything, then start the app (http://localhost:8501)
+#   ./lab.sh test     install everything (plus test tools), then run the whole test suite
+# Re-running is cheap: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")"
+MODE="${1:-start}"
+PY="${PYTHON:-python3}"
+VENV=.venv
+
+apt_install() {   # only what is missing; needs root or sudo
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || { echo "Please install: ${missing[*]}"; return 0; }
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+}
+
+if ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then apt_install python3-venv; fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+stamp="$VENV/.installed-$(cat requirements.txt requirements-offline.txt tests/requirements.txt | cksum | cut -d' ' -f1)-$MODE"
+if [ ! -f "$stamp" ]; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q -r requirements.txt
+  python -m pip install -q --no-deps -r requirements-offline.txt
+  if [ "$MODE" = test ]; then
+    python -m pip install -q -r tests/requirements.txt
+    apt_install chromium
+  fi
+  touch "$stamp"
+fi
+
+case "$MODE" in
+  start) exec streamlit run streamlit_app.py --browser.gatherUsageStats false "${@:2}" ;;
+  test)  exec python -m pytest -q tests "${@:2}" ;;
+  *) echo "usage: ./lab.sh [start|test]"; exit 2 ;;
+esac
