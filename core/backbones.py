@@ -289,15 +289,25 @@ FREEZE_MODES = {
 def block_groups(backbone: nn.Module) -> list[tuple[str, list[str]]]:
     """The backbone's parameter groups from stem to top, via timm's `group_matcher`, each with a
     short name made from its parameters' module prefixes."""
-    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    groups = list(group_parameters(backbone, backbone.group_matcher(coarse=True)).values())
+    # a top-level module that lives in one group only (resnet's layer1) names it by itself
+    owners = {}
+    for i, names in enumerate(groups):
+        for n in names:
+            owners.setdefault(n.split(".")[0], set()).add(i)
     named = []
-    for names in groups.values():
-        prefixes = list(dict.fromkeys(n.rsplit(".", 1)[0].split(".")[0] if "." in n else n
-                                      for n in names))
-        stages = list(dict.fromkeys(".".join(n.split(".")[:2]) for n in names if n.count(".") > 1))
-        label = ", ".join(stages[:1] + (["…", stages[-1]] if len(stages) > 1 else [])) or ", ".join(prefixes[:3])
+    for names in groups:
+        modules = list(dict.fromkeys(n.split(".")[0] if len(owners[n.split(".")[0]]) == 1
+                                     else _module_key(n) for n in names))
+        label = ", ".join(modules) if len(modules) <= 3 else f"{modules[0]} … {modules[-1]}"
         named.append((label, names))
     return named
+
+
+def _module_key(param_name: str) -> str:
+    """'blocks.6.0.conv.weight' -> 'blocks.6', 'layer1.0.conv1.weight' -> 'layer1'."""
+    parts = param_name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
 
 
 def apply_freeze(model: FineTuneModel, mode: str, top_k: int = 1) -> None:

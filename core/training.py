@@ -201,7 +201,7 @@ def _train(run: Run, cfg: RunConfig, report: Reporter) -> dict:
 
     if cached:
         feats = {s: extract_features(model.backbone, data[s][0], eval_tf, device, 64, report, s)
-                 for s in ("train", "val")}
+                 for s in ("train", "val", "test")}
         trainable = model.head
         train_batches = lambda: feature_batches(feats["train"], data["train"][1], cfg.batch_size, generator)  # noqa: E731
         val_batches = lambda: feature_batches(feats["val"], data["val"][1], 256, None)  # noqa: E731
@@ -250,7 +250,11 @@ def _train(run: Run, cfg: RunConfig, report: Reporter) -> dict:
     model.load_state_dict(safetensors.torch.load_file(str(run.checkpoint), device=str(device)))
     images, labels, files = data["test"]
     if labels:
-        probs = predict_probs(model, images, eval_tf, device)
+        if cached:     # the backbone is unchanged: its test features are already computed
+            with torch.inference_mode():
+                probs = model.head.eval()(feats["test"]).float().softmax(-1).cpu().numpy()
+        else:
+            probs = predict_probs(model, images, eval_tf, device)
         metrics = save_evaluation(run, "test", files, labels, probs)
         run.set_status("finished", message="Finished", test_acc=metrics["accuracy"], phase="done")
     else:

@@ -1,0 +1,169 @@
+"""Data: choose a data set, see what is in it, and decide how to split it."""
+import secrets
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from core import data as D
+from core import paths
+from pages import common
+
+settings = common.setup("Data")
+st.title("🖼️ Data")
+
+SOURCES = {
+    "demo": "Built-in demo (Fashion-MNIST, 10 classes)",
+    "zip": "Upload a .zip of class folders",
+    "folder": "Upload a folder of class folders",
+    "images": "Upload images into a class",
+    "path": "Folder on this server",
+}
+
+
+@st.cache_data(show_spinner="Scanning images…", max_entries=16)
+def scan(root: str, _stamp: float) -> D.DataScan:
+    return D.scan_folder(root)
+
+
+@st.cache_data(max_entries=2048, show_spinner=False)
+def thumbnail(path: str):
+    return D.open_rgb(path, 96)
+
+
+def folder_stamp(root: Path) -> float:
+    """Changes when files are added to the folder tree (class folders' mtimes)."""
+    try:
+        return sum(p.stat().st_mtime for p in [root, *root.iterdir(), *root.glob("*/*")] if p.is_dir())
+    except OSError:
+        return 0.0
+
+
+def use_folder(root: Path, label: str) -> None:
+    settings["data_root"], settings["data_label"] = str(root), label
+
+
+def session_folder() -> Path:
+    """Where this session's uploaded single images collect, one sub-folder per class."""
+    name = st.session_state.setdefault("upload_folder", f"images-{secrets.token_hex(4)}")
+    return paths.datasets_dir() / name
+
+
+source = st.radio("Source", list(SOURCES), format_func=SOURCES.get, horizontal=True,
+                  key="data_source",
+                  index=list(SOURCES).index(st.session_state.get("data_source_value", "demo")))
+st.session_state["data_source_value"] = source
+
+if source == "demo":
+    use_folder(paths.DEMO_DATA, "Built-in demo: Fashion-MNIST (10 classes × 100 photos)")
+    st.caption("Zalando's Fashion-MNIST (MIT licence): 28×28 greyscale product photos, "
+               "a class-balanced subset shipped with the app so it works offline.")
+elif source == "zip":
+    upload = st.file_uploader("Zip with one folder per class (or train/val/test folders)",
+                              type=["zip"], key="zip_upload")
+    if upload is not None:
+        try:
+            with st.spinner("Unpacking…"):
+                use_folder(D.save_upload_zip(upload.getvalue(), upload.name), f"Upload: {upload.name}")
+        except D.DataError as err:
+            st.error(str(err))
+elif source == "folder":
+    files = st.file_uploader("Choose a folder whose sub-folders are the classes", type=None,
+                             accept_multiple_files="directory", key="dir_upload")
+    if files:
+        blob = b"".join(f.name.encode() + f.size.to_bytes(8, "little") for f in files)
+        target = D.upload_dir(blob, "folder")
+        if not target.exists():
+            with st.spinner(f"Saving {len(files)} files…"):
+                for f in files:
+                    D.save_upload_file(target, f.name, f.getvalue())
+        use_folder(target, f"Uploaded folder ({len(files)} files)")
+elif source == "images":
+    folder = session_folder()
+    cls = st.text_input("Class name for these images", placeholder="e.g. cats", key="img_class")
+    files = st.file_uploader("Images", type=sorted(e[1:] for e in D.IMAGE_EXTENSIONS),
+                             accept_multiple_files=True, key="img_upload")
+    if st.button("Add to class", disabled=not (files and cls.strip())):
+        safe = "".join(c for c in cls.strip() if c.isalnum() or c in " -_")[:60] or "class"
+        for f in files:
+            D.save_upload_file(folder / safe, Path(f.name).name, f.getvalue())
+        st.success(f"Added {len(files)} image(s) to '{safe}'.")
+    if folder.exists():
+        use_folder(folder, "Uploaded images")
+    else:
+        st.info("Add images of at least two classes, one class at a time.")
+else:
+    typed = st.text_input("Folder path on the server", value=st.session_state.get("typed_path", ""),
+                          placeholder="/data/flowers")
+    st.session_state["typed_path"] = typed
+    if typed:
+        if Path(typed).expanduser().is_dir():
+            use_folder(Path(typed).expanduser().resolve(), f"Folder: {typed}")
+        else:
+            st.error(f"No folder at {typed}.")
+
+root = Path(settings["data_root"])
+if not root.is_absolute():
+    root = paths.REPO_ROOT / root
+if not root.is_dir():
+    st.stop()
+try:
+    result = scan(str(root), folder_stamp(root))
+except D.DataError as err:
+    st.error(str(err))
+    st.stop()
+
+counts = result.counts()
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Classes", len(result.classes))
+c2.metric("Images", len(result.items))
+c3.metric("Skipped files", len(result.skipped))
+c4.metric("Pre-split", "yes" if result.presplit else "no")
+for note in result.warnings():
+    st.warning(note)
+if len(result.classes) < 2:
+    st.error("Training needs at least two classes.")
+
+frame = pd.DataFrame({"class": list(counts), "images": list(counts.values())})
+st.altair_chart(alt.Chart(frame, title="Images per class").mark_bar().encode(
+    x=alt.X("images:Q"), y=alt.Y("class:N", sort="-x"), tooltip=["class", "images"]),
+    width="stretch")
+
+with st.expander("Sample images per class", expanded=True):
+    per_class = st.slider("Images per class", 4, 16, 8, key="samples_per_class")
+    for label, name in enumerate(result.classes):
+        picks = [it for it in result.items if it.label == label][:per_class]
+        st.markdown(f"**{name}**")
+        st.image([thumbnail(str(Path(result.root) / it.path)) for it in picks], width=72,
+                 caption=[Path(it.path).name[:12] for it in picks])
+
+if result.skipped:
+    with st.expander(f"Skipped files ({len(result.skipped)})"):
+        st.dataframe(pd.DataFrame(result.skipped, columns=["file", "reason"]),
+                     hide_index=True, width="stretch")
+
+st.subheader("Split")
+if result.presplit:
+    st.caption("This folder comes with its own train/val/test folders; they are kept. "
+               "A missing val or test split is carved out of train with the ratios below.")
+cols = st.columns(4)
+train_pct = cols[0].number_input("Train %", 1, 98, int(round(settings["split"][0] * 100)), key="train_pct")
+val_pct = cols[1].number_input("Validation %", 0, 98, int(round(settings["split"][1] * 100)), key="val_pct")
+test_pct = 100 - train_pct - val_pct
+cols[2].metric("Test %", test_pct)
+settings["split_seed"] = cols[3].number_input("Split seed", 0, 10**6, settings["split_seed"], key="split_seed")
+if test_pct < 0:
+    st.error("Train and validation add up to more than 100%.")
+    st.stop()
+settings["split"] = (train_pct / 100, val_pct / 100, test_pct / 100)
+few = st.checkbox("Few-shot: cap training images per class", value=settings["max_per_class"] is not None,
+                  key="few_shot")
+settings["max_per_class"] = int(st.number_input("Images per class (train)", 1, 10_000,
+                                                settings["max_per_class"] or 10, key="cap")) if few else None
+
+splits = D.split_items(result, settings["split"], settings["split_seed"], settings["max_per_class"])
+table = pd.DataFrame({s: pd.Series([result.classes[it.label] for it in items]).value_counts()
+                      for s, items in splits.items()}).reindex(result.classes).fillna(0).astype(int)
+st.dataframe(table, width="stretch")
+st.page_link(common.PAGES["model"], label="Next: choose a model", icon="➡️")

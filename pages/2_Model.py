@@ -1,0 +1,117 @@
+"""Model: backbone, where its weights come from, how deep to freeze, and the new head."""
+import pandas as pd
+import streamlit as st
+import timm
+import torch
+
+from core import backbones as B
+from core import paths
+from pages import common
+
+settings = common.setup("Model")
+st.title("🧠 Model")
+
+OTHER = "Other timm model…"
+
+
+@st.cache_data(ttl=30, show_spinner="Checking where weights are available…")
+def sources(arch: str) -> list[B.WeightSource]:
+    return B.weight_sources(arch)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Reading the architecture…")
+def skeleton(arch: str, head: str, hidden: int) -> B.FineTuneModel:
+    """Parameters on the meta device: shapes without memory, so even VGG is instant."""
+    with torch.device("meta"):
+        backbone = timm.create_model(arch, pretrained=False, num_classes=0)
+        return B.FineTuneModel(backbone, B.make_head(backbone.num_features, 10, head, hidden))
+
+
+choices = list(B.CATALOG) + [OTHER]
+current = settings["arch"]
+pick = st.selectbox("Backbone", choices, index=choices.index(current) if current in B.CATALOG else len(choices) - 1,
+                    format_func=lambda a: a if a == OTHER else f"{a} — {B.CATALOG[a]}", key="arch_pick")
+arch = pick
+if pick == OTHER:
+    arch = st.text_input("timm model name", value=current if current not in B.CATALOG else "",
+                         placeholder="e.g. regnety_008, efficientvit_b0, deit_tiny_patch16_224").strip()
+    if not arch:
+        st.stop()
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch}*")[:10]
+        st.error(f"timm has no model called '{arch}'." + (f" Close matches: {', '.join(close)}" if close else ""))
+        st.stop()
+if arch != settings["arch"]:
+    settings.update(arch=arch, weights="auto", weights_file=None, top_k=1)
+    st.session_state.pop("w_top_k", None)
+
+st.subheader("Pretrained weights")
+available = sources(arch)
+st.dataframe(pd.DataFrame([dict(source=s.label, available="✅" if s.available else "❌", detail=s.detail)
+                           for s in available]), hide_index=True, width="stretch")
+usable = [s.kind for s in available if s.available]
+labels = {s.kind: s.label for s in available}
+if settings["weights"] not in usable:
+    settings["weights"] = B.default_weights(arch)
+if settings["freeze"] == "scratch":
+    st.caption("Training from scratch ignores pretrained weights.")
+else:
+    settings["weights"] = st.radio("Use", usable, index=usable.index(settings["weights"]),
+                                   format_func=labels.get, horizontal=True, key="weights_pick")
+if settings["weights"] == "file" and settings["freeze"] != "scratch":
+    upload = st.file_uploader("Weights file (.safetensors, or .pth with plain tensors)",
+                              type=["safetensors", "pth", "pt", "bin"], key="weights_upload")
+    if upload is not None:
+        folder = paths.weights_dir() / "uploads"
+        folder.mkdir(exist_ok=True)
+        suffix = ".safetensors" if upload.name.endswith(".safetensors") else ".pth"
+        target = folder / f"{arch}-{abs(hash(upload.getvalue())) % 10**10}{suffix}"
+        target.write_bytes(upload.getvalue())
+        try:
+            with st.spinner("Checking the file against the architecture…"):
+                B.create_backbone(arch, "file", str(target))
+            settings["weights_file"] = str(target)
+            st.success(f"{upload.name} fits {arch}.")
+        except B.WeightsError as err:
+            settings["weights_file"] = None
+            target.unlink(missing_ok=True)
+            st.error(str(err))
+    if not settings["weights_file"]:
+        st.warning("Upload a weights file, or pick another source.")
+
+st.subheader("What to train")
+model = skeleton(arch, settings["head"], settings["hidden"])
+n_blocks = len(B.block_groups(model.backbone))
+mode = common.bind(st.radio, "freeze", "Freeze", settings, options=list(B.FREEZE_MODES),
+                   format_func=B.FREEZE_MODES.get, horizontal=True)
+if mode == "top_k":
+    settings["top_k"] = min(settings["top_k"], n_blocks)
+    common.bind(st.slider, "top_k", f"Unfreeze the top k of {n_blocks} blocks", settings,
+                min_value=1, max_value=n_blocks)
+st.caption({"head": "Only the new head learns; the backbone's features are computed once and "
+                    "cached, so epochs take a fraction of a second.",
+            "top_k": "The top blocks adapt to your images; lower blocks keep their generic features.",
+            "full": "Every layer adapts. Slowest, and needs more data to avoid over-fitting.",
+            "scratch": "Random weights: shows what pretraining is worth."}[mode])
+
+head = common.bind(st.radio, "head", "Head", settings, options=["linear", "mlp"],
+                   format_func={"linear": "Linear", "mlp": "MLP (hidden layer + dropout)"}.get,
+                   horizontal=True)
+cols = st.columns(2)
+if head == "mlp":
+    common.bind(cols[0].number_input, "hidden", "Hidden units", settings, min_value=8, max_value=4096, step=8)
+common.bind(cols[1].slider, "dropout", "Dropout", settings, min_value=0.0, max_value=0.9, step=0.05)
+
+model = skeleton(arch, head, settings["hidden"])
+B.apply_freeze(model, mode, settings["top_k"])
+rows = pd.DataFrame(B.parameter_table(model))
+total, trainable = rows["params"].sum(), rows["trainable"].sum()
+m1, m2, m3 = st.columns(3)
+m1.metric("Parameters", f"{total / 1e6:.2f} M")
+m2.metric("Trainable", f"{trainable / 1e6:.3f} M", f"{trainable / total:.1%} of all", delta_color="off")
+m3.metric("Blocks (timm groups)", n_blocks)
+st.dataframe(rows, hide_index=True, width="stretch",
+             column_config={"params": st.column_config.NumberColumn("parameters", format="%d"),
+                            "trainable": st.column_config.ProgressColumn(
+                                "trainable", format="%d", min_value=0, max_value=int(rows["params"].max()))})
+st.page_link(common.PAGES["train"], label="Next: train", icon="➡️")

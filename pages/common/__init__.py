@@ -1,0 +1,132 @@
+"""UI helpers shared by every page. Pages call `setup()` first, so each works when opened
+directly by a deep link on a fresh server, before the entry file has run `st.navigation`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from core import paths
+from core.runs import ACTIVE_STATES, MANAGER, RunConfig, get_run, list_runs
+
+PAGES = {
+    "home": "streamlit_app.py",
+    "data": "pages/1_Data.py",
+    "model": "pages/2_Model.py",
+    "train": "pages/3_Train.py",
+    "evaluate": "pages/4_Evaluate.py",
+}
+
+
+def setup(title: str) -> dict:
+    """Page config, session defaults and the sidebar summary. Returns the session's settings."""
+    try:
+        st.set_page_config(page_title=f"{title} · Finetune Lab", page_icon="🧪", layout="wide")
+    except st.errors.StreamlitAPIException:
+        pass     # already set by the entry file in this run
+    settings = st.session_state.setdefault("settings", default_settings())
+    sidebar_summary(settings)
+    return settings
+
+
+def default_settings() -> dict:
+    cfg = RunConfig(data_root=str(paths.DEMO_DATA.relative_to(paths.REPO_ROOT)))
+    settings = cfg.to_dict()
+    settings["data_label"] = "Built-in demo: Fashion-MNIST (10 classes × 100 photos)"
+    return settings
+
+
+def run_config(settings: dict) -> RunConfig:
+    return RunConfig.from_dict(settings)
+
+
+def sidebar_summary(settings: dict) -> None:
+    with st.sidebar:
+        st.caption("**Current choices**")
+        st.caption(f"Data: {settings.get('data_label', settings['data_root'])}")
+        st.caption(f"Model: `{settings['arch']}` · {settings['freeze'].replace('_', '-')}"
+                   + (f" {settings['top_k']}" if settings["freeze"] == "top_k" else ""))
+        active = [r for r in list_runs()[:20] if r.status().get("state") in ACTIVE_STATES]
+        if active:
+            st.caption(f"Training: {len(active)} run(s) active — see Train")
+
+
+# ---------------------------------------------------------------- settings widgets
+
+def bind(widget, field: str, label: str, settings: dict, **kwargs):
+    """Draw `widget` showing settings[field] and store the user's choice back. Widget state is
+    dropped when a page is left; the settings dict survives page switches."""
+    key = f"w_{field}"
+    if key not in st.session_state:
+        st.session_state[key] = settings[field]
+    value = widget(label, key=key, **kwargs)
+    settings[field] = value
+    return value
+
+
+# ---------------------------------------------------------------- runs
+
+def run_choices() -> list[str]:
+    return [r.id for r in list_runs()]
+
+
+def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = "run_pick"):
+    """A run selector; defaults to the run this session started last."""
+    runs = list_runs()
+    if only_with_checkpoint:
+        runs = [r for r in runs if r.checkpoint.exists()]
+    if not runs:
+        return None
+    ids = [r.id for r in runs]
+    labels = {r.id: r.label() for r in runs}
+    if st.session_state.get(key) not in ids:
+        current = st.session_state.get("run_id")
+        st.session_state[key] = current if current in ids else ids[0]
+    chosen = st.selectbox(label, ids, format_func=labels.get, key=key)
+    st.session_state["run_id"] = chosen
+    return get_run(chosen)
+
+
+def show_curves(epochs: list[dict]) -> None:
+    """Loss and accuracy per epoch, train vs val, side by side."""
+    frame = pd.DataFrame(epochs)
+    for col, (metric, title) in zip(st.columns(2), (("loss", "Loss"), ("acc", "Accuracy"))):
+        long = frame.melt("epoch", [f"train_{metric}", f"val_{metric}"], "series", "value")
+        long["series"] = long["series"].str.replace(f"_{metric}", "")
+        col.altair_chart(alt.Chart(long, title=title).mark_line(point=True).encode(
+            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)), y=alt.Y("value:Q", title=title),
+            color=alt.Color("series:N", title=None), tooltip=["epoch", "series", "value"]
+        ).properties(height=240), width="stretch")
+
+
+def epochs_table(epochs: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(epochs)
+    cols = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "best"]
+    return frame[[c for c in cols if c in frame]]
+
+
+def epochs_column_config():
+    pct = dict(format="percent")
+    return {"train_acc": st.column_config.NumberColumn("train acc", **pct),
+            "val_acc": st.column_config.NumberColumn("val acc", **pct),
+            "lr": st.column_config.NumberColumn("LR", format="%.1e"),
+            "seconds": st.column_config.NumberColumn("s", format="%.2f"),
+            "best": st.column_config.CheckboxColumn("best")}
+
+
+def stop_run(run_id: str) -> None:
+    MANAGER.stop(run_id)
+
+
+def data_dir_hint() -> str:
+    return str(paths.home())
+
+
+def human_path(path: str) -> str:
+    try:
+        return str(Path(path).relative_to(paths.REPO_ROOT))
+    except ValueError:
+        return path.replace(os.path.expanduser("~"), "~")

@@ -1,0 +1,104 @@
+"""Shared fixtures for Finetune Lab's tests (unit, AppTest and browser tests alike).
+
+Fixtures, one line each:
+    lab_home       (autouse) FINETUNE_LAB_HOME is a fresh temp folder and the Hugging Face hub is offline.
+    image_folder   factory: image_folder(...) -> Path of a generated class-folder data set of small images.
+    tiny_config    factory: tiny_config(**overrides) -> RunConfig for a tiny timm model that trains in seconds.
+
+Helpers (plain functions, importable as `from conftest import ...`):
+    class_image(label, index, size) -> a PIL image whose colour and stripes identify its class.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Before anything imports huggingface_hub (it reads this once, at import time).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+# One distinct colour per class; stripes (direction alternates per class) add a shape cue.
+CLASS_COLOURS = [(220, 40, 40), (40, 170, 60), (40, 70, 220), (230, 200, 30),
+                 (150, 50, 200), (30, 200, 200), (240, 130, 30), (120, 120, 120)]
+
+
+def class_image(label: int, index: int = 0, size: int | tuple[int, int] = 40) -> Image.Image:
+    """An RGB image that a tiny model can tell apart by class: the class colour, stripes whose
+    direction and period depend on the class, and a little per-image noise."""
+    w, h = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(1000 * label + index)
+    colour = np.array(CLASS_COLOURS[label % len(CLASS_COLOURS)], dtype=np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    period = 4 + 2 * (label % 3)
+    stripes = ((xx if label % 2 else yy) // period) % 2
+    img = colour * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 8, (h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture(autouse=True)
+def lab_home(tmp_path, monkeypatch) -> Path:
+    """FINETUNE_LAB_HOME -> a fresh folder below tmp_path (so runs/ and datasets/ are private) and HF_HUB_OFFLINE=1."""
+    home = tmp_path / "lab_home"
+    monkeypatch.setenv("FINETUNE_LAB_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Factory image_folder(classes=3, per_class=12, size=40, fmt="png", splits=None, name="data", wrapper=None) -> data set Path.
+
+    classes:   an int (names class_a, class_b, ...) or a list of class names.
+    per_class: images per class: an int, or a dict {class name: count} for uneven classes.
+    fmt:       "png", "jpg", or "mixed" (alternating png and jpg).
+    splits:    None for plain class folders, or {split folder name: images per class}, e.g.
+               {"train": 8, "valid": 2, "test": 2}; the folder names are used as given.
+    wrapper:   put everything inside one extra top folder of this name (as zips often are); the
+               returned path is still the outer folder.
+    """
+    made = []
+
+    def make(classes=3, per_class=12, size=40, fmt="png", splits=None, name="data", wrapper=None):
+        root = tmp_path / f"{name}{len(made) or ''}"
+        made.append(root)
+        base = root / wrapper if wrapper else root
+        names = [f"class_{chr(97 + i)}" for i in range(classes)] if isinstance(classes, int) else list(classes)
+        counts = per_class if isinstance(per_class, dict) else {c: per_class for c in names}
+        layout = [(base / split, n) for split, n in splits.items()] if splits else [(base, None)]
+        for split_index, (folder, per_split) in enumerate(layout):
+            for label, cls in enumerate(names):
+                target = folder / cls
+                target.mkdir(parents=True, exist_ok=True)
+                for i in range(per_split if per_split is not None else counts[cls]):
+                    ext = fmt if fmt != "mixed" else ("png" if i % 2 == 0 else "jpg")
+                    options = dict(quality=95) if ext == "jpg" else {}
+                    class_image(label, 100 * split_index + i, size).save(
+                        target / f"img_{i:03d}.{ext}", **options)
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def tiny_config(image_folder):
+    """Factory tiny_config(**overrides) -> RunConfig: test_resnet, random weights, 32 px, 2 epochs, batch 8, on a new 3x12 image_folder() unless data_root is given."""
+    from core.runs import RunConfig
+
+    def make(**overrides):
+        if "data_root" not in overrides:
+            overrides["data_root"] = str(image_folder())
+        settings = dict(arch="test_resnet", weights="random", image_size=32, epochs=2,
+                        batch_size=8, lr=1e-2, device="cpu", seed=0)
+        settings.update(overrides)
+        return RunConfig(**settings)
+
+    return make
