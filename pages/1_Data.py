@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from core import data as D
+from core import downloads
 from core import paths
 from pages import common
 
@@ -19,6 +20,7 @@ SOURCES = {
     "folder": "Upload a folder of class folders",
     "images": "Upload images into a class",
     "path": "Folder on this server",
+    "download": "Download a standard data set",
 }
 
 
@@ -93,6 +95,22 @@ elif source == "images":
         use_folder(folder, "Uploaded images")
     else:
         st.info("Add images of at least two classes, one class at a time.")
+elif source == "download":
+    name = st.selectbox("Data set", list(downloads.STANDARD_SETS), key="std_set",
+                        format_func=lambda n: downloads.STANDARD_SETS[n].title)
+    cap = st.number_input("Keep at most this many images per class and split (0 = all)", 0,
+                          100_000, 100, key="std_cap")
+    if downloads.target_dir(name).joinpath(".complete").exists():
+        use_folder(downloads.target_dir(name), downloads.STANDARD_SETS[name].title)
+    elif st.button("Download", type="primary"):
+        bar = st.progress(0.0, text="Checking the connection…")
+        try:
+            folder = downloads.download(name, cap or None, lambda text, f: bar.progress(min(f, 1.0), text=text))
+            use_folder(folder, downloads.STANDARD_SETS[name].title)
+            bar.empty()
+        except Exception as err:  # noqa: BLE001 - network and archive errors all end here
+            bar.empty()
+            st.error(f"Download failed: {err}")
 else:
     typed = st.text_input("Folder path on the server", value=st.session_state.get("typed_path", ""),
                           placeholder="/data/flowers")

@@ -99,6 +99,12 @@ def live(run):
     head.markdown(f"{icon} **{state}** — {status.get('message', '')}")
     if active:
         stop_col.button("⏹️ Stop", on_click=common.stop_run, args=(run.id,), key="stop")
+    if state == "finished" and status.get("test_acc") is not None:
+        m = st.columns(4)
+        m[0].metric("Test accuracy (best epoch)", f"{status['test_acc']:.1%}")
+        m[1].metric("Best epoch", status.get("best_epoch", "–"))
+        m[2].metric("Best val accuracy", f"{status.get('best_val_acc', float('nan')):.1%}")
+        m[3].page_link(common.PAGES["evaluate"], label="See the confusion matrix", icon="📊")
     steps, step = status.get("steps") or 0, status.get("step") or 0
     if active and steps:
         epoch, epochs = status.get("epoch") or 0, status.get("epochs") or 0
@@ -111,9 +117,6 @@ def live(run):
         common.show_curves(epochs)
         st.dataframe(common.epochs_table(epochs), hide_index=True, width="stretch",
                      column_config=common.epochs_column_config())
-    if state == "finished" and status.get("test_acc") is not None:
-        st.metric("Test accuracy (best epoch)", f"{status['test_acc']:.1%}")
-        st.page_link(common.PAGES["evaluate"], label="See the confusion matrix", icon="📊")
     if st.session_state.get("live_was_active") and not active:
         st.session_state["live_was_active"] = False
         st.rerun(scope="app")      # stop polling and redraw the page in its final state

@@ -50,7 +50,7 @@ heat = base.mark_rect().encode(color=alt.Color(f"{value}:Q", scale=alt.Scale(sch
 text = base.mark_text(fontSize=11).encode(
     text=alt.Text(f"{value}:Q", format=".0%" if normalise else "d"),
     color=alt.condition(alt.datum[value] > long[value].max() / 2, alt.value("white"), alt.value("black")))
-st.altair_chart((heat + text).properties(height=max(240, 32 * len(classes))), width="stretch")
+st.altair_chart(heat + text, width="stretch", height=max(300, 34 * len(classes)) + 120)
 
 epochs = run.epochs()
 if epochs:
