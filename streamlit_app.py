@@ -27,6 +27,11 @@ def home():
     st.info("New here? The defaults work as they are: open **Train** and press *Start training*. "
             "The demo data and the MobileNetV2 backbone ship with the app, so it runs offline; "
             "head-only training takes about a minute on a laptop CPU.")
+    if runs:
+        st.subheader("Runs")
+        st.dataframe(common.runs_frame(), hide_index=True, width="stretch", column_config={
+            "best_val_acc": st.column_config.NumberColumn("best val acc", format="percent"),
+            "test_acc": st.column_config.NumberColumn("test acc", format="percent")})
     st.caption(f"Runs and uploads are stored in `{common.data_dir_hint()}`.")
 
 

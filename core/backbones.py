@@ -344,5 +344,16 @@ def parameter_table(model: FineTuneModel) -> list[dict]:
     return rows
 
 
+def native_input_size(arch: str) -> int | None:
+    """The only image size a model accepts when it has a fixed input (ViT's position
+    embeddings), else None: any size works."""
+    cfg = timm.models.get_pretrained_cfg(arch) if timm.is_model(arch) else None
+    if cfg is None:     # a timm name without a registered default config: ask the model
+        cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
+    else:
+        cfg = cfg.to_dict()
+    return int(cfg["input_size"][-1]) if cfg.get("fixed_input_size") else None
+
+
 def count_blocks(arch: str) -> int:
     return len(block_groups(timm.create_model(arch, pretrained=False, num_classes=0)))

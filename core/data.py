@@ -259,13 +259,16 @@ def decode_images(root: str, items: list[Item], size: int, workers: int | None =
             return None, f"could not decode ({type(err).__name__}: {err})"[:200]
 
     out, failures = [], []
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1))
+    try:
         for i, (tensor, reason) in enumerate(pool.map(load, items), 1):
             out.append(tensor)
             if reason:
                 failures.append((items[i - 1].path, reason))
             if progress and (i % 32 == 0 or i == len(items)):
-                progress(i, len(items))
+                progress(i, len(items))   # may raise to stop: pending decodes are cancelled
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return out, failures
 
 

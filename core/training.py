@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from core import data as D
-from core.backbones import apply_freeze, build_model, freeze_norm_stats
+from core.backbones import apply_freeze, build_model, freeze_norm_stats, native_input_size
 from core.device import autocast, describe, grad_scaler, pick_device, set_cpu_threads
 from core.evaluate import data_config, predict_probs, save_evaluation
 from core.paths import REPO_ROOT
@@ -166,6 +166,10 @@ def feature_batches(features, labels, batch_size, generator):
 def train_run(run: Run, stop: threading.Event | None = None) -> dict:
     """Train `run` as its config says; the final status is finished, stopped or failed."""
     cfg = run.config
+    native = native_input_size(cfg.arch)
+    if native and native != cfg.image_size:       # e.g. ViT: position embeddings fix the size
+        cfg.image_size = native
+        run.write_json("config.json", cfg.to_dict())
     report = Reporter(run, stop)
     try:
         return _train(run, cfg, report)

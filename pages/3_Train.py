@@ -2,6 +2,7 @@
 import streamlit as st
 
 from core import data as D
+from core.backbones import native_input_size
 from core.device import describe, pick_device
 from core.runs import ACTIVE_STATES, MANAGER
 from core.training import uses_feature_cache
@@ -59,6 +60,10 @@ with st.expander("Training settings", expanded=not st.session_state.get("run_id"
                                    label_visibility="collapsed") if on else 0
     settings["augment"] = {k: v for k, v in augment.items() if v}
 
+native = native_input_size(settings["arch"])
+if native and native != settings["image_size"]:
+    st.caption(f"`{settings['arch']}` only accepts {native}×{native} images (fixed position "
+               f"embeddings), so it will train at {native} px.")
 cfg = common.run_config(settings)
 if cfg.freeze == "head":
     if uses_feature_cache(cfg):

@@ -90,6 +90,17 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
     return get_run(chosen)
 
 
+def runs_frame(limit: int = 50) -> pd.DataFrame:
+    """One row per run, newest first: the overview after a restart."""
+    rows = []
+    for run in list_runs()[:limit]:
+        cfg, status = run.config, run.status()
+        rows.append(dict(run=run.id, model=cfg.arch, freeze=cfg.freeze, epochs=cfg.epochs,
+                         state=status.get("state"), best_epoch=status.get("best_epoch"),
+                         best_val_acc=status.get("best_val_acc"), test_acc=status.get("test_acc")))
+    return pd.DataFrame(rows)
+
+
 def show_curves(epochs: list[dict]) -> None:
     """Loss and accuracy per epoch, train vs val, side by side."""
     frame = pd.DataFrame(epochs)
