@@ -289,7 +289,7 @@ FREEZE_MODES = {
 def block_groups(backbone: nn.Module) -> list[tuple[str, list[str]]]:
     """The backbone's parameter groups from stem to top, via timm's `group_matcher`, each with a
     short name made from its parameters' module prefixes."""
-    groups = list(group_parameters(backbone, backbone.group_matcher(coarse=True)).values())
+    groups = _merge_normless(backbone, list(group_parameters(backbone, backbone.group_matcher(coarse=True)).values()))
     # a top-level module that lives in one group only (resnet's layer1) names it by itself
     owners = {}
     for i, names in enumerate(groups):
@@ -302,6 +302,22 @@ def block_groups(backbone: nn.Module) -> list[tuple[str, list[str]]]:
         label = ", ".join(modules) if len(modules) <= 3 else f"{modules[0]} … {modules[-1]}"
         named.append((label, names))
     return named
+
+
+def _merge_normless(backbone: nn.Module, groups: list[list[str]]) -> list[list[str]]:
+    """A group holding only 1-D tensors (a final norm that timm's matcher leaves on its own, as in
+    ConvNeXt's head.norm) is no block: fold it into its neighbour."""
+    params = dict(backbone.named_parameters())
+    merged: list[list[str]] = []
+    for names in groups:
+        if merged and all(params[n].dim() <= 1 for n in names):
+            merged[-1] = merged[-1] + names
+        else:
+            merged.append(list(names))
+    if len(merged) > 1 and all(params[n].dim() <= 1 for n in merged[0]):
+        merged[1] = merged[0] + merged[1]
+        merged.pop(0)
+    return merged
 
 
 def _module_key(param_name: str) -> str:
@@ -348,10 +364,9 @@ def native_input_size(arch: str) -> int | None:
     """The only image size a model accepts when it has a fixed input (ViT's position
     embeddings), else None: any size works."""
     cfg = timm.models.get_pretrained_cfg(arch) if timm.is_model(arch) else None
-    if cfg is None:     # a timm name without a registered default config: ask the model
-        cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
-    else:
-        cfg = cfg.to_dict()
+    if cfg is None:
+        return None
+    cfg = cfg.to_dict()
     return int(cfg["input_size"][-1]) if cfg.get("fixed_input_size") else None
 
 

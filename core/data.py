@@ -108,7 +108,7 @@ def scan_folder(folder: str | os.PathLike, check: bool = True) -> DataScan:
     items, skipped = [], []
     for split, base in sources.items():
         for entry in sorted(base.iterdir()):
-            if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(entry.name):
                 skipped.append((str(entry.relative_to(root)), "not inside a class folder"))
             if not entry.is_dir() or is_hidden(entry.name):
                 continue

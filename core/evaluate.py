@@ -6,7 +6,8 @@ import pandas as pd
 import safetensors.torch
 import timm
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix
+from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix,
+                             precision_recall_fscore_support)
 
 from core import data as D
 from core.backbones import FineTuneModel, build_model
@@ -49,13 +50,26 @@ def predict_probs(model: torch.nn.Module, images: list[torch.Tensor], transform,
 
 
 def summarize(probs: np.ndarray, labels: list[int], classes: list[str]) -> dict:
-    """Accuracy and confusion matrix (rows: true class, columns: predicted)."""
+    """Accuracy, mean average precision (one-vs-rest, macro over classes present), macro and
+    per-class precision/recall/F1/support, and the confusion matrix (rows: true class)."""
+    labels = np.asarray(labels, dtype=int)
     preds = probs.argmax(1) if len(probs) else np.array([], dtype=int)
+    ids = list(range(len(classes)))
+    p, r, f, support = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
+    ap = [float(average_precision_score(labels == i, probs[:, i])) if (labels == i).any() else float("nan")
+          for i in ids] if len(labels) else [float("nan")] * len(ids)
+    present = support > 0
     return dict(
         accuracy=float(accuracy_score(labels, preds)) if len(labels) else float("nan"),
-        n=len(labels),
+        mAP=float(np.nanmean(ap)) if present.any() else float("nan"),
+        macro_precision=float(p[present].mean()) if present.any() else float("nan"),
+        macro_recall=float(r[present].mean()) if present.any() else float("nan"),
+        macro_f1=float(f[present].mean()) if present.any() else float("nan"),
+        n=int(len(labels)),
         classes=classes,
-        confusion=confusion_matrix(labels, preds, labels=list(range(len(classes)))).tolist(),
+        per_class=[dict(cls=c, precision=float(p[i]), recall=float(r[i]), f1=float(f[i]),
+                        support=int(support[i]), ap=ap[i]) for i, c in enumerate(classes)],
+        confusion=confusion_matrix(labels, preds, labels=ids).tolist(),
     )
 
 
@@ -81,6 +95,9 @@ def evaluate_run(run: Run, split: str = "test", device: str = "auto", progress=N
     model = load_run_model(run, dev)
     images, failures = D.decode_images(splits["root"], items, cfg.image_size, progress=progress)
     keep = [i for i, img in enumerate(images) if img is not None]
+    if not keep:
+        raise D.DataError(f"None of the {len(items)} {split} images can be read any more: was the "
+                         f"data set at {splits['root']} moved or deleted?")
     dc = data_config(model, cfg.image_size)
     transform = D.build_transform(cfg.image_size, dc["mean"], dc["std"])
     probs = predict_probs(model, [images[i] for i in keep], transform, dev)
@@ -95,3 +112,38 @@ def save_evaluation(run: Run, split: str, files, labels, probs, failures=()) -> 
     predictions_frame(files, labels, probs, run.classes).to_csv(
         run.file(f"{split}_predictions.csv"), index=False)
     return metrics
+
+
+# ---------------------------------------------------------------- views over stored predictions
+
+def load_predictions(run: Run, split: str = "test") -> pd.DataFrame | None:
+    """The stored per-image predictions of a split (computed once per run), or None."""
+    path = run.file(f"{split}_predictions.csv")
+    return pd.read_csv(path) if path.exists() else None
+
+
+def class_probs(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith("p_")]
+
+
+def rank_class(frame: pd.DataFrame, cls: str, n: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Among the images of `cls`, the n the model is most and least sure belong to it
+    (by the softmax probability of `cls`)."""
+    own = frame[frame["true"] == cls].sort_values(f"p_{cls}", ascending=False)
+    return own.head(n), own.tail(n).iloc[::-1]
+
+
+def misclassified(frame: pd.DataFrame, k: int = 3) -> pd.DataFrame:
+    """Wrong predictions, most confident first, with the top-k classes and probabilities."""
+    wrong = frame[frame["true"] != frame["predicted"]].copy()
+    cols = class_probs(frame)
+    probs = wrong[cols].to_numpy()
+    order = np.argsort(-probs, axis=1)[:, :k]
+    wrong["top"] = [[(cols[j][2:], float(row[j])) for j in idx] for row, idx in zip(probs, order)]
+    return wrong.sort_values("confidence", ascending=False)
+
+
+def cell(frame: pd.DataFrame, true: str, predicted: str) -> pd.DataFrame:
+    """Images in one confusion-matrix cell, most confident first."""
+    hit = frame[(frame["true"] == true) & (frame["predicted"] == predicted)]
+    return hit.sort_values("confidence", ascending=False)

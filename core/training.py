@@ -166,12 +166,12 @@ def feature_batches(features, labels, batch_size, generator):
 def train_run(run: Run, stop: threading.Event | None = None) -> dict:
     """Train `run` as its config says; the final status is finished, stopped or failed."""
     cfg = run.config
-    native = native_input_size(cfg.arch)
-    if native and native != cfg.image_size:       # e.g. ViT: position embeddings fix the size
-        cfg.image_size = native
-        run.write_json("config.json", cfg.to_dict())
     report = Reporter(run, stop)
     try:
+        native = native_input_size(cfg.arch)
+        if native and native != cfg.image_size:       # e.g. ViT: position embeddings fix the size
+            cfg.image_size = native
+            run.write_json("config.json", cfg.to_dict())
         return _train(run, cfg, report)
     except Stopped:
         run.set_status("stopped", message="Stopped by the user. The best checkpoint so far is kept.")
@@ -182,6 +182,8 @@ def train_run(run: Run, stop: threading.Event | None = None) -> dict:
         run.set_status("failed", message="Out of memory: try a smaller batch size or image size.")
     except (D.DataError, ValueError) as err:
         run.set_status("failed", message=str(err))
+    except Exception as err:  # noqa: BLE001 - record every failure instead of a stale 'running'
+        run.set_status("failed", message=f"Unexpected error: {type(err).__name__}: {err}")
     return run.status()
 
 

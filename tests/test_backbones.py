@@ -103,10 +103,7 @@ def test_apply_freeze_modes(arch):
 
 @pytest.mark.parametrize("arch", [
     "test_resnet", "test_efficientnet", "test_vit",
-    pytest.param("test_convnext", marks=pytest.mark.xfail(
-        strict=True, reason="core bug: timm's ConvNeXt group_matcher leaves head.norm unmatched, so "
-                            "block_groups makes it a group of its own and top_k=1 trains only the final "
-                            "LayerNorm, not stages.3 (core/backbones.py block_groups/apply_freeze)")),
+    "test_convnext",
 ])
 def test_top_k_1_trains_the_last_real_block(arch):
     """'Top 1 block + head' must train the last stage of the network, not a lone norm layer."""

@@ -87,9 +87,6 @@ def test_scan_ignores_hidden_files_and_macosx(image_folder):
     assert scan.skipped == []
 
 
-@pytest.mark.xfail(reason="core bug: scan_folder lists hidden image files at the data root ('._x.png', "
-                          "'.x.jpg') in skipped since the root-file check lost its is_hidden() test "
-                          "(core/data.py:111)", strict=True)
 def test_scan_ignores_hidden_files_next_to_class_folders(image_folder):
     """macOS leaves AppleDouble files ("._name") next to copied files, and .DS_Store everywhere."""
     root = image_folder(classes=2, per_class=3)

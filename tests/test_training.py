@@ -177,9 +177,6 @@ def test_evaluate_run_skips_images_that_disappeared(tiny_config, image_folder):
     assert evaluate_run(run, split="val")["n"] == len(run.read_json("splits.json")["val"])
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: evaluate_run on a run whose data set was moved or deleted "
-                   "crashes inside sklearn ('Found empty input array') instead of saying the images are gone "
-                   "(core/evaluate.py evaluate_run/summarize)")
 def test_evaluate_run_when_data_set_was_deleted(tiny_config, image_folder):
     root = image_folder()
     run = core.train(tiny_config(data_root=str(root), epochs=1))
@@ -287,9 +284,6 @@ def test_unknown_arch_fails_in_background(tiny_config):
     assert "not_a_timm_model" in run.status()["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: train_run calls native_input_size(cfg.arch) before its try "
-                   "block; for an unknown arch timm raises RuntimeError('Unknown model'), which escapes "
-                   "core.train/train_run and leaves the run 'queued' (core/training.py train_run)")
 def test_unknown_arch_fails_clearly_in_foreground(tiny_config):
     run = Run.create(tiny_config(arch="not_a_timm_model"))
     status = T.train_run(run)
@@ -297,9 +291,6 @@ def test_unknown_arch_fails_clearly_in_foreground(tiny_config):
     assert "no model called 'not_a_timm_model'" in status["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: train_run only records DataError/ValueError/NaN/OOM; any other "
-                   "exception escapes core.train and leaves status.json 'preparing'/'running', which "
-                   "then reads as 'interrupted ... (server restart?)' with the real error lost")
 def test_unexpected_error_in_foreground_run_is_recorded(tiny_config, monkeypatch):
     def broken_build(*args, **kwargs):
         raise RuntimeError("boom: model construction failed")
