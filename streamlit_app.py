@@ -22,7 +22,7 @@ def home():
     ]
     for page, label, detail, done in steps:
         left, right = st.columns([1, 4])
-        left.page_link(common.PAGES[page], label=label, icon="✅" if done else "⬜")
+        common.link(page, label, "✅" if done else "⬜", where=left)
         right.markdown(detail)
     st.info("New here? The defaults work as they are: open **Train** and press *Start training*. "
             "The demo data and the MobileNetV2 backbone ship with the app, so it runs offline; "
@@ -41,5 +41,6 @@ pages = [
     st.Page(common.PAGES["model"], title="Model", icon="🧠"),
     st.Page(common.PAGES["train"], title="Train", icon="🏋️"),
     st.Page(common.PAGES["evaluate"], title="Evaluate", icon="📊"),
+    st.Page(common.PAGES["predict"], title="Predict", icon="🔮"),
 ]
 st.navigation(pages).run()

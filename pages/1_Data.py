@@ -29,11 +29,6 @@ def scan(root: str, _stamp: float) -> D.DataScan:
     return D.scan_folder(root)
 
 
-@st.cache_data(max_entries=2048, show_spinner=False)
-def thumbnail(path: str):
-    return D.open_rgb(path, 96)
-
-
 def folder_stamp(root: Path) -> float:
     """Changes when files are added to the folder tree (class folders' mtimes)."""
     try:
@@ -153,7 +148,7 @@ with st.expander("Sample images per class", expanded=True):
     for label, name in enumerate(result.classes):
         picks = [it for it in result.items if it.label == label][:per_class]
         st.markdown(f"**{name}**")
-        st.image([thumbnail(str(Path(result.root) / it.path)) for it in picks], width=72,
+        st.image([common.thumbnail(str(Path(result.root) / it.path)) for it in picks], width=72,
                  caption=[Path(it.path).name[:12] for it in picks])
 
 if result.skipped:
@@ -184,4 +179,4 @@ splits = D.split_items(result, settings["split"], settings["split_seed"], settin
 table = pd.DataFrame({s: pd.Series([result.classes[it.label] for it in items]).value_counts()
                       for s, items in splits.items()}).reindex(result.classes).fillna(0).astype(int)
 st.dataframe(table, width="stretch")
-st.page_link(common.PAGES["model"], label="Next: choose a model", icon="➡️")
+common.link("model", "Next: choose a model", "➡️")

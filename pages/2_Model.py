@@ -114,4 +114,4 @@ st.dataframe(rows, hide_index=True, width="stretch",
              column_config={"params": st.column_config.NumberColumn("parameters", format="%d"),
                             "trainable": st.column_config.ProgressColumn(
                                 "trainable", format="%d", min_value=0, max_value=int(rows["params"].max()))})
-st.page_link(common.PAGES["train"], label="Next: train", icon="➡️")
+common.link("train", "Next: train", "➡️")

@@ -109,7 +109,7 @@ def live(run):
         m[0].metric("Test accuracy (best epoch)", f"{status['test_acc']:.1%}")
         m[1].metric("Best epoch", status.get("best_epoch", "–"))
         m[2].metric("Best val accuracy", f"{status.get('best_val_acc', float('nan')):.1%}")
-        m[3].page_link(common.PAGES["evaluate"], label="See the confusion matrix", icon="📊")
+        common.link("evaluate", "See the confusion matrix", "📊", where=m[3])
     steps, step = status.get("steps") or 0, status.get("step") or 0
     if active and steps:
         epoch, epochs = status.get("epoch") or 0, status.get("epochs") or 0

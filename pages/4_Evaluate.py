@@ -1,9 +1,14 @@
-"""Evaluate: accuracy and confusion matrix of a run's best checkpoint."""
+"""Evaluate: metrics, confusion matrix with drill-down, best/worst images per class,
+misclassified images with top-3, curves, downloads and export of a run's best checkpoint."""
+import json
+from pathlib import Path
+
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.evaluate import evaluate_run
+from core import evaluate as E
+from core.export import export_onnx, export_run
 from pages import common
 
 common.setup("Evaluate")
@@ -12,52 +17,129 @@ st.title("📊 Evaluate")
 run = common.pick_run("Run", only_with_checkpoint=True, key="eval_run_pick")
 if run is None:
     st.info("No trained run yet: train one on the Train page (a run keeps its best epoch).")
-    st.page_link(common.PAGES["train"], label="Go to Train", icon="🏋️")
+    common.link("train", "Go to Train", "🏋️")
     st.stop()
 
 split = st.radio("Split", ["test", "val"], horizontal=True, key="eval_split",
                  format_func={"test": "Test", "val": "Validation"}.get)
+frame = E.load_predictions(run, split)
 metrics = run.read_json(f"{split}_metrics.json")
-if metrics is None:
-    st.info(f"This run has no {split} evaluation yet.")
-    if st.button(f"Evaluate on the {split} split", type="primary"):
-        bar = st.progress(0.0, text="Decoding images…")
-        try:
-            metrics = evaluate_run(run, split, progress=lambda d, t: bar.progress(d / t, text=f"Decoding images {d}/{t}"))
-        except (ValueError, FileNotFoundError) as err:
-            st.error(str(err))
-            st.stop()
+if frame is None or metrics is None or "mAP" not in metrics:
+    bar = st.progress(0.0, text=f"Predicting the {split} split once; the result is kept with the run…")
+    try:
+        metrics = E.evaluate_run(run, split, progress=lambda d, t: bar.progress(d / t, text=f"Predicting {d}/{t} images"))
+    except (ValueError, FileNotFoundError) as err:
         bar.empty()
-    else:
+        st.error(str(err))
         st.stop()
+    bar.empty()
+    frame = E.load_predictions(run, split)
 
 classes = metrics["classes"]
-c1, c2, c3 = st.columns(3)
-c1.metric(f"{split.title()} accuracy", f"{metrics['accuracy']:.1%}")
-c2.metric("Images", metrics["n"])
-c3.metric("Classes", len(classes))
+root = Path(run.read_json("splits.json", {}).get("root", "."))
+m = st.columns(5)
+m[0].metric("Accuracy", f"{metrics['accuracy']:.1%}")
+m[1].metric("mAP", f"{metrics['mAP']:.1%}", help="Mean average precision, one-vs-rest, macro over classes")
+m[2].metric("Macro precision", f"{metrics['macro_precision']:.1%}")
+m[3].metric("Macro recall", f"{metrics['macro_recall']:.1%}")
+m[4].metric("Macro F1", f"{metrics['macro_f1']:.1%}")
+st.caption(f"{metrics['n']} {split} images · best epoch's checkpoint")
 
-normalise = st.toggle("Row-normalised (share of each true class)", key="cm_norm")
-matrix = pd.DataFrame(metrics["confusion"], index=classes, columns=classes)
-long = matrix.rename_axis("true").reset_index().melt("true", var_name="predicted", value_name="count")
-long["share"] = long["count"] / long.groupby("true")["count"].transform("sum").clip(lower=1)
-value = "share" if normalise else "count"
-base = alt.Chart(long, title="Confusion matrix (rows: true class)").encode(
-    x=alt.X("predicted:N", sort=classes, title="predicted"),
-    y=alt.Y("true:N", sort=classes, title="true"))
-heat = base.mark_rect().encode(color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme="blues")),
-                               tooltip=["true", "predicted", "count", alt.Tooltip("share:Q", format=".1%")])
-text = base.mark_text(fontSize=11).encode(
-    text=alt.Text(f"{value}:Q", format=".0%" if normalise else "d"),
-    color=alt.condition(alt.datum[value] > long[value].max() / 2, alt.value("white"), alt.value("black")))
-st.altair_chart(heat + text, width="stretch", height=max(300, 34 * len(classes)) + 120)
 
-epochs = run.epochs()
-if epochs:
-    st.subheader("Training curves")
-    common.show_curves(epochs)
-    st.dataframe(common.epochs_table(epochs), hide_index=True, width="stretch",
-                 column_config=common.epochs_column_config())
-with st.expander("Run configuration"):
-    st.json(run.read_json("config.json", {}))
-    st.caption(f"Stored in `{run.path}`")
+def gallery(rows: pd.DataFrame, caption, width: int = 96) -> None:
+    if rows.empty:
+        st.caption("No images.")
+        return
+    st.image([common.thumbnail(str(root / f)) for f in rows["file"]], width=width,
+             caption=[caption(r) for r in rows.to_dict("records")])
+
+
+tabs = st.tabs(["Confusion matrix", "Per class", "Best & worst", "Misclassified", "Curves", "Download & export"])
+
+with tabs[0]:
+    normalise = st.toggle("Row-normalised (share of each true class)", key="cm_norm")
+    long = pd.DataFrame(metrics["confusion"], index=classes, columns=classes).rename_axis("true") \
+        .reset_index().melt("true", var_name="predicted", value_name="count")
+    long["share"] = long["count"] / long.groupby("true")["count"].transform("sum").clip(lower=1)
+    value = "share" if normalise else "count"
+    pick = alt.selection_point(name="cell", fields=["true", "predicted"], on="click")
+    base = alt.Chart(long, title="Confusion matrix (rows: true class) — click a cell").encode(
+        x=alt.X("predicted:N", sort=classes), y=alt.Y("true:N", sort=classes))
+    heat = base.mark_rect().encode(
+        color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme="blues")),
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
+        tooltip=["true", "predicted", "count", alt.Tooltip("share:Q", format=".1%")]).add_params(pick)
+    text = base.mark_text(fontSize=11).encode(
+        text=alt.Text(f"{value}:Q", format=".0%" if normalise else "d"),
+        color=alt.condition(alt.datum[value] > long[value].max() / 2, alt.value("white"), alt.value("black")))
+    event = st.altair_chart(heat + text, width="stretch", height=max(300, 34 * len(classes)) + 120,
+                            on_select="rerun", key="cm_chart")
+    chosen = (event.selection.get("cell") or [None])[0] if event else None
+    if chosen:
+        st.session_state["cm_true"], st.session_state["cm_pred"] = chosen["true"], chosen["predicted"]
+    c1, c2 = st.columns(2)
+    true = c1.selectbox("True class", classes, key="cm_true")
+    pred = c2.selectbox("Predicted class", classes, key="cm_pred")
+    hits = E.cell(frame, true, pred)
+    st.markdown(f"**{len(hits)} image(s)** labelled *{true}*, predicted *{pred}*")
+    gallery(hits.head(60), lambda r: f"{r['confidence']:.0%}")
+
+with tabs[1]:
+    table = pd.DataFrame(metrics["per_class"]).rename(columns={"cls": "class"})
+    st.dataframe(table, hide_index=True, width="stretch", column_config={
+        c: st.column_config.NumberColumn(c, format="percent") for c in ("precision", "recall", "f1", "ap")})
+
+with tabs[2]:
+    cls = st.selectbox("Class", classes, key="rank_class")
+    n = st.slider("Images per row", 5, 20, 10, key="rank_n")
+    best, worst = E.rank_class(frame, cls, n)
+    st.markdown(f"**Most confidently *{cls}*** (probability of {cls})")
+    gallery(best, lambda r: f"{r['p_' + cls]:.0%}")
+    st.markdown(f"**Least confidently *{cls}***")
+    gallery(worst, lambda r: f"{r['p_' + cls]:.0%}")
+
+with tabs[3]:
+    wrong = E.misclassified(frame, 3)
+    order = st.radio("Sort", ["most confident first", "least confident first"], horizontal=True, key="mis_sort")
+    if order.startswith("least"):
+        wrong = wrong.iloc[::-1]
+    limit = st.slider("Show", 4, 100, 24, key="mis_n")
+    st.markdown(f"**{len(wrong)} misclassified** of {len(frame)}")
+    gallery(wrong.head(limit), lambda r: f"true: {r['true']} · " + " · ".join(f"{c} {p:.0%}" for c, p in r["top"]),
+            width=120)
+
+with tabs[4]:
+    epochs = run.epochs()
+    if epochs:
+        common.show_curves(epochs)
+        st.dataframe(common.epochs_table(epochs), hide_index=True, width="stretch",
+                     column_config=common.epochs_column_config())
+    with st.expander("Run configuration"):
+        st.json(run.read_json("config.json", {}))
+        st.caption(f"Stored in `{run.path}`")
+
+with tabs[5]:
+    c1, c2 = st.columns(2)
+    c1.download_button("Predictions (CSV)", frame.to_csv(index=False).encode(),
+                       f"{run.id}-{split}-predictions.csv", "text/csv")
+    c2.download_button("Metrics (JSON)", json.dumps(metrics, indent=1).encode(),
+                       f"{run.id}-{split}-metrics.json", "application/json")
+    st.markdown("**Export the model**: `model.safetensors` + `model.json`, loadable by "
+                "`core.predict.from_export` (and by plain timm for a linear head, see the README).")
+    if st.button("Prepare export", key="export"):
+        with st.spinner("Writing the export…"):
+            st.session_state["export_paths"] = [str(p) for p in export_run(run, run.file("export"))]
+    if run.file("export/model.json").exists():
+        w, j = run.file("export/model.safetensors"), run.file("export/model.json")
+        c1, c2, c3 = st.columns(3)
+        c1.download_button("model.safetensors", w.read_bytes(), "model.safetensors")
+        c2.download_button("model.json", j.read_bytes(), "model.json", "application/json")
+        if c3.button("Also export ONNX", key="onnx"):
+            try:
+                with st.spinner("Exporting to ONNX…"):
+                    model = E.load_run_model(run)
+                    export_onnx(model, run.config.image_size, run.file("export/model.onnx"))
+            except RuntimeError as err:
+                st.warning(str(err))
+        if run.file("export/model.onnx").exists():
+            c3.download_button("model.onnx", run.file("export/model.onnx").read_bytes(), "model.onnx")

@@ -18,7 +18,17 @@ PAGES = {
     "model": "pages/2_Model.py",
     "train": "pages/3_Train.py",
     "evaluate": "pages/4_Evaluate.py",
+    "predict": "pages/5_Predict.py",
 }
+
+
+def link(page: str, label: str, icon: str | None = None, where=st) -> None:
+    """st.page_link that degrades to plain text when the page isn't registered: a page file run
+    as the main script itself (as AppTest does) knows no other pages."""
+    try:
+        where.page_link(PAGES[page], label=label, icon=icon)
+    except st.errors.StreamlitPageNotFoundError:
+        where.markdown(f"{icon or ''} {label} (see the sidebar)")
 
 
 def setup(title: str) -> dict:
@@ -65,6 +75,16 @@ def bind(widget, field: str, label: str, settings: dict, **kwargs):
     value = widget(label, key=key, **kwargs)
     settings[field] = value
     return value
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def thumbnail(path: str, size: int = 96):
+    from core.data import open_rgb
+    try:
+        return open_rgb(path, size)
+    except Exception:  # noqa: BLE001 - a file gone or broken shows as a grey tile
+        from PIL import Image
+        return Image.new("RGB", (size, size), (200, 200, 200))
 
 
 # ---------------------------------------------------------------- runs
