@@ -122,15 +122,22 @@ def runs_frame(limit: int = 50) -> pd.DataFrame:
 
 
 def show_curves(epochs: list[dict]) -> None:
-    """Loss and accuracy per epoch, train vs val, side by side."""
+    """Loss and accuracy per epoch, train vs val, side by side; a dashed line marks the epoch
+    where a new training phase (e.g. unfreezing) began."""
     frame = pd.DataFrame(epochs)
+    starts = []
+    if "phase" in frame:
+        changed = frame["phase"].ne(frame["phase"].shift()) & frame.index.to_series().gt(0)
+        starts = (frame.loc[changed, "epoch"] - 0.5).tolist()
     for col, (metric, title) in zip(st.columns(2), (("loss", "Loss"), ("acc", "Accuracy"))):
         long = frame.melt("epoch", [f"train_{metric}", f"val_{metric}"], "series", "value")
         long["series"] = long["series"].str.replace(f"_{metric}", "")
-        col.altair_chart(alt.Chart(long, title=title).mark_line(point=True).encode(
+        chart = alt.Chart(long, title=title).mark_line(point=True).encode(
             x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)), y=alt.Y("value:Q", title=title),
-            color=alt.Color("series:N", title=None), tooltip=["epoch", "series", "value"]
-        ).properties(height=240), width="stretch")
+            color=alt.Color("series:N", title=None), tooltip=["epoch", "series", "value"])
+        if starts:
+            chart += alt.Chart(pd.DataFrame({"epoch": starts})).mark_rule(strokeDash=[4, 4]).encode(x="epoch:Q")
+        col.altair_chart(chart.properties(height=240), width="stretch")
 
 
 def epochs_table(epochs: list[dict]) -> pd.DataFrame:
