@@ -42,5 +42,6 @@ pages = [
     st.Page(common.PAGES["train"], title="Train", icon="🏋️"),
     st.Page(common.PAGES["evaluate"], title="Evaluate", icon="📊"),
     st.Page(common.PAGES["predict"], title="Predict", icon="🔮"),
+    st.Page(common.PAGES["inspect"], title="Inspect", icon="🔬"),
 ]
 st.navigation(pages).run()

@@ -19,6 +19,7 @@ PAGES = {
     "train": "pages/3_Train.py",
     "evaluate": "pages/4_Evaluate.py",
     "predict": "pages/5_Predict.py",
+    "inspect": "pages/6_Inspect.py",
 }
 
 

@@ -1,0 +1,191 @@
+"""Inspect: what a network's layers do — feature maps, the first conv before/after its
+nonlinearity, activation sparsity, first-layer filters and attribution maps."""
+import io
+import random
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+import timm
+import torch
+
+from core import backbones as B
+from core import data as D
+from core import inspect as I
+from core import paths
+from core.evaluate import load_run_model
+from pages import common
+
+settings = common.setup("Inspect")
+st.title("🔬 Inspect")
+
+
+@st.cache_resource(max_entries=3, show_spinner="Loading the model…")
+def load_model(kind: str, name: str):
+    """(model, class names, image size, mean, std) for a pretrained backbone or a run."""
+    if kind == "run":
+        run = common.get_run(name)
+        model = load_run_model(run)
+        cfg = timm.data.resolve_model_data_config(model.backbone)
+        return model, run.classes, run.config.image_size, cfg["mean"], cfg["std"]
+    model = B.create_backbone(name, "auto", num_classes=1000).eval()
+    cfg = timm.data.resolve_model_data_config(model)
+    info = timm.data.ImageNetInfo()
+    return model, [info.index_to_description(i) for i in range(1000)], int(cfg["input_size"][-1]), cfg["mean"], cfg["std"]
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def scan(root: str):
+    return D.scan_folder(root, check=False)
+
+
+def pick_model(label: str, key: str):
+    kinds = {"pretrained": "Pretrained backbone", "run": "A trained run"}
+    kind = st.radio(label, list(kinds), format_func=kinds.get, horizontal=True, key=f"{key}_kind")
+    if kind == "run":
+        run = common.pick_run("Run", only_with_checkpoint=True, key=f"{key}_run")
+        if run is None:
+            st.info("No trained run yet.")
+            return None
+        return kind, run.id
+    arch = st.selectbox("Backbone", list(B.CATALOG), key=f"{key}_arch",
+                        index=list(B.CATALOG).index(settings["arch"]) if settings["arch"] in B.CATALOG else 0)
+    if B.default_weights(arch) == "random":
+        st.caption("No pretrained weights for this backbone are available here: it shows a random init.")
+    return kind, arch
+
+
+choice = pick_model("Model", "ins")
+if choice is None:
+    st.stop()
+try:
+    model, classes, size, mean, std = load_model(*choice)
+except (B.WeightsError, FileNotFoundError, RuntimeError) as err:
+    st.error(f"Can't load that model: {err}")
+    st.stop()
+transform = D.build_transform(size, mean, std)
+
+root = Path(settings["data_root"])
+root = root if root.is_absolute() else paths.REPO_ROOT / root
+source = st.radio("Image", ["data", "upload"], horizontal=True, key="ins_img_src",
+                  format_func={"data": "From the current data set", "upload": "Upload an image"}.get)
+picture = None
+if source == "upload":
+    upload = st.file_uploader("Image", type=sorted(e[1:] for e in D.IMAGE_EXTENSIONS), key="ins_upload")
+    if upload is not None:
+        try:
+            picture = D.open_rgb(io.BytesIO(upload.getvalue()))
+        except Exception as err:  # noqa: BLE001 - any decoder error
+            st.error(f"Not a readable image ({type(err).__name__}).")
+else:
+    try:
+        data_scan = scan(str(root))
+        c1, c2 = st.columns(2)
+        cls = c1.selectbox("Class", data_scan.classes, key="ins_class")
+        items = [it for it in data_scan.items if data_scan.classes[it.label] == cls]
+        index = c2.number_input("Image number", 0, len(items) - 1, 0, key="ins_index")
+        picture = D.open_rgb(Path(data_scan.root) / items[index].path)
+    except D.DataError as err:
+        st.error(str(err))
+if picture is None:
+    st.stop()
+
+tensor = D.v2.functional.pil_to_tensor(picture)
+x = transform(tensor)[None]
+shown = D.build_transform(size, (0, 0, 0), (1, 1, 1))(tensor)   # same crop, unnormalised
+image = (shown.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+with torch.inference_mode(), I.eval_mode(model):
+    probs = model(x).softmax(-1)[0]
+predicted = int(probs.argmax())
+c1, c2 = st.columns([1, 3])
+c1.image(image, caption=f"input, {size}×{size}", width=160)
+c2.markdown(f"Predicted: **{classes[predicted]}** ({probs[predicted]:.0%})")
+
+tabs = st.tabs(["Feature maps", "First conv", "Sparsity", "Filters", "Attributions"])
+
+with tabs[0]:
+    n = st.select_slider("Channels per stage", [4, 8, 16, 32, 64], 16, key="ins_nchan")
+    for fmap in I.feature_maps(model, x):
+        st.markdown(f"**{fmap.name}** · {fmap.shape[0]} channels × {fmap.shape[1]}×{fmap.shape[2]}")
+        st.image(I.channel_grid(fmap.tensor, n, ncol=16), width="stretch")
+
+with tabs[1]:
+    conv, act, act_name = I.first_conv_outputs(model, x)
+    name, _ = I.first_conv(model)
+    n1 = st.select_slider("Channels", [8, 16, 32, 64], 16, key="ins_nconv")
+    left, right = st.columns(2)
+    left.markdown(f"**`{name}` output** (before the nonlinearity)")
+    left.image(I.channel_grid(conv, n1), width="stretch")
+    if act is None:
+        right.info("No separate activation follows the first conv before the first stage "
+                   "(e.g. ConvNeXt's stem or a ViT patch embedding), so there is no 'after' view.")
+    else:
+        right.markdown(f"**after `{act_name}`**")
+        right.image(I.channel_grid(act, n1), width="stretch")
+
+with tabs[2]:
+    st.caption("Fraction of activation outputs that are non-zero (ReLU-like) or positive (smooth "
+               "activations such as GELU/SiLU, labelled so), per stage, averaged over images of the "
+               "current data set.")
+    count = st.slider("Images", 10, 1000, 200, step=10, key="ins_sparse_n")
+    compare = st.checkbox("Compare with a second model", key="ins_compare")
+    other = pick_model("Second model", "ins2") if compare else None
+
+    def measure(label, spec):
+        net, _, sz, mu, sd = load_model(*spec)
+        tf = D.build_transform(sz, mu, sd)
+        data_scan = scan(str(root))
+        picks = random.Random(0).sample(data_scan.items, min(count, len(data_scan.items)))
+        bar = st.progress(0.0, text=f"{label}: decoding images…")
+        images, _ = D.decode_images(data_scan.root, picks, sz)
+        images = [img for img in images if img is not None]
+        batches = (torch.stack([tf(img) for img in images[i:i + 16]]) for i in range(0, len(images), 16))
+        rows = I.sparsity(net, batches, progress=lambda done: bar.progress(done / len(images),
+                                                                             text=f"{label}: {done}/{len(images)} images"))
+        bar.empty()
+        return [dict(r, model=label) for r in rows]
+
+    sparse_key = (choice, other, count, str(root))
+    if st.button("Measure sparsity", type="primary", key="ins_measure"):
+        try:
+            rows = measure(" ".join(choice), choice)
+            if other:
+                rows += measure(" ".join(other), other)
+            st.session_state["sparsity_rows"] = (sparse_key, rows)
+        except D.DataError as err:
+            st.error(str(err))
+    stored_key, rows = st.session_state.get("sparsity_rows", (None, None))
+    if rows and stored_key == sparse_key:
+        frame = pd.DataFrame(rows)
+        frame["label"] = frame["stage"] + " (" + frame["measure"] + ")"
+        order = frame.sort_values("order")["label"].drop_duplicates().tolist()
+        st.altair_chart(alt.Chart(frame).mark_bar().encode(
+            x=alt.X("label:N", sort=order, title="stage (shallow → deep)"),
+            xOffset="model:N", y=alt.Y("fraction:Q", scale=alt.Scale(domain=[0, 1]), title="fraction"),
+            color=alt.Color("model:N"), tooltip=["model", "stage", "measure", alt.Tooltip("fraction:Q", format=".2f")]),
+            width="stretch")
+        st.dataframe(frame[["model", "stage", "measure", "fraction"]], hide_index=True)
+
+with tabs[3]:
+    name, conv_module = I.first_conv(model)
+    st.markdown(f"**`{name}`**: {tuple(conv_module.weight.shape)} (each filter normalised to its own range)")
+    st.image(I.filter_grid(model), width="stretch")
+
+with tabs[4]:
+    target = st.selectbox("Target class", range(len(classes)), index=predicted,
+                          format_func=lambda i: f"{classes[i]} ({probs[i]:.0%})", key="ins_target")
+    attr_key = (choice, source, hash(image.tobytes()), int(target))
+    if st.button("Compute attributions", type="primary", key="ins_attr"):
+        with st.spinner("Integrated Gradients, Grad-CAM and Occlusion…"):
+            st.session_state["attr"] = (attr_key, I.attributions(model, x, image, int(target)))
+    stored_key, maps = st.session_state.get("attr", (None, None))
+    if maps and stored_key == attr_key:
+        cols = st.columns(len(maps) + 1)
+        cols[0].image(image, caption="input", width="stretch")
+        for col, (method, result) in zip(cols[1:], maps.items()):
+            if isinstance(result, str):
+                col.info(f"{method}: {result}")
+            else:
+                col.image(result, caption=method, width="stretch")
