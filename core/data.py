@@ -228,18 +228,22 @@ def open_rgb(path: str | os.PathLike, size: int | None = None) -> Image.Image:
         if size and img.format == "JPEG":
             img.draft("RGB", (size, size))
         img.seek(0)
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        if img.mode == "I;16" or img.mode == "I":
-            img = img.point(lambda v: v / 256).convert("L")
-        img = img.convert("RGB")
+        img = to_rgb(ImageOps.exif_transpose(img))
     if size:
         img = ImageOps.contain(img, _fit(img.size, size), Image.Resampling.BILINEAR) \
             if min(img.size) != size else img
     return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode to RGB the way training sees it: transparency on white, 16-bit scaled down."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    if img.mode in ("I;16", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")
 
 
 def _fit(wh: tuple[int, int], short: int) -> tuple[int, int]:

@@ -108,6 +108,7 @@ def evaluate_run(run: Run, split: str = "test", device: str = "auto", progress=N
 def save_evaluation(run: Run, split: str, files, labels, probs, failures=()) -> dict:
     metrics = summarize(probs, labels, run.classes)
     metrics["skipped"] = list(failures)
+    metrics["checkpoint_mtime"] = run.checkpoint.stat().st_mtime if run.checkpoint.exists() else None
     run.write_json(f"{split}_metrics.json", metrics)
     predictions_frame(files, labels, probs, run.classes).to_csv(
         run.file(f"{split}_predictions.csv"), index=False)
@@ -119,7 +120,10 @@ def save_evaluation(run: Run, split: str, files, labels, probs, failures=()) -> 
 def load_predictions(run: Run, split: str = "test") -> pd.DataFrame | None:
     """The stored per-image predictions of a split (computed once per run), or None."""
     path = run.file(f"{split}_predictions.csv")
-    return pd.read_csv(path) if path.exists() else None
+    if not path.exists():
+        return None
+    # class names such as "0" or "NA" must stay text
+    return pd.read_csv(path, dtype={"file": str, "true": str, "predicted": str}, keep_default_na=False)
 
 
 def class_probs(frame: pd.DataFrame) -> list[str]:

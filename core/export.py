@@ -50,7 +50,15 @@ def export_run(run: Run, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def load_exported(weights: str | Path, meta: dict) -> FineTuneModel:
-    """Rebuild a FineTuneModel from an export (either key layout)."""
+    """Rebuild a FineTuneModel from an export (either key layout); ValueError if the two files
+    are broken or don't belong together."""
+    try:
+        return _load_exported(weights, meta)
+    except Exception as err:  # noqa: BLE001 - corrupt file, wrong JSON, mismatched tensors
+        raise ValueError(f"Not a valid export ({type(err).__name__}: {str(err)[:200]})") from err
+
+
+def _load_exported(weights: str | Path, meta: dict) -> FineTuneModel:
     state = safetensors.torch.load_file(str(weights))
     backbone = timm.create_model(meta["arch"], pretrained=False, num_classes=0)
     head_cfg = meta.get("head", {})
@@ -68,7 +76,7 @@ def load_exported(weights: str | Path, meta: dict) -> FineTuneModel:
 
 
 def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path | None:
-    """ONNX via torch's exporter; None (with the reason raised as RuntimeError) if it fails."""
+    """ONNX via torch's exporter; RuntimeError with the reason if the architecture can't export."""
     dummy = torch.randn(1, 3, image_size, image_size)
     was_training = model.training
     model.eval()

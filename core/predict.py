@@ -39,7 +39,7 @@ class Predictor:
         out, tf = [], self.transform
         self.model.eval()
         for start in range(0, len(images), batch_size):
-            chunk = [v2.functional.pil_to_tensor(img.convert("RGB")) for img in images[start:start + batch_size]]
+            chunk = [v2.functional.pil_to_tensor(D.to_rgb(img)) for img in images[start:start + batch_size]]
             batch = torch.stack([tf(t) for t in chunk])
             out.append(self.model(batch).float().softmax(-1))
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)))

@@ -24,7 +24,8 @@ split = st.radio("Split", ["test", "val"], horizontal=True, key="eval_split",
                  format_func={"test": "Test", "val": "Validation"}.get)
 frame = E.load_predictions(run, split)
 metrics = run.read_json(f"{split}_metrics.json")
-if frame is None or metrics is None or "mAP" not in metrics:
+stale = metrics is not None and metrics.get("checkpoint_mtime") != run.checkpoint.stat().st_mtime
+if frame is None or metrics is None or "mAP" not in metrics or stale:
     bar = st.progress(0.0, text=f"Predicting the {split} split once; the result is kept with the run…")
     try:
         metrics = E.evaluate_run(run, split, progress=lambda d, t: bar.progress(d / t, text=f"Predicting {d}/{t} images"))

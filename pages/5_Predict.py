@@ -110,13 +110,14 @@ with tab_batch:
         found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in D.IMAGE_EXTENSIONS
                        and not any(D.is_hidden(part) for part in p.relative_to(folder).parts))
         st.write(f"{len(found)} images found.")
+        batch_key = (source, id(predictor), str(folder), len(found))
         if found and st.button("Predict all", type="primary", key="pred_all"):
             bar = st.progress(0.0)
             frame = P.predict_files(predictor, found, progress=lambda d, t: bar.progress(d / t, text=f"{d}/{t} images"))
             frame["file"] = [str(Path(f).relative_to(folder)) for f in frame["file"]]
-            st.session_state["pred_frame"] = frame
-        frame = st.session_state.get("pred_frame")
-        if frame is not None:
+            st.session_state["pred_frame"] = (batch_key, frame)
+        stored_key, frame = st.session_state.get("pred_frame", (None, None))
+        if frame is not None and stored_key == batch_key:
             st.dataframe(frame[[c for c in ("file", "predicted", "confidence", "error") if c in frame]],
                          hide_index=True, width="stretch")
             st.download_button("Download CSV", frame.to_csv(index=False).encode(), "predictions.csv", "text/csv")

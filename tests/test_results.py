@@ -143,9 +143,6 @@ def test_cell_filters_true_and_predicted(frame):
             assert len(E.cell(frame, t, p)) == m["confusion"][i][j]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: load_predictions lets pandas infer column types, so "
-                   "class names like '0'..'9' (MNIST-style folders) come back as ints and "
-                   "cell()/rank_class() with the string class names from metrics find nothing")
 def test_load_predictions_keeps_numeric_class_names_as_text(tmp_path):
     run = Run(tmp_path / "run")
     run.path.mkdir()
@@ -339,9 +336,6 @@ def test_predict_files_reports_unreadable_files(trained, tmp_path):
     assert seen[-1] == (len(files), len(files))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Predictor.probs converts RGBA with img.convert('RGB') "
-                   "(transparent pixels keep their hidden colour, often black) while training and "
-                   "predict_files use data.open_rgb (alpha composited on white)")
 def test_probs_treats_transparency_like_training(trained, tmp_path):
     from core.data import open_rgb
     predictor = P.from_run(trained["linear"])
