@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.modules import activation as torch_acts
 from torchvision.utils import make_grid
 
-GATES = (nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Tanh, nn.Softmin, nn.LogSoftmax,
-         nn.MultiheadAttention, timm_acts.Sigmoid, timm_acts.HardSigmoid)
+GATES = (nn.Sigmoid, nn.Softmax, nn.Softmax2d, nn.Hardsigmoid, nn.Tanh, nn.Softmin, nn.LogSoftmax,
+         nn.MultiheadAttention, nn.Linear, timm_acts.Sigmoid, timm_acts.HardSigmoid, timm_acts.Tanh)
 ACTIVATION_TYPES = tuple({cls for mod in (torch_acts, timm_acts) for cls in vars(mod).values()
                           if isinstance(cls, type) and issubclass(cls, nn.Module)
                           and cls is not nn.Module and not issubclass(cls, GATES)})
@@ -46,12 +46,15 @@ def hooked(pairs: Iterable[tuple[nn.Module, Callable]], pre: Iterable[tuple[nn.M
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    was_training = model.training
+    """Eval mode for the block; afterwards every submodule gets back its own mode (frozen batch
+    norms inside a training model stay in eval)."""
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def backbone_of(model: nn.Module) -> nn.Module:

@@ -218,10 +218,6 @@ def test_activations_excludes_gates():
     assert [type(m) for _, m in I.activations(block)] == [nn.ReLU, nn.GELU]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ACTIVATION_TYPES is built from every nn.Module in "
-                   "torch.nn.modules.activation's namespace, which also holds the Linear subclass "
-                   "NonDynamicallyQuantizableLinear (MultiheadAttention.out_proj) and Softmax2d; "
-                   "zeroes_negatives() then crashes on them")
 @pytest.mark.parametrize("module", [nn.MultiheadAttention(8, 2),
                                     nn.Sequential(nn.Conv2d(3, 3, 1), nn.Softmax2d())],
                          ids=["multihead_attention", "softmax2d"])
@@ -333,9 +329,6 @@ def test_eval_mode_restores_on_error():
     assert net.training and net[0].training
 
 
-@pytest.mark.xfail(strict=True, reason="bug: eval_mode() restores with model.train(was_training), "
-                   "which flattens per-module modes: batch norms that freeze_norm_stats() put in eval "
-                   "inside a training model come back in train mode")
 def test_mixed_train_eval_state_restored():
     model, x = make("test_resnet")
     B.apply_freeze(model, "head")
