@@ -65,6 +65,7 @@ elif source == "zip":
                 use_folder(D.save_upload_zip(upload.getvalue(), upload.name), f"Upload: {upload.name}")
         except D.DataError as err:
             st.error(str(err))
+            st.stop()
 elif source == "folder":
     files = st.file_uploader("Choose a folder whose sub-folders are the classes", type=None,
                              accept_multiple_files="directory", key="dir_upload")
@@ -115,6 +116,7 @@ else:
             use_folder(Path(typed).expanduser().resolve(), f"Folder: {typed}")
         else:
             st.error(f"No folder at {typed}.")
+            st.stop()
 
 root = Path(settings["data_root"])
 if not root.is_absolute():

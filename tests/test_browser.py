@@ -110,23 +110,6 @@ def nav_names(page) -> list[str]:
     return [re.sub(r"[^\w ]", "", name).strip() for name in links.all_inner_texts()]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "app bug: the page scripts live in a folder called pages/, so until some session has run "
-    "streamlit_app.py (st.navigation), Streamlit serves a deep link in its legacy pages/-folder "
-    "mode: the page runs without the entry file and the sidebar lists 'streamlit app', Data, ... "
-    "instead of Home and the st.Page titles/icons"))
-def test_deep_link_on_fresh_server_uses_app_navigation(server, browser):
-    """A bookmark to /Data opened first after a (re)start, before anyone opened Home."""
-    base, _ = server
-    page = browser.new_page()
-    try:
-        page.goto(f"{base}/Data")
-        expect(page.get_by_role("heading", name="Data")).to_be_visible(timeout=90_000)
-        assert nav_names(page) == NAV
-    finally:
-        page.close()
-
-
 def screenshot(page, name: str) -> None:
     """The whole page: Streamlit scrolls inside its main container, so a full_page screenshot
     alone stops at the window; make the window as tall as the content first."""
@@ -170,6 +153,27 @@ def start_training(page, epochs: int = 1, smaller_images: bool = False) -> str:
     return accuracy
 
 
+def drill_down(page, matrix) -> None:
+    """Click confusion-matrix cells along the diagonal until one other than the default
+    (first class, first class) is selected; its images must then be shown."""
+    box = matrix.locator("canvas, svg").first.bounding_box()
+    caption = page.get_by_text(re.compile(r"image\(s\) labelled"))
+    before = caption.inner_text()
+    for frac in (0.45, 0.55, 0.4, 0.6, 0.5, 0.35, 0.65, 0.3):
+        matrix.locator("canvas, svg").first.click(position={"x": box["width"] * frac * 0.9,
+                                                            "y": box["height"] * frac * 0.75})
+        settle(page)
+        text = caption.inner_text()
+        match = re.match(r"(\d+) image\(s\) labelled (.+), predicted (.+)", text)
+        if text != before and match and int(match.group(1)) > 0:
+            break
+    else:
+        raise AssertionError(f"clicking the confusion matrix selected no new cell: {text}")
+    tab = page.get_by_role("tabpanel").first
+    expect(tab.get_by_test_id("stImage").first).to_be_visible()
+    assert tab.get_by_test_id("stImage").count() >= 1
+
+
 def test_main_flow_in_browser(server, browser):
     """Home -> Data (demo set) -> Train (defaults, 1 epoch) -> Evaluate, as a first-time user."""
     base, log_path = server
@@ -200,6 +204,7 @@ def test_main_flow_in_browser(server, browser):
         matrix = page.get_by_test_id("stVegaLiteChart").first
         expect(matrix).to_be_visible()
         expect(matrix.locator("canvas, svg").first).to_be_visible()
+        drill_down(page, matrix)
         screenshot(page, "evaluate.png")
     finally:
         context.close()
@@ -210,11 +215,6 @@ def test_main_flow_in_browser(server, browser):
     assert "missing ScriptRunContext" not in log, log
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "app bug: common.pick_run's keyed selectbox labels runs with their live state; Streamlit keeps "
-    "a keyed widget's identity when its option labels change, so after training the browser still "
-    "shows the run as 'queued'/'preparing' although it finished (reliably so on a fresh server "
-    "with a single run)"))
 def test_show_run_label_follows_the_run_state(server, browser, image_folder):
     """A small folder on the server keeps this run to a few seconds."""
     base, _ = server

@@ -106,6 +106,8 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
     if st.session_state.get(key) not in ids:
         current = st.session_state.get("run_id")
         st.session_state[key] = current if current in ids else ids[0]
+    else:   # re-assigning makes Streamlit send the fresh labels (a run's state changes)
+        st.session_state[key] = st.session_state[key]
     chosen = st.selectbox(label, ids, format_func=labels.get, key=key)
     st.session_state["run_id"] = chosen
     return get_run(chosen)
@@ -134,7 +136,7 @@ def show_curves(epochs: list[dict]) -> None:
         long = frame.melt("epoch", [f"train_{metric}", f"val_{metric}"], "series", "value")
         long["series"] = long["series"].str.replace(f"_{metric}", "")
         chart = alt.Chart(long, title=title).mark_line(point=True).encode(
-            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)), y=alt.Y("value:Q", title=title),
+            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d")), y=alt.Y("value:Q", title=title),
             color=alt.Color("series:N", title=None), tooltip=["epoch", "series", "value"])
         if starts:
             chart += alt.Chart(pd.DataFrame({"epoch": starts})).mark_rule(strokeDash=[4, 4]).encode(x="epoch:Q")
