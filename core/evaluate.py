@@ -31,6 +31,15 @@ def data_config(model: FineTuneModel, image_size: int) -> dict:
     return dict(mean=cfg["mean"], std=cfg["std"], image_size=image_size)
 
 
+def run_normalization(run: Run, model: FineTuneModel) -> tuple[list, list]:
+    """The mean/std the run trained with (norm.json), else the backbone's own."""
+    norm = run.read_json("norm.json")
+    if norm:
+        return list(norm["mean"]), list(norm["std"])
+    dc = data_config(model, run.config.image_size)
+    return list(dc["mean"]), list(dc["std"])
+
+
 @torch.inference_mode()
 def predict_probs(model: torch.nn.Module, images: list[torch.Tensor], transform,
                   device: torch.device, batch_size: int = 64) -> np.ndarray:
@@ -98,8 +107,8 @@ def evaluate_run(run: Run, split: str = "test", device: str = "auto", progress=N
     if not keep:
         raise D.DataError(f"None of the {len(items)} {split} images can be read any more: was the "
                          f"data set at {splits['root']} moved or deleted?")
-    dc = data_config(model, cfg.image_size)
-    transform = D.build_transform(cfg.image_size, dc["mean"], dc["std"])
+    mean, std = run_normalization(run, model)
+    transform = D.build_transform(cfg.image_size, mean, std)
     probs = predict_probs(model, [images[i] for i in keep], transform, dev)
     return save_evaluation(run, split, [items[i].path for i in keep],
                            [items[i].label for i in keep], probs, failures)

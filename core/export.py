@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from core.backbones import FineTuneModel, make_head
-from core.evaluate import data_config, load_run_model
+from core.evaluate import load_run_model, run_normalization
 from core.runs import Run
 
 
@@ -27,7 +27,7 @@ def export_run(run: Run, out_dir: str | Path) -> tuple[Path, Path]:
     """Write model.safetensors and model.json for `run`'s best checkpoint into `out_dir`."""
     cfg, classes = run.config, run.classes
     model = load_run_model(run)
-    dc = data_config(model, cfg.image_size)
+    mean, std = run_normalization(run, model)
     classifier = model.backbone.pretrained_cfg.get("classifier")
     timm_native = cfg.head == "linear" and isinstance(classifier, str)
     state = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
@@ -37,7 +37,7 @@ def export_run(run: Run, out_dir: str | Path) -> tuple[Path, Path]:
         state[f"{classifier}.weight"] = model.head[-1].weight
         state[f"{classifier}.bias"] = model.head[-1].bias
     meta = dict(format="finetune-lab/1", arch=cfg.arch, classes=classes, image_size=cfg.image_size,
-                mean=list(dc["mean"]), std=list(dc["std"]),
+                mean=mean, std=std,
                 head=dict(type=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout),
                 keys="timm" if timm_native else "finetune-lab", run=run.id)
     out = Path(out_dir)

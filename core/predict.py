@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from core import data as D
 from core.backbones import create_backbone
-from core.evaluate import data_config, load_run_model
+from core.evaluate import load_run_model, run_normalization
 from core.export import load_exported
 from core.runs import Run
 
@@ -51,8 +51,8 @@ class Predictor:
 
 def from_run(run: Run) -> Predictor:
     model = load_run_model(run)
-    dc = data_config(model, run.config.image_size)
-    return Predictor(model, run.classes, run.config.image_size, dc["mean"], dc["std"])
+    mean, std = run_normalization(run, model)
+    return Predictor(model, run.classes, run.config.image_size, tuple(mean), tuple(std))
 
 
 def from_export(weights: str | Path, meta_json: str | Path | dict) -> Predictor:

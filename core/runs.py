@@ -42,9 +42,15 @@ class RunConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    scheduler: str = "none"          # none, step, cosine
+    scheduler: str = "none"          # none, step, cosine (with warm-up), onecycle
     step_size: int = 7
     gamma: float = 0.1
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    patience: int = 0                # early stopping: epochs without val improvement (0 = off)
+    phase1_epochs: int = 0           # two-phase: this many head-only epochs first, then unfreeze
+    backbone_lr_mult: float = 1.0    # backbone LR = lr x this, while the backbone trains
+    normalize: str = "backbone"      # backbone (its pretrained mean/std) or dataset (computed)
     epochs: int = 10
     batch_size: int = 32
     image_size: int = 128
@@ -53,6 +59,9 @@ class RunConfig:
     cache_features: bool = True      # used when the backbone is frozen and nothing augments
     device: str = "auto"
     name: str = ""
+    baseline: str = ""               # "logreg": logistic regression on raw pixels, no network
+    sweep: str = ""                  # id of the sweep this run belongs to
+    tags: dict = field(default_factory=dict)   # the settings a sweep varied, for the results table
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":

@@ -103,17 +103,33 @@ def extract_features(backbone: nn.Module, images, transform, device, batch_size,
     return torch.cat(feats) if feats else torch.zeros(0, backbone.num_features, device=device)
 
 
-def make_optimizer(cfg: RunConfig, module: nn.Module):
+def make_optimizer(cfg: RunConfig, model: nn.Module, head_only: bool):
+    """The head learns at `lr`; a training backbone at `lr x backbone_lr_mult`. Frozen
+    parameters are left out."""
+    groups = [{"params": [p for p in model.head.parameters() if p.requires_grad], "lr": cfg.lr}]
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad] if not head_only else []
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult})
     kwargs = dict(momentum=cfg.momentum) if cfg.optimizer in ("sgd", "rmsprop") else {}
-    return timm.optim.create_optimizer_v2(module, opt=cfg.optimizer, lr=cfg.lr,
+    return timm.optim.create_optimizer_v2(groups, opt=cfg.optimizer, lr=cfg.lr,
                                           weight_decay=cfg.weight_decay, **kwargs)
 
 
-def make_scheduler(cfg: RunConfig, optimizer):
+def make_scheduler(cfg: RunConfig, optimizer, epochs: int):
+    """Stepped once per epoch."""
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, cfg.epochs))
+        warm = max(0, min(cfg.warmup_epochs, epochs - 1))
+
+        def factor(e):     # linear warm-up, then cosine decay to zero
+            if e < warm:
+                return (e + 1) / (warm + 1)
+            return 0.5 * (1 + math.cos(math.pi * (e - warm) / max(1, epochs - warm)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(2, epochs + 1))
     return None
 
 
@@ -187,82 +203,111 @@ def train_run(run: Run, stop: threading.Event | None = None) -> dict:
     return run.status()
 
 
+def plan_phases(cfg: RunConfig) -> list[tuple[str, str, int]]:
+    """(name, freeze mode, epochs) per phase: two-phase runs train the head alone first."""
+    if cfg.phase1_epochs > 0 and cfg.freeze != "head" and cfg.epochs > cfg.phase1_epochs:
+        return [("head", "head", cfg.phase1_epochs), ("fine-tune", cfg.freeze, cfg.epochs - cfg.phase1_epochs)]
+    return [("train", cfg.freeze, cfg.epochs)]
+
+
 def _train(run: Run, cfg: RunConfig, report: Reporter) -> dict:
     generator = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     if device.type == "cpu":
         set_cpu_threads()
     classes, data = prepare_data(run, cfg, report)
+    if cfg.baseline == "logreg":
+        from core.baselines import train_logreg
+        return train_logreg(run, cfg, classes, data)
     report("preparing", force=True, message="Building the model", phase="model")
     weights = "random" if cfg.freeze == "scratch" else cfg.weights
     model = build_model(cfg.arch, len(classes), weights, cfg.weights_file, cfg.head, cfg.hidden,
                         cfg.dropout)
-    apply_freeze(model, cfg.freeze, cfg.top_k)
     model.to(device, memory_format=torch.channels_last)
-    dc = data_config(model, cfg.image_size)
-    eval_tf = D.build_transform(cfg.image_size, dc["mean"], dc["std"])
-    train_tf = D.build_transform(cfg.image_size, dc["mean"], dc["std"], cfg.augment)
-    cached = uses_feature_cache(cfg)
-    run.set_status("preparing", device=describe(device), feature_cache=cached)
-
-    if cached:
-        feats = {s: extract_features(model.backbone, data[s][0], eval_tf, device, 64, report, s)
-                 for s in ("train", "val", "test")}
-        trainable = model.head
-        train_batches = lambda: feature_batches(feats["train"], data["train"][1], cfg.batch_size, generator)  # noqa: E731
-        val_batches = lambda: feature_batches(feats["val"], data["val"][1], 256, None)  # noqa: E731
-        step_model = model.head
-    else:
-        trainable = model
-        train_dl = loader(*data["train"][:2], train_tf, cfg.batch_size, True, generator)
-        val_dl = loader(*data["val"][:2], eval_tf, cfg.batch_size, False, None)
-        train_batches, val_batches, step_model = (lambda: train_dl), (lambda: val_dl), model
-
-    optimizer = make_optimizer(cfg, trainable)
-    scheduler = make_scheduler(cfg, optimizer)
+    mean, std = normalization(run, cfg, model, data["train"][0])
+    eval_tf = D.build_transform(cfg.image_size, mean, std)
+    train_tf = D.build_transform(cfg.image_size, mean, std, cfg.augment)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = grad_scaler(device)
-    criterion = nn.CrossEntropyLoss()
-    n_train = math.ceil(len(data["train"][1]) / cfg.batch_size)
-    n_val = math.ceil(len(data["val"][1]) / (256 if cached else cfg.batch_size))
-    best = -math.inf
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        step_model.train()
-        if not cached:
+    feats: dict = {}
+    best, since_best, epoch = -math.inf, 0, 0
+    for phase, freeze, n_epochs in plan_phases(cfg):
+        apply_freeze(model, freeze, cfg.top_k)
+        cached = freeze == "head" and cfg.cache_features and not any(cfg.augment.values())
+        run.set_status("preparing", device=describe(device), feature_cache=cached)
+        if cached and not feats:
+            feats = {s: extract_features(model.backbone, data[s][0], eval_tf, device, 64, report, s)
+                     for s in ("train", "val", "test")}
+        if cached:
+            step_model = model.head
+            train_batches = lambda: feature_batches(feats["train"], data["train"][1], cfg.batch_size, generator)  # noqa: E731
+            val_batches = lambda: feature_batches(feats["val"], data["val"][1], 256, None)  # noqa: E731
+        else:
+            step_model = model
+            train_dl = loader(*data["train"][:2], train_tf, cfg.batch_size, True, generator)
+            val_dl = loader(*data["val"][:2], eval_tf, cfg.batch_size, False, None)
+            train_batches, val_batches = (lambda dl=train_dl: dl), (lambda dl=val_dl: dl)
+        optimizer = make_optimizer(cfg, model, head_only=freeze == "head")
+        scheduler = make_scheduler(cfg, optimizer, n_epochs)
+        n_train = math.ceil(len(data["train"][1]) / cfg.batch_size)
+        n_val = math.ceil(len(data["val"][1]) / (256 if cached else cfg.batch_size))
+        for _ in range(n_epochs):
+            epoch += 1
+            start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            step_model.train()
             freeze_norm_stats(model)
-        train_loss, train_acc = run_epoch(step_model, train_batches(), criterion, optimizer, scaler,
-                                          device, report, epoch, cfg.epochs, n_train)
-        step_model.eval()
-        val_loss, val_acc = run_epoch(step_model, val_batches(), criterion, None, scaler, device,
-                                      report, epoch, cfg.epochs, n_val)
-        if scheduler:
-            scheduler.step()
-        score = val_acc if data["val"][1] else -train_loss
-        improved = score > best
-        if improved:
-            best = score
-            save_checkpoint(model, run)
-        row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
-                   val_loss=val_loss, val_acc=val_acc, seconds=time.perf_counter() - start,
-                   best=improved)
-        run.append_epoch(row)
-        if improved:
-            run.set_status("running", best_epoch=epoch, best_val_acc=val_acc)
-        report(force=True, message=f"Epoch {epoch}/{cfg.epochs} done", epoch=epoch,
-               epochs=cfg.epochs, phase="train", step=n_train, steps=n_train)
+            train_loss, train_acc = run_epoch(step_model, train_batches(), criterion, optimizer, scaler,
+                                              device, report, epoch, cfg.epochs, n_train)
+            step_model.eval()
+            val_loss, val_acc = run_epoch(step_model, val_batches(), criterion, None, scaler, device,
+                                          report, epoch, cfg.epochs, n_val)
+            if scheduler:
+                scheduler.step()
+            score = val_acc if data["val"][1] else -train_loss
+            improved = score > best
+            best, since_best = (score, 0) if improved else (best, since_best + 1)
+            if improved:
+                save_checkpoint(model, run)
+            run.append_epoch(dict(epoch=epoch, phase=phase, lr=lr, train_loss=train_loss,
+                                  train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+                                  seconds=time.perf_counter() - start, best=improved))
+            if improved:
+                run.set_status("running", best_epoch=epoch, best_val_acc=val_acc)
+            report(force=True, message=f"Epoch {epoch}/{cfg.epochs} done", epoch=epoch,
+                   epochs=cfg.epochs, phase="train", step=n_train, steps=n_train)
+            if cfg.patience and since_best >= cfg.patience:
+                run.set_status("running", early_stopped=epoch)
+                break
+        else:
+            continue
+        break      # early stop ends every phase
 
     report("running", force=True, message="Testing the best checkpoint", phase="test")
     model.load_state_dict(safetensors.torch.load_file(str(run.checkpoint), device=str(device)))
     images, labels, files = data["test"]
+    done = "Finished" + (f" (early stop at epoch {epoch})" if epoch < cfg.epochs else "")
     if labels:
-        if cached:     # the backbone is unchanged: its test features are already computed
-            with torch.inference_mode():
+        if feats and not any(p.requires_grad for p in model.backbone.parameters()):
+            with torch.inference_mode():     # backbone never changed: reuse its test features
                 probs = model.head.eval()(feats["test"]).float().softmax(-1).cpu().numpy()
         else:
             probs = predict_probs(model, images, eval_tf, device)
         metrics = save_evaluation(run, "test", files, labels, probs)
-        run.set_status("finished", message="Finished", test_acc=metrics["accuracy"], phase="done")
+        run.set_status("finished", message=done, test_acc=metrics["accuracy"], phase="done")
     else:
-        run.set_status("finished", message="Finished (no test images)", phase="done")
+        run.set_status("finished", message=done + ", no test images", phase="done")
     return run.status()
+
+
+def normalization(run: Run, cfg: RunConfig, model, train_images) -> tuple[list, list]:
+    """The backbone's pretrained mean/std, or the training images' own (streaming pass);
+    stored in norm.json so evaluation and export use the same numbers."""
+    if cfg.normalize == "dataset":
+        mean, std = D.dataset_stats(train_images)
+        std = [max(s, 1e-3) for s in std]
+    else:
+        dc = data_config(model, cfg.image_size)
+        mean, std = list(dc["mean"]), list(dc["std"])
+    run.write_json("norm.json", dict(mean=mean, std=std, source=cfg.normalize))
+    return mean, std

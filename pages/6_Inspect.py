@@ -15,7 +15,7 @@ from core import backbones as B
 from core import data as D
 from core import inspect as I
 from core import paths
-from core.evaluate import load_run_model
+from core.evaluate import load_run_model, run_normalization
 from pages import common
 
 settings = common.setup("Inspect")
@@ -28,8 +28,8 @@ def load_model(kind: str, name: str):
     if kind == "run":
         run = common.get_run(name)
         model = load_run_model(run)
-        cfg = timm.data.resolve_model_data_config(model.backbone)
-        return model, run.classes, run.config.image_size, cfg["mean"], cfg["std"]
+        mean, std = run_normalization(run, model)
+        return model, run.classes, run.config.image_size, mean, std
     model = B.create_backbone(name, "auto", num_classes=1000).eval()
     cfg = timm.data.resolve_model_data_config(model)
     info = timm.data.ImageNetInfo()
