@@ -43,5 +43,6 @@ pages = [
     st.Page(common.PAGES["evaluate"], title="Evaluate", icon="📊"),
     st.Page(common.PAGES["predict"], title="Predict", icon="🔮"),
     st.Page(common.PAGES["inspect"], title="Inspect", icon="🔬"),
+    st.Page(common.PAGES["experiments"], title="Experiments", icon="🧪"),
 ]
 st.navigation(pages).run()

@@ -83,7 +83,7 @@ class Run:
 
     @classmethod
     def create(cls, config: RunConfig, root: Path | None = None) -> "Run":
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S%f")[:-3]     # ms: sweeps sort in order
         path = (root or paths.runs_dir()) / f"{stamp}-{config.arch}-{secrets.token_hex(2)}"
         path.mkdir(parents=True)
         run = cls(path)

@@ -205,7 +205,7 @@ def train_run(run: Run, stop: threading.Event | None = None) -> dict:
 
 def plan_phases(cfg: RunConfig) -> list[tuple[str, str, int]]:
     """(name, freeze mode, epochs) per phase: two-phase runs train the head alone first."""
-    if cfg.phase1_epochs > 0 and cfg.freeze != "head" and cfg.epochs > cfg.phase1_epochs:
+    if cfg.phase1_epochs > 0 and cfg.freeze not in ("head", "scratch") and cfg.epochs > cfg.phase1_epochs:
         return [("head", "head", cfg.phase1_epochs), ("fine-tune", cfg.freeze, cfg.epochs - cfg.phase1_epochs)]
     return [("train", cfg.freeze, cfg.epochs)]
 

@@ -1,11 +1,17 @@
 """Train: optimiser settings, start/stop, and the live view of a run."""
+import random
+
+import pandas as pd
 import streamlit as st
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from core import data as D
 from core.backbones import native_input_size
 from core.device import describe, pick_device
 from core.runs import ACTIVE_STATES, MANAGER
-from core.training import uses_feature_cache
+from core.training import resolve_data_root, uses_feature_cache
 from pages import common
 
 settings = common.setup("Train")
@@ -17,6 +23,74 @@ if "image_size_default" not in st.session_state:     # smaller images on CPU kee
 
 st.caption(f"Data: **{settings.get('data_label')}** · Model: **`{settings['arch']}`**, "
            f"{settings['freeze'].replace('_', '-')} · Device: **{describe(device)}**")
+
+@st.cache_data(show_spinner="Computing the data set's mean and std…", max_entries=8)
+def data_stats(root: str, size: int):
+    scan = D.scan_folder(root, check=False)
+    images, _ = D.decode_images(scan.root, scan.items, size)
+    return D.dataset_stats(img for img in images if img is not None)
+
+
+def stats_panel(settings):
+    root = str(resolve_data_root(settings["data_root"]))
+    mean, std = data_stats(root, settings["image_size"])
+    st.dataframe(pd.DataFrame({"this data set mean": mean, "std": std, "ImageNet mean": IMAGENET_MEAN,
+                               "ImageNet std": IMAGENET_STD}, index=["R", "G", "B"]), width="content")
+
+
+SLIDERS = {   # augmentation -> (min, max, default) of its parameter
+    "rotation": (1.0, 180.0, 30.0), "affine": (0.02, 0.4, 0.1),
+    "random_resized_crop": (0.05, 0.95, 0.5), "color_jitter": (0.05, 0.9, 0.2),
+    "hue": (0.01, 0.5, 0.1), "grayscale": (0.05, 1.0, 0.2), "invert": (0.05, 1.0, 0.2),
+    "blur": (3.0, 15.0, 5.0)}
+
+
+def augmentation_menu(settings):
+    st.markdown("**Augmentation** (training images only)")
+    preset = st.selectbox("Start from a preset", ["(keep current)"] + list(D.PRESETS), key="aug_preset")
+    if preset != "(keep current)" and st.session_state.get("aug_applied") != preset:
+        settings["augment"] = dict(D.PRESETS[preset])
+        st.session_state["aug_applied"] = preset
+        for key in [k for k in st.session_state if str(k).startswith(("aug_v_", "aug_on_"))]:
+            del st.session_state[key]
+    augment = dict(settings["augment"])
+    cols = st.columns(4)
+    for i, (name, label) in enumerate(D.AUGMENTATIONS.items()):
+        col = cols[i % 4]
+        on = col.checkbox(label, bool(augment.get(name)), key=f"aug_on_{name}")
+        if name in ("hflip", "vflip"):
+            augment[name] = on
+        elif name == "auto":
+            augment[name] = col.radio("auto", ["trivialaugment", "randaugment"], key="aug_v_auto",
+                                      index=1 if augment.get("auto") == "randaugment" else 0,
+                                      label_visibility="collapsed", horizontal=True) if on else 0
+        else:
+            lo, hi, default = SLIDERS[name]
+            augment[name] = col.slider(name, lo, hi, float(augment.get(name) or default), key=f"aug_v_{name}",
+                                       label_visibility="collapsed") if on else 0
+    settings["augment"] = {k: v for k, v in augment.items() if v}
+    if settings["augment"] and st.toggle("Preview 16 augmented versions", key="aug_preview"):
+        preview(settings)
+
+
+def preview(settings):
+    root = resolve_data_root(settings["data_root"])
+    try:
+        scan = D.scan_folder(root, check=False)
+    except D.DataError as err:
+        st.error(str(err))
+        return
+    seed = st.session_state.setdefault("aug_seed", 0)
+    if st.button("🎲 Re-roll", key="aug_reroll"):
+        st.session_state["aug_seed"] = seed = seed + 1
+    picks = random.Random(seed).sample(scan.items, min(4, len(scan.items)))
+    torch.manual_seed(seed)
+    tf = D.build_transform(settings["image_size"], (0, 0, 0), (1, 1, 1), settings["augment"])
+    images, _ = D.decode_images(scan.root, picks, settings["image_size"])
+    tiles = [(tf(img).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8")
+             for img in images if img is not None for _ in range(4)]
+    st.image(tiles, width=96)
+
 
 with st.expander("Training settings", expanded=not st.session_state.get("run_id")):
     c = st.columns(4)
@@ -40,31 +114,40 @@ with st.expander("Training settings", expanded=not st.session_state.get("run_id"
     common.bind(c[3].number_input, "seed", "Seed", settings, min_value=0, max_value=10**6)
     c = st.columns(4)
     sched = common.bind(c[0].selectbox, "scheduler", "LR schedule", settings,
-                        options=["none", "step", "cosine"],
-                        format_func={"none": "Constant", "step": "StepLR", "cosine": "Cosine"}.get)
+                        options=["none", "step", "cosine", "onecycle"],
+                        format_func={"none": "Constant", "step": "StepLR", "cosine": "Cosine (+ warm-up)",
+                                     "onecycle": "One-cycle"}.get)
     if sched == "step":
         common.bind(c[1].number_input, "step_size", "Step every (epochs)", settings, min_value=1, max_value=100)
         common.bind(c[2].number_input, "gamma", "Multiply LR by", settings, min_value=0.01,
                     max_value=1.0, step=0.05)
-
-    st.markdown("**Augmentation** (training images only)")
-    augment = dict(settings["augment"])
-    c = st.columns(5)
-    augment["hflip"] = c[0].checkbox(D.AUGMENTATIONS["hflip"], bool(augment.get("hflip")), key="aug_hflip")
-    augment["vflip"] = c[1].checkbox(D.AUGMENTATIONS["vflip"], bool(augment.get("vflip")), key="aug_vflip")
-    for col, name, lo, hi, default in ((c[2], "rotation", 1.0, 180.0, 30.0),
-                                       (c[3], "random_resized_crop", 0.05, 0.95, 0.5),
-                                       (c[4], "color_jitter", 0.05, 0.9, 0.2)):
-        on = col.checkbox(D.AUGMENTATIONS[name], bool(augment.get(name)), key=f"aug_{name}")
-        augment[name] = col.slider(name, lo, hi, float(augment.get(name) or default), key=f"aug_v_{name}",
-                                   label_visibility="collapsed") if on else 0
-    settings["augment"] = {k: v for k, v in augment.items() if v}
+    if sched == "cosine":
+        common.bind(c[1].number_input, "warmup_epochs", "Warm-up epochs", settings, min_value=0, max_value=50)
+    common.bind(c[3].number_input, "label_smoothing", "Label smoothing", settings, min_value=0.0,
+                max_value=0.5, step=0.05)
+    c = st.columns(4)
+    common.bind(c[0].number_input, "patience", "Early stopping patience (0 = off)", settings,
+                min_value=0, max_value=100)
+    common.bind(c[1].selectbox, "normalize", "Normalisation", settings, options=["backbone", "dataset"],
+                format_func={"backbone": "Backbone's mean/std", "dataset": "This data set's mean/std"}.get)
+    if settings["freeze"] not in ("head", "scratch"):
+        common.bind(c[2].number_input, "phase1_epochs", "Two-phase: head-only epochs first", settings,
+                    min_value=0, max_value=500)
+        common.bind(c[3].number_input, "backbone_lr_mult", "Backbone LR × (when it trains)", settings,
+                    min_value=0.001, max_value=10.0, step=0.05, format="%.3f")
+    if settings["normalize"] == "dataset":
+        stats_panel(settings)
+    augmentation_menu(settings)
 
 native = native_input_size(settings["arch"])
 if native and native != settings["image_size"]:
     st.caption(f"`{settings['arch']}` only accepts {native}×{native} images (fixed position "
                f"embeddings), so it will train at {native} px.")
 cfg = common.run_config(settings)
+if cfg.phase1_epochs and cfg.freeze not in ("head", "scratch"):
+    st.caption(f"Two-phase: {cfg.phase1_epochs} head-only epoch(s), then {cfg.epochs - cfg.phase1_epochs} "
+               f"with {cfg.freeze.replace('_', '-')} at backbone LR × {cfg.backbone_lr_mult:g}; the "
+               "curves mark the switch.")
 if cfg.freeze == "head":
     if uses_feature_cache(cfg):
         st.caption("⚡ Backbone frozen and no augmentation: features are computed once and cached, "

@@ -20,6 +20,7 @@ PAGES = {
     "evaluate": "pages/4_Evaluate.py",
     "predict": "pages/5_Predict.py",
     "inspect": "pages/6_Inspect.py",
+    "experiments": "pages/7_Experiments.py",
 }
 
 
@@ -60,9 +61,11 @@ def sidebar_summary(settings: dict) -> None:
         st.caption(f"Data: {settings.get('data_label', settings['data_root'])}")
         st.caption(f"Model: `{settings['arch']}` · {settings['freeze'].replace('_', '-')}"
                    + (f" {settings['top_k']}" if settings["freeze"] == "top_k" else ""))
-        active = [r for r in list_runs()[:20] if r.status().get("state") in ACTIVE_STATES]
+        active = [r for r in list_runs()[:200] if r.status().get("state") in ACTIVE_STATES]
+        running = [r for r in active if r.status().get("state") != "queued"]
         if active:
-            st.caption(f"Training: {len(active)} run(s) active — see Train")
+            now = running[0].config.name or running[0].id if running else "starting"
+            st.caption(f"Training: {now} · {len(active) - len(running)} queued — see Train or Experiments")
 
 
 # ---------------------------------------------------------------- settings widgets

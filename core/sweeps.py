@@ -1,0 +1,95 @@
+"""Sweeps: one base configuration, one or two settings varied, every combination queued as a
+normal run; and the results table over any set of runs (report 004's ablation tables)."""
+from __future__ import annotations
+
+import itertools
+import secrets
+from dataclasses import replace
+from datetime import datetime
+
+import pandas as pd
+
+from core.data import PRESETS
+from core.runs import MANAGER, Run, RunConfig, list_runs
+
+# What a sweep can vary: axis -> (label, how a value changes the config)
+AXES = {
+    "lr": "Learning rate",
+    "optimizer": "Optimizer",
+    "freeze": "Freeze mode",
+    "augment": "Augmentation preset",
+    "batch_size": "Batch size",
+    "max_per_class": "Few-shot: images per class",
+    "init": "Pretrained vs random init",
+    "model": "Model or baseline",
+}
+BASELINES = {"logreg": "Logistic regression (raw pixels)",
+             "small_cnn": "Small CNN from scratch (resnet10t)"}
+
+
+def apply(cfg: RunConfig, axis: str, value) -> RunConfig:
+    """`cfg` with one axis set to `value`."""
+    if axis == "augment":
+        return replace(cfg, augment=dict(PRESETS[value]))
+    if axis == "init":
+        return replace(cfg, weights="auto", freeze=cfg.freeze if cfg.freeze != "scratch" else "full") \
+            if value == "pretrained" else replace(cfg, freeze="scratch", weights="random")
+    if axis == "model":
+        if value == "logreg":
+            return replace(cfg, baseline="logreg")
+        if value == "small_cnn":
+            return replace(cfg, arch="resnet10t", weights="random", freeze="scratch", baseline="")
+        return replace(cfg, arch=value, baseline="")
+    if axis == "max_per_class":
+        return replace(cfg, max_per_class=int(value) if value else None)
+    return replace(cfg, **{axis: value})
+
+
+def expand(base: RunConfig, axes: dict[str, list]) -> list[RunConfig]:
+    """Every combination of the axes' values, each tagged with what it varied."""
+    sweep = datetime.now().strftime("%m%d-%H%M%S-") + secrets.token_hex(2)
+    names = list(axes)
+    configs = []
+    for values in itertools.product(*(axes[n] for n in names)):
+        cfg = replace(base, augment=dict(base.augment), tags={}, sweep=sweep)
+        for axis, value in zip(names, values):
+            cfg = apply(cfg, axis, value)
+        cfg.tags = {axis: value for axis, value in zip(names, values)}
+        cfg.name = " · ".join(f"{axis}={value}" for axis, value in cfg.tags.items())
+        configs.append(cfg)
+    return configs
+
+
+def queue(configs: list[RunConfig]) -> list[Run]:
+    """Submit in order; the manager trains them one after another."""
+    return [MANAGER.submit(cfg) for cfg in configs]
+
+
+def results(runs: list[Run] | None = None) -> pd.DataFrame:
+    """One row per run: varied settings, best epoch, best val accuracy, test accuracy of the best
+    epoch's checkpoint, mean seconds per epoch, state."""
+    rows = []
+    for run in runs if runs is not None else list_runs():
+        cfg, status, epochs = run.config, run.status(), run.epochs()
+        row = dict(run=run.id, sweep=cfg.sweep, name=cfg.name or cfg.arch,
+                   model=BASELINES["logreg"] if cfg.baseline == "logreg" else cfg.arch,
+                   freeze=cfg.freeze, optimizer=cfg.optimizer, lr=cfg.lr, epochs=len(epochs))
+        row.update({f"vary:{k}": str(v) for k, v in cfg.tags.items()})
+        row.update(best_epoch=status.get("best_epoch"), best_val_acc=status.get("best_val_acc"),
+                   test_acc=status.get("test_acc"),
+                   s_per_epoch=sum(e["seconds"] for e in epochs) / len(epochs) if epochs else None,
+                   state=status.get("state"))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    first = ["name", "best_val_acc", "test_acc", "best_epoch", "s_per_epoch", "state"]
+    return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
+
+
+def sweeps() -> dict[str, list[Run]]:
+    """Runs grouped by sweep id, newest sweep first."""
+    groups: dict[str, list[Run]] = {}
+    for run in list_runs():
+        sweep = run.config.sweep
+        if sweep:
+            groups.setdefault(sweep, []).insert(0, run)     # oldest first within a sweep
+    return groups

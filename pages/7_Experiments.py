@@ -1,0 +1,124 @@
+"""Experiments: vary one or two settings of the current configuration, queue every combination,
+and compare the runs in a results table and overlaid curves."""
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from core import backbones as B
+from core import sweeps as S
+from core.data import PRESETS
+from core.runs import ACTIVE_STATES
+from pages import common
+
+settings = common.setup("Experiments")
+st.title("🧪 Experiments")
+st.caption(f"Base configuration: the current choices — data **{settings.get('data_label')}**, model "
+           f"**`{settings['arch']}`** ({settings['freeze']}), {settings['optimizer']} lr {settings['lr']:g}, "
+           f"{settings['epochs']} epochs. Change them on the Data, Model and Train pages.")
+
+
+def numbers(text: str, cast):
+    try:
+        return [cast(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        st.error(f"Not a list of numbers: {text}")
+        return []
+
+
+def axis_values(axis: str, key: str) -> list:
+    if axis == "lr":
+        return numbers(st.text_input("Learning rates", "0.01, 0.001, 0.0001", key=key), float)
+    if axis == "batch_size":
+        return st.multiselect("Batch sizes", [8, 16, 32, 64, 128], [16, 32], key=key)
+    if axis == "max_per_class":
+        return numbers(st.text_input("Images per class (0 = all)", "5, 20, 0", key=key), int)
+    options = {"optimizer": ["sgd", "adam", "adamw", "rmsprop"],
+               "freeze": list(B.FREEZE_MODES), "augment": list(PRESETS),
+               "init": ["pretrained", "random"],
+               "model": list(B.CATALOG) + list(S.BASELINES)}[axis]
+    defaults = {"optimizer": ["sgd", "adam"], "freeze": ["head", "full"], "augment": ["none", "photos"],
+                "init": ["pretrained", "random"], "model": [settings["arch"], "logreg"]}[axis]
+    labels = {**B.FREEZE_MODES, **S.BASELINES}
+    return st.multiselect(S.AXES[axis], options, [d for d in defaults if d in options], key=key,
+                          format_func=lambda v: labels.get(v, v))
+
+
+c1, c2 = st.columns(2)
+with c1:
+    axis1 = st.selectbox("Vary", list(S.AXES), format_func=S.AXES.get, key="axis1")
+    values1 = axis_values(axis1, f"values1_{axis1}")
+with c2:
+    second = [a for a in S.AXES if a != axis1]
+    axis2 = st.selectbox("…and (optional)", [None] + second, key="axis2",
+                         format_func=lambda a: "nothing else" if a is None else S.AXES[a],
+                         index=1 + second.index("optimizer") if axis1 == "lr" else 0)
+    values2 = axis_values(axis2, f"values2_{axis2}") if axis2 else []
+
+axes = {axis1: values1, **({axis2: values2} if axis2 else {})}
+count = 1
+for values in axes.values():
+    count *= len(values)
+st.metric("Runs in this sweep", count)
+
+
+def queue_sweep():
+    runs = S.queue(S.expand(common.run_config(settings), axes))
+    st.session_state["sweep_id"] = st.session_state["sweep_pick"] = runs[0].config.sweep
+    st.session_state["run_id"] = runs[-1].id
+
+
+st.button(f"▶️ Queue {count} runs", type="primary", on_click=queue_sweep, disabled=count == 0,
+          key="queue_sweep")
+st.caption("Runs train one after another in the background; you can leave this page.")
+
+st.divider()
+groups = S.sweeps()
+options = list(groups) + ["all"]
+default = st.session_state.get("sweep_id")
+if st.session_state.get("sweep_pick") not in options:
+    st.session_state["sweep_pick"] = default if default in options else options[0]
+chosen = st.selectbox("Results of", options, key="sweep_pick",
+                      format_func=lambda s: "all runs" if s == "all" else f"sweep {s} ({len(groups[s])} runs)")
+runs = common.list_runs() if chosen == "all" else groups.get(chosen, [])
+
+
+@st.fragment(run_every=2 if any(r.status().get("state") in ACTIVE_STATES for r in runs) else None)
+def results(runs):
+    states = [r.status().get("state") for r in runs]
+    done = sum(s not in ACTIVE_STATES for s in states)
+    active = done < len(runs)
+    if active:
+        current = next((r for r, s in zip(runs, states) if s in ("running", "preparing")), None)
+        st.progress(done / max(len(runs), 1), text=f"{done} of {len(runs)} runs done"
+                    + (f" · now: {current.config.name or current.id} — {current.status().get('message', '')}"
+                       if current else ""))
+    frame = S.results(runs)
+    if frame.empty:
+        st.info("No runs yet.")
+        return
+    pct = dict(format="percent")
+    st.dataframe(frame, hide_index=True, width="stretch", column_config={
+        "best_val_acc": st.column_config.NumberColumn("best val acc", **pct),
+        "test_acc": st.column_config.NumberColumn("test acc", **pct),
+        "s_per_epoch": st.column_config.NumberColumn("s/epoch", format="%.2f"),
+        "lr": st.column_config.NumberColumn("lr", format="%.0e")})
+    st.download_button("Results (CSV)", frame.to_csv(index=False).encode(), "results.csv", "text/csv",
+                       key="results_csv")
+    if st.session_state.get("sweep_was_active") and not active:
+        st.session_state["sweep_was_active"] = False
+        st.rerun(scope="app")
+    st.session_state["sweep_was_active"] = active
+
+
+results(runs)
+
+st.subheader("Compare curves")
+names = {r.id: r.config.name or r.id for r in runs}
+picked = st.multiselect("Runs", list(names), list(names)[:8], format_func=names.get, key="overlay_runs")
+metric = st.selectbox("Metric", ["val_acc", "val_loss", "train_acc", "train_loss"], key="overlay_metric")
+rows = [dict(e, run=names[r.id]) for r in runs if r.id in picked for e in r.epochs()]
+if rows:
+    frame = pd.DataFrame(rows)
+    st.altair_chart(alt.Chart(frame).mark_line(point=True).encode(
+        x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d")), y=alt.Y(f"{metric}:Q", title=metric),
+        color=alt.Color("run:N", title=None), tooltip=["run", "epoch", metric]), width="stretch")
