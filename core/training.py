@@ -6,6 +6,7 @@ import math
 import random
 import threading
 import time
+from collections import OrderedDict
 
 import numpy as np
 import safetensors.torch
@@ -75,13 +76,58 @@ def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
         def progress(done, total, name=name):
             report("preparing", message=f"Decoding {name} images", phase="decode",
                    step=done, steps=total)
-        images, failures = D.decode_images(scan.root, items, cfg.image_size, progress=progress)
+        images, failures = decode_cached(scan.root, items, cfg.image_size, progress)
         skipped += failures
         keep = [i for i, img in enumerate(images) if img is not None]
         out[name] = ([images[i] for i in keep], [items[i].label for i in keep],
                      [items[i].path for i in keep])
     run.write_json("skipped.json", skipped)
     return scan.classes, out
+
+
+# In-process caches shared by the runs of a sweep: decoded images per (folder, size), and
+# frozen-backbone features per (backbone, weights, size, normalisation, images). Both are exact:
+# a key differs whenever anything that changes the values differs.
+_DECODED: "OrderedDict[tuple, dict]" = OrderedDict()
+_FEATURES: "OrderedDict[tuple, dict]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def _remember(cache: OrderedDict, key, value, keep: int) -> None:
+    with _CACHE_LOCK:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > keep:
+            cache.popitem(last=False)
+
+
+def decode_cached(root: str, items, size: int, progress):
+    """decode_images, reusing images this process already decoded at this size."""
+    key = (root, size)
+    with _CACHE_LOCK:
+        known = _DECODED.get(key, {})
+    missing = [it for it in items if it.path not in known]
+    fresh, failures = D.decode_images(root, missing, size, progress=progress) if missing else ([], [])
+    known = dict(known)
+    known.update({it.path: img for it, img in zip(missing, fresh)})
+    _remember(_DECODED, key, known, keep=2)
+    if progress:
+        progress(len(items), len(items))
+    failed = {path for path, _ in failures}
+    return [known.get(it.path) if it.path not in failed else None for it in items], failures
+
+
+def features_cached(cfg: RunConfig, model, data, eval_tf, device, report, mean, std) -> dict:
+    key = (cfg.arch, cfg.weights, cfg.weights_file, cfg.image_size, tuple(mean), tuple(std), str(device),
+           tuple(tuple(data[s][2]) for s in ("train", "val", "test")))
+    with _CACHE_LOCK:
+        hit = _FEATURES.get(key)
+    if hit is not None:
+        return hit
+    feats = {s: extract_features(model.backbone, data[s][0], eval_tf, device, 64, report, s)
+             for s in ("train", "val", "test")}
+    _remember(_FEATURES, key, feats, keep=2)
+    return feats
 
 
 def loader(images, labels, transform, batch_size, shuffle, generator):
@@ -236,8 +282,7 @@ def _train(run: Run, cfg: RunConfig, report: Reporter) -> dict:
         cached = freeze == "head" and cfg.cache_features and not any(cfg.augment.values())
         run.set_status("preparing", device=describe(device), feature_cache=cached)
         if cached and not feats:
-            feats = {s: extract_features(model.backbone, data[s][0], eval_tf, device, 64, report, s)
-                     for s in ("train", "val", "test")}
+            feats = features_cached(cfg, model, data, eval_tf, device, report, mean, std)
         if cached:
             step_model = model.head
             train_batches = lambda: feature_batches(feats["train"], data["train"][1], cfg.batch_size, generator)  # noqa: E731

@@ -24,6 +24,9 @@ if str(REPO_ROOT) not in sys.path:
 
 # Before anything imports huggingface_hub (it reads this once, at import time).
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Tests compare numbers to 1e-5 across code paths: run them in fp32 even on CPUs where the app
+# would pick bf16 autocast (bench/ measures that).
+os.environ.setdefault("FINETUNE_LAB_CPU_BF16", "0")
 
 # One distinct colour per class; stripes (direction alternates per class) add a shape cue.
 CLASS_COLOURS = [(220, 40, 40), (40, 170, 60), (40, 70, 220), (230, 200, 30),
