@@ -1,0 +1,214 @@
+"""Finetune Lab benchmark: measures this machine, prints a table with PASS/FAIL per target, writes
+JSON, and exits non-zero when a target is missed. A tool, not a test.
+
+    python bench/benchmark.py            # full (about 5-10 minutes on 2 cores)
+    python bench/benchmark.py --quick    # fewer images and steps (under 5 minutes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from core import data as D  # noqa: E402
+from core.backbones import apply_freeze, build_model  # noqa: E402
+from core.device import autocast, cpu_bf16, describe, set_cpu_threads  # noqa: E402
+from core.training import extract_features, feature_batches, loader, run_epoch  # noqa: E402
+
+RESULTS: list[dict] = []
+
+
+def record(name: str, value: float, unit: str, target: str = "", ok: bool | None = None) -> None:
+    RESULTS.append(dict(name=name, value=round(value, 3), unit=unit, target=target,
+                        status="" if ok is None else "PASS" if ok else "FAIL"))
+    print(f"{name:<62} {value:>10.2f} {unit:<8} {target:<12} {RESULTS[-1]['status']}", flush=True)
+
+
+def demo_tensors(size: int, n: int):
+    scan = D.scan_folder(D.demo_dataset())
+    items = (scan.items * (n // len(scan.items) + 1))[:n]
+    images, _ = D.decode_images(scan.root, items, size)
+    return images, [it.label for it in items], scan
+
+
+def no_report(*_a, **_k):
+    pass
+
+
+def bare_loop(model, images, labels, tf, batch, steps):
+    """The reference: a plain timm/torch loop on the same tensors."""
+    device = torch.device("cpu")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    start = time.perf_counter()
+    seen = 0
+    for i in range(steps):
+        idx = [(i * batch + j) % len(images) for j in range(batch)]
+        x = torch.stack([tf(images[k]) for k in idx]).contiguous(memory_format=torch.channels_last)
+        y = torch.tensor([labels[k] for k in idx])
+        with autocast(device):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += batch
+    return seen / (time.perf_counter() - start)
+
+
+def app_loop(model, images, labels, tf, batch, steps):
+    device = torch.device("cpu")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    n = steps * batch
+    dl = loader((images * (n // len(images) + 1))[:n], (labels * (n // len(labels) + 1))[:n], tf, batch,
+                True, torch.Generator().manual_seed(0))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.train()
+    start = time.perf_counter()
+    run_epoch(model, dl, nn.CrossEntropyLoss(), opt, scaler, device, no_report, 1, 1, steps)
+    return n / (time.perf_counter() - start)
+
+
+def bench_training(arch: str, size: int, batch: int, steps: int):
+    images, labels, scan = demo_tensors(size, batch * steps)
+    model = build_model(arch, len(scan.classes), "random").to(memory_format=torch.channels_last)
+    apply_freeze(model, "full")
+    tf = D.build_transform(size, (0.5,) * 3, (0.5,) * 3)
+    bare_loop(model, images, labels, tf, batch, 2)          # warm-up (kernels, allocator)
+    app_loop(model, images, labels, tf, batch, 2)
+    bare = bare_loop(model, images, labels, tf, batch, steps)
+    app = app_loop(model, images, labels, tf, batch, steps)
+    record(f"train {arch} {size}px b{batch}: bare timm loop", bare, "img/s")
+    record(f"train {arch} {size}px b{batch}: app loop", app, "img/s")
+    record(f"train {arch}: app / bare", app / bare, "ratio", ">= 0.95", app / bare >= 0.95)
+
+
+def bench_head_cache(size: int, epochs: int):
+    images, labels, scan = demo_tensors(size, 700)
+    model = build_model("mobilenetv2_100", len(scan.classes), "auto").to(memory_format=torch.channels_last)
+    apply_freeze(model, "head")
+    tf = D.build_transform(size, (0.5,) * 3, (0.5,) * 3)
+    device = torch.device("cpu")
+    opt = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    dl = loader(images, labels, tf, 32, True, torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    model.backbone.eval()
+    run_epoch(model, dl, nn.CrossEntropyLoss(), opt, scaler, device, no_report, 1, 1, len(dl))
+    uncached = time.perf_counter() - start
+    feats = extract_features(model.backbone, images, tf, device, 64, no_report, "train")
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        run_epoch(model.head, feature_batches(feats, labels, 32, gen), nn.CrossEntropyLoss(), opt, scaler,
+                  device, no_report, 1, 1, 22)
+    cached = (time.perf_counter() - start) / epochs
+    record("head-only epoch, backbone every epoch (700 imgs)", uncached, "s")
+    record("head-only epoch on cached features", cached, "s")
+    record("head-only speed-up with the feature cache", uncached / cached, "x", ">= 50", uncached / cached >= 50)
+
+
+def bench_pipeline(size: int, n: int):
+    scan = D.scan_folder(D.demo_dataset())
+    items = (scan.items * (n // len(scan.items) + 1))[:n]
+    start = time.perf_counter()
+    images, _ = D.decode_images(scan.root, items, size, workers=1)
+    decode = n / (time.perf_counter() - start)
+    tf = D.build_transform(size, (0.5,) * 3, (0.5,) * 3)
+    start = time.perf_counter()
+    for img in images:
+        tf(img)
+    warm = n / (time.perf_counter() - start)
+    record(f"decode + resize per core ({size}px, demo PNGs)", decode, "img/s")
+    record("resize/normalise with decoded-image cache warm", warm, "img/s")
+
+
+def bench_demo_cold() -> None:
+    """A fresh process: import core, load data, build the model, train default epochs, evaluate."""
+    code = ("import time; t=time.time(); from core import train, RunConfig, demo_dataset; "
+            "run=train(RunConfig(data_root=str(demo_dataset()))); "
+            "print(time.time()-t, run.status()['test_acc'])")
+    with tempfile.TemporaryDirectory() as home:
+        env = dict(os.environ, FINETUNE_LAB_HOME=home, HF_HUB_OFFLINE="1")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+    seconds, acc = float(out[-2]), float(out[-1])
+    record("offline demo end to end, cold start (s)", seconds, "s", "<= 60", seconds <= 60)
+    record("  its test accuracy", acc, "acc")
+
+
+def bench_inference(size: int, n: int):
+    from core import inspect as I
+    images, _, scan = demo_tensors(size, n)
+    model = build_model("mobilenetv2_100", len(scan.classes), "auto").eval().to(memory_format=torch.channels_last)
+    tf = D.build_transform(size, (0.5,) * 3, (0.5,) * 3)
+    from core.evaluate import predict_probs
+    predict_probs(model, images[:64], tf, torch.device("cpu"))
+    start = time.perf_counter()
+    predict_probs(model, images, tf, torch.device("cpu"))
+    record(f"inference for evaluation ({size}px)", n / (time.perf_counter() - start), "img/s")
+    images224, _, _ = demo_tensors(224, 200)
+    tf224 = D.build_transform(224, (0.5,) * 3, (0.5,) * 3)
+    start = time.perf_counter()
+    batches = (torch.stack([tf224(img) for img in images224[i:i + 16]]).contiguous(memory_format=torch.channels_last)
+               for i in range(0, 200, 16))
+    with autocast(torch.device("cpu")):
+        I.sparsity(model, batches)
+    seconds = time.perf_counter() - start
+    record("activation sparsity over 200 images (224px)", seconds, "s", "<= 10", seconds <= 10)
+
+
+def bench_memory(n: int):
+    """Peak RSS of a fresh process scanning and decoding an n-image folder of 500 px JPEGs."""
+    import numpy as np
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as folder:
+        rng = np.random.default_rng(0)
+        base = [Image.fromarray(rng.integers(0, 255, (500, 640, 3), dtype=np.uint8)) for _ in range(4)]
+        for i in range(n):
+            cls = Path(folder) / f"c{i % 10}"
+            cls.mkdir(exist_ok=True)
+            base[i % 4].save(cls / f"{i}.jpg", quality=70)
+        code = ("import resource; from core import data as D; s=D.scan_folder(%r); "
+                "imgs,_=D.decode_images(s.root, s.items, 128); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % folder
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    peak_gb = int(out[-1]) / 1024**2
+    record(f"peak memory loading {n:,} images (GB)", peak_gb, "GB", "< 2", peak_gb < 2)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
+    args = parser.parse_args()
+    set_cpu_threads()
+    print(f"device: {describe(torch.device('cpu'))} · bf16 chosen: {cpu_bf16()} · torch {torch.__version__}")
+    steps = 4 if args.quick else 10
+    bench_training("mobilenetv2_100", 128, 32, steps)
+    bench_training("resnet18", 128, 32, steps)
+    bench_head_cache(128, 5)
+    bench_pipeline(128, 500 if args.quick else 2000)
+    bench_demo_cold()
+    bench_inference(128, 500 if args.quick else 2000)
+    bench_memory(2000 if args.quick else 10_000)
+    Path(args.json).write_text(json.dumps(dict(device=describe(torch.device("cpu")), quick=args.quick,
+                                               results=RESULTS), indent=1))
+    failed = [r["name"] for r in RESULTS if r["status"] == "FAIL"]
+    print(f"\n{len(RESULTS) - len(failed)} ok, {len(failed)} failed" + (f": {failed}" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
