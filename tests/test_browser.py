@@ -238,3 +238,41 @@ def test_show_run_label_follows_the_run_state(server, browser, image_folder):
             re.compile(r"· finished"), timeout=5_000)
     finally:
         page.close()
+
+
+def test_sweep_in_browser(server, browser, image_folder):
+    """Experiments: vary the optimizer (sgd, adam) of the default head-only MobileNetV2 on a small
+    folder, queue both runs, and watch the results table fill in."""
+    base, log_path = server
+    root = image_folder(classes=3, per_class=10, size=40)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(base)
+        expect(page.get_by_role("heading", name="Finetune Lab")).to_be_visible()
+        settle(page)
+        go_to(page, "Data")
+        page.get_by_text("Folder on this server").click()
+        settle(page)
+        path = page.get_by_label("Folder path on the server")
+        path.fill(str(root))
+        path.press("Enter")
+        settle(page)
+        expect(metric_value(page, "Images")).to_have_text("30")
+        go_to(page, "Experiments")
+        for label, option in (("Vary", "Optimizer"), ("…and (optional)", "nothing else")):
+            page.get_by_test_id("stSelectbox").filter(has_text=label).click()
+            page.get_by_role("option", name=option, exact=True).click()
+            settle(page)
+        chosen = page.get_by_test_id("stMultiSelect").first
+        expect(chosen).to_contain_text("sgd")
+        expect(chosen).to_contain_text("adam")
+        expect(metric_value(page, "Runs in this sweep")).to_have_text("2")
+        page.get_by_role("button", name="Queue 2 runs").click()
+        cells = page.get_by_test_id("stDataFrame").locator('[role="gridcell"]')   # the grid's hidden a11y table
+        expect(cells.filter(has_text=re.compile(r"^finished$"))).to_have_count(2, timeout=120_000)
+        expect(cells.filter(has_text=re.compile(r"^optimizer=(sgd|adam)$"))).to_have_count(2)
+        expect(page.get_by_text(re.compile(r"\d of 2 runs done"))).to_have_count(0)
+        screenshot(page, "experiments.png")
+    finally:
+        page.close()
+    assert "Traceback" not in log_path.read_text()
