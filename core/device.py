@@ -48,7 +48,8 @@ def cpu_bf16() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     if "ok" not in _CPU_BF16:
-        _CPU_BF16["ok"] = _has_bf16_flags() and _bf16_trial()
+        with torch.random.fork_rng(devices=[]):     # the trial must not shift a run's seeded RNG
+            _CPU_BF16["ok"] = _has_bf16_flags() and _bf16_trial()
     return _CPU_BF16["ok"]
 
 

@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from core import paths
@@ -76,6 +76,22 @@ class RunConfig:
 
 # ---------------------------------------------------------------- one run's folder
 
+_STAMP = {"last": ""}
+_STAMP_LOCK = threading.Lock()
+
+
+def _next_stamp() -> str:
+    """Millisecond time stamps, strictly increasing within a process, so runs (and the runs of a
+    sweep) sort in the order they were created."""
+    with _STAMP_LOCK:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S%f")[:-3]
+        if stamp <= _STAMP["last"]:     # same millisecond as the last run: take the next one
+            last = datetime.strptime(_STAMP["last"] + "000", "%Y%m%d-%H%M%S%f")
+            stamp = (last + timedelta(milliseconds=1)).strftime("%Y%m%d-%H%M%S%f")[:-3]
+        _STAMP["last"] = stamp
+        return stamp
+
+
 class Run:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -83,8 +99,7 @@ class Run:
 
     @classmethod
     def create(cls, config: RunConfig, root: Path | None = None) -> "Run":
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S%f")[:-3]     # ms: sweeps sort in order
-        path = (root or paths.runs_dir()) / f"{stamp}-{config.arch}-{secrets.token_hex(2)}"
+        path = (root or paths.runs_dir()) / f"{_next_stamp()}-{config.arch}-{secrets.token_hex(2)}"
         path.mkdir(parents=True)
         run = cls(path)
         run.write_json("config.json", config.to_dict())

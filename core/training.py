@@ -119,6 +119,7 @@ def decode_cached(root: str, items, size: int, progress):
 
 def features_cached(cfg: RunConfig, model, data, eval_tf, device, report, mean, std) -> dict:
     key = (cfg.arch, cfg.weights, cfg.weights_file, cfg.image_size, tuple(mean), tuple(std), str(device),
+           resolve_data_root(cfg.data_root), cfg.seed if cfg.weights == "random" else None,
            tuple(tuple(data[s][2]) for s in ("train", "val", "test")))
     with _CACHE_LOCK:
         hit = _FEATURES.get(key)

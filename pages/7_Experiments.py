@@ -114,7 +114,8 @@ results(runs)
 
 st.subheader("Compare curves")
 names = {r.id: r.config.name or r.id for r in runs}
-picked = st.multiselect("Runs", list(names), list(names)[:8], format_func=names.get, key="overlay_runs")
+picked = st.multiselect("Runs", list(names), list(names)[:8], format_func=names.get,
+                        key=f"overlay_runs_{chosen}_{len(names)}")     # fresh defaults per sweep
 metric = st.selectbox("Metric", ["val_acc", "val_loss", "train_acc", "train_loss"], key="overlay_metric")
 rows = [dict(e, run=names[r.id]) for r in runs if r.id in picked for e in r.epochs()]
 if rows:

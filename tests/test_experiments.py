@@ -146,10 +146,6 @@ def test_same_seed_same_data_same_settings_give_identical_epochs(tiny_config, fo
     assert first.status()["test_acc"] == second.status()["test_acc"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: core/device.py cpu_bf16() runs its one-time bf16 trial "
-                   "(torch.randn, Conv2d init) on torch's global RNG; it first runs inside a run, "
-                   "after seed_everything, so the first augmented run of a process differs from "
-                   "the next one with the same seed")
 def test_device_probe_leaves_the_global_rng_alone(monkeypatch):
     monkeypatch.delenv("FINETUNE_LAB_CPU_BF16", raising=False)
     monkeypatch.setattr(DEV, "_CPU_BF16", {})               # not decided yet in this process
@@ -394,8 +390,6 @@ def test_sweeps_groups_runs_by_sweep(tiny_config):
     assert len(S.results()) == 7
 
 
-@pytest.mark.xfail(strict=True, reason="bug: runs created in the same millisecond are ordered by "
-                   "arch name and random suffix, not creation (core/runs.py Run.create stamp)")
 def test_sweep_order_when_runs_are_created_in_the_same_millisecond(tiny_config, monkeypatch):
     """A sweep submits its runs in a tight loop, and two runs in one millisecond are common
     (measured: 121 of 299 consecutive Run.create calls shared the stamp); the clock is frozen
@@ -408,6 +402,7 @@ def test_sweep_order_when_runs_are_created_in_the_same_millisecond(tiny_config, 
             return frozen
 
     monkeypatch.setattr(R, "datetime", Clock)
+    monkeypatch.setitem(R._STAMP, "last", "")      # restored afterwards: later runs use real time
     runs = [Run.create(cfg) for cfg in S.expand(tiny_config(data_root="x"),
                                                 {"model": ["resnet18", "mobilenetv2_100"]})]
     assert [r.id for r in next(iter(S.sweeps().values()))] == [r.id for r in runs]
@@ -428,9 +423,6 @@ def uncached(train):
     return train()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: core/training.py features_cached() keys the features by "
-                   "relative file names, not the data set root: a second data set with the same layout "
-                   "trains on the first one's features")
 def test_feature_cache_tells_data_sets_with_the_same_file_names_apart(tiny_config, folder, tmp_path,
                                                                       fresh_caches):
     other = tmp_path / "inverted"
@@ -444,9 +436,6 @@ def test_feature_cache_tells_data_sets_with_the_same_file_names_apart(tiny_confi
     assert metric_rows(second) == metric_rows(alone)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: core/training.py features_cached() ignores the seed, yet "
-                   "with weights='random' the seed makes the backbone: the second run's head trains on "
-                   "the first backbone's features, and its checkpoint no longer matches its results")
 def test_feature_cache_with_random_weights_follows_the_seed(tiny_config, folder, fresh_caches):
     core.train(tiny_config(data_root=folder, freeze="head", weights="random", seed=0))
     second = core.train(tiny_config(data_root=folder, freeze="head", weights="random", seed=1))
