@@ -20,7 +20,6 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
-from core import paths
 
 CATALOG = {
     "mobilenetv2_100": "MobileNetV2 (3.5M params, fast on CPU; bundled offline weights)",

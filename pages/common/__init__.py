@@ -2,9 +2,6 @@
 directly by a deep link on a fresh server, before the entry file has run `st.navigation`."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -93,10 +90,6 @@ def thumbnail(path: str, size: int = 96):
 
 # ---------------------------------------------------------------- runs
 
-def run_choices() -> list[str]:
-    return [r.id for r in list_runs()]
-
-
 def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = "run_pick"):
     """A run selector; defaults to the run this session started last."""
     runs = list_runs()
@@ -167,10 +160,3 @@ def stop_run(run_id: str) -> None:
 
 def data_dir_hint() -> str:
     return str(paths.home())
-
-
-def human_path(path: str) -> str:
-    try:
-        return str(Path(path).relative_to(paths.REPO_ROOT))
-    except ValueError:
-        return path.replace(os.path.expanduser("~"), "~")
