@@ -215,23 +215,28 @@ def test_main_flow_in_browser(server, browser):
     assert "missing ScriptRunContext" not in log, log
 
 
+def use_server_folder(page, base: str, root, images: int) -> None:
+    """From Home, pick a folder on the server as the data set on the Data page."""
+    page.goto(base)
+    expect(page.get_by_role("heading", name="Finetune Lab")).to_be_visible()
+    settle(page)
+    go_to(page, "Data")
+    page.get_by_text("Folder on this server").click()
+    settle(page)
+    path = page.get_by_label("Folder path on the server")
+    path.fill(str(root))
+    path.press("Enter")
+    settle(page)
+    expect(metric_value(page, "Images")).to_have_text(str(images))
+
+
 def test_show_run_label_follows_the_run_state(server, browser, image_folder):
     """A small folder on the server keeps this run to a few seconds."""
     base, _ = server
     root = image_folder(classes=3, per_class=10, size=40)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        page.goto(base)
-        expect(page.get_by_role("heading", name="Finetune Lab")).to_be_visible()
-        settle(page)
-        go_to(page, "Data")
-        page.get_by_text("Folder on this server").click()
-        settle(page)
-        path = page.get_by_label("Folder path on the server")
-        path.fill(str(root))
-        path.press("Enter")
-        settle(page)
-        expect(metric_value(page, "Images")).to_have_text("30")
+        use_server_folder(page, base, root, images=30)
         go_to(page, "Train")
         start_training(page, epochs=1)
         expect(page.get_by_role("combobox", name="Show run")).to_have_value(
@@ -247,17 +252,7 @@ def test_sweep_in_browser(server, browser, image_folder):
     root = image_folder(classes=3, per_class=10, size=40)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        page.goto(base)
-        expect(page.get_by_role("heading", name="Finetune Lab")).to_be_visible()
-        settle(page)
-        go_to(page, "Data")
-        page.get_by_text("Folder on this server").click()
-        settle(page)
-        path = page.get_by_label("Folder path on the server")
-        path.fill(str(root))
-        path.press("Enter")
-        settle(page)
-        expect(metric_value(page, "Images")).to_have_text("30")
+        use_server_folder(page, base, root, images=30)
         go_to(page, "Experiments")
         for label, option in (("Vary", "Optimizer"), ("…and (optional)", "nothing else")):
             page.get_by_test_id("stSelectbox").filter(has_text=label).click()
