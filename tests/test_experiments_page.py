@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from apptest_helpers import assert_ok, opened
+
 from core import data as D
 from core.runs import ACTIVE_STATES, MANAGER, list_runs
 
@@ -36,19 +38,6 @@ def drained(timeout: float) -> bool:
     while MANAGER.busy() and time.monotonic() < end:
         time.sleep(0.1)
     return not MANAGER.busy()
-
-
-def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def opened(page: str) -> AppTest:
-    """Home from the entry file, then `page` through navigation."""
-    at = AppTest.from_file(ENTRY, default_timeout=TIMEOUT).run()
-    assert_ok(at)
-    at.switch_page(page).run()
-    assert_ok(at)
-    return at
 
 
 def use_tiny_settings(at: AppTest, root: Path, **overrides) -> None:

@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from apptest_helpers import assert_ok, opened
+
 import core
 from conftest import class_image
 from core import paths
@@ -68,19 +70,6 @@ def run(trained_run, lab_home):
     target = paths.runs_dir() / trained_run.name
     shutil.copytree(trained_run, target)
     return get_run(trained_run.name)
-
-
-def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def opened(page: str) -> AppTest:
-    """The app run from its entry file (Home), then switched to `page`."""
-    at = AppTest.from_file(ENTRY, default_timeout=TIMEOUT).run()
-    assert_ok(at)
-    at.switch_page(page).run()
-    assert_ok(at)
-    return at
 
 
 def texts(at: AppTest) -> str:
