@@ -24,6 +24,7 @@ from torch import nn  # noqa: E402
 from core import data as D  # noqa: E402
 from core.backbones import apply_freeze, build_model  # noqa: E402
 from core.device import autocast, cpu_bf16, describe, set_cpu_threads  # noqa: E402
+from core.distributed import train_order  # noqa: E402
 from core.training import extract_features, feature_batches, loader, run_epoch  # noqa: E402
 
 RESULTS: list[dict] = []
@@ -71,7 +72,7 @@ def app_loop(model, images, labels, tf, batch, steps):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     n = steps * batch
     dl = loader((images * (n // len(images) + 1))[:n], (labels * (n // len(labels) + 1))[:n], tf, batch,
-                True, torch.Generator().manual_seed(0))
+                train_order(n, seed=0, epoch=0))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model.train()
     start = time.perf_counter()
@@ -101,16 +102,15 @@ def bench_head_cache(size: int, epochs: int):
     device = torch.device("cpu")
     opt = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    dl = loader(images, labels, tf, 32, True, torch.Generator().manual_seed(0))
+    dl = loader(images, labels, tf, 32, train_order(len(labels), seed=0, epoch=0))
     start = time.perf_counter()
     model.backbone.eval()
     run_epoch(model, dl, nn.CrossEntropyLoss(), opt, scaler, device, no_report, 1, 1, len(dl))
     uncached = time.perf_counter() - start
     feats = extract_features(model.backbone, images, tf, device, 64, no_report, "train")
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        run_epoch(model.head, feature_batches(feats, labels, 32, gen), nn.CrossEntropyLoss(), opt, scaler,
+    for epoch in range(epochs):
+        run_epoch(model.head, feature_batches(feats, labels, 32, train_order(len(labels), 0, epoch)), nn.CrossEntropyLoss(), opt, scaler,
                   device, no_report, 1, 1, 22)
     cached = (time.perf_counter() - start) / epochs
     record("head-only epoch, backbone every epoch (700 imgs)", uncached, "s")
@@ -179,9 +179,12 @@ def bench_memory(n: int):
             cls = Path(folder) / f"c{i % 10}"
             cls.mkdir(exist_ok=True)
             base[i % 4].save(cls / f"{i}.jpg", quality=70)
-        code = ("import resource; from core import data as D; s=D.scan_folder(%r); "
+        # VmHWM, not ru_maxrss: a child started through vfork inherits its parent's ru_maxrss,
+        # which made this benchmark report the benchmark process's own peak.
+        code = ("from core import data as D; s=D.scan_folder(%r); "
                 "imgs,_=D.decode_images(s.root, s.items, 128); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % folder
+                "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+                ) % folder
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.split()
     peak_gb = int(out[-1]) / 1024**2

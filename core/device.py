@@ -92,5 +92,7 @@ def grad_scaler(device: torch.device):
 
 
 def set_cpu_threads() -> None:
-    """Process-wide, so called once by whoever trains."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    """Process-wide, so called once by whoever trains. Processes that torchrun starts on one
+    machine share its cores instead of each taking all of them."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -59,6 +60,7 @@ class RunConfig:
     cache_features: bool = True      # used when the backbone is frozen and nothing augments
     device: str = "auto"
     name: str = ""
+    class_weights: bool = False      # weight the loss by 1/class frequency (imbalanced data)
     baseline: str = ""               # "logreg": logistic regression on raw pixels, no network
     sweep: str = ""                  # id of the sweep this run belongs to
     tags: dict = field(default_factory=dict)   # the settings a sweep varied, for the results table
@@ -98,13 +100,19 @@ class Run:
         self.id = self.path.name
 
     @classmethod
-    def create(cls, config: RunConfig, root: Path | None = None) -> "Run":
+    def create(cls, config: RunConfig, root: Path | None = None, owner: str = "") -> "Run":
+        """`owner` is the browser session (or "cli") that started it: only its owner may stop or
+        delete it without saying so explicitly."""
         path = (root or paths.runs_dir()) / f"{_next_stamp()}-{config.arch}-{secrets.token_hex(2)}"
         path.mkdir(parents=True)
         run = cls(path)
         run.write_json("config.json", config.to_dict())
-        run.set_status("queued", message="Waiting for the device")
+        run.set_status("queued", message="Waiting for the device", owner=owner)
         return run
+
+    def follower(self) -> "Run":
+        """The same run seen by a non-zero rank of a distributed job: it reads, never writes."""
+        return _ReadOnlyRun(self.path)
 
     # files
     def file(self, name: str) -> Path:
@@ -130,6 +138,17 @@ class Run:
     @property
     def checkpoint(self) -> Path:
         return self.file("best.safetensors")
+
+    @property
+    def owner(self) -> str:
+        return (self.read_json("status.json", {}) or {}).get("owner", "")
+
+    def resumable(self) -> bool:
+        """Ended early (stopped, interrupted, failed) with an end-of-epoch state to go on from."""
+        state = self.status().get("state")
+        done = (self.read_json("status.json", {}) or {}).get("last_epoch", 0)
+        return (state in ("stopped", "interrupted", "failed") and self.file("last_state.pt").exists()
+                and done < self.config.epochs)
 
     # status
     def set_status(self, state: str, **info) -> None:
@@ -160,6 +179,11 @@ class Run:
         with open(self.file("epochs.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
+    def keep_epochs(self, last: int) -> None:
+        """Drop epoch rows after `last` (an epoch a crash cut short of its resume state)."""
+        rows = [r for r in self.epochs() if r["epoch"] <= last]
+        paths.atomic_write_text(self.file("epochs.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
     def epochs(self) -> list[dict]:
         try:
             lines = self.file("epochs.jsonl").read_text(encoding="utf-8").splitlines()
@@ -172,6 +196,30 @@ class Run:
         acc = status.get("test_acc")
         tail = f" · test acc {acc:.1%}" if isinstance(acc, float) else ""
         return f"{self.id} · {cfg.name or cfg.arch} · {status.get('state', '?')}{tail}"
+
+
+class _ReadOnlyRun(Run):
+    def write_json(self, name: str, data) -> None:
+        pass
+
+    def set_status(self, state: str, **info) -> None:
+        pass
+
+    def append_epoch(self, row: dict) -> None:
+        pass
+
+    def keep_epochs(self, last: int) -> None:
+        pass
+
+
+def delete_run(run: Run, root: Path | None = None) -> None:
+    """Remove a run's folder; refused while it trains."""
+    if run.status().get("state") in ACTIVE_STATES:
+        raise ValueError("Stop the run before deleting it.")
+    base = Path(root or paths.runs_dir()).resolve()
+    if run.path.resolve().parent != base:      # only ever a folder directly inside the runs dir
+        raise ValueError("Not a run of this lab.")
+    shutil.rmtree(run.path)
 
 
 def list_runs(root: Path | None = None) -> list[Run]:
@@ -195,21 +243,31 @@ class RunManager:
     Stop requests are events the training loop checks every batch."""
 
     def __init__(self):
-        self._queue: queue.Queue[Run] = queue.Queue()
+        self._queue: queue.Queue[tuple[Run, bool]] = queue.Queue()
         self._stops: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
 
-    def submit(self, config: RunConfig, root: Path | None = None) -> Run:
-        run = Run.create(config, root)
+    def submit(self, config: RunConfig, root: Path | None = None, owner: str = "") -> Run:
+        run = Run.create(config, root, owner)
+        self._enqueue(run, resume=False)
+        return run
+
+    def resume(self, run: Run) -> None:
+        """Queue a stopped or interrupted run to go on from its last finished epoch."""
+        if not run.resumable():
+            raise ValueError("This run has no saved epoch to resume from, or it already finished.")
+        run.set_status("queued", message="Waiting for the device (resume)")
+        self._enqueue(run, resume=True)
+
+    def _enqueue(self, run: Run, resume: bool) -> None:
         with self._lock:
             self._stops[run.id] = threading.Event()
-            self._queue.put(run)
+            self._queue.put((run, resume))
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._work, name="finetune-lab-trainer",
                                                 daemon=True)
                 self._worker.start()
-        return run
 
     def stop(self, run_id: str) -> None:
         with self._lock:
@@ -236,7 +294,7 @@ class RunManager:
         from core.training import train_run
         while True:
             try:
-                run = self._queue.get(timeout=5)
+                run, resume = self._queue.get(timeout=5)
             except queue.Empty:
                 with self._lock:
                     if self._queue.empty():
@@ -248,7 +306,7 @@ class RunManager:
                 if event.is_set():
                     run.set_status("stopped", message="Stopped before it started")
                 else:
-                    train_run(run, stop=event)
+                    train_run(run, stop=event, resume=resume)
             except Exception as err:  # noqa: BLE001 - a crashed run must never kill the queue
                 run.set_status("failed", message=f"{type(err).__name__}: {err}")
             finally:

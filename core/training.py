@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from core import data as D
+from core import distributed as dist
 from core.backbones import apply_freeze, build_model, freeze_norm_stats, native_input_size
 from core.device import autocast, describe, grad_scaler, pick_device, set_cpu_threads
 from core.evaluate import data_config, predict_probs, save_evaluation
@@ -131,10 +132,11 @@ def features_cached(cfg: RunConfig, model, data, eval_tf, device, report, mean, 
     return feats
 
 
-def loader(images, labels, transform, batch_size, shuffle, generator):
+def loader(images, labels, transform, batch_size, order):
+    """Batches of this rank's `order` (see core.distributed.train_order / eval_order)."""
     dataset = D.TensorDataset(images, labels, transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                       generator=generator, num_workers=0, drop_last=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=0,
+                                       drop_last=False)
 
 
 @torch.inference_mode()
@@ -207,27 +209,52 @@ def run_epoch(model, batches, criterion, optimizer, scaler, device, report, epoc
             report(message=f"Epoch {epoch}/{total_epochs} · {'train' if training else 'val'}",
                    phase="train" if training else "val", epoch=epoch, epochs=total_epochs,
                    step=step, steps=n_batches)
+    total_loss, correct, seen = dist.sum_all(total_loss, correct, seen)
     return (total_loss / seen, correct / seen) if seen else (float("nan"), float("nan"))
 
 
-def save_checkpoint(model: nn.Module, run: Run) -> None:
-    """Atomic: a crash mid-write leaves the previous best intact."""
-    tmp = run.file(".best.safetensors.tmp")
+def save_checkpoint(model: nn.Module, run: Run, name: str = "best.safetensors") -> None:
+    """Atomic: a crash mid-write leaves the previous file intact. Rank 0 of a distributed job
+    writes; the others hold the same weights."""
+    if not dist.is_main():
+        return
+    tmp = run.file(f".{name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, str(tmp))
-    tmp.replace(run.checkpoint)
+    tmp.replace(run.file(name))
 
 
-def feature_batches(features, labels, batch_size, generator):
-    order = torch.randperm(len(labels), generator=generator)
+def save_resume_state(run: Run, model, optimizer, scheduler, scaler, progress: dict) -> None:
+    """End-of-epoch state (weights, optimiser, schedule, counters) to resume after a crash or a
+    Stop. Loaded with weights_only=True: plain tensors and numbers only."""
+    if not dist.is_main():
+        return
+    save_checkpoint(model, run, "last.safetensors")
+    state = dict(progress, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 scheduler=scheduler.state_dict() if scheduler else None)
+    tmp = run.file(".last_state.pt.tmp")
+    torch.save(state, tmp)
+    tmp.replace(run.file("last_state.pt"))
+    run.set_status("running", last_epoch=progress["epoch"])
+
+
+def load_resume_state(run: Run) -> dict:
+    return torch.load(run.file("last_state.pt"), map_location="cpu", weights_only=True)
+
+
+def feature_batches(features, labels, batch_size, order):
+    order = torch.as_tensor(order, dtype=torch.long)
     labels = torch.as_tensor(labels)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         yield features[idx.to(features.device)], labels[idx]
 
 
-def train_run(run: Run, stop: threading.Event | None = None) -> dict:
-    """Train `run` as its config says; the final status is finished, stopped or failed."""
+def train_run(run: Run, stop: threading.Event | None = None, resume: bool = False) -> dict:
+    """Train `run` as its config says (or go on from its last finished epoch when `resume`);
+    the final status is finished, stopped or failed. In a distributed job only rank 0 writes."""
+    if not dist.is_main():
+        run = run.follower()
     cfg = run.config
     report = Reporter(run, stop)
     try:
@@ -235,19 +262,34 @@ def train_run(run: Run, stop: threading.Event | None = None) -> dict:
         if native and native != cfg.image_size:       # e.g. ViT: position embeddings fix the size
             cfg.image_size = native
             run.write_json("config.json", cfg.to_dict())
-        return _train(run, cfg, report)
+        return _train(run, cfg, report, load_resume_state(run) if resume else None)
     except Stopped:
-        run.set_status("stopped", message="Stopped by the user. The best checkpoint so far is kept.")
+        run.set_status("stopped", message="Stopped by the user. Finished epochs and the best "
+                       "checkpoint are kept; Resume goes on from the last finished epoch.")
     except Diverged:
         run.set_status("failed", message="The loss became NaN/infinite: the learning rate is "
                        "probably too high. The best checkpoint so far is kept.")
-    except torch.OutOfMemoryError:
-        run.set_status("failed", message="Out of memory: try a smaller batch size or image size.")
     except (D.DataError, ValueError) as err:
         run.set_status("failed", message=str(err))
     except Exception as err:  # noqa: BLE001 - record every failure instead of a stale 'running'
-        run.set_status("failed", message=f"Unexpected error: {type(err).__name__}: {err}")
+        run.set_status("failed", message=failure_message(err, cfg))
     return run.status()
+
+
+def failure_message(err: Exception, cfg: RunConfig) -> str:
+    if is_out_of_memory(err):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return (f"Out of memory at batch size {cfg.batch_size} and {cfg.image_size} px: try a smaller "
+                "batch size or image size. The best checkpoint so far is kept.")
+    return f"Unexpected error: {type(err).__name__}: {err}"
+
+
+def is_out_of_memory(err: Exception) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError that says so."""
+    text = str(err).lower()
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
 def plan_phases(cfg: RunConfig) -> list[tuple[str, str, int]]:
@@ -257,8 +299,8 @@ def plan_phases(cfg: RunConfig) -> list[tuple[str, str, int]]:
     return [("train", cfg.freeze, cfg.epochs)]
 
 
-def _train(run: Run, cfg: RunConfig, report: Reporter) -> dict:
-    generator = seed_everything(cfg.seed)
+def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = None) -> dict:
+    seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     if device.type == "cpu":
         set_cpu_threads()
@@ -272,73 +314,139 @@ def _train(run: Run, cfg: RunConfig, report: Reporter) -> dict:
                         cfg.dropout)
     model.to(device, memory_format=torch.channels_last)
     mean, std = normalization(run, cfg, model, data["train"][0])
-    eval_tf = D.build_transform(cfg.image_size, mean, std)
-    train_tf = D.build_transform(cfg.image_size, mean, std, cfg.augment)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    scaler = grad_scaler(device)
-    feats: dict = {}
-    best, since_best, epoch = -math.inf, 0, 0
-    for phase, freeze, n_epochs in plan_phases(cfg):
+    weight = class_weights(cfg, data["train"][1], len(classes), device)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    loop = Loop(run, cfg, report, model, data, criterion, device, mean, std)
+    if resumed:
+        loop.restore(resumed)
+    loop.fit()
+    if not dist.is_main():
+        return {}
+    return finish(run, cfg, loop, data)
+
+
+def class_weights(cfg: RunConfig, labels, n_classes: int, device) -> torch.Tensor | None:
+    """Inverse class frequency, so a rare class counts as much as a common one in the loss."""
+    if not cfg.class_weights:
+        return None
+    counts = torch.bincount(torch.as_tensor(labels), minlength=n_classes).float().clamp(min=1)
+    return (counts.sum() / (n_classes * counts)).to(device)
+
+
+class Loop:
+    """The epochs of every phase, with the state a resume needs between them."""
+
+    def __init__(self, run, cfg, report, model, data, criterion, device, mean, std):
+        self.run, self.cfg, self.report, self.model, self.data = run, cfg, report, model, data
+        self.criterion, self.device, self.mean, self.std = criterion, device, mean, std
+        self.eval_tf = D.build_transform(cfg.image_size, mean, std)
+        self.train_tf = D.build_transform(cfg.image_size, mean, std, cfg.augment)
+        self.scaler = grad_scaler(device)
+        self.feats: dict = {}
+        self.best, self.since_best, self.epoch, self.resumed = -math.inf, 0, 0, None
+
+    def restore(self, state: dict) -> None:
+        """Weights and counters from the last finished epoch; the optimiser and schedule are
+        restored when their phase starts."""
+        self.model.load_state_dict(safetensors.torch.load_file(str(self.run.file("last.safetensors")),
+                                                               device=str(self.device)))
+        self.best, self.since_best, self.epoch = state["best"], state["since_best"], state["epoch"]
+        self.resumed = state
+        self.run.keep_epochs(self.epoch)
+        self.run.set_status("running", message=f"Resuming after epoch {self.epoch}")
+
+    def fit(self) -> None:
+        first = 0
+        for index, (phase, freeze, n_epochs) in enumerate(plan_phases(self.cfg)):
+            last = first + n_epochs
+            if self.epoch < last and not self.phase(index, phase, freeze, first, last):
+                return     # early stop ends every phase
+            first = last
+
+    def phase(self, index, phase, freeze, first, last) -> bool:
+        """Epochs first+1..last of one phase; False when early stopping ends training."""
+        cfg, model = self.cfg, self.model
         apply_freeze(model, freeze, cfg.top_k)
         cached = freeze == "head" and cfg.cache_features and not any(cfg.augment.values())
-        run.set_status("preparing", device=describe(device), feature_cache=cached)
-        if cached and not feats:
-            feats = features_cached(cfg, model, data, eval_tf, device, report, mean, std)
-        if cached:
-            step_model = model.head
-            train_batches = lambda: feature_batches(feats["train"], data["train"][1], cfg.batch_size, generator)  # noqa: E731
-            val_batches = lambda: feature_batches(feats["val"], data["val"][1], 256, None)  # noqa: E731
-        else:
-            step_model = model
-            train_dl = loader(*data["train"][:2], train_tf, cfg.batch_size, True, generator)
-            val_dl = loader(*data["val"][:2], eval_tf, cfg.batch_size, False, None)
-            train_batches, val_batches = (lambda dl=train_dl: dl), (lambda dl=val_dl: dl)
+        self.run.set_status("preparing", device=describe(self.device), feature_cache=cached)
+        if cached and not self.feats:
+            self.feats = features_cached(cfg, model, self.data, self.eval_tf, self.device, self.report,
+                                         self.mean, self.std)
+        step_model = dist.wrap(model.head if cached else model, self.device)
         optimizer = make_optimizer(cfg, model, head_only=freeze == "head")
-        scheduler = make_scheduler(cfg, optimizer, n_epochs)
-        n_train = math.ceil(len(data["train"][1]) / cfg.batch_size)
-        n_val = math.ceil(len(data["val"][1]) / (256 if cached else cfg.batch_size))
-        for _ in range(n_epochs):
-            epoch += 1
-            start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            step_model.train()
-            freeze_norm_stats(model)
-            train_loss, train_acc = run_epoch(step_model, train_batches(), criterion, optimizer, scaler,
-                                              device, report, epoch, cfg.epochs, n_train)
-            step_model.eval()
-            val_loss, val_acc = run_epoch(step_model, val_batches(), criterion, None, scaler, device,
-                                          report, epoch, cfg.epochs, n_val)
-            if scheduler:
-                scheduler.step()
-            score = val_acc if data["val"][1] else -train_loss
-            improved = score > best
-            best, since_best = (score, 0) if improved else (best, since_best + 1)
-            if improved:
-                save_checkpoint(model, run)
-            run.append_epoch(dict(epoch=epoch, phase=phase, lr=lr, train_loss=train_loss,
-                                  train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-                                  seconds=time.perf_counter() - start, best=improved))
-            if improved:
-                run.set_status("running", best_epoch=epoch, best_val_acc=val_acc)
-            report(force=True, message=f"Epoch {epoch}/{cfg.epochs} done", epoch=epoch,
-                   epochs=cfg.epochs, phase="train", step=n_train, steps=n_train)
-            if cfg.patience and since_best >= cfg.patience:
-                run.set_status("running", early_stopped=epoch)
-                break
-        else:
-            continue
-        break      # early stop ends every phase
+        scheduler = make_scheduler(cfg, optimizer, last - first)
+        if self.resumed and self.resumed.get("phase_index") == index:
+            self.load_optimizer(optimizer, scheduler)
+        for _ in range(self.epoch - first, last - first):
+            self.epoch += 1
+            self.one_epoch(index, phase, cached, step_model, optimizer, scheduler)
+            if cfg.patience and self.since_best >= cfg.patience:
+                self.run.set_status("running", early_stopped=self.epoch)
+                return False
+        return True
 
+    def load_optimizer(self, optimizer, scheduler) -> None:
+        optimizer.load_state_dict(self.resumed["optimizer"])
+        if scheduler and self.resumed.get("scheduler"):
+            scheduler.load_state_dict(self.resumed["scheduler"])
+        self.scaler.load_state_dict(self.resumed["scaler"])
+
+    def batches(self, split: str, cached: bool, batch_size: int):
+        images, labels = self.data[split][:2]
+        order = (dist.train_order(len(labels), self.cfg.seed, self.epoch) if split == "train"
+                 else dist.eval_order(len(labels)))
+        if cached:
+            return feature_batches(self.feats[split], labels, batch_size, order)
+        tf = self.train_tf if split == "train" else self.eval_tf
+        return loader(images, labels, tf, batch_size, order)
+
+    def one_epoch(self, index, phase, cached, step_model, optimizer, scheduler) -> None:
+        cfg, epoch, start = self.cfg, self.epoch, time.perf_counter()
+        per_rank = dist.local_batch(cfg.batch_size)
+        val_batch = 256 if cached else per_rank
+        n_train = math.ceil(len(self.data["train"][1]) / cfg.batch_size)
+        n_val = math.ceil(len(self.data["val"][1]) / (val_batch * dist.world()))
+        lr = optimizer.param_groups[0]["lr"]
+        step_model.train()
+        freeze_norm_stats(self.model)
+        train_loss, train_acc = run_epoch(step_model, self.batches("train", cached, per_rank), self.criterion,
+                                          optimizer, self.scaler, self.device, self.report, epoch,
+                                          cfg.epochs, n_train)
+        step_model.eval()
+        val_loss, val_acc = run_epoch(step_model, self.batches("val", cached, val_batch), self.criterion,
+                                      None, self.scaler, self.device, self.report, epoch, cfg.epochs, n_val)
+        if scheduler:
+            scheduler.step()
+        score = val_acc if self.data["val"][1] else -train_loss
+        improved = score > self.best
+        self.best, self.since_best = (score, 0) if improved else (self.best, self.since_best + 1)
+        if improved:
+            save_checkpoint(self.model, self.run)
+        self.run.append_epoch(dict(epoch=epoch, phase=phase, lr=lr, train_loss=train_loss,
+                                   train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+                                   seconds=time.perf_counter() - start, best=improved))
+        if improved:
+            self.run.set_status("running", best_epoch=epoch, best_val_acc=val_acc)
+        save_resume_state(self.run, self.model, optimizer, scheduler, self.scaler,
+                          dict(epoch=epoch, phase_index=index, best=self.best, since_best=self.since_best))
+        self.report(force=True, message=f"Epoch {epoch}/{cfg.epochs} done", epoch=epoch,
+                    epochs=cfg.epochs, phase="train", step=n_train, steps=n_train)
+
+
+def finish(run: Run, cfg: RunConfig, loop: Loop, data) -> dict:
+    """Test the best checkpoint (rank 0 only) and record the final status."""
+    report, model, device = loop.report, loop.model, loop.device
     report("running", force=True, message="Testing the best checkpoint", phase="test")
     model.load_state_dict(safetensors.torch.load_file(str(run.checkpoint), device=str(device)))
     images, labels, files = data["test"]
+    epoch = loop.epoch
     done = "Finished" + (f" (early stop at epoch {epoch})" if epoch < cfg.epochs else "")
     if labels:
-        if feats and not any(p.requires_grad for p in model.backbone.parameters()):
+        if loop.feats and not any(p.requires_grad for p in model.backbone.parameters()):
             with torch.inference_mode():     # backbone never changed: reuse its test features
-                probs = model.head.eval()(feats["test"]).float().softmax(-1).cpu().numpy()
+                probs = model.head.eval()(loop.feats["test"]).float().softmax(-1).cpu().numpy()
         else:
-            probs = predict_probs(model, images, eval_tf, device)
+            probs = predict_probs(model, images, loop.eval_tf, device)
         metrics = save_evaluation(run, "test", files, labels, probs)
         run.set_status("finished", message=done, test_acc=metrics["accuracy"], phase="done")
     else:
