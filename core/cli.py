@@ -1,0 +1,233 @@
+"""Command line: the app's runs without the browser, and on several processes under torchrun.
+
+    python -m core config --out demo.json            # the app's default (demo) configuration
+    python -m core train demo.json --set epochs=3    # a normal run folder the app lists live
+    torchrun --nproc_per_node=2 -m core train demo.json
+    python -m core resume RUN_ID
+    python -m core evaluate RUN_ID
+    python -m core predict RUN_ID photo.jpg folder/ --out predictions.csv
+    python -m core sweep demo.json --grid lr=1e-3,1e-2 --grid optimizer=sgd,adamw
+    python -m core export RUN_ID --onnx
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import threading
+from pathlib import Path
+
+from core import paths
+from core.runs import Run, RunConfig, get_run
+
+FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
+
+
+def parse_value(text: str):
+    """`--set` and `--grid` values: numbers, booleans, None, lists, dicts, else the plain text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
+    """A config.json (the app's download, a run folder's file, or a preset's `config` part)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = data.get("config", data)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in RunConfig.__dataclass_fields__:
+            raise SystemExit(f"--set: unknown setting {key!r}")
+        data[key] = parse_value(value)
+    return RunConfig.from_dict(data)
+
+
+# ---------------------------------------------------------------- progress in the terminal
+
+def follow(run: Run, worker: threading.Thread) -> None:
+    """Draw the run's status.json and epochs.jsonl as the app does, until the worker ends."""
+    from tqdm import tqdm
+    bar, shown = tqdm(total=1, unit="step", dynamic_ncols=True, leave=False), 0
+    while worker.is_alive():
+        shown = show_new_epochs(run, shown, bar)
+        status = run.read_json("status.json", {}) or {}
+        if status.get("steps"):
+            bar.total, bar.n = status["steps"], min(status.get("step") or 0, status["steps"])
+        bar.set_description(status.get("message", "")[:60])
+        bar.refresh()
+        worker.join(0.5)
+    show_new_epochs(run, shown, bar)
+    bar.close()
+
+
+def show_new_epochs(run: Run, shown: int, bar) -> int:
+    rows = run.epochs()
+    for row in rows[shown:]:
+        bar.write(f"epoch {row['epoch']:>3} [{row['phase']}]  train loss {row['train_loss']:.4f} "
+                  f"acc {row['train_acc']:.3f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}"
+                  f"  {row['seconds']:.1f}s" + ("  *best" if row.get("best") else ""))
+    return len(rows)
+
+
+def train_foreground(run: Run, resume: bool = False, quiet: bool = False) -> dict:
+    from core import distributed as dist
+    from core.training import train_run
+    if quiet or not dist.is_main():
+        return train_run(run, resume=resume)
+    worker = threading.Thread(target=train_run, args=(run,), kwargs=dict(resume=resume), daemon=True)
+    worker.start()
+    try:
+        follow(run, worker)
+    except KeyboardInterrupt:
+        run.set_status("stopped", message="Stopped from the terminal (Ctrl+C).")
+        raise
+    return run.status()
+
+
+def summary(run: Run) -> int:
+    status = run.status()
+    acc = status.get("test_acc")
+    print(f"{run.id}: {status.get('state')} — {status.get('message', '')}"
+          + (f" · test accuracy {acc:.4f}" if isinstance(acc, float) else ""))
+    print(f"run folder: {run.path}")
+    return 0 if status.get("state") == "finished" else 1
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_config(args) -> int:
+    from core.data import demo_dataset
+    cfg = RunConfig(data_root=str(demo_dataset().relative_to(paths.REPO_ROOT)))
+    text = json.dumps(cfg.to_dict(), indent=1)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from core import distributed as dist
+    cfg = load_config(args.config, args.set)
+    dist.init()
+    try:
+        path = dist.broadcast(str(Run.create(cfg, owner="cli").path) if dist.is_main() else None)
+        run = Run(path)
+        if dist.is_main():
+            print(f"training {run.id} on {dist.world()} process(es)", flush=True)
+        train_foreground(run, quiet=args.quiet)
+        dist.barrier()
+        return summary(run) if dist.is_main() else 0
+    finally:
+        dist.finish()
+
+
+def cmd_resume(args) -> int:
+    run = get_run(args.run)
+    if not run.resumable():
+        raise SystemExit(f"{run.id} cannot be resumed: it finished, or it has no finished epoch.")
+    run.set_status("queued", message="Resuming from the command line", owner="cli")
+    train_foreground(run, resume=True, quiet=args.quiet)
+    return summary(run)
+
+
+def cmd_evaluate(args) -> int:
+    from core.evaluate import evaluate_run
+    run = get_run(args.run)
+    metrics = evaluate_run(run, args.split)
+    print(f"{run.id} {args.split}: accuracy {metrics['accuracy']:.4f} · macro F1 {metrics['macro_f1']:.4f}"
+          f" · mAP {metrics['mAP']:.4f} on {metrics['n']} images")
+    print(f"written: {run.file(f'{args.split}_metrics.json')}, {run.file(f'{args.split}_predictions.csv')}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from core import predict as P
+    from core.data import IMAGE_EXTENSIONS
+    files = []
+    for name in args.images:
+        p = Path(name)
+        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS) if p.is_dir() else [p]
+    frame = P.predict_files(P.from_run(get_run(args.run)), files)
+    frame.to_csv(args.out, index=False)
+    for row in frame.head(20).itertuples():
+        print(f"{row.file}: {getattr(row, 'predicted', None) or getattr(row, 'error', '')}"
+              + (f" ({row.confidence:.3f})" if hasattr(row, "confidence") and row.confidence == row.confidence else ""))
+    print(f"{len(frame)} predictions written to {args.out}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from core import sweeps as S
+    base = load_config(args.config, args.set)
+    axes = {}
+    for item in args.grid:
+        axis, _, values = item.partition("=")
+        if axis not in S.AXES:
+            raise SystemExit(f"--grid: {axis!r} is not one of {', '.join(S.AXES)}")
+        axes[axis] = [parse_value(v) for v in values.split(",")]
+    runs = [Run.create(cfg, owner="cli") for cfg in S.expand(base, axes)]
+    for i, run in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {run.config.name}", flush=True)
+        train_foreground(run, quiet=args.quiet)
+    print(S.results(runs).to_string(index=False))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from core.evaluate import load_run_model
+    from core.export import export_onnx, export_run
+    run = get_run(args.run)
+    out = Path(args.out or run.file("export"))
+    weights, info = export_run(run, out)
+    print(f"written: {weights}, {info}")
+    if args.onnx:
+        onnx = export_onnx(load_run_model(run), run.config.image_size, out / "model.onnx")
+        print(f"written: {onnx}" if onnx else "ONNX export is not available for this model")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m core", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("config", help="print or write the default (demo) configuration")
+    p.add_argument("--out")
+    for name, helptext in (("train", "train a config file"), ("sweep", "train every combination")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--quiet", action="store_true")
+    p.add_argument("--grid", action="append", required=True, metavar="AXIS=V1,V2")
+    p = sub.add_parser("resume", help="go on from a stopped or interrupted run's last epoch")
+    p.add_argument("run")
+    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
+    p.add_argument("run")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p = sub.add_parser("predict", help="classify images or folders into a CSV")
+    p.add_argument("run")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default="predictions.csv")
+    p = sub.add_parser("export", help="safetensors + JSON (and ONNX) of a run's best checkpoint")
+    p.add_argument("run")
+    p.add_argument("--out")
+    p.add_argument("--onnx", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    command = {"config": cmd_config, "train": cmd_train, "resume": cmd_resume, "evaluate": cmd_evaluate,
+               "predict": cmd_predict, "sweep": cmd_sweep, "export": cmd_export}[args.command]
+    try:
+        return command(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
