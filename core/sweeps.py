@@ -60,9 +60,9 @@ def expand(base: RunConfig, axes: dict[str, list]) -> list[RunConfig]:
     return configs
 
 
-def queue(configs: list[RunConfig]) -> list[Run]:
+def queue(configs: list[RunConfig], owner: str = "") -> list[Run]:
     """Submit in order; the manager trains them one after another."""
-    return [MANAGER.submit(cfg) for cfg in configs]
+    return [MANAGER.submit(cfg, owner=owner) for cfg in configs]
 
 
 def results(runs: list[Run] | None = None) -> pd.DataFrame:

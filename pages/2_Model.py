@@ -7,6 +7,7 @@ import torch
 from core import backbones as B
 from core import paths
 from pages import common
+from pages.common.teaching import explain
 
 settings = common.setup("Model")
 st.title("🧠 Model")
@@ -93,6 +94,7 @@ st.caption({"head": "Only the new head learns; the backbone's features are compu
             "top_k": "The top blocks adapt to your images; lower blocks keep their generic features.",
             "full": "Every layer adapts. Slowest, and needs more data to avoid over-fitting.",
             "scratch": "Random weights: shows what pretraining is worth."}[mode])
+explain("freezing")
 
 head = common.bind(st.radio, "head", "Head", settings, options=["linear", "mlp"],
                    format_func={"linear": "Linear", "mlp": "MLP (hidden layer + dropout)"}.get,

@@ -13,6 +13,7 @@ from core.device import describe, pick_device
 from core.runs import ACTIVE_STATES, MANAGER
 from core.training import resolve_data_root, uses_feature_cache
 from pages import common
+from pages.common.teaching import explain
 
 settings = common.setup("Train")
 st.title("🏋️ Train")
@@ -38,6 +39,26 @@ def stats_panel(settings):
                                "ImageNet std": IMAGENET_STD}, index=["R", "G", "B"]), width="content")
 
 
+@st.cache_data(show_spinner=False, max_entries=16, ttl=60)
+def class_counts(root: str) -> list[int]:
+    try:
+        scan = D.scan_folder(root, check=False)
+    except D.DataError:
+        return []
+    return [sum(it.label == i for it in scan.items) for i in range(len(scan.classes))]
+
+
+def class_weight_option(settings):
+    counts = [n for n in class_counts(str(resolve_data_root(settings["data_root"]))) if n]
+    ratio = max(counts) / min(counts) if counts else 1.0
+    help_text = ("Each class's loss is weighted by 1 / (its share of the training images), so a rare "
+                 "class counts as much as a common one. Helps when classes are very unequal.")
+    common.bind(st.checkbox, "class_weights", "Class-weighted loss", settings, help=help_text)
+    if ratio >= 3 and not settings["class_weights"]:
+        st.caption(f"⚖️ The largest class has {ratio:.0f}× the images of the smallest: consider the "
+                   "class-weighted loss, and judge the result by per-class recall, not accuracy alone.")
+
+
 SLIDERS = {   # augmentation -> (min, max, default) of its parameter
     "rotation": (1.0, 180.0, 30.0), "affine": (0.02, 0.4, 0.1),
     "random_resized_crop": (0.05, 0.95, 0.5), "color_jitter": (0.05, 0.9, 0.2),
@@ -47,6 +68,7 @@ SLIDERS = {   # augmentation -> (min, max, default) of its parameter
 
 def augmentation_menu(settings):
     st.markdown("**Augmentation** (training images only)")
+    explain("augmentation", inside_expander=True)
     preset = st.selectbox("Start from a preset", ["(keep current)"] + list(D.PRESETS), key="aug_preset")
     if preset != "(keep current)" and st.session_state.get("aug_applied") != preset:
         settings["augment"] = dict(D.PRESETS[preset])
@@ -102,6 +124,7 @@ with st.expander("Training settings", expanded=not st.session_state.get("run_id"
                 format="%.5f", step=1e-4)
     common.bind(c[2].number_input, "weight_decay", "Weight decay", settings, min_value=0.0,
                 max_value=1.0, format="%.5f", step=1e-4)
+    explain("learning_rate", inside_expander=True)
     if opt in ("sgd", "rmsprop"):
         common.bind(c[3].number_input, "momentum", "Momentum", settings, min_value=0.0,
                     max_value=0.999, step=0.05)
@@ -135,6 +158,7 @@ with st.expander("Training settings", expanded=not st.session_state.get("run_id"
                     min_value=0, max_value=500)
         common.bind(c[3].number_input, "backbone_lr_mult", "Backbone LR × (when it trains)", settings,
                     min_value=0.001, max_value=10.0, step=0.05, format="%.3f")
+    class_weight_option(settings)
     if settings["normalize"] == "dataset":
         stats_panel(settings)
     augmentation_menu(settings)
@@ -158,7 +182,7 @@ if cfg.freeze == "head":
 
 
 def start():
-    run = MANAGER.submit(common.run_config(settings))
+    run = MANAGER.submit(common.run_config(settings), owner=common.session_owner())
     st.session_state["run_id"] = run.id
     st.session_state["run_pick"] = run.id
 
@@ -169,6 +193,7 @@ if settings["weights"] == "file" and not settings.get("weights_file") and settin
 st.button("▶️ Start training", type="primary", on_click=start, disabled=problem is not None)
 if problem:
     st.warning(problem)
+common.command_line(cfg)
 
 st.divider()
 run = common.pick_run("Show run")
@@ -182,11 +207,13 @@ def live(run):
     status = run.status()
     state = status.get("state", "?")
     active = state in ACTIVE_STATES
-    head, stop_col = st.columns([5, 1])
+    head, actions = st.columns([3, 2])
     icon = {"finished": "✅", "failed": "❌", "stopped": "⏹️", "interrupted": "⚠️"}.get(state, "⏳")
     head.markdown(f"{icon} **{state}** — {status.get('message', '')}")
-    if active:
-        stop_col.button("⏹️ Stop", on_click=common.stop_run, args=(run.id,), key="stop")
+    with actions:
+        common.run_actions(run, active)
+    if error := st.session_state.pop("run_error", None):
+        st.error(error)
     if state == "finished" and status.get("test_acc") is not None:
         m = st.columns(4)
         m[0].metric("Test accuracy (best epoch)", f"{status['test_acc']:.1%}")

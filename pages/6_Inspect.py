@@ -17,6 +17,7 @@ from core import inspect as I
 from core import paths
 from core.evaluate import load_run_model, run_normalization
 from pages import common
+from pages.common.teaching import explain
 
 settings = common.setup("Inspect")
 st.title("🔬 Inspect")
@@ -129,6 +130,7 @@ with tabs[2]:
     st.caption("Fraction of activation outputs that are non-zero (ReLU-like) or positive (smooth "
                "activations such as GELU/SiLU, labelled so), per stage, averaged over images of the "
                "current data set.")
+    explain("sparsity")
     count = st.slider("Images", 10, 1000, 200, step=10, key="ins_sparse_n")
     compare = st.checkbox("Compare with a second model", key="ins_compare")
     other = pick_model("Second model", "ins2") if compare else None

@@ -2,12 +2,15 @@
 directly by a deep link on a fresh server, before the entry file has run `st.navigation`."""
 from __future__ import annotations
 
+import json
+import secrets
+
 import altair as alt
 import pandas as pd
 import streamlit as st
 
 from core import paths
-from core.runs import ACTIVE_STATES, MANAGER, RunConfig, get_run, list_runs
+from core.runs import ACTIVE_STATES, MANAGER, Run, RunConfig, delete_run, get_run, list_runs
 
 PAGES = {
     "home": "streamlit_app.py",
@@ -90,23 +93,79 @@ def thumbnail(path: str, size: int = 96):
 
 # ---------------------------------------------------------------- runs
 
+def session_owner() -> str:
+    """Who started a run: this browser session. Stop and Delete act on one's own runs unless
+    the user ticks the box to manage everyone's."""
+    return st.session_state.setdefault("owner", secrets.token_hex(4))
+
+
+def mine(run: Run) -> bool:
+    return run.owner == session_owner()
+
+
+def can_manage(run: Run) -> bool:
+    return mine(run) or run.owner == "" or bool(st.session_state.get("manage_all"))
+
+
 def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = "run_pick"):
-    """A run selector; defaults to the run this session started last."""
+    """A run selector; defaults to the run this session started last. Runs from other sessions
+    are listed too (marked), or hidden with the toggle."""
     runs = list_runs()
     if only_with_checkpoint:
         runs = [r for r in runs if r.checkpoint.exists()]
+    if st.session_state.get(f"{key}_mine"):
+        runs = [r for r in runs if mine(r)]
     if not runs:
+        st.toggle("Only my runs", key=f"{key}_mine")
         return None
     ids = [r.id for r in runs]
-    labels = {r.id: r.label() for r in runs}
+    labels = {r.id: ("👤 " if mine(r) else "") + r.label() for r in runs}
     if st.session_state.get(key) not in ids:
         current = st.session_state.get("run_id")
         st.session_state[key] = current if current in ids else ids[0]
     else:   # re-assigning makes Streamlit send the fresh labels (a run's state changes)
         st.session_state[key] = st.session_state[key]
-    chosen = st.selectbox(label, ids, format_func=labels.get, key=key)
+    pick, toggle = st.columns([5, 1], vertical_alignment="bottom")
+    chosen = pick.selectbox(label, ids, format_func=labels.get, key=key,
+                            help="👤 marks the runs this browser session started.")
+    toggle.toggle("Only my runs", key=f"{key}_mine")
     st.session_state["run_id"] = chosen
     return get_run(chosen)
+
+
+def run_actions(run: Run, active: bool) -> None:
+    """Stop (while it trains), Resume (stopped or interrupted) and Delete, for runs this session
+    may manage."""
+    if run.owner and not mine(run):
+        st.caption("Started by another session (or the command line): its owner can stop or delete it.")
+        st.checkbox("Let me stop, resume or delete other sessions' runs", key="manage_all")
+    if not can_manage(run):
+        return
+    cols = st.columns(3)
+    if active:
+        cols[0].button("⏹️ Stop", on_click=stop_run, args=(run.id,), key="stop")
+        return
+    if run.resumable():
+        cols[0].button("⏯️ Resume", on_click=resume_run, args=(run.id,), key="resume",
+                       help="Go on from the last finished epoch, with its optimiser state.")
+    with cols[1].popover("🗑️ Delete"):
+        st.caption("Deletes the run folder: checkpoint, metrics and curves.")
+        st.button("Delete for good", on_click=remove_run, args=(run.id,), key="delete", type="primary")
+
+
+def resume_run(run_id: str) -> None:
+    try:
+        MANAGER.resume(get_run(run_id))
+    except ValueError as err:
+        st.session_state["run_error"] = str(err)
+
+
+def remove_run(run_id: str) -> None:
+    try:
+        delete_run(get_run(run_id))
+        st.session_state.pop("run_id", None)
+    except (ValueError, FileNotFoundError) as err:
+        st.session_state["run_error"] = str(err)
 
 
 def runs_frame(limit: int = 50) -> pd.DataFrame:
@@ -160,3 +219,16 @@ def stop_run(run_id: str) -> None:
 
 def data_dir_hint() -> str:
     return str(paths.home())
+
+
+def command_line(cfg: RunConfig, axes: dict | None = None) -> None:
+    """The exact command (and its config file) that runs the current settings without the browser."""
+    with st.expander("💻 Run from the command line"):
+        st.download_button("Download config.json", json.dumps(cfg.to_dict(), indent=1), "config.json",
+                           "application/json", key="cli_config")
+        grid = "".join(f" --grid {axis}={','.join(map(str, values))}" for axis, values in (axes or {}).items())
+        verb = "sweep" if axes else "train"
+        st.code(f"python -m core {verb} config.json{grid}", language="bash")
+        st.caption("Run it in the app's folder (with its virtual environment active). The run appears "
+                   "in this app's lists as it trains. On a machine with several GPUs:")
+        st.code("torchrun --nproc_per_node=4 -m core train config.json", language="bash")
