@@ -114,6 +114,7 @@ def preview(settings):
     st.image(tiles, width=96)
 
 
+common.presets_panel(settings)
 with st.expander("Training settings", expanded=not st.session_state.get("run_id")):
     c = st.columns(4)
     opt = common.bind(c[0].selectbox, "optimizer", "Optimizer", settings,

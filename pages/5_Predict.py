@@ -68,7 +68,21 @@ if predictor is None:
     st.stop()
 st.caption(f"{len(predictor.classes)} classes · {predictor.image_size} px")
 
-tab_images, tab_batch = st.tabs(["Images", "Batch to CSV"])
+def show_predictions(images, names, k):
+    if not images:
+        return
+    for name, img, p in zip(names, images, predictor.probs(images)):
+        left, right = st.columns([1, 3])
+        left.image(img, caption=name, width=180)
+        top = pd.DataFrame(predictor.top_k(p, k), columns=["class", "probability"])
+        right.altair_chart(alt.Chart(top).mark_bar().encode(
+            x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+            y=alt.Y("class:N", sort=None, title=None),
+            tooltip=["class", alt.Tooltip("probability:Q", format=".1%")]),
+            width="stretch", height=40 + 28 * len(top))
+
+
+tab_images, tab_camera, tab_batch = st.tabs(["Images", "Camera", "Batch to CSV"])
 with tab_images:
     k = st.slider("Top-k", 1, min(10, len(predictor.classes)), min(5, len(predictor.classes)), key="pred_k")
     files = st.file_uploader("Drop one or more images", type=sorted(e[1:] for e in D.IMAGE_EXTENSIONS),
@@ -80,17 +94,16 @@ with tab_images:
             names.append(f.name)
         except Exception as err:  # noqa: BLE001 - any decoder error: say which file
             st.warning(f"{f.name}: not a readable image ({type(err).__name__}).")
-    if images:
-        probs = predictor.probs(images)
-        for name, img, p in zip(names, images, probs):
-            left, right = st.columns([1, 3])
-            left.image(img, caption=name, width=180)
-            top = pd.DataFrame(predictor.top_k(p, k), columns=["class", "probability"])
-            right.altair_chart(alt.Chart(top).mark_bar().encode(
-                x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
-                y=alt.Y("class:N", sort=None, title=None),
-                tooltip=["class", alt.Tooltip("probability:Q", format=".1%")]),
-                width="stretch", height=40 + 28 * len(top))
+    show_predictions(images, names, k)
+
+with tab_camera:
+    st.caption("Hold an object up to the camera and take a snapshot; the browser asks for "
+               "permission first. Nothing is stored.")
+    if st.toggle("Use the camera", key="pred_cam_on"):
+        shot = st.camera_input("Snapshot", key="pred_camera")
+        if shot is not None:
+            show_predictions([D.open_rgb(io.BytesIO(shot.getvalue()))], ["camera snapshot"],
+                             min(5, len(predictor.classes)))
 
 with tab_batch:
     path = st.text_input("Folder on the server", key="pred_folder", placeholder="/data/new_photos")

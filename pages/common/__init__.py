@@ -232,3 +232,49 @@ def command_line(cfg: RunConfig, axes: dict | None = None) -> None:
         st.caption("Run it in the app's folder (with its virtual environment active). The run appears "
                    "in this app's lists as it trains. On a machine with several GPUs:")
         st.code("torchrun --nproc_per_node=4 -m core train config.json", language="bash")
+
+
+def presets_panel(settings: dict) -> None:
+    """Load a shipped, saved or uploaded preset; save the current settings as one."""
+    from core import presets as P
+    with st.expander("📦 Presets: load or save a set of settings"):
+        st.caption("A preset is a small JSON file of settings. A teacher saves one and hands it out; "
+                   "every student who loads it starts from the same configuration.")
+        load, save = st.columns(2)
+        with load:
+            choices = dict(P.list_presets())
+            label = st.selectbox("Preset", list(choices), index=None, placeholder="Pick a preset",
+                                 key="preset_pick")
+            upload = st.file_uploader("…or upload a preset file", type=["json"], key="preset_upload")
+            if st.button("Load preset", disabled=not (label or upload), key="preset_load"):
+                try:
+                    blob = upload.getvalue() if upload else choices[label].read_bytes()
+                    use_preset(settings, P.parse_preset(blob))
+                except P.PresetError as err:
+                    st.error(str(err))
+            if note := st.session_state.pop("preset_note", None):
+                st.success(note)
+        with save:
+            name = st.text_input("Name", key="preset_name", placeholder="Lab 3: head-only vs full")
+            description = st.text_area("Description (optional)", key="preset_description", height=68)
+            with_data = st.checkbox("Include the data set and split", key="preset_with_data")
+            preset = P.make_preset(settings, name, description, with_data)
+            if st.button("Save on this server", key="preset_save", disabled=not name.strip()):
+                st.success(f"Saved: {P.save_preset(preset).name} (listed under Preset)")
+            st.download_button("Download preset", json.dumps(preset, indent=1), f"{P.slug(name)}.json",
+                               "application/json", key="preset_download", disabled=not name.strip())
+
+
+def use_preset(settings: dict, preset: dict) -> None:
+    """Replace the settings the preset holds, and forget widget state so widgets redraw with them."""
+    from core import presets as P
+    settings.update(P.apply_preset(settings, preset))
+    if "data_root" in preset["settings"]:
+        settings["data_label"] = f"From preset: {settings['data_root']}"
+    for key in [k for k in st.session_state if str(k).startswith(("w_", "aug_on_", "aug_v_"))]:
+        del st.session_state[key]
+    for key in ("aug_applied", "aug_preset"):
+        st.session_state.pop(key, None)
+    st.session_state["preset_note"] = (f"Loaded “{preset['name']}”: {len(preset['settings'])} settings. "
+                                       + preset["description"])
+    st.rerun()
