@@ -81,11 +81,15 @@ def local_batch(global_batch: int) -> int:
     return global_batch // world()
 
 
+def train_sampler(n: int, seed: int) -> DistributedSampler:
+    """This rank's shuffled share of n items; call set_epoch(e) before each epoch. One process
+    and N processes draw the same permutation (seed + epoch), and rank r takes every N-th index,
+    so the union of the ranks' k-th batches is the single process's k-th batch."""
+    return DistributedSampler(range(n), num_replicas=world(), rank=rank(), shuffle=True, seed=seed)
+
+
 def train_order(n: int, seed: int, epoch: int) -> list[int]:
-    """This rank's shuffled indices for an epoch. One process and N processes draw the same
-    permutation (seed + epoch), and rank r takes every N-th index, so the union of the ranks'
-    k-th batches is the single process's k-th batch."""
-    sampler = DistributedSampler(range(n), num_replicas=world(), rank=rank(), shuffle=True, seed=seed)
+    sampler = train_sampler(n, seed)
     sampler.set_epoch(epoch)
     return list(sampler)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import threading
 import time
@@ -132,11 +133,15 @@ def features_cached(cfg: RunConfig, model, data, eval_tf, device, report, mean, 
     return feats
 
 
-def loader(images, labels, transform, batch_size, order):
-    """Batches of this rank's `order` (see core.distributed.train_order / eval_order)."""
+def loader(images, labels, transform, batch_size, order, device: torch.device | None = None):
+    """Batches of this rank's `order`: a list of indices or a sampler (core.distributed).
+    On CUDA, worker processes run the augmentations and hand over pinned memory; on CPU they would
+    only compete with the training threads for the same cores."""
     dataset = D.TensorDataset(images, labels, transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=0,
-                                       drop_last=False)
+    cuda = device is not None and device.type == "cuda"
+    workers = min(4, (os.cpu_count() or 1) // dist.world()) if cuda else 0
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
+                                       persistent_workers=workers > 0, pin_memory=cuda, drop_last=False)
 
 
 @torch.inference_mode()
@@ -343,6 +348,7 @@ class Loop:
         self.train_tf = D.build_transform(cfg.image_size, mean, std, cfg.augment)
         self.scaler = grad_scaler(device)
         self.feats: dict = {}
+        self.loaders: dict = {}
         self.best, self.since_best, self.epoch, self.resumed = -math.inf, 0, 0, None
 
     def restore(self, state: dict) -> None:
@@ -373,6 +379,7 @@ class Loop:
             self.feats = features_cached(cfg, model, self.data, self.eval_tf, self.device, self.report,
                                          self.mean, self.std)
         step_model = dist.wrap(model.head if cached else model, self.device)
+        self.loaders = {}
         optimizer = make_optimizer(cfg, model, head_only=freeze == "head")
         scheduler = make_scheduler(cfg, optimizer, last - first)
         if self.resumed and self.resumed.get("phase_index") == index:
@@ -392,13 +399,24 @@ class Loop:
         self.scaler.load_state_dict(self.resumed["scaler"])
 
     def batches(self, split: str, cached: bool, batch_size: int):
-        images, labels = self.data[split][:2]
-        order = (dist.train_order(len(labels), self.cfg.seed, self.epoch) if split == "train"
-                 else dist.eval_order(len(labels)))
+        labels = self.data[split][1]
         if cached:
+            order = (dist.train_order(len(labels), self.cfg.seed, self.epoch) if split == "train"
+                     else dist.eval_order(len(labels)))
             return feature_batches(self.feats[split], labels, batch_size, order)
-        tf = self.train_tf if split == "train" else self.eval_tf
-        return loader(images, labels, tf, batch_size, order)
+        if (split, batch_size) not in self.loaders:      # one per phase, so workers persist
+            self.loaders[(split, batch_size)] = self.image_loader(split, batch_size)
+        dl = self.loaders[(split, batch_size)]
+        if split == "train":
+            dl.sampler.set_epoch(self.epoch)
+        return dl
+
+    def image_loader(self, split: str, batch_size: int):
+        images, labels = self.data[split][:2]
+        if split == "train":
+            order = dist.train_sampler(len(labels), self.cfg.seed)
+            return loader(images, labels, self.train_tf, batch_size, order, self.device)
+        return loader(images, labels, self.eval_tf, batch_size, dist.eval_order(len(labels)), self.device)
 
     def one_epoch(self, index, phase, cached, step_model, optimizer, scheduler) -> None:
         cfg, epoch, start = self.cfg, self.epoch, time.perf_counter()
