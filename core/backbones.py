@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass
@@ -215,15 +216,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = safetensors.torch.load_file(path, device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickles with code, truncation, wrong format
-        raise WeightsError(f"Can't read weights file ({type(err).__name__}): only .safetensors "
-                           "or plain PyTorch state dicts (weights_only) are accepted.") from err
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise _damaged(path, err) from err
+        # weights_only refused a Python object: unpickling it could have run code.
+        raise WeightsError("The weights file holds Python objects besides tensors, and loading them "
+                           "could run code, so it was refused: only .safetensors or plain PyTorch "
+                           "state dicts (weights_only) are accepted. Re-save it with "
+                           "torch.save(model.state_dict(), ...) or as .safetensors.") from err
+    except Exception as err:  # noqa: BLE001 - truncation, wrong format, missing file
+        raise _damaged(path, err) from err
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not state:
         raise WeightsError("The weights file holds no tensors.")
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _damaged(path: str, err: Exception) -> WeightsError:
+    detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    return WeightsError(f"Can't read weights file {Path(path).name}: it is damaged, incomplete (an "
+                        f"interrupted download?) or not a weights file ({type(err).__name__}: {detail}). "
+                        "Accepted: only .safetensors or plain PyTorch state dicts (weights_only).")
 
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
@@ -235,13 +250,25 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
     if mapped is None:
         arch = model.pretrained_cfg.get("architecture", "this model")
         raise WeightsError(f"These weights don't fit {arch}: {len(state)} tensors in the file, "
-                           f"{len(own)} in the model, and their names or shapes don't line up. "
-                           "Is the file for another architecture?")
+                           f"{len(own)} in the model; {_first_mismatch(state, own)}. Is the file for "
+                           "another architecture, or a model trained for another number of classes?")
     missing, _ = model.load_state_dict(mapped, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing:
         raise WeightsError(f"The weights file lacks {len(missing)} of the model's tensors "
                            f"(e.g. {missing[0]}). Is it for another architecture?")
+
+
+def _first_mismatch(state: dict, own: dict) -> str:
+    """The first tensor where file and model disagree, named with both shapes."""
+    for key, tensor in own.items():
+        if key in state and state[key].shape != tensor.shape:
+            return (f"'{key}' is {tuple(state[key].shape)} in the file but {tuple(tensor.shape)} "
+                    "in the model")
+    absent = [key for key in own if key not in state]
+    if absent:
+        return f"{len(absent)} of the model's tensors are not in the file (e.g. '{absent[0]}')"
+    return "their order or shapes don't line up"
 
 
 def _drop_counters(state: dict) -> dict:

@@ -5,15 +5,22 @@ A data set is a folder of class folders (`root/<class>/<image>`), or a folder th
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
+import json
 import os
 import random
+import secrets
+import shutil
+import warnings
 import zipfile
-from collections import Counter
+import zlib
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from pathlib import Path, PureWindowsPath
+from typing import IO, Callable, Iterable
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,8 +32,17 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                "validation": "val", "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test")
+# Zip bomb guards, checked against the sizes the zip declares before anything is written and
+# counted across a zip and the zips inside it. Module constants so tests and admins can change them.
 MAX_ZIP_FILES = 200_000
 MAX_ZIP_BYTES = 8 * 1024**3
+ZIP_NOTES = ".unpack_skipped.json"    # entries extraction left out, with reasons; scan_folder lists them
+IMBALANCE_WARN = 5.0                  # largest / smallest class size from which the Data page warns
+MIN_SPLITTABLE = 3                    # images a class needs to appear in train, val and test
+
+# Images over Image.MAX_IMAGE_PIXELS are refused outright (check_image, open_rgb), so Pillow's
+# warning for sizes between that and twice that adds nothing but noise.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 class DataError(ValueError):
@@ -52,12 +68,33 @@ class DataScan:
         per_label = Counter(item.label for item in self.items)
         return {name: per_label.get(i, 0) for i, name in enumerate(self.classes)}
 
+    def imbalance(self) -> float:
+        """Largest class size over smallest: 1.0 is balanced. Classes too small to split (under
+        MIN_SPLITTABLE images) are left out: they have a warning of their own."""
+        sizes = [n for n in self.counts().values() if n >= MIN_SPLITTABLE]
+        return max(sizes) / min(sizes) if len(sizes) > 1 else 1.0
+
+    def errors(self) -> list[str]:
+        """Problems that make training impossible."""
+        if len(self.classes) < 2:
+            return [f"Only one class found ('{self.classes[0]}'): training needs at least 2 classes. "
+                    "Put the images of each class in its own folder, e.g. cats/1.jpg and dogs/2.jpg."]
+        return []
+
     def warnings(self) -> list[str]:
         notes = []
-        for name, n in self.counts().items():
-            if n < 3:
+        counts = self.counts()
+        for name, n in counts.items():
+            if n < MIN_SPLITTABLE:
                 notes.append(f"Class '{name}' has only {n} image(s): it can't appear in train, "
                              "val and test at once, so its results will be unreliable. Add images.")
+        if self.imbalance() >= IMBALANCE_WARN:
+            sized = {name: n for name, n in counts.items() if n >= MIN_SPLITTABLE}
+            big, small = max(sized, key=sized.get), min(sized, key=sized.get)
+            notes.append(f"The classes are imbalanced: '{big}' has {self.imbalance():.0f}× the images of "
+                         f"'{small}' ({counts[big]} vs {counts[small]}), so a model can score well by "
+                         "favouring the big classes. Consider the class-weighted loss option on the "
+                         "Train page, or add images to the small classes.")
         return notes
 
 
@@ -65,66 +102,120 @@ def is_hidden(part: str) -> bool:
     return part.startswith(".") or part == "__MACOSX" or part.startswith("__")
 
 
+def _subdirs(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)]
+
+
 def _data_root(root: Path) -> Path:
-    """Descend through wrapper folders (a zip often holds one top folder) to the real root."""
+    """Descend through wrapper folders (a zip often holds one top folder) to the real root. A lone
+    folder with no sub-folders is a class, not a wrapper, so a one-class set reads as one class."""
     while True:
-        subdirs = [p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)]
+        subdirs = _subdirs(root)
         files = [p for p in root.iterdir() if p.is_file() and not is_hidden(p.name)]
-        if len(subdirs) == 1 and not files and subdirs[0].name.lower() not in SPLIT_NAMES:
+        if (len(subdirs) == 1 and not files and subdirs[0].name.lower() not in SPLIT_NAMES
+                and _subdirs(subdirs[0])):
             root = subdirs[0]
         else:
             return root
 
 
 def check_image(path: Path) -> str | None:
-    """Return why an image can't be used, or None. Reads the header only (fast)."""
+    """Return why an image can't be used, or None. Reads the header only (fast), so a truncated
+    file is caught later, when decode_images reads it in full."""
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return f"not an image type ({path.suffix or 'no extension'})"
     if path.stat().st_size == 0:
         return "empty file"
     try:
         with Image.open(path) as img:
-            img.size  # noqa: B018 - header parse
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+            return _too_large(img)
+    except Image.DecompressionBombError:
+        return f"too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (decompression bomb guard)"
+    except UnidentifiedImageError:
+        return "unreadable image: the content is not a known image format"
+    except Exception as err:  # noqa: BLE001 - any parser failure means "unusable"
         return f"unreadable image ({type(err).__name__})"
+
+
+def _too_large(img: Image.Image) -> str | None:
+    """Pillow only warns between MAX_IMAGE_PIXELS and twice that; decoding such a file can still
+    take gigabytes, so it is refused as well."""
+    w, h = img.size
+    if w * h > Image.MAX_IMAGE_PIXELS:
+        return (f"too large: {w}×{h} is over {Image.MAX_IMAGE_PIXELS:,} pixels "
+                "(decompression bomb guard)")
     return None
 
 
 def scan_folder(folder: str | os.PathLike, check: bool = True) -> DataScan:
-    """Find classes and images below `folder`; unusable files are listed in `skipped`."""
+    """Find classes and images below `folder`; unusable files are listed in `skipped`, and so are
+    class folders without image files (they are not classes). `check` opens each image's header."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataError(f"Folder not found: {folder}")
     root = _data_root(folder.resolve())
     split_dirs = {SPLIT_NAMES[p.name.lower()]: p for p in sorted(root.iterdir())
                   if p.is_dir() and p.name.lower() in SPLIT_NAMES}
-    sources = split_dirs if split_dirs else {None: root}
-    class_names = sorted({c.name for d in sources.values() for c in d.iterdir()
-                          if c.is_dir() and not is_hidden(c.name)})
-    if not class_names:
-        raise DataError("No class folders found. Put the images of each class in its own folder, "
-                        "e.g. cats/1.jpg and dogs/2.jpg (in a zip: the same structure).")
-    index = {name: i for i, name in enumerate(class_names)}
-    items, skipped = [], []
-    for split, base in sources.items():
-        for entry in sorted(base.iterdir()):
-            if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(entry.name):
-                skipped.append((str(entry.relative_to(root)), "not inside a class folder"))
-            if not entry.is_dir() or is_hidden(entry.name):
-                continue
-            for path in sorted(entry.rglob("*")):
-                rel = path.relative_to(root)
-                if not path.is_file() or any(is_hidden(p) for p in rel.parts):
-                    continue
-                reason = check_image(path) if check else None
-                if reason:
-                    skipped.append((str(rel), reason))
-                else:
-                    items.append(Item(str(rel), index[entry.name], split))
+    found, skipped = _class_files(root, split_dirs or {None: root}), _zip_notes(folder)
+    skipped += [(str(p.relative_to(root)), "not inside a class folder") for p in found.pop("", [])]
+    if not found:
+        raise DataError(_no_classes_message(skipped))
+    classes = sorted(name for name, files in found.items() if _has_images(files))
+    skipped += [(f"{name}/", "empty class folder: ignored (no image files)")
+                for name in sorted(found) if name not in classes]
+    items = []
+    for label, name in enumerate(classes):
+        for path, split in found[name]:
+            rel = str(path.relative_to(root))
+            reason = check_image(path) if check else _type_reason(path)
+            if reason:
+                skipped.append((rel, reason))
+            else:
+                items.append(Item(rel, label, split))
     if not items:
         raise DataError("The class folders hold no readable images "
                         f"({len(skipped)} file(s) skipped; see the list of skipped files).")
-    return DataScan(str(root), class_names, items, skipped, presplit=bool(split_dirs))
+    return DataScan(str(root), classes, items, skipped, presplit=bool(split_dirs))
+
+
+def _class_files(root: Path, sources: dict) -> dict[str, list[tuple[Path, str | None]]]:
+    """{class folder name: [(file, split)]}, split by split; key "" holds images lying loose
+    next to the class folders."""
+    found = defaultdict(list)
+    for split, base in sources.items():
+        for entry in sorted(base.iterdir()):
+            if is_hidden(entry.name):
+                continue
+            if entry.is_dir():
+                found[entry.name] += [(p, split) for p in sorted(entry.rglob("*")) if p.is_file()
+                                      and not any(is_hidden(x) for x in p.relative_to(root).parts)]
+            elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+                found[""].append(entry)
+    return dict(found)
+
+
+def _type_reason(path: Path) -> str | None:
+    return None if path.suffix.lower() in IMAGE_EXTENSIONS else \
+        f"not an image type ({path.suffix or 'no extension'})"
+
+
+def _has_images(files) -> bool:
+    return any(_type_reason(path) is None for path, _ in files)
+
+
+def _no_classes_message(skipped) -> str:
+    loose = sum(reason == "not inside a class folder" for _, reason in skipped)
+    where = f" ({loose} image(s) lie directly in the top folder)" if loose else ""
+    return (f"No class folders found{where}. Put the images of each class in its own folder, "
+            "e.g. cats/1.jpg and dogs/2.jpg (in a zip: the same structure).")
+
+
+def _zip_notes(folder: Path) -> list[tuple[str, str]]:
+    """What safe_extract_zip left out of this folder, as (zip entry, reason)."""
+    try:
+        return [tuple(pair) for pair in json.loads((folder / ZIP_NOTES).read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 def split_items(scan: DataScan, ratios=(0.7, 0.15, 0.15), seed: int = 0,
@@ -158,33 +249,204 @@ def _share(n: int, frac: float, minimum: int) -> int:
     return 0 if frac <= 0 or n < minimum else max(1, round(n * frac))
 
 
+# ---------------------------------------------------------------- duplicates
+
+def identical_files(root: str | os.PathLike, rel_paths: Iterable[str]) -> list[list[str]]:
+    """Groups of byte-identical files among `rel_paths` (relative to `root`). Only files that
+    share a size with another are read, so a set without duplicates costs one stat per file."""
+    by_size = defaultdict(list)
+    for rel in rel_paths:
+        try:
+            by_size[(Path(root) / rel).stat().st_size].append(rel)
+        except OSError:
+            continue
+    by_hash = defaultdict(list)
+    for group in (g for g in by_size.values() if len(g) > 1):
+        for rel in group:
+            by_hash[_file_hash(Path(root) / rel)].append(rel)
+    return [group for group in by_hash.values() if len(group) > 1]
+
+
+def _file_hash(path: Path) -> bytes | str:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "blake2b").digest()
+    except OSError:
+        return str(path)      # unreadable: equal to nothing else
+
+
+def duplicate_files(root: str | os.PathLike, splits_or_items) -> list[list[tuple[str, str]]]:
+    """Groups of identical files that land in different splits, each as sorted (split, path)
+    pairs: a test image with a copy in train makes test accuracy optimistic. Takes split_items'
+    result, or items whose `split` is set."""
+    return across_splits(identical_files(root, list(_split_of(splits_or_items))),
+                         splits_or_items)
+
+
+def across_splits(groups: list[list[str]], splits_or_items) -> list[list[tuple[str, str]]]:
+    """The groups of identical_files that span more than one split."""
+    where = _split_of(splits_or_items)
+    placed = [sorted((where[p], p) for p in group if p in where) for group in groups]
+    return [group for group in placed if len({split for split, _ in group}) > 1]
+
+
+def _split_of(splits_or_items) -> dict[str, str | None]:
+    if isinstance(splits_or_items, dict):
+        return {it.path: split for split, items in splits_or_items.items() for it in items}
+    return {it.path: it.split for it in splits_or_items}
+
+
+def leaked_counts(groups: list[list[tuple[str, str]]]) -> dict[str, int]:
+    """How many val and test images have an identical file in train."""
+    counts = Counter()
+    for group in groups:
+        if any(split == "train" for split, _ in group):
+            counts.update(split for split, _ in group if split != "train")
+    return {split: counts.get(split, 0) for split in ("val", "test")}
+
+
 # ---------------------------------------------------------------- uploads
 
-def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Extract a zip below `dest`, refusing entries that would land outside it and archives
-    whose size or file count is out of proportion (zip bombs), before writing anything."""
+def safe_extract_zip(zip_file: str | os.PathLike | IO[bytes], dest: str | os.PathLike) -> Path:
+    """Extract a zip below `dest`.
+
+    Refused outright, before anything is written: zips that declare more than MAX_ZIP_FILES
+    entries or MAX_ZIP_BYTES unpacked (zip bombs). Zips inside the zip are unpacked one level deep
+    into a folder named after them (cats.zip -> cats/), counted against the same limits; deeper
+    ones are left out. Left out too, with the reason kept in ZIP_NOTES for scan_folder: entries
+    that would land outside `dest`, symlinks, encrypted or damaged entries. Hidden files and
+    __MACOSX are skipped silently. The tree is built in a staging folder and moved into place, so
+    a refused zip leaves nothing behind."""
     dest = Path(dest).resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.unpacking-{secrets.token_hex(4)}"
+    staging.mkdir()
     try:
-        archive = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile as err:
-        raise DataError("That file is not a valid zip archive.") from err
-    with archive:
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        if len(members) > MAX_ZIP_FILES:
-            raise DataError(f"The zip holds {len(members):,} files; the limit is {MAX_ZIP_FILES:,}.")
-        if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
-            raise DataError("The zip would unpack to more than 8 GB; refused.")
-        dest.mkdir(parents=True, exist_ok=True)
-        for member in members:
-            name = member.filename.replace("\\", "/")
-            target = (dest / name).resolve()
-            is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
-            if is_link or not target.is_relative_to(dest) or name.startswith("/"):
-                continue     # traversal, absolute path or symlink: never written
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as src, open(target, "wb") as out:
-                out.write(src.read())
+        notes = _unpack(_open_zip(zip_file), staging, _Budget(MAX_ZIP_FILES, MAX_ZIP_BYTES), nested=False)
+        if notes:
+            (staging / ZIP_NOTES).write_text(json.dumps(notes), encoding="utf-8")
+        _move_into(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def _open_zip(zip_file) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(zip_file)
+    except (zipfile.BadZipFile, EOFError, ValueError) as err:
+        raise DataError("That file is not a valid zip archive.") from err
+
+
+@dataclass
+class _Budget:
+    """Entries and bytes still allowed, shared by a zip and the zips inside it."""
+    files: int
+    nbytes: int
+
+    def take(self, members: list[zipfile.ZipInfo], what: str) -> None:
+        self.files -= len(members)
+        self.nbytes -= sum(m.file_size for m in members)
+        if self.files < 0:
+            raise DataError(f"{what} holds more than {MAX_ZIP_FILES:,} files (counting zips inside "
+                            "it): refused before unpacking, as a likely zip bomb.")
+        if self.nbytes < 0:
+            raise DataError(f"{what} would unpack to more than {_size(MAX_ZIP_BYTES)} (counting zips "
+                            "inside it): refused before unpacking, as a likely zip bomb.")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.1f} GB" if n >= 1024**3 else f"{n / 1024**2:.1f} MB"
+
+
+def _unpack(archive: zipfile.ZipFile, dest: Path, budget: _Budget, nested: bool) -> list[list[str]]:
+    """Write `archive` below `dest`; returns [entry, reason] for each entry left out."""
+    notes = []
+    with archive:
+        budget.take([m for m in archive.infolist() if not m.is_dir()],
+                    "The zip inside the zip" if nested else "The zip")
+        for member in archive.infolist():
+            name = _entry_name(member)
+            if any(is_hidden(part) for part in name.split("/") if part not in (".", "..")):
+                continue        # __MACOSX, .DS_Store: archiver metadata, not data
+            target = (dest / name).resolve()
+            reason = _refusal(member, name, target, dest, nested) or _write(archive, member, target)
+            if reason:
+                notes.append([name, reason])
+            elif target.suffix.lower() == ".zip" and not member.is_dir():
+                notes += [[f"{name}/{entry}".rstrip("/"), why] for entry, why in _unpack_inner(target, budget)]
+    return notes
+
+
+def _unpack_inner(path: Path, budget: _Budget) -> list[list[str]]:
+    """A zip found inside the zip: unpacked next to itself into a folder named after it."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        path.unlink()
+        return [["", "not a valid zip archive: left out"]]
+    notes = _unpack(archive, path.with_suffix(""), budget, nested=True)
+    path.unlink()
+    return notes
+
+
+def _entry_name(member: zipfile.ZipInfo) -> str:
+    """The entry's path with / separators. Without the UTF-8 flag zipfile decodes names as cp437,
+    yet many archivers write UTF-8 without setting it: try UTF-8 first, keep cp437 otherwise (it
+    never fails, so odd encodings such as Shift-JIS still unpack, under garbled names)."""
+    name = member.filename
+    if not member.flag_bits & 0x800:
+        try:
+            name = name.encode("cp437").decode("utf-8")
+        except UnicodeError:
+            pass
+    return name.replace("\\", "/")
+
+
+def _refusal(member: zipfile.ZipInfo, name: str, target: Path, dest: Path, nested: bool) -> str | None:
+    if (member.external_attr >> 16) & 0o170000 == 0o120000:
+        return "symbolic link: not unpacked (it could point anywhere on the server)"
+    if name.startswith("/") or PureWindowsPath(name).drive or not target.is_relative_to(dest):
+        return "path leads outside the upload folder: not unpacked"
+    if member.flag_bits & 0x1:
+        return "encrypted: not unpacked (zip the files again without a password)"
+    if nested and name.lower().endswith(".zip"):
+        return "zip inside a zip inside a zip: not unpacked (only one level of nesting is)"
+    return None
+
+
+def _write(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path) -> str | None:
+    """Copy one entry to disk in chunks; returns why it could not be, if so."""
+    try:
+        if member.is_dir():             # kept, so an empty class folder shows up as one
+            target.mkdir(parents=True, exist_ok=True)
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(member) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        return None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+        reason = f"damaged or unsupported entry ({type(err).__name__}): not unpacked"
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise DataError("The disk is full: the zip could not be unpacked.") from err
+        reason = f"could not be written ({err.strerror or type(err).__name__}): not unpacked"
+    if target.is_file():
+        target.unlink()
+    return reason
+
+
+def _move_into(staging: Path, dest: Path) -> None:
+    """A new folder appears complete in one rename; an existing one gets the files merged in."""
+    if not dest.exists():
+        os.replace(staging, dest)
+        return
+    for path in sorted(staging.rglob("*")):
+        target = dest / path.relative_to(staging)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            os.replace(path, target)
 
 
 def upload_dir(data: bytes, name: str) -> Path:
@@ -195,44 +457,64 @@ def upload_dir(data: bytes, name: str) -> Path:
 
 
 def save_upload_zip(data: bytes, name: str) -> Path:
+    """Unpack an uploaded zip into its own folder below the data directory; the same content
+    uploaded again reuses the folder."""
     folder = upload_dir(data, name)
     if not folder.exists():
-        tmp = folder.with_name(folder.name + ".zip")
-        tmp.write_bytes(data)
-        try:
-            safe_extract_zip(tmp, folder)
-        finally:
-            tmp.unlink(missing_ok=True)
+        safe_extract_zip(io.BytesIO(data), folder)
     return folder
 
 
 def save_upload_file(folder: Path, relative_name: str, data: bytes) -> Path | None:
-    """Store one uploaded file under `folder`, keeping only safe path parts of its name."""
+    """Store one uploaded file under `folder`, keeping only safe path parts of its name (the
+    browser sends a folder upload's relative paths). Returns None for a name that is refused:
+    nothing usable left, NUL or other control characters."""
     parts = [p for p in relative_name.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-    if not parts:
+    if not parts or any(ord(c) < 32 for c in relative_name):
         return None
     target = (folder.joinpath(*parts)).resolve()
     if not target.is_relative_to(folder.resolve()):
         return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    except OSError as err:
+        raise DataError(f"Could not save {parts[-1]!r}: {err.strerror or err}.") from err
     return target
 
 
 # ---------------------------------------------------------------- decoding
 
 def open_rgb(path: str | os.PathLike, size: int | None = None) -> Image.Image:
-    """Open any common image as RGB: EXIF rotation honoured, alpha put on white, and JPEGs
-    decoded at reduced scale when only `size` pixels on the short side are needed."""
+    """Open any common image as RGB: first frame, EXIF rotation honoured, alpha put on white.
+    With `size` (the short side needed) a big image is shrunk while it is decoded (JPEG draft)
+    or right after (whole-factor reduce), before any copy, so memory stays near one decode."""
     with Image.open(path) as img:
+        reason = _too_large(img)
+        if reason:
+            raise DataError(reason)
+        full = img.size
         if size and img.format == "JPEG":
             img.draft("RGB", (size, size))
         img.seek(0)
+        img.load()
+        img = _reduce(img, size) if size else img
+        stored = img.size
         img = to_rgb(ImageOps.exif_transpose(img))
-    if size:
-        img = ImageOps.contain(img, _fit(img.size, size), Image.Resampling.BILINEAR) \
-            if min(img.size) != size else img
-    return img
+    if img.size != stored:
+        full = full[::-1]            # rotated by 90°
+    # The output size comes from the full size, so it is the same whichever shortcut decoded it.
+    target = _fit(full, size) if size else img.size
+    return img if img.size == target else img.resize(target, Image.Resampling.BILINEAR)
+
+
+def _reduce(img: Image.Image, size: int) -> Image.Image:
+    """Shrink by the largest whole factor that keeps the short side >= `size`. Only for modes
+    whose pixels can be averaged: palette indices and the 16-bit modes can't."""
+    factor = min(img.size) // size
+    if factor < 2 or img.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F"):
+        return img
+    return img.reduce(factor)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -241,7 +523,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
-    if img.mode in ("I;16", "I"):
+    if img.mode.startswith("I;16") or img.mode == "I":
         img = img.point(lambda v: v / 256).convert("L")
     return img.convert("RGB")
 

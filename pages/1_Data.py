@@ -37,6 +37,26 @@ def folder_stamp(root: Path) -> float:
         return 0.0
 
 
+@st.cache_data(show_spinner="Looking for duplicate files…", max_entries=16)
+def identical(root: str, _stamp: float) -> list[list[str]]:
+    found = scan(root, _stamp)
+    return D.identical_files(found.root, [it.path for it in found.items])
+
+
+def upload_limit() -> None:
+    """Streamlit refuses bigger files before the page sees them, so say the limit up front."""
+    limit = st.get_option("server.maxUploadSize")
+    st.caption(f"Upload limit: {limit} MB per file (server.maxUploadSize in .streamlit/config.toml).")
+
+
+def save_files(target: Path, files) -> None:
+    """Store uploaded files below `target`; names that would lead elsewhere are refused."""
+    refused = [f.name for f in files if D.save_upload_file(target, f.name, f.getvalue()) is None]
+    if refused:
+        st.warning(f"{len(refused)} file name(s) refused (they would lead outside the upload "
+                   f"folder): {', '.join(repr(n) for n in refused[:5])}")
+
+
 def use_folder(root: Path, label: str) -> None:
     settings["data_root"], settings["data_label"] = str(root), label
 
@@ -59,6 +79,7 @@ if source == "demo":
 elif source == "zip":
     upload = st.file_uploader("Zip with one folder per class (or train/val/test folders)",
                               type=["zip"], key="zip_upload")
+    upload_limit()
     if upload is not None:
         try:
             with st.spinner("Unpacking…"):
@@ -69,24 +90,31 @@ elif source == "zip":
 elif source == "folder":
     files = st.file_uploader("Choose a folder whose sub-folders are the classes", type=None,
                              accept_multiple_files="directory", key="dir_upload")
+    upload_limit()
     if files:
         blob = b"".join(f.name.encode() + f.size.to_bytes(8, "little") for f in files)
         target = D.upload_dir(blob, "folder")
         if not target.exists():
-            with st.spinner(f"Saving {len(files)} files…"):
-                for f in files:
-                    D.save_upload_file(target, f.name, f.getvalue())
+            try:
+                with st.spinner(f"Saving {len(files)} files…"):
+                    save_files(target, files)
+            except D.DataError as err:
+                st.error(str(err))
+                st.stop()
         use_folder(target, f"Uploaded folder ({len(files)} files)")
 elif source == "images":
     folder = session_folder()
     cls = st.text_input("Class name for these images", placeholder="e.g. cats", key="img_class")
     files = st.file_uploader("Images", type=sorted(e[1:] for e in D.IMAGE_EXTENSIONS),
                              accept_multiple_files=True, key="img_upload")
+    upload_limit()
     if st.button("Add to class", disabled=not (files and cls.strip())):
         safe = "".join(c for c in cls.strip() if c.isalnum() or c in " -_")[:60] or "class"
-        for f in files:
-            D.save_upload_file(folder / safe, Path(f.name).name, f.getvalue())
-        st.success(f"Added {len(files)} image(s) to '{safe}'.")
+        try:
+            save_files(folder / safe, files)
+            st.success(f"Added {len(files)} image(s) to '{safe}'.")
+        except D.DataError as err:
+            st.error(str(err))
     if folder.exists():
         use_folder(folder, "Uploaded images")
     else:
@@ -135,10 +163,10 @@ c1.metric("Classes", len(result.classes))
 c2.metric("Images", len(result.items))
 c3.metric("Skipped files", len(result.skipped))
 c4.metric("Pre-split", "yes" if result.presplit else "no")
+for problem in result.errors():
+    st.error(problem)
 for note in result.warnings():
     st.warning(note)
-if len(result.classes) < 2:
-    st.error("Training needs at least two classes.")
 
 frame = pd.DataFrame({"class": list(counts), "images": list(counts.values())})
 st.altair_chart(alt.Chart(frame, title="Images per class").mark_bar().encode(
@@ -181,4 +209,9 @@ splits = D.split_items(result, settings["split"], settings["split_seed"], settin
 table = pd.DataFrame({s: pd.Series([result.classes[it.label] for it in items]).value_counts()
                       for s, items in splits.items()}).reindex(result.classes).fillna(0).astype(int)
 st.dataframe(table, width="stretch")
+groups = D.across_splits(identical(str(root), folder_stamp(root)), splits)
+for split, n in D.leaked_counts(groups).items():
+    if n:
+        st.warning(f"{n} images appear in both train and {split} (identical files): {split} accuracy "
+                   "will be optimistic (leakage). Remove the copies, or keep them in one split.")
 common.link("model", "Next: choose a model", "➡️")
