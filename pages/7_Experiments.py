@@ -1,5 +1,7 @@
 """Experiments: vary one or two settings of the current configuration, queue every combination,
 and compare the runs in a results table and overlaid curves."""
+from pathlib import Path
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -7,6 +9,7 @@ import streamlit as st
 from core import backbones as B
 from core import sweeps as S
 from core.data import PRESETS
+from core.report import save_sweep_report
 from core.runs import ACTIVE_STATES
 from pages import common
 
@@ -123,3 +126,14 @@ if rows:
     st.altair_chart(alt.Chart(frame).mark_line(point=True).encode(
         x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d")), y=alt.Y(f"{metric}:Q", title=metric),
         color=alt.Color("run:N", title=None), tooltip=["run", "epoch", metric]), width="stretch")
+
+st.subheader("Report")
+report_key = f"sweep_report:{chosen}"
+if st.button("Build HTML report", key="build_sweep_report", disabled=not runs):
+    with st.spinner("Writing the report…"):
+        st.session_state[report_key] = str(save_sweep_report(chosen, runs))
+if report_key in st.session_state and Path(st.session_state[report_key]).exists():
+    st.download_button("report.html", Path(st.session_state[report_key]).read_bytes(),
+                       f"sweep-{chosen}-report.html", "text/html", key="sweep_report_download")
+    st.caption("The results table, the curves and each run's metrics in one HTML file: opens offline "
+               "in any browser and prints to PDF.")
