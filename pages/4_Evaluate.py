@@ -11,6 +11,7 @@ from core import evaluate as E
 from core.export import export_onnx, export_run
 from core.report import save_run_report
 from pages import common
+from pages.common.teaching import explain
 
 common.setup("Evaluate")
 st.title("📊 Evaluate")
@@ -46,6 +47,7 @@ m[2].metric("Macro precision", f"{metrics['macro_precision']:.1%}")
 m[3].metric("Macro recall", f"{metrics['macro_recall']:.1%}")
 m[4].metric("Macro F1", f"{metrics['macro_f1']:.1%}")
 st.caption(f"{metrics['n']} {split} images · best epoch's checkpoint")
+explain("validation")
 
 
 def gallery(rows: pd.DataFrame, caption, width: int = 96) -> None:

@@ -65,7 +65,7 @@ st.metric("Runs in this sweep", count)
 
 
 def queue_sweep():
-    runs = S.queue(S.expand(common.run_config(settings), axes))
+    runs = S.queue(S.expand(common.run_config(settings), axes), owner=common.session_owner())
     st.session_state["sweep_id"] = st.session_state["sweep_pick"] = runs[0].config.sweep
     st.session_state["run_id"] = runs[-1].id
 
@@ -73,6 +73,7 @@ def queue_sweep():
 st.button(f"▶️ Queue {count} runs", type="primary", on_click=queue_sweep, disabled=count == 0,
           key="queue_sweep")
 st.caption("Runs train one after another in the background; you can leave this page.")
+common.command_line(common.run_config(settings), axes)
 
 st.divider()
 groups = S.sweeps()
