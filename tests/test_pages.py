@@ -151,10 +151,10 @@ def test_page_renders_as_deep_link(page):
 def test_home_shows_checklist():
     at = opened()
     links = [link.label for link in at.get("page_link")]
-    assert links == ["1. Data", "2. Model", "3. Train", "4. Evaluate"]
+    assert links == ["1. Data", "2. Model", "3. Train", "4. Evaluate", "5. Inspect"]
     body = texts(at)
     assert "Fashion-MNIST" in body and "mobilenetv2_100" in body
-    assert "0 run(s) so far" in body and "0 finished run(s)" in body
+    assert "0 run(s) started in this session" in body and "0 finished" in body
 
 
 # ---------------------------------------------------------------- Data
