@@ -19,13 +19,14 @@ SOURCES = {
     "zip": "Upload a .zip of class folders",
     "folder": "Upload a folder of class folders",
     "images": "Upload images into a class",
+    "camera": "Take photos with the camera",
     "path": "Folder on this server",
     "download": "Download a standard data set",
 }
 
 
 @st.cache_data(show_spinner="Scanning images…", max_entries=16)
-def scan(root: str, _stamp: float) -> D.DataScan:
+def scan(root: str, stamp: float) -> D.DataScan:   # stamp: part of the cache key
     return D.scan_folder(root)
 
 
@@ -38,8 +39,8 @@ def folder_stamp(root: Path) -> float:
 
 
 @st.cache_data(show_spinner="Looking for duplicate files…", max_entries=16)
-def identical(root: str, _stamp: float) -> list[list[str]]:
-    found = scan(root, _stamp)
+def identical(root: str, stamp: float) -> list[list[str]]:
+    found = scan(root, stamp)
     return D.identical_files(found.root, [it.path for it in found.items])
 
 
@@ -65,6 +66,29 @@ def session_folder() -> Path:
     """Where this session's uploaded single images collect, one sub-folder per class."""
     name = st.session_state.setdefault("upload_folder", f"images-{secrets.token_hex(4)}")
     return paths.datasets_dir() / name
+
+
+def class_folder_name(name: str) -> str:
+    return "".join(c for c in name.strip() if c.isalnum() or c in " -_")[:60] or "class"
+
+
+def camera_capture(folder: Path) -> None:
+    """Teachable-Machine style: pick a class, take snapshots, each one lands in that class. Shares
+    its folder with "Upload images into a class", so both can fill one data set."""
+    st.caption("Hold up an object, take a snapshot, press *Add*; repeat for every class (at least "
+               "two, ideally 20+ photos each, from different angles). The browser asks for camera "
+               "permission first.")
+    cls = st.text_input("Class for the next snapshots", placeholder="e.g. mug", key="cam_class")
+    shot = st.camera_input("Snapshot", key="cam_shot", disabled=not cls.strip())
+    if shot is not None and st.button("Add this snapshot to the class", type="primary", key="cam_add"):
+        name = class_folder_name(cls)
+        count = len(list((folder / name).glob("*.jpg"))) if (folder / name).exists() else 0
+        D.save_upload_file(folder / name, f"camera-{count + 1:04d}.jpg", shot.getvalue())
+        st.success(f"Saved snapshot {count + 1} of '{name}'.")
+    if folder.exists():
+        counts = {p.name: len(list(p.glob("*.*"))) for p in sorted(folder.iterdir()) if p.is_dir()}
+        st.caption("So far: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        use_folder(folder, "Camera snapshots")
 
 
 source = st.radio("Source", list(SOURCES), format_func=SOURCES.get, horizontal=True,
@@ -109,7 +133,7 @@ elif source == "images":
                              accept_multiple_files=True, key="img_upload")
     upload_limit()
     if st.button("Add to class", disabled=not (files and cls.strip())):
-        safe = "".join(c for c in cls.strip() if c.isalnum() or c in " -_")[:60] or "class"
+        safe = class_folder_name(cls)
         try:
             save_files(folder / safe, files)
             st.success(f"Added {len(files)} image(s) to '{safe}'.")
@@ -119,6 +143,8 @@ elif source == "images":
         use_folder(folder, "Uploaded images")
     else:
         st.info("Add images of at least two classes, one class at a time.")
+elif source == "camera":
+    camera_capture(session_folder())
 elif source == "download":
     name = st.selectbox("Data set", list(downloads.STANDARD_SETS), key="std_set",
                         format_func=lambda n: downloads.STANDARD_SETS[n].title)

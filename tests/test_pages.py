@@ -355,3 +355,25 @@ def test_evaluate_without_runs_shows_info():
     at = opened(EVALUATE)
     assert any("No trained run yet" in i.value for i in at.info)
     assert not at.metric and not charts(at)
+
+
+def test_data_camera_snapshots_fill_classes():
+    """Teachable-Machine style: each snapshot lands in the class named above the camera."""
+    import io
+
+    from conftest import class_image
+    at = opened(DATA)
+    at.radio(key="data_source").set_value("camera").run()
+    assert_ok(at)
+    for label, cls in enumerate(["mug", "pen"]):
+        for i in range(3):
+            at.text_input(key="cam_class").input(cls).run()
+            buf = io.BytesIO()
+            class_image(label, i, 48).save(buf, "JPEG")
+            at.camera_input(key="cam_shot").upload(f"shot{i}.jpg", buf.getvalue()).run()
+            at.button(key="cam_add").click().run()
+            assert_ok(at)
+    assert "mug: 3, pen: 3" in texts(at)
+    root = Path(at.session_state["settings"]["data_root"])
+    assert sorted(p.name for p in root.iterdir()) == ["mug", "pen"]
+    assert metrics(at)["Classes"] == "2"

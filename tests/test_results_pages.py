@@ -268,3 +268,14 @@ def test_page_opened_directly_without_runs(page):
     assert_ok(at)
     assert at.title
     assert "No trained run yet" in texts(at)
+
+
+def test_predict_classifies_a_camera_snapshot(run):
+    at = opened(PREDICT)
+    at.toggle(key="pred_cam_on").set_value(True).run()
+    assert_ok(at)
+    buf = io.BytesIO()
+    class_image(1, 5, 64).save(buf, "JPEG")
+    at.camera_input(key="pred_camera").upload("shot.jpg", buf.getvalue()).run()
+    assert_ok(at)
+    assert len(at.get("arrow_vega_lite_chart")) + len(at.get("vega_lite_chart")) == 1
