@@ -42,8 +42,9 @@ def run_normalization(run: Run, model: FineTuneModel) -> tuple[list, list]:
 
 @torch.inference_mode()
 def predict_probs(model: torch.nn.Module, images: list[torch.Tensor], transform,
-                  device: torch.device, batch_size: int = 64) -> np.ndarray:
-    """Softmax probabilities for pre-decoded uint8 images."""
+                  device: torch.device, batch_size: int = 64, progress=None) -> np.ndarray:
+    """Softmax probabilities for pre-decoded uint8 images. `progress(done, total)` is called per
+    batch (and may raise to stop)."""
     was_training = model.training
     model.eval()
     out = []
@@ -53,6 +54,8 @@ def predict_probs(model: torch.nn.Module, images: list[torch.Tensor], transform,
             batch = batch.to(device, memory_format=torch.channels_last)
             with autocast(device):
                 out.append(model(batch).float().softmax(-1).cpu())
+            if progress:
+                progress(min(start + batch_size, len(images)), len(images))
     finally:
         model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0))

@@ -464,7 +464,8 @@ def finish(run: Run, cfg: RunConfig, loop: Loop, data) -> dict:
             with torch.inference_mode():     # backbone never changed: reuse its test features
                 probs = model.head.eval()(loop.feats["test"]).float().softmax(-1).cpu().numpy()
         else:
-            probs = predict_probs(model, images, loop.eval_tf, device)
+            probs = predict_probs(model, images, loop.eval_tf, device, progress=lambda done, total: report(
+                "running", message="Testing the best checkpoint", phase="test", step=done, steps=total))
         metrics = save_evaluation(run, "test", files, labels, probs)
         run.set_status("finished", message=done, test_acc=metrics["accuracy"], phase="done")
     else:
