@@ -129,15 +129,10 @@ with tabs[5]:
     c2.download_button("Metrics (JSON)", json.dumps(metrics, indent=1).encode(),
                        f"{run.id}-{split}-metrics.json", "application/json")
     st.markdown("**Report**: everything above in one HTML file, images embedded.")
-    report_key = f"report:{run.id}:{split}"
-    if st.button("Build HTML report", key="build_report"):
-        with st.spinner("Writing the report…"):
-            st.session_state[report_key] = str(save_run_report(run, split))
-    if report_key in st.session_state and Path(st.session_state[report_key]).exists():
-        st.download_button("report.html", Path(st.session_state[report_key]).read_bytes(),
-                           f"{run.id}-{split}-report.html", "text/html", key="report_download")
-        st.caption("Opens offline in any browser (nothing is loaded from the internet); "
-                   "print it to PDF from the browser.")
+    common.report_button("report", f"{run.id}:{split}", lambda: save_run_report(run, split),
+                         f"{run.id}-{split}-report.html",
+                         "Opens offline in any browser (nothing is loaded from the internet); "
+                         "print it to PDF from the browser.")
     st.markdown("**Export the model**: `model.safetensors` + `model.json`, loadable by "
                 "`core.predict.from_export` (and by plain timm for a linear head, see the README).")
     if st.button("Prepare export", key="export"):

@@ -129,12 +129,7 @@ if rows:
         color=alt.Color("run:N", title=None), tooltip=["run", "epoch", metric]), width="stretch")
 
 st.subheader("Report")
-report_key = f"sweep_report:{chosen}"
-if st.button("Build HTML report", key="build_sweep_report", disabled=not runs):
-    with st.spinner("Writing the report…"):
-        st.session_state[report_key] = str(save_sweep_report(chosen, runs))
-if report_key in st.session_state and Path(st.session_state[report_key]).exists():
-    st.download_button("report.html", Path(st.session_state[report_key]).read_bytes(),
-                       f"sweep-{chosen}-report.html", "text/html", key="sweep_report_download")
-    st.caption("The results table, the curves and each run's metrics in one HTML file: opens offline "
-               "in any browser and prints to PDF.")
+common.report_button("sweep_report", f"sweep:{chosen}", lambda: save_sweep_report(chosen, runs),
+                     f"sweep-{chosen}-report.html",
+                     "The results table, the curves and each run's metrics in one HTML file: opens "
+                     "offline in any browser and prints to PDF.", disabled=not runs)

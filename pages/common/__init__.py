@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from pathlib import Path
 
 import altair as alt
 import pandas as pd
@@ -271,6 +272,8 @@ def use_preset(settings: dict, preset: dict) -> None:
     settings.update(P.apply_preset(settings, preset))
     if "data_root" in preset["settings"]:
         settings["data_label"] = f"From preset: {settings['data_root']}"
+    if "image_size" in preset["settings"]:     # Train's first visit must not swap in its device default
+        st.session_state["image_size_default"] = True
     for key in [k for k in st.session_state if str(k).startswith(("w_", "aug_on_", "aug_v_"))]:
         del st.session_state[key]
     for key in ("aug_applied", "aug_preset"):
@@ -278,3 +281,16 @@ def use_preset(settings: dict, preset: dict) -> None:
     st.session_state["preset_note"] = (f"Loaded “{preset['name']}”: {len(preset['settings'])} settings. "
                                        + preset["description"])
     st.rerun()
+
+
+def report_button(key: str, subject: str, build, filename: str, caption: str, disabled: bool = False) -> None:
+    """Build an HTML report of `subject` (a run and split, a sweep) on click (`build()` returns its
+    path), then offer it for download."""
+    stored = f"report_path:{subject}"
+    if st.button("Build HTML report", key=f"build_{key}", disabled=disabled):
+        with st.spinner("Writing the report…"):
+            st.session_state[stored] = str(build())
+    path = Path(st.session_state.get(stored, ""))
+    if stored in st.session_state and path.exists():
+        st.download_button("report.html", path.read_bytes(), filename, "text/html", key=f"{key}_download")
+        st.caption(caption)
