@@ -144,11 +144,12 @@ class Run:
         return (self.read_json("status.json", {}) or {}).get("owner", "")
 
     def resumable(self) -> bool:
-        """Ended early (stopped, interrupted, failed) with an end-of-epoch state to go on from."""
+        """Ended early (stopped, interrupted, failed) with an end-of-epoch state to go on from:
+        epochs left to train, or every epoch done but the test pass cut short."""
         state = self.status().get("state")
         done = (self.read_json("status.json", {}) or {}).get("last_epoch", 0)
         return (state in ("stopped", "interrupted", "failed") and self.file("last_state.pt").exists()
-                and done < self.config.epochs)
+                and (done < self.config.epochs or not self.file("test_metrics.json").exists()))
 
     # status
     def set_status(self, state: str, **info) -> None:
