@@ -125,12 +125,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_resume(args) -> int:
+    from core import distributed as dist
     run = get_run(args.run)
-    if not run.resumable():
-        raise SystemExit(f"{run.id} cannot be resumed: it finished, or it has no finished epoch.")
-    run.set_status("queued", message="Resuming from the command line", owner="cli")
-    train_foreground(run, resume=True, quiet=args.quiet)
-    return summary(run)
+    dist.init()
+    try:     # under torchrun rank 0 decides: another rank could already see its 'queued' status
+        if not dist.broadcast(run.resumable() if dist.is_main() else None):
+            raise SystemExit(f"{run.id} cannot be resumed: it finished, or it has no finished epoch.")
+        if dist.is_main():
+            run.set_status("queued", message="Resuming from the command line", owner="cli")
+        train_foreground(run, resume=True, quiet=args.quiet)
+        dist.barrier()
+        return summary(run) if dist.is_main() else 0
+    finally:
+        dist.finish()
 
 
 def cmd_evaluate(args) -> int:

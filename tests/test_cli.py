@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ import core
 from conftest import class_image
 from core import cli
 from core import distributed as dist
+from core import training as T
 from core.runs import get_run, list_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +105,41 @@ def test_torchrun_matches_one_process(tiny_config, lab_home, tmp_path, settings)
     assert ddp.status()["state"] == "finished"
     assert ddp.status()["test_acc"] == pytest.approx(reference.status()["test_acc"], abs=1e-6)
     assert ddp.status()["feature_cache"] is reference.status()["feature_cache"] is (cfg.freeze == "head")
+
+
+def stopped_after_first_epoch(cfg, monkeypatch):
+    """A run of `cfg` that the user stopped right after epoch 1's resume state was saved."""
+    stop, original = threading.Event(), T.save_resume_state
+
+    def save_and_stop(*args):
+        original(*args)
+        stop.set()
+    with monkeypatch.context() as patch:
+        patch.setattr(T, "save_resume_state", save_and_stop)
+        run = core.Run.create(cfg)
+        assert T.train_run(run, stop=stop)["state"] == "stopped"
+    assert len(run.epochs()) == 1 and run.resumable()
+    return run
+
+
+@needs_gloo
+def test_torchrun_resume_matches_an_uninterrupted_run(tiny_config, lab_home, monkeypatch):
+    """`torchrun ... -m core resume RUN` goes on from a stop in data-parallel mode (rank 0 checks
+    and writes, every rank loads the weights, optimiser and schedule state) and ends with the
+    numbers of one process that never stopped."""
+    cfg = tiny_config(arch="test_vit", freeze="full", epochs=3, lr=1e-3, scheduler="cosine")
+    reference = core.train(cfg)
+    run = stopped_after_first_epoch(cfg, monkeypatch)
+
+    done = run_cli(["torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "core", "resume", run.id, "--quiet"], lab_home)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert run.status()["state"] == "finished", run.status()
+    assert [r["epoch"] for r in run.epochs()] == [1, 2, 3]          # each once, whatever the ranks
+    for a, b in zip(reference.epochs(), run.epochs()):
+        for key in METRICS:
+            assert b[key] == pytest.approx(a[key], abs=2e-3), (b["epoch"], key)
+    assert run.status()["test_acc"] == pytest.approx(reference.status()["test_acc"], abs=1e-6)
 
 
 def test_batch_size_that_does_not_split_over_processes_fails(tiny_config, tmp_path, monkeypatch, capsys):
