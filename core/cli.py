@@ -167,7 +167,10 @@ def cmd_predict(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from core import distributed as dist
     from core import sweeps as S
+    if dist.launched():     # every rank would create and train its own copy of each run
+        raise SystemExit("sweep runs one process; train a single configuration under torchrun instead.")
     base = load_config(args.config, args.set)
     axes = {}
     for item in args.grid:
