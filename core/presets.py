@@ -72,8 +72,12 @@ def parse_preset(data: bytes | str) -> dict:
                 description=str(preset.get("description", ""))[:2000], settings=settings)
 
 
+EXAMPLES = {"max_per_class": 100, "augment": {"hflip": True, "rotation": 15.0}}   # where the default shows no type
+
+
 def checked(key: str, value, default):
     """`value` if it has the type the setting needs (ints may stand for floats)."""
+    default = EXAMPLES.get(key, default)
     if default is None or value is None:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
@@ -82,7 +86,11 @@ def checked(key: str, value, default):
         ok = isinstance(value, (int, float))
         value = float(value) if ok else value
     elif isinstance(default, tuple):
-        ok = isinstance(value, list) and len(value) == len(default)
+        ok = (isinstance(value, list) and len(value) == len(default)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+    elif isinstance(default, dict):     # augment: {name: on, strength, or "randaugment" for auto}
+        ok = isinstance(value, dict) and all(isinstance(v, (int, float)) or (k == "auto" and isinstance(v, str))
+                                             for k, v in value.items())
     else:
         ok = isinstance(value, type(default))
     if not ok:

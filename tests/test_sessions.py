@@ -1,0 +1,282 @@
+"""Several browser sessions on one server, with Streamlit's AppTest (each AppTest instance is its
+own session with its own session_state and owner token; all share the process-wide training
+queue `core.runs.MANAGER`, as real sessions on one server do).
+
+* Two sessions train at once: their jobs queue, each session sees its own runs (👤) and the
+  other's, and neither can stop or delete the other's run unless the user ticks `manage_all`.
+* A load test: five sessions each start a small head-only run on the demo data; all finish and
+  nothing is logged as an exception.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+from streamlit import config
+from streamlit.testing.v1 import AppTest
+from streamlit.testing.v1.util import patch_config_options
+
+from core.runs import ACTIVE_STATES, MANAGER, get_run, list_runs
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENTRY = str(REPO_ROOT / "streamlit_app.py")
+TRAIN = "pages/3_Train.py"
+TIMEOUT = 120
+ENDED = ("finished", "failed", "stopped", "interrupted")
+ORIGINAL_GET_OPTION = config.get_option
+
+
+@pytest.fixture(autouse=True)
+def idle_manager(lab_home):
+    """No background run from another test may be training before or after this test."""
+    assert manager_idle(timeout=180), "a run from an earlier test is still in the queue"
+    yield
+    for run in list_runs():
+        if run.status().get("state") in ACTIVE_STATES:
+            MANAGER.stop(run.id)
+    assert manager_idle(timeout=180), "a run started by this test did not end"
+
+
+def manager_idle(timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while MANAGER.busy():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def assert_ok(at: AppTest) -> None:
+    assert not at.exception, [(e.value, "\n".join(e.stack_trace)) for e in at.exception]
+
+
+def session(page: str | None = TRAIN) -> AppTest:
+    """A new browser session: the entry file once (Home), then `page`."""
+    at = AppTest.from_file(ENTRY, default_timeout=TIMEOUT).run()
+    assert_ok(at)
+    if page:
+        at.switch_page(page).run()
+        assert_ok(at)
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = []
+    for kind in ("markdown", "caption", "title", "info", "error", "warning", "success"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def keys(at: AppTest, kind: str = "button") -> set[str]:
+    return {w.key for w in at.get(kind) if w.key}
+
+
+def start_button(at: AppTest):
+    return next(b for b in at.button if "Start training" in b.label)
+
+
+def small_settings(at: AppTest, data_root: Path, **overrides) -> None:
+    """A tiny test_resnet on `data_root` (the Train page reads session_state["settings"]);
+    called before the first visit to Train so the widgets start from these values."""
+    settings = dict(at.session_state["settings"])
+    settings.update(data_root=str(data_root), data_label="Test images", arch="test_resnet",
+                    weights="random", weights_file=None, freeze="full", image_size=32, epochs=1,
+                    batch_size=8, lr=1e-2, optimizer="adamw", scheduler="none", augment={},
+                    device="cpu", seed=0)
+    settings.update(overrides)
+    at.session_state["settings"] = settings
+    at.session_state["image_size_default"] = True
+
+
+def show(at: AppTest, run_id: str) -> None:
+    at.selectbox(key="run_pick").set_value(run_id).run()
+    assert_ok(at)
+
+
+def picker_labels(at: AppTest) -> dict[str, str]:
+    """run id -> label as the run picker shows it."""
+    box = at.selectbox(key="run_pick")
+    return {label.split("👤 ")[-1].split(" · ")[0]: label for label in box.options}
+
+
+def wait_state(run_id: str, states: tuple[str, ...], timeout: float) -> dict:
+    end = time.monotonic() + timeout
+    while (status := get_run(run_id).status()).get("state") not in states:
+        assert time.monotonic() < end, f"{run_id} still {status.get('state')}: {status.get('message')}"
+        time.sleep(0.2)
+    return status
+
+
+# ---------------------------------------------------------------- two sessions
+
+def test_two_sessions_share_the_queue_but_not_the_controls(image_folder):
+    data = image_folder(classes=3, per_class=30, size=64)
+    a, b = session(page=None), session(page=None)
+    # A's run is long (augmented, 500 epochs) so it still trains while B looks at it
+    small_settings(a, data, epochs=500, image_size=128, batch_size=4, augment={"hflip": True, "rotation": 30.0})
+    small_settings(b, data)
+    for at in (a, b):
+        at.switch_page(TRAIN).run()
+        assert_ok(at)
+    assert "No runs yet" in texts(b)
+
+    start_button(a).click().run()
+    assert_ok(a)
+    long_id = a.session_state["run_id"]
+    assert get_run(long_id).owner == a.session_state["owner"]
+    wait_state(long_id, ("running",) + ENDED, timeout=90)
+    start_button(b).click().run()           # B's job queues behind A's on the one device
+    assert_ok(b)
+    short_id = b.session_state["run_id"]
+    assert a.session_state["owner"] != b.session_state["owner"]
+    assert short_id != long_id and get_run(short_id).owner == b.session_state["owner"]
+    assert get_run(short_id).status()["state"] == "queued"
+    assert get_run(long_id).status()["state"] == "running"
+
+    # both sessions see both runs, 👤 on their own, and the shared queue in the sidebar
+    for at, own, other in ((a, long_id, short_id), (b, short_id, long_id)):
+        at.run()
+        assert_ok(at)
+        labels = picker_labels(at)
+        assert set(labels) == {long_id, short_id}
+        assert labels[own].startswith("👤 ") and not labels[other].startswith("👤")
+        sidebar = "\n".join(c.value for c in at.sidebar.caption)
+        assert "Training:" in sidebar and "1 queued" in sidebar, sidebar
+
+    # B, on its own queued run, may stop it; on A's running run, it may not
+    assert b.selectbox(key="run_pick").value == short_id
+    assert "stop" in keys(b) and "manage_all" not in keys(b, "checkbox")
+    show(b, long_id)
+    assert "stop" not in keys(b) and "delete" not in keys(b)
+    assert "Started by another session" in texts(b)
+    assert "manage_all" in keys(b, "checkbox")
+    a.run()
+    assert a.selectbox(key="run_pick").value == long_id
+    assert "stop" in keys(a) and "manage_all" not in keys(a, "checkbox")
+    assert "Started by another session" not in texts(a)
+
+    # "Only my runs" hides the other session's run
+    b.toggle(key="run_pick_mine").set_value(True).run()
+    assert_ok(b)
+    assert set(picker_labels(b)) == {short_id}
+    b.toggle(key="run_pick_mine").set_value(False).run()
+    show(b, long_id)
+
+    # B opts in: now it may stop A's run, and does
+    b.checkbox(key="manage_all").check().run()
+    assert_ok(b)
+    assert "stop" in keys(b)
+    b.button(key="stop").click().run()
+    assert_ok(b)
+    assert wait_state(long_id, ENDED, timeout=60)["state"] == "stopped"
+    b.checkbox(key="manage_all").uncheck().run()
+    assert_ok(b)
+
+    # the queued job then trains and finishes
+    assert MANAGER.wait(short_id, timeout=120)
+    status = get_run(short_id).status()
+    assert status["state"] == "finished", status.get("message")
+    assert get_run(long_id).status()["state"] == "stopped"
+
+    # Delete: B can't delete (or resume) A's ended run without opting in; A can delete it
+    b.run()
+    show(b, long_id)
+    assert not {"delete", "resume", "stop"} & keys(b)
+    assert "Started by another session" in texts(b)
+    a.run()
+    show(a, long_id)
+    assert "delete" in keys(a)
+    assert ("resume" in keys(a)) == get_run(long_id).resumable()   # stopped after a finished epoch?
+    a.button(key="delete").click().run()
+    assert_ok(a)
+    assert not (Path(get_run(short_id).path.parent) / long_id).exists()
+    assert [r.id for r in list_runs()] == [short_id]
+    b.run()
+    assert_ok(b)
+    assert set(picker_labels(b)) == {short_id}
+
+    # and B deletes its own finished run, which A could only do after opting in
+    a.run()
+    show(a, short_id)
+    assert "delete" not in keys(a)
+    show(b, short_id)
+    b.button(key="delete").click().run()
+    assert_ok(b)
+    assert list_runs() == []
+
+
+# ---------------------------------------------------------------- load test
+
+def test_five_sessions_train_on_the_demo_data_at_once(caplog):
+    """Five sessions, each in its own thread, open Train and start a 2-epoch head-only run on
+    the built-in demo data at the same moment. All five queue, all finish, each belongs to its
+    session, and no exception reaches any session or the log."""
+    caplog.set_level(logging.WARNING)
+    st_logger = logging.getLogger("streamlit")
+    if not st_logger.propagate:          # streamlit's own handler would keep them from caplog
+        st_logger.addHandler(caplog.handler)
+    sessions = [session(page=None) for _ in range(5)]
+    for i, at in enumerate(sessions):
+        at.session_state["image_size_default"] = True
+        settings = dict(at.session_state["settings"])
+        settings.update(epochs=2, image_size=64, seed=i, device="cpu")
+        at.session_state["settings"] = settings
+    barrier = threading.Barrier(len(sessions))
+    errors: list[str] = []
+
+    def browse(at: AppTest) -> None:
+        try:
+            at.switch_page(TRAIN).run()
+            barrier.wait(timeout=300)
+            start_button(at).click().run()
+        except BaseException:  # noqa: BLE001 - reported below
+            errors.append(traceback.format_exc())
+
+    try:
+        # AppTest.run() switches Streamlit's "global.appTest" option on by patching
+        # config.get_option for the length of the run; runs in parallel threads would undo each
+        # other's patch (widgets then miss their test hooks: KeyError in AppTest itself). Holding
+        # it on around all of them keeps the parallel runs independent.
+        with patch_config_options({"global.appTest": True}):
+            threads = [threading.Thread(target=browse, args=(at,)) for at in sessions]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=400)
+        assert not errors, "\n".join(errors)
+        for at in sessions:
+            assert_ok(at)
+        ids = [at.session_state["run_id"] for at in sessions]
+        assert len(set(ids)) == 5 and len(list_runs()) == 5
+        for at, run_id in zip(sessions, ids):
+            run = get_run(run_id)
+            assert run.owner == at.session_state["owner"]
+            cfg = run.config
+            assert (cfg.data_root, cfg.freeze, cfg.epochs, cfg.image_size) == (
+                "assets/demo/fashion_mnist", "head", 2, 64)
+
+        for run_id in ids:
+            assert MANAGER.wait(run_id, timeout=300), f"{run_id} did not leave the queue"
+        for at, run_id in zip(sessions, ids):
+            status = get_run(run_id).status()
+            assert status["state"] == "finished", status.get("message")
+            assert len(get_run(run_id).epochs()) == 2
+            at.run()                      # each session's page shows its finished run
+            assert_ok(at)
+            assert at.selectbox(key="run_pick").value == run_id
+            assert "Test accuracy (best epoch)" in [m.label for m in at.metric]
+            labels = at.selectbox(key="run_pick").options
+            assert len(labels) == 5 and sum(label.startswith("👤 ") for label in labels) == 1
+        assert len({at.session_state["owner"] for at in sessions}) == 5
+    finally:
+        st_logger.removeHandler(caplog.handler)
+    assert config.get_option is ORIGINAL_GET_OPTION, "a parallel AppTest run left its config patch behind"
+
+    problems = [r for r in caplog.records
+                if r.levelno >= logging.ERROR or r.exc_info or "Traceback" in r.getMessage()]
+    assert not problems, [f"{r.name}: {r.getMessage()}" for r in problems]
+    assert "Traceback" not in caplog.text
