@@ -20,3 +20,26 @@ def opened(page: str | None = None, timeout: float = 120) -> AppTest:
         at.switch_page(page).run()
         assert_ok(at)
     return at
+
+
+def manager_idle(timeout: float) -> bool:
+    import time
+
+    from core.runs import MANAGER
+    end = time.monotonic() + timeout
+    while MANAGER.busy():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def quiet_queue(timeout: float):
+    """Fixture body: no background run from another test may be training before or after."""
+    from core.runs import ACTIVE_STATES, MANAGER, list_runs
+    assert manager_idle(timeout), "a run from an earlier test is still in the queue"
+    yield
+    for run in list_runs():
+        if run.status().get("state") in ACTIVE_STATES:
+            MANAGER.stop(run.id)
+    assert manager_idle(timeout), "a run started by this test did not end"

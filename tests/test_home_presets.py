@@ -19,6 +19,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import presets as P
+from apptest_helpers import manager_idle, quiet_queue
 from core.runs import ACTIVE_STATES, MANAGER, RunConfig, list_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,22 +35,7 @@ EXCLUDED = set(P.NOT_SAVED)
 
 @pytest.fixture
 def idle_manager(lab_home):
-    """No background run from another test may be training before or after this test."""
-    assert manager_idle(timeout=180), "a run from an earlier test is still in the queue"
-    yield
-    for run in list_runs():
-        if run.status().get("state") in ACTIVE_STATES:
-            MANAGER.stop(run.id)
-    assert manager_idle(timeout=180), "a run started by this test did not end"
-
-
-def manager_idle(timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while MANAGER.busy():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.1)
-    return True
+    yield from quiet_queue(180)
 
 
 def assert_ok(at: AppTest) -> None:

@@ -18,6 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import class_image
 from core import paths
+from apptest_helpers import manager_idle, quiet_queue
 from core.runs import ACTIVE_STATES, MANAGER, list_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,22 +33,7 @@ TIMEOUT = 60
 
 @pytest.fixture(autouse=True)
 def idle_manager(lab_home):
-    """No background run from another test may be training before or after this test."""
-    assert manager_idle(timeout=120), "a run from an earlier test is still in the queue"
-    yield
-    for run in list_runs():
-        if run.status().get("state") in ACTIVE_STATES:
-            MANAGER.stop(run.id)
-    assert manager_idle(timeout=120), "a run started by this test did not end"
-
-
-def manager_idle(timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while MANAGER.busy():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.1)
-    return True
+    yield from quiet_queue(120)
 
 
 def app() -> AppTest:
