@@ -97,7 +97,7 @@ def test_sweep_over_optimizers(image_folder):
     assert at.session_state["sweep_pick"] == sweep
     assert at.selectbox(key="sweep_pick").value == sweep
     assert not at.get("progress")                 # nothing left to wait for
-    assert [b.label for b in at.get("download_button")] == ["Results (CSV)"]
+    assert [b.label for b in at.get("download_button")] == ["Download config.json", "Results (CSV)"]
 
 
 def test_curves_of_a_new_sweep_are_overlaid(image_folder):

@@ -212,11 +212,16 @@ def test_five_sessions_train_on_the_demo_data_at_once(caplog):
         settings.update(epochs=2, image_size=64, seed=i, device="cpu")
         at.session_state["settings"] = settings
     barrier = threading.Barrier(len(sessions))
+    # Each AppTest compiles pages itself (a server shares one locked script cache). CPython
+    # 3.11.7's ast.parse is not safe in parallel threads (gh-106905: "AST constructor recursion
+    # depth mismatch"), so the page loads take turns; the clicks that start training do not.
+    compiling = threading.Lock()
     errors: list[str] = []
 
     def browse(at: AppTest) -> None:
         try:
-            at.switch_page(TRAIN).run()
+            with compiling:
+                at.switch_page(TRAIN).run()
             barrier.wait(timeout=300)
             start_button(at).click().run()
         except BaseException:  # noqa: BLE001 - reported below
