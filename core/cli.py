@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from core import paths
-from core.runs import Run, RunConfig, get_run
+from core.runs import Run, RunConfig, get_run, setting_problems
 
 FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
 
@@ -41,7 +41,14 @@ def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
         if key not in RunConfig.__dataclass_fields__:
             raise SystemExit(f"--set: unknown setting {key!r}")
         data[key] = parse_value(value)
+    refuse_bad_settings(data)
     return RunConfig.from_dict(data)
+
+
+def refuse_bad_settings(settings: dict, where: str = "") -> None:
+    problems = setting_problems(settings)
+    if problems:
+        raise SystemExit(f"{where}settings out of range:\n  " + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------- progress in the terminal
@@ -178,7 +185,10 @@ def cmd_sweep(args) -> int:
         if axis not in S.AXES:
             raise SystemExit(f"--grid: {axis!r} is not one of {', '.join(S.AXES)}")
         axes[axis] = [parse_value(v) for v in values.split(",")]
-    runs = [Run.create(cfg, owner="cli") for cfg in S.expand(base, axes)]
+    configs = S.expand(base, axes)
+    for cfg in configs:      # all refused before any trains
+        refuse_bad_settings(cfg.to_dict(), where=f"{cfg.name}: ")
+    runs = [Run.create(cfg, owner="cli") for cfg in configs]
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.config.name}", flush=True)
         train_foreground(run, quiet=args.quiet)

@@ -573,6 +573,12 @@ AUGMENTATIONS = {
     "blur": "Gaussian blur (kernel px)",
     "auto": "RandAugment / TrivialAugment",
 }
+AUGMENT_RANGES = {   # augmentation -> (min, max, default) of its strength, as the Train page offers it
+    "rotation": (1.0, 180.0, 30.0), "affine": (0.02, 0.4, 0.1),
+    "random_resized_crop": (0.05, 0.95, 0.5), "color_jitter": (0.05, 0.9, 0.2),
+    "hue": (0.01, 0.5, 0.1), "grayscale": (0.05, 1.0, 0.2), "invert": (0.05, 1.0, 0.2),
+    "blur": (3.0, 15.0, 5.0)}
+AUTO_AUGMENTS = ("trivialaugment", "randaugment")
 
 # Named sets of augmentations: the presets sweeps vary and the seed reports used.
 PRESETS = {

@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from core import paths
-from core.runs import RunConfig
+from core.runs import RunConfig, setting_problems
 
 FORMAT = "finetune-lab-preset/1"
 SHIPPED_DIR = paths.REPO_ROOT / "assets" / "presets"
@@ -68,6 +68,9 @@ def parse_preset(data: bytes | str) -> dict:
     for key, value in preset["settings"].items():
         if key in defaults and key not in NOT_SAVED:
             settings[key] = checked(key, value, defaults[key])
+    problems = setting_problems(settings, for_widgets=True)
+    if problems:
+        raise PresetError("This preset has settings the app can't use: " + " ".join(problems))
     return dict(format=FORMAT, name=str(preset.get("name", "Preset"))[:100],
                 description=str(preset.get("description", ""))[:2000], settings=settings)
 

@@ -76,6 +76,52 @@ class RunConfig:
         return asdict(self)
 
 
+# What the app's widgets offer. A preset must fit them, since a page can only show what its widget
+# allows; a command-line config must fit the ranges but may use any batch or image size.
+RANGES = {"lr": (1e-6, 10.0), "weight_decay": (0.0, 1.0), "momentum": (0.0, 0.999),
+          "epochs": (1, 500), "seed": (0, 10**6), "split_seed": (0, 10**6), "step_size": (1, 100),
+          "gamma": (0.01, 1.0), "warmup_epochs": (0, 50), "label_smoothing": (0.0, 0.5),
+          "patience": (0, 100), "phase1_epochs": (0, 500), "backbone_lr_mult": (0.001, 10.0),
+          "hidden": (8, 4096), "dropout": (0.0, 0.9), "top_k": (1, 1000), "max_per_class": (1, 10**6),
+          "batch_size": (1, 65536), "image_size": (16, 2048)}
+CHOICES = {"optimizer": ("sgd", "adam", "adamw", "rmsprop"),
+           "scheduler": ("none", "step", "cosine", "onecycle"),
+           "freeze": ("head", "top_k", "full", "scratch"), "head": ("linear", "mlp"),
+           "normalize": ("backbone", "dataset"), "baseline": ("", "logreg"),
+           "weights": ("auto", "bundled", "hub-cache", "hub", "file", "random")}
+WIDGET_CHOICES = {"batch_size": (4, 8, 16, 32, 64, 128, 256),
+                  "image_size": (64, 96, 128, 160, 192, 224, 256, 288, 320, 384)}
+
+
+def setting_problems(settings: dict, for_widgets: bool = False) -> list[str]:
+    """One sentence per setting outside what a run (or, `for_widgets`, the app's pages) accepts."""
+    problems = []
+    for key, (low, high) in RANGES.items():
+        value = settings.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
+            problems.append(f"{key} is {value:g}; it must be between {low:g} and {high:g}.")
+    choices = CHOICES | (WIDGET_CHOICES if for_widgets else {})
+    for key, allowed in choices.items():
+        if key in settings and settings[key] not in allowed:
+            shown = ", ".join(repr(a) if isinstance(a, str) else str(a) for a in allowed)
+            problems.append(f"{key} is {settings[key]!r}; it must be one of {shown}.")
+    return problems + augment_problems(settings.get("augment") or {})
+
+
+def augment_problems(augment: dict) -> list[str]:
+    from core.data import AUGMENT_RANGES, AUGMENTATIONS, AUTO_AUGMENTS
+    problems = []
+    for name, value in augment.items():
+        low, high, _ = AUGMENT_RANGES.get(name, (None, None, None))
+        if name not in AUGMENTATIONS:
+            problems.append(f"augment has {name!r}; known augmentations are {', '.join(AUGMENTATIONS)}.")
+        elif name == "auto" and value not in (*AUTO_AUGMENTS, True, False, 0, 1):
+            problems.append(f"augment auto is {value!r}; it must be one of {', '.join(AUTO_AUGMENTS)}.")
+        elif low is not None and value and not low <= value <= high:
+            problems.append(f"augment {name} is {value:g}; it must be between {low:g} and {high:g}.")
+    return problems
+
+
 # ---------------------------------------------------------------- one run's folder
 
 _STAMP = {"last": ""}

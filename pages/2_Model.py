@@ -101,8 +101,8 @@ head = common.bind(st.radio, "head", "Head", settings, options=["linear", "mlp"]
                    horizontal=True)
 cols = st.columns(2)
 if head == "mlp":
-    common.bind(cols[0].number_input, "hidden", "Hidden units", settings, min_value=8, max_value=4096, step=8)
-common.bind(cols[1].slider, "dropout", "Dropout", settings, min_value=0.0, max_value=0.9, step=0.05)
+    common.bind(cols[0].number_input, "hidden", "Hidden units", settings, **common.limits("hidden"), step=8)
+common.bind(cols[1].slider, "dropout", "Dropout", settings, **common.limits("dropout"), step=0.05)
 
 model = skeleton(arch, head, settings["hidden"])
 B.apply_freeze(model, mode, settings["top_k"])

@@ -10,7 +10,7 @@ from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from core import data as D
 from core.backbones import native_input_size
 from core.device import describe, pick_device
-from core.runs import ACTIVE_STATES, MANAGER
+from core.runs import ACTIVE_STATES, CHOICES, MANAGER, WIDGET_CHOICES
 from core.training import resolve_data_root, uses_feature_cache
 from pages import common
 from pages.common.teaching import explain
@@ -59,13 +59,6 @@ def class_weight_option(settings):
                    "class-weighted loss, and judge the result by per-class recall, not accuracy alone.")
 
 
-SLIDERS = {   # augmentation -> (min, max, default) of its parameter
-    "rotation": (1.0, 180.0, 30.0), "affine": (0.02, 0.4, 0.1),
-    "random_resized_crop": (0.05, 0.95, 0.5), "color_jitter": (0.05, 0.9, 0.2),
-    "hue": (0.01, 0.5, 0.1), "grayscale": (0.05, 1.0, 0.2), "invert": (0.05, 1.0, 0.2),
-    "blur": (3.0, 15.0, 5.0)}
-
-
 def augmentation_menu(settings):
     st.markdown("**Augmentation** (training images only)")
     explain("augmentation", inside_expander=True)
@@ -87,7 +80,7 @@ def augmentation_menu(settings):
                                       index=1 if augment.get("auto") == "randaugment" else 0,
                                       label_visibility="collapsed", horizontal=True) if on else 0
         else:
-            lo, hi, default = SLIDERS[name]
+            lo, hi, default = D.AUGMENT_RANGES[name]
             augment[name] = col.slider(name, lo, hi, float(augment.get(name) or default), key=f"aug_v_{name}",
                                        label_visibility="collapsed") if on else 0
     settings["augment"] = {k: v for k, v in augment.items() if v}
@@ -118,47 +111,49 @@ common.presets_panel(settings)
 with st.expander("Training settings", expanded=not st.session_state.get("run_id")):
     c = st.columns(4)
     opt = common.bind(c[0].selectbox, "optimizer", "Optimizer", settings,
-                      options=["sgd", "adam", "adamw", "rmsprop"],
+                      options=CHOICES["optimizer"],
                       format_func={"sgd": "SGD + momentum", "adam": "Adam", "adamw": "AdamW",
                                    "rmsprop": "RMSprop"}.get)
-    common.bind(c[1].number_input, "lr", "Learning rate", settings, min_value=1e-6, max_value=10.0,
+    common.bind(c[1].number_input, "lr", "Learning rate", settings, **common.limits("lr"),
                 format="%.5f", step=1e-4)
-    common.bind(c[2].number_input, "weight_decay", "Weight decay", settings, min_value=0.0,
-                max_value=1.0, format="%.5f", step=1e-4)
+    common.bind(c[2].number_input, "weight_decay", "Weight decay", settings,
+                **common.limits("weight_decay"), format="%.5f", step=1e-4)
     explain("learning_rate", inside_expander=True)
     if opt in ("sgd", "rmsprop"):
-        common.bind(c[3].number_input, "momentum", "Momentum", settings, min_value=0.0,
-                    max_value=0.999, step=0.05)
+        common.bind(c[3].number_input, "momentum", "Momentum", settings,
+                    **common.limits("momentum"), step=0.05)
     c = st.columns(4)
-    common.bind(c[0].number_input, "epochs", "Epochs", settings, min_value=1, max_value=500)
+    common.bind(c[0].number_input, "epochs", "Epochs", settings, **common.limits("epochs"))
     common.bind(c[1].select_slider, "batch_size", "Batch size", settings,
-                options=[4, 8, 16, 32, 64, 128, 256])
+                options=WIDGET_CHOICES["batch_size"])
     common.bind(c[2].select_slider, "image_size", "Image size (px)", settings,
-                options=[64, 96, 128, 160, 192, 224, 256, 288, 320, 384])
-    common.bind(c[3].number_input, "seed", "Seed", settings, min_value=0, max_value=10**6)
+                options=WIDGET_CHOICES["image_size"])
+    common.bind(c[3].number_input, "seed", "Seed", settings, **common.limits("seed"))
     c = st.columns(4)
     sched = common.bind(c[0].selectbox, "scheduler", "LR schedule", settings,
-                        options=["none", "step", "cosine", "onecycle"],
+                        options=CHOICES["scheduler"],
                         format_func={"none": "Constant", "step": "StepLR", "cosine": "Cosine (+ warm-up)",
                                      "onecycle": "One-cycle"}.get)
     if sched == "step":
-        common.bind(c[1].number_input, "step_size", "Step every (epochs)", settings, min_value=1, max_value=100)
-        common.bind(c[2].number_input, "gamma", "Multiply LR by", settings, min_value=0.01,
-                    max_value=1.0, step=0.05)
+        common.bind(c[1].number_input, "step_size", "Step every (epochs)", settings,
+                    **common.limits("step_size"))
+        common.bind(c[2].number_input, "gamma", "Multiply LR by", settings,
+                    **common.limits("gamma"), step=0.05)
     if sched == "cosine":
-        common.bind(c[1].number_input, "warmup_epochs", "Warm-up epochs", settings, min_value=0, max_value=50)
-    common.bind(c[3].number_input, "label_smoothing", "Label smoothing", settings, min_value=0.0,
-                max_value=0.5, step=0.05)
+        common.bind(c[1].number_input, "warmup_epochs", "Warm-up epochs", settings,
+                    **common.limits("warmup_epochs"))
+    common.bind(c[3].number_input, "label_smoothing", "Label smoothing", settings,
+                **common.limits("label_smoothing"), step=0.05)
     c = st.columns(4)
     common.bind(c[0].number_input, "patience", "Early stopping patience (0 = off)", settings,
-                min_value=0, max_value=100)
+                **common.limits("patience"))
     common.bind(c[1].selectbox, "normalize", "Normalisation", settings, options=["backbone", "dataset"],
                 format_func={"backbone": "Backbone's mean/std", "dataset": "This data set's mean/std"}.get)
     if settings["freeze"] not in ("head", "scratch"):
         common.bind(c[2].number_input, "phase1_epochs", "Two-phase: head-only epochs first", settings,
-                    min_value=0, max_value=500)
+                    **common.limits("phase1_epochs"))
         common.bind(c[3].number_input, "backbone_lr_mult", "Backbone LR × (when it trains)", settings,
-                    min_value=0.001, max_value=10.0, step=0.05, format="%.3f")
+                    **common.limits("backbone_lr_mult"), step=0.05, format="%.3f")
     class_weight_option(settings)
     if settings["normalize"] == "dataset":
         stats_panel(settings)

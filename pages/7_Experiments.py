@@ -10,7 +10,7 @@ from core import backbones as B
 from core import sweeps as S
 from core.data import PRESETS
 from core.report import save_sweep_report
-from core.runs import ACTIVE_STATES
+from core.runs import ACTIVE_STATES, CHOICES, setting_problems
 from pages import common
 
 settings = common.setup("Experiments")
@@ -35,7 +35,7 @@ def axis_values(axis: str, key: str) -> list:
         return st.multiselect("Batch sizes", [8, 16, 32, 64, 128], [16, 32], key=key)
     if axis == "max_per_class":
         return numbers(st.text_input("Images per class (0 = all)", "5, 20, 0", key=key), int)
-    options = {"optimizer": ["sgd", "adam", "adamw", "rmsprop"],
+    options = {"optimizer": list(CHOICES["optimizer"]),
                "freeze": list(B.FREEZE_MODES), "augment": list(PRESETS),
                "init": ["pretrained", "random"],
                "model": list(B.CATALOG) + list(S.BASELINES)}[axis]
@@ -62,6 +62,10 @@ count = 1
 for values in axes.values():
     count *= len(values)
 st.metric("Runs in this sweep", count)
+problems = sorted({problem for cfg in (S.expand(common.run_config(settings), axes) if count else [])
+                   for problem in setting_problems(cfg.to_dict())})
+for problem in problems:
+    st.error(f"Can't queue this sweep: {problem}")
 
 
 def queue_sweep():
@@ -70,8 +74,8 @@ def queue_sweep():
     st.session_state["run_id"] = runs[-1].id
 
 
-st.button(f"▶️ Queue {count} runs", type="primary", on_click=queue_sweep, disabled=count == 0,
-          key="queue_sweep")
+st.button(f"▶️ Queue {count} runs", type="primary", on_click=queue_sweep, key="queue_sweep",
+          disabled=count == 0 or bool(problems))
 st.caption("Runs train one after another in the background; you can leave this page.")
 common.command_line(common.run_config(settings), axes)
 

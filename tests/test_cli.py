@@ -210,6 +210,12 @@ def test_bad_inputs(tiny_config, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sweep", str(cfg_file), "--grid", "colour=red,blue"])
     assert "not one of" in str(exit_.value.code)
+    with pytest.raises(SystemExit) as exit_:       # a CLI config may use any batch size, not any lr
+        cli.main(["train", str(cfg_file), "--set", "lr=-1", "--set", "batch_size=12"])
+    assert exit_.value.code == "settings out of range:\n  lr is -1; it must be between 1e-06 and 10."
+    with pytest.raises(SystemExit) as exit_:       # one bad value in a grid: no run of it starts
+        cli.main(["sweep", str(cfg_file), "--grid", "lr=0.1,20"])
+    assert "lr=20: settings out of range" in str(exit_.value.code)
     assert list_runs() == []                                     # nothing was created
 
     for command in (["evaluate"], ["resume"], ["export"], ["predict", "x.png"]):

@@ -65,6 +65,17 @@ def test_experiments_page_without_runs():
     assert metrics(at)["Runs in this sweep"] == "6"
 
 
+def test_sweep_with_an_impossible_value_cannot_be_queued():
+    at = opened(EXPERIMENTS)
+    at.text_input(key="values1_lr").set_value("0.01, 50").run()
+    assert_ok(at)
+    assert [e.value for e in at.error] == [
+        "Can't queue this sweep: lr is 50; it must be between 1e-06 and 10."]
+    assert at.button(key="queue_sweep").disabled
+    at.text_input(key="values1_lr").set_value("0.01, 0.5").run()
+    assert not at.error and not at.button(key="queue_sweep").disabled
+
+
 def queue_optimizer_sweep(at: AppTest, root: Path) -> None:
     """Vary the optimizer (sgd, adam) of a tiny head-only config, queue, wait, run the page again."""
     use_tiny_settings(at, root)

@@ -166,8 +166,19 @@ def test_shipped_presets_are_listed():
     (b'{"settings": {"split": [0.5, 0.5]}}', "'split'"),
     (b'{"settings": {"augment": ["hflip"]}}', "'augment'"),
     (b'{"settings": {"optimizer": 3}}', "'optimizer'"),
+    (b'{"settings": {"lr": 100}}', "lr is 100; it must be between 1e-06 and 10."),
+    (b'{"settings": {"epochs": 0}}', "epochs is 0; it must be between 1 and 500."),
+    (b'{"settings": {"batch_size": 12}}', "batch_size is 12; it must be one of 4, 8, 16"),
+    (b'{"settings": {"image_size": 100}}', "image_size is 100; it must be one of 64, 96"),
+    (b'{"settings": {"optimizer": "lion"}}', "optimizer is 'lion'; it must be one of 'sgd'"),
+    (b'{"settings": {"freeze": "half"}}', "freeze is 'half'"),
+    (b'{"settings": {"augment": {"rotation": 500}}}', "augment rotation is 500; it must be between 1 and 180."),
+    (b'{"settings": {"augment": {"zoom": 2}}}', "augment has 'zoom'"),
+    (b'{"settings": {"augment": {"auto": "autoaugment"}}}', "augment auto is 'autoaugment'"),
 ], ids=["broken-json", "binary", "list", "no-settings", "settings-list", "lr-fast", "float-epochs",
-        "bool-epochs", "int-bool", "short-split", "augment-list", "int-optimizer"])
+        "bool-epochs", "int-bool", "short-split", "augment-list", "int-optimizer", "lr-too-high",
+        "zero-epochs", "odd-batch", "odd-size", "unknown-optimizer", "unknown-freeze", "rotation-500",
+        "unknown-augment", "unknown-auto"])
 def test_bad_preset_is_refused_with_a_reason(blob, message):
     with pytest.raises(P.PresetError) as err:
         P.parse_preset(blob)
@@ -355,7 +366,8 @@ def test_preset_upload_and_bad_upload():
             ("empty.json", b'{"name": "no settings"}', 'no "settings" section'),
             ("fast.json", b'{"settings": {"lr": "fast"}}', "'lr' should be like"),
             ("lots.json", b'{"settings": {"augment": {"rotation": "lots"}}}', "'augment' should be like"),
-            ("big.json", b'{"settings": {}, "x": "' + b"x" * (70 * 1024) + b'"}', "too large")]:
+            ("big.json", b'{"settings": {}, "x": "' + b"x" * (70 * 1024) + b'"}', "too large"),
+            ("hot.json", b'{"settings": {"lr": 100, "batch_size": 12}}', "lr is 100; it must be between")]:
         at.file_uploader(key="preset_upload").upload(name, blob, "application/json").run()
         at.button(key="preset_load").click().run()
         assert_ok(at)

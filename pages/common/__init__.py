@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from core import paths
-from core.runs import ACTIVE_STATES, MANAGER, Run, RunConfig, delete_run, get_run, list_runs
+from core.runs import ACTIVE_STATES, MANAGER, RANGES, Run, RunConfig, delete_run, get_run, list_runs
 
 PAGES = {
     "home": "streamlit_app.py",
@@ -80,6 +80,12 @@ def bind(widget, field: str, label: str, settings: dict, **kwargs):
     value = widget(label, key=key, **kwargs)
     settings[field] = value
     return value
+
+
+def limits(field: str) -> dict:
+    """min_value/max_value of a number widget, from the ranges runs and presets are held to."""
+    low, high = RANGES[field]
+    return dict(min_value=low, max_value=high)
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)
