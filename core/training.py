@@ -359,6 +359,8 @@ class Loop:
         self.best, self.since_best, self.epoch = state["best"], state["since_best"], state["epoch"]
         self.resumed = state
         self.run.keep_epochs(self.epoch)
+        if state.get("row") and not any(r["epoch"] == self.epoch for r in self.run.epochs()):
+            self.record(state["row"])
         self.run.set_status("running", message=f"Resuming after epoch {self.epoch}")
 
     def fit(self) -> None:
@@ -440,15 +442,20 @@ class Loop:
         self.best, self.since_best = (score, 0) if improved else (self.best, self.since_best + 1)
         if improved:
             save_checkpoint(self.model, self.run)
-        self.run.append_epoch(dict(epoch=epoch, phase=phase, lr=lr, train_loss=train_loss,
-                                   train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-                                   seconds=time.perf_counter() - start, best=improved))
-        if improved:
-            self.run.set_status("running", best_epoch=epoch, best_val_acc=val_acc)
+        row = dict(epoch=epoch, phase=phase, lr=lr, train_loss=train_loss, train_acc=train_acc,
+                   val_loss=val_loss, val_acc=val_acc, seconds=time.perf_counter() - start, best=improved)
+        # The resume state carries the epoch's row, so a kill between the two writes loses nothing.
         save_resume_state(self.run, self.model, optimizer, scheduler, self.scaler,
-                          dict(epoch=epoch, phase_index=index, best=self.best, since_best=self.since_best))
+                          dict(epoch=epoch, phase_index=index, best=self.best, since_best=self.since_best,
+                               row=row))
+        self.record(row)
         self.report(force=True, message=f"Epoch {epoch}/{cfg.epochs} done", epoch=epoch,
                     epochs=cfg.epochs, phase="train", step=n_train, steps=n_train)
+
+    def record(self, row: dict) -> None:
+        self.run.append_epoch(row)
+        if row["best"]:
+            self.run.set_status("running", best_epoch=row["epoch"], best_val_acc=row["val_acc"])
 
 
 def finish(run: Run, cfg: RunConfig, loop: Loop, data) -> dict:

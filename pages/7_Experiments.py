@@ -1,6 +1,5 @@
 """Experiments: vary one or two settings of the current configuration, queue every combination,
 and compare the runs in a results table and overlaid curves."""
-from pathlib import Path
 
 import altair as alt
 import pandas as pd

@@ -9,7 +9,7 @@ ENTRY = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
 
 
 def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
+    assert not at.exception, [(e.value, "\n".join(e.stack_trace)) for e in at.exception]
 
 
 def opened(page: str | None = None, timeout: float = 120) -> AppTest:

@@ -7,6 +7,10 @@ Fixtures, one line each:
 
 Helpers (plain functions, importable as `from conftest import ...`):
     class_image(label, index, size) -> a PIL image whose colour and stripes identify its class.
+    class_folders(root, classes, per_class, size) -> root, with a folder of class_image()s per class.
+    tiny_run_config(data_root, **overrides) -> the RunConfig tiny_config() makes, on data_root.
+    train_apart(cfg, base) -> a finished Run trained in the foreground below `base`, with its own
+                 lab home (for module-scoped fixtures, which must not touch a test's home).
 """
 from __future__ import annotations
 
@@ -44,6 +48,34 @@ def class_image(label: int, index: int = 0, size: int | tuple[int, int] = 40) ->
     stripes = ((xx if label % 2 else yy) // period) % 2
     img = colour * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 8, (h, w, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+TINY_SETTINGS = dict(arch="test_resnet", weights="random", image_size=32, epochs=2, batch_size=8,
+                     lr=1e-2, device="cpu", seed=0)
+
+
+def class_folders(root: Path, classes: int | list[str] = 3, per_class: int = 12, size: int = 40) -> Path:
+    names = [f"class_{chr(97 + i)}" for i in range(classes)] if isinstance(classes, int) else classes
+    for label, name in enumerate(names):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            class_image(label, i, size).save(folder / f"img_{i:03d}.png")
+    return root
+
+
+def tiny_run_config(data_root, **overrides):
+    from core.runs import RunConfig
+    return RunConfig(**{**TINY_SETTINGS, "data_root": str(data_root), **overrides})
+
+
+def train_apart(cfg, base: Path):
+    import core
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_LAB_HOME", str(base / "home"))
+        run = core.train(cfg, root=base / "runs")
+    assert run.status()["state"] == "finished", run.status()
+    return run
 
 
 @pytest.fixture(autouse=True)
@@ -94,14 +126,9 @@ def image_folder(tmp_path):
 @pytest.fixture
 def tiny_config(image_folder):
     """Factory tiny_config(**overrides) -> RunConfig: test_resnet, random weights, 32 px, 2 epochs, batch 8, on a new 3x12 image_folder() unless data_root is given."""
-    from core.runs import RunConfig
-
     def make(**overrides):
         if "data_root" not in overrides:
-            overrides["data_root"] = str(image_folder())
-        settings = dict(arch="test_resnet", weights="random", image_size=32, epochs=2,
-                        batch_size=8, lr=1e-2, device="cpu", seed=0)
-        settings.update(overrides)
-        return RunConfig(**settings)
+            overrides["data_root"] = image_folder()
+        return tiny_run_config(**overrides)
 
     return make

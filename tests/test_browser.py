@@ -6,6 +6,7 @@ Skipped when playwright or /usr/bin/chromium is missing (CI installs both). Neve
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -84,6 +85,28 @@ def browser():
         expect.set_options(timeout=60_000)     # a first script run imports torch and timm
         yield chromium
         chromium.close()
+
+
+@contextlib.contextmanager
+def app_page(browser, server):
+    """A fresh browser context on the app's Home page, closed afterwards; yields the page. On a
+    clean exit, no JavaScript error may have reached the page, nor a traceback the server log."""
+    base, log_path = server
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    try:
+        page.goto(base)
+        expect(page.get_by_role("heading", name="Finetune Lab")).to_be_visible()
+        settle(page)
+        yield page
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"
+    log = log_path.read_text()
+    assert "Traceback" not in log, log
+    assert "missing ScriptRunContext" not in log, log
 
 
 def settle(page, timeout: float = 60_000) -> None:
@@ -176,15 +199,7 @@ def drill_down(page, matrix) -> None:
 
 def test_main_flow_in_browser(server, browser):
     """Home -> Data (demo set) -> Train (defaults, 1 epoch) -> Evaluate, as a first-time user."""
-    base, log_path = server
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    try:
-        page.goto(base)
-        expect(page.get_by_role("heading", name="Finetune Lab")).to_be_visible()
-        settle(page)
+    with app_page(browser, server) as page:
         assert nav_names(page) == NAV
 
         go_to(page, "Data")
@@ -206,13 +221,6 @@ def test_main_flow_in_browser(server, browser):
         expect(matrix.locator("canvas, svg").first).to_be_visible()
         drill_down(page, matrix)
         screenshot(page, "evaluate.png")
-    finally:
-        context.close()
-
-    assert not errors, f"JavaScript errors in the page: {errors}"
-    log = log_path.read_text()
-    assert "Traceback" not in log, log
-    assert "missing ScriptRunContext" not in log, log
 
 
 def use_server_folder(page, base: str, root, images: int) -> None:

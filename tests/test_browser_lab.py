@@ -14,22 +14,14 @@ import pytest
 
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 # Importing test_browser skips this module too when chromium is missing.
-from test_browser import browser, expect, metric_value, screenshot, server, settle  # noqa: E402,F401
+from test_browser import app_page, browser, expect, metric_value, screenshot, server, settle  # noqa: E402,F401
 
 QUICK_DEMO_TIMEOUT_MS = 150_000
 
 
 def test_quick_demo_opens_evaluate(server, browser):
-    base, log_path = server
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    try:
-        page.goto(base)
-        expect(page.get_by_role("heading", name="Finetune Lab")).to_be_visible()
+    with app_page(browser, server) as page:
         expect(page.get_by_text("without writing code")).to_be_visible()
-        settle(page)
         expect(page.get_by_role("link", name="3. Train")).to_be_visible()
 
         started = time.monotonic()
@@ -45,10 +37,3 @@ def test_quick_demo_opens_evaluate(server, browser):
         expect(page.get_by_text("Why are validation and test accuracy different?")).to_be_visible()
         screenshot(page, "quick_demo.png")
         print(f"\nQuick demo: click -> Evaluate with test accuracy {accuracy.inner_text()} in {elapsed:.1f} s")
-    finally:
-        context.close()
-
-    assert not errors, f"JavaScript errors in the page: {errors}"
-    log = log_path.read_text()
-    assert "Traceback" not in log, log
-    assert "missing ScriptRunContext" not in log, log

@@ -6,44 +6,24 @@ Skipped when playwright or /usr/bin/chromium is missing. Never runs `playwright 
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-import core
-from conftest import class_image
+from conftest import class_folders, tiny_run_config, train_apart
 from core.report import RUN_SECTIONS, save_run_report
-from core.runs import RunConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = REPO_ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
-    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
-expect = sync_api.expect
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+# Importing test_browser skips this module too when chromium is missing.
+from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, expect, sync_api  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory) -> Path:
     """report.html of a finished tiny run (test_resnet, 3 classes, one with HTML in its name)."""
     base = tmp_path_factory.mktemp("browser_report")
-    data = base / "data"
-    for label, name in enumerate(["<b>cat&dog", "plain", "stripes"]):
-        (data / name).mkdir(parents=True)
-        for i in range(12):
-            class_image(label, i, 40).save(data / name / f"img_{i:03d}.png")
-    cfg = RunConfig(data_root=str(data), arch="test_resnet", weights="random", image_size=32,
-                    epochs=2, batch_size=8, lr=1e-2, device="cpu", seed=0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FINETUNE_LAB_HOME", str(base / "home"))
-        run = core.train(cfg, root=base / "runs")
-    assert run.status()["state"] == "finished", run.status()
+    data = class_folders(base / "data", ["<b>cat&dog", "plain", "stripes"])
+    run = train_apart(tiny_run_config(data), base)
     return save_run_report(run)
 
 

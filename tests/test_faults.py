@@ -118,6 +118,33 @@ def test_sigkill_mid_epoch_then_resume(tiny_config, image_folder, lab_home, tmp_
 
 # ---------------------------------------------------------------- Stop
 
+def test_crash_between_resume_state_and_epoch_row(tiny_config, monkeypatch):
+    """The end of an epoch writes two files: its resume state, then its row in epochs.jsonl. A
+    crash between them (here an error in the second write) loses no epoch: the resume state holds
+    the row, and resuming writes it back before training on."""
+    original = Run.append_epoch
+
+    def crash_at_epoch_2(self, row):
+        if row["epoch"] == 2:
+            raise OSError("disk went away")
+        original(self, row)
+    monkeypatch.setattr(Run, "append_epoch", crash_at_epoch_2)
+    run = Run.create(tiny_config(freeze="full", epochs=3))
+    status = T.train_run(run)
+    assert status["state"] == "failed" and "disk went away" in status["message"], status
+    check_epochs_once(run, 1)
+    assert run.resumable()
+
+    monkeypatch.undo()
+    status = T.train_run(run, resume=True)
+    assert status["state"] == "finished", status
+    check_epochs_once(run, 3)
+    rows = run.epochs()
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert [r["epoch"] for r in rows if r["best"]][-1] == status["best_epoch"]
+    assert status["best_val_acc"] == best["val_acc"]
+
+
 def test_stop_during_an_epoch_then_resume(tiny_config, slow_batches):
     slow_batches()
     run = MANAGER.submit(tiny_config(freeze="full", epochs=4))

@@ -11,7 +11,6 @@ Notes:
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import presets as P
-from apptest_helpers import manager_idle, quiet_queue
-from core.runs import ACTIVE_STATES, MANAGER, RunConfig, list_runs
+from apptest_helpers import assert_ok, opened, quiet_queue
+from core.runs import MANAGER, RunConfig, list_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
@@ -36,19 +35,6 @@ EXCLUDED = set(P.NOT_SAVED)
 @pytest.fixture
 def idle_manager(lab_home):
     yield from quiet_queue(180)
-
-
-def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def opened(page: str | None = None) -> AppTest:
-    at = AppTest.from_file(ENTRY, default_timeout=TIMEOUT).run()
-    assert_ok(at)
-    if page:
-        at.switch_page(page).run()
-        assert_ok(at)
-    return at
 
 
 def go_home(at: AppTest) -> None:
@@ -346,8 +332,14 @@ def test_preset_loaded_on_train_redraws_widgets_and_keeps_data(image_folder):
 def test_preset_upload_and_bad_upload():
     at = opened(TRAIN)
     shipped = (REPO_ROOT / "assets" / "presets" / "report-003-sgd-steplr-augment.json").read_bytes()
+    assert at.button(key="preset_load").disabled and at.button(key="preset_load").label == "Load preset"
+    at.selectbox(key="preset_pick").set_value(next(
+        label for label in at.selectbox(key="preset_pick").options if label.startswith("Lab: full"))).run()
+    assert at.button(key="preset_load").label == "Load Lab: full fine-tune (shipped)"
     at.file_uploader(key="preset_upload").upload("report3.json", shipped, "application/json").run()
     assert not at.button(key="preset_load").disabled
+    assert at.button(key="preset_load").label == "Load report3.json"      # the upload wins, and says so
+    assert any("uploaded file is the one loaded" in c.value for c in at.caption)
     at.button(key="preset_load").click().run()
     assert_ok(at)
     assert not at.error

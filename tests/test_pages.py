@@ -18,8 +18,9 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import class_image
 from core import paths
-from apptest_helpers import manager_idle, quiet_queue
-from core.runs import ACTIVE_STATES, MANAGER, list_runs
+from apptest_helpers import assert_ok, quiet_queue
+from apptest_helpers import opened as opened_with
+from core.runs import list_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
@@ -41,18 +42,7 @@ def app() -> AppTest:
 
 
 def opened(page: str | None = None) -> AppTest:
-    """The app run once from its entry file (Home), then switched to `page`."""
-    at = app().run()
-    assert_ok(at)
-    if page:
-        at.switch_page(page).run()
-        assert_ok(at)
-    return at
-
-
-def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
+    return opened_with(page, TIMEOUT)
 
 def texts(at: AppTest) -> str:
     """All markdown-ish text on the page (markdown, captions, titles, alerts), one string."""

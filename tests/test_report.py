@@ -12,7 +12,6 @@ import base64
 import io
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -20,40 +19,17 @@ from PIL import Image
 from apptest_helpers import opened
 
 import core
-from conftest import class_image
+from conftest import class_folders as make_data
+from conftest import tiny_run_config as tiny
+from conftest import train_apart as train
 from core import paths
 from core import report as R
 from core import sweeps as S
-from core.runs import Run, RunConfig, get_run
+from core.runs import Run, get_run
 
 CLASSES = ["<b>cat&dog", "plain", "price $5 & $6"]
 IMG_SRC = re.compile(r'<img\b[^>]*?\bsrc="([^"]*)"')
 THUMB_SRC = re.compile(r'<figure class="thumb[^"]*"><img src="([^"]*)"')
-
-
-def make_data(root: Path, classes: list[str], per_class: int = 12, size: int = 40) -> Path:
-    for label, name in enumerate(classes):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            class_image(label, i, size).save(folder / f"img_{i:03d}.png")
-    return root
-
-
-def tiny(data_root: Path, **overrides) -> RunConfig:
-    settings = dict(data_root=str(data_root), arch="test_resnet", weights="random", image_size=32,
-                    epochs=2, batch_size=8, lr=1e-2, device="cpu", seed=0)
-    settings.update(overrides)
-    return RunConfig(**settings)
-
-
-def train(cfg: RunConfig, base: Path) -> Run:
-    """Train in the foreground with a private lab home, so no test's own home is touched."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FINETUNE_LAB_HOME", str(base / "home"))
-        run = core.train(cfg, root=base / "runs")
-    assert run.status()["state"] == "finished", run.status()
-    return run
 
 
 def decoded(src: str) -> Image.Image:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,13 +17,12 @@ import timm
 import torch
 from PIL import Image
 
-import core
-from conftest import class_image
+from conftest import class_folders, class_image, tiny_run_config, train_apart
 from core import evaluate as E
 from core import predict as P
 from core.backbones import bundled_file
 from core.export import export_onnx, export_run, load_exported
-from core.runs import MANAGER, Run, RunConfig
+from core.runs import MANAGER, Run
 
 CLASSES = ["a", "b", "c"]
 # Seven images, true classes a a a b b c c. No ties inside any probability column, so each
@@ -156,34 +154,14 @@ def test_load_predictions_keeps_numeric_class_names_as_text(tmp_path):
 
 # ---------------------------------------------------------------- tiny trained runs
 
-def make_data(root: Path, classes: int = 3, per_class: int = 12, size: int = 40) -> Path:
-    for label in range(classes):
-        folder = root / f"class_{chr(97 + label)}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            class_image(label, i, size).save(folder / f"img_{i:03d}.png")
-    return root
-
-
-def tiny(data_root: Path, **overrides) -> RunConfig:
-    settings = dict(data_root=str(data_root), arch="test_resnet", weights="random", image_size=32,
-                    epochs=2, batch_size=8, lr=1e-2, device="cpu", seed=0)
-    settings.update(overrides)
-    return RunConfig(**settings)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two finished tiny runs trained in the foreground: a linear head on a frozen backbone
     (head-only, feature cache) and an MLP head with the whole network fine-tuned."""
     base = tmp_path_factory.mktemp("results_runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FINETUNE_LAB_HOME", str(base / "home"))
-        data = make_data(base / "data")
-        linear = core.train(tiny(data), root=base / "runs")
-        mlp = core.train(tiny(data, head="mlp", hidden=16, freeze="full", epochs=1), root=base / "runs")
-    for run in (linear, mlp):
-        assert run.status()["state"] == "finished", run.status()
+    data = class_folders(base / "data")
+    linear = train_apart(tiny_run_config(data), base)
+    mlp = train_apart(tiny_run_config(data, head="mlp", hidden=16, freeze="full", epochs=1), base)
     assert not MANAGER.busy()
     return dict(linear=linear, mlp=mlp, data=data)
 

@@ -20,11 +20,10 @@ from streamlit.testing.v1 import AppTest
 
 from apptest_helpers import assert_ok, opened
 
-import core
-from conftest import class_image
+from conftest import class_folders, class_image, tiny_run_config, train_apart
 from core import paths
 from core.backbones import bundled_file
-from core.runs import MANAGER, RunConfig, get_run
+from core.runs import MANAGER, get_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
@@ -49,19 +48,7 @@ def no_background_training():
 def trained_run(tmp_path_factory) -> Path:
     """Folder of a finished tiny run (test_resnet, 3 classes, linear head) on its own data."""
     base = tmp_path_factory.mktemp("results_pages")
-    data = base / "data"
-    for label in range(3):
-        folder = data / f"class_{chr(97 + label)}"
-        folder.mkdir(parents=True)
-        for i in range(12):
-            class_image(label, i, 40).save(folder / f"img_{i:03d}.png")
-    cfg = RunConfig(data_root=str(data), arch="test_resnet", weights="random", image_size=32,
-                    epochs=2, batch_size=8, lr=1e-2, device="cpu", seed=0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FINETUNE_LAB_HOME", str(base / "home"))
-        run = core.train(cfg, root=base / "runs")
-    assert run.status()["state"] == "finished", run.status()
-    return run.path
+    return train_apart(tiny_run_config(class_folders(base / "data")), base).path
 
 
 @pytest.fixture

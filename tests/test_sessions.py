@@ -20,8 +20,8 @@ from streamlit import config
 from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.util import patch_config_options
 
-from apptest_helpers import manager_idle, quiet_queue
-from core.runs import ACTIVE_STATES, MANAGER, get_run, list_runs
+from apptest_helpers import assert_ok, opened, quiet_queue
+from core.runs import MANAGER, get_run, list_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
@@ -36,18 +36,9 @@ def idle_manager(lab_home):
     yield from quiet_queue(180)
 
 
-def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [(e.value, "\n".join(e.stack_trace)) for e in at.exception]
-
-
 def session(page: str | None = TRAIN) -> AppTest:
     """A new browser session: the entry file once (Home), then `page`."""
-    at = AppTest.from_file(ENTRY, default_timeout=TIMEOUT).run()
-    assert_ok(at)
-    if page:
-        at.switch_page(page).run()
-        assert_ok(at)
-    return at
+    return opened(page, TIMEOUT)
 
 
 def texts(at: AppTest) -> str:

@@ -253,7 +253,10 @@ def presets_panel(settings: dict) -> None:
             label = st.selectbox("Preset", list(choices), index=None, placeholder="Pick a preset",
                                  key="preset_pick")
             upload = st.file_uploader("…or upload a preset file", type=["json"], key="preset_upload")
-            if st.button("Load preset", disabled=not (label or upload), key="preset_load"):
+            if upload and label:
+                st.caption("The uploaded file is the one loaded; remove it to load the picked preset.")
+            source = upload.name if upload else label
+            if st.button(f"Load {source}" if source else "Load preset", disabled=not source, key="preset_load"):
                 try:
                     blob = upload.getvalue() if upload else choices[label].read_bytes()
                     use_preset(settings, P.parse_preset(blob))
