@@ -33,14 +33,24 @@ def parse_value(text: str):
 
 
 def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
-    """A config.json (the app's download, a run folder's file, or a preset's `config` part)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """A config.json (the app's download, a run folder's file) or a preset file, whose settings
+    replace the defaults."""
+    text = Path(path).read_text(encoding="utf-8")
+    data = json.loads(text)
+    if isinstance(data.get("settings"), dict):
+        from core.presets import PresetError, parse_preset
+        try:
+            data = dict(parse_preset(text)["settings"])
+        except PresetError as err:
+            raise SystemExit(f"{path}: {err}") from None
     data = data.get("config", data)
     for item in overrides:
         key, _, value = item.partition("=")
         if key not in RunConfig.__dataclass_fields__:
             raise SystemExit(f"--set: unknown setting {key!r}")
         data[key] = parse_value(value)
+    if not data.get("data_root"):
+        raise SystemExit(f"{path} names no data set: add --set data_root=FOLDER")
     refuse_bad_settings(data)
     return RunConfig.from_dict(data)
 

@@ -226,3 +226,20 @@ def test_bad_inputs(tiny_config, tmp_path, capsys):
     with pytest.raises(SystemExit, match="cannot be resumed"):
         cli.main(["resume", finished.id])
     assert get_run(finished.id).status()["state"] == "finished"  # untouched by the refusal
+
+
+def test_a_preset_file_is_a_config(image_folder, tmp_path):
+    """A teacher's preset (here the shipped report 003) runs from the command line; it holds no
+    data set, so the command names one or says it must."""
+    preset = REPO / "assets" / "presets" / "report-003-sgd-steplr-augment.json"
+    settings = json.loads(preset.read_text())["settings"]
+    with pytest.raises(SystemExit, match="names no data set: add --set data_root=FOLDER"):
+        cli.load_config(str(preset))
+    cfg = cli.load_config(str(preset), [f"data_root={image_folder()}", "epochs=1"])
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.scheduler, cfg.step_size, cfg.freeze) == (
+        settings["optimizer"], settings["lr"], settings["momentum"], "step", 7, "full")
+    assert cfg.augment == settings["augment"] and cfg.epochs == 1 and cfg.name == ""
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"settings": {"lr": 100}}))
+    with pytest.raises(SystemExit, match="lr is 100"):
+        cli.load_config(str(broken), ["data_root=x"])
