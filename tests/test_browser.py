@@ -239,7 +239,8 @@ def use_server_folder(page, base: str, root, images: int) -> None:
 
 
 def test_show_run_label_follows_the_run_state(server, browser, image_folder):
-    """A small folder on the server keeps this run to a few seconds."""
+    """The run label turns 'finished' by itself, and after a reload (a new session) the run still
+    belongs to this browser. A small folder on the server keeps this run to a few seconds."""
     base, _ = server
     root = image_folder(classes=3, per_class=10, size=40)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -249,6 +250,12 @@ def test_show_run_label_follows_the_run_state(server, browser, image_folder):
         start_training(page, epochs=1)
         expect(page.get_by_role("combobox", name="Show run")).to_have_value(
             re.compile(r"· finished"), timeout=5_000)
+        # a reload is a new Streamlit session, but the same browser: the run is still its own
+        page.reload()
+        settle(page)
+        expect(page.get_by_role("combobox", name="Show run")).to_have_value(re.compile(r"^👤 .*· finished"))
+        expect(page.get_by_role("button", name=re.compile("Delete"))).to_be_visible()
+        expect(page.get_by_text("Started in another browser")).to_have_count(0)
     finally:
         page.close()
 

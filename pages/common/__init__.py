@@ -2,6 +2,7 @@
 directly by a deep link on a fresh server, before the entry file has run `st.navigation`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from pathlib import Path
@@ -101,9 +102,32 @@ def thumbnail(path: str, size: int = 96):
 # ---------------------------------------------------------------- runs
 
 def session_owner() -> str:
-    """Who started a run: this browser session. Stop and Delete act on one's own runs unless
-    the user ticks the box to manage everyone's."""
-    return st.session_state.setdefault("owner", secrets.token_hex(4))
+    """Who started a run: this browser (else this session). Stop and Delete act on one's own runs
+    unless the user ticks the box to manage everyone's."""
+    if "owner" not in st.session_state:
+        st.session_state["owner"] = browser_id(st.context.cookies.get(XSRF_COOKIE, "")) or secrets.token_hex(4)
+    return st.session_state["owner"]
+
+
+XSRF_COOKIE = "_streamlit_xsrf"
+
+
+def browser_id(cookie: str) -> str | None:
+    """A stable, anonymous id of one browser. Streamlit's XSRF cookie holds a random token that
+    the browser keeps across reloads, closed tabs and server restarts (until it quits); each
+    response re-masks it ("2|mask|masked token|time"), so unmask it, then hash it, since the owner
+    is stored in status.json."""
+    parts = cookie.strip("\"'").split("|")
+    if len(parts) != 4 or parts[0] != "2":
+        return None
+    try:
+        mask, masked = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+    except ValueError:
+        return None
+    if not mask or len(masked) < 8:
+        return None
+    token = bytes(b ^ mask[i % len(mask)] for i, b in enumerate(masked))
+    return hashlib.sha256(token).hexdigest()[:8]
 
 
 def mine(run: Run) -> bool:
@@ -134,7 +158,7 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
         st.session_state[key] = st.session_state[key]
     pick, toggle = st.columns([5, 1], vertical_alignment="bottom")
     chosen = pick.selectbox(label, ids, format_func=labels.get, key=key,
-                            help="👤 marks the runs this browser session started.")
+                            help="👤 marks the runs this browser started.")
     toggle.toggle("Only my runs", key=f"{key}_mine")
     st.session_state["run_id"] = chosen
     return get_run(chosen)
@@ -144,7 +168,7 @@ def run_actions(run: Run, active: bool) -> None:
     """Stop (while it trains), Resume (stopped or interrupted) and Delete, for runs this session
     may manage."""
     if run.owner and not mine(run):
-        st.caption("Started by another session (or the command line): its owner can stop or delete it.")
+        st.caption("Started in another browser (or from the command line): its owner can stop or delete it.")
         st.checkbox("Let me stop, resume or delete other sessions' runs", key="manage_all")
     if not can_manage(run):
         return
