@@ -102,15 +102,16 @@ def checked(key: str, value, default):
 
 
 def list_presets() -> list[tuple[str, Path]]:
-    """(label, path) of the shipped presets, then the ones saved on this server."""
+    """(label, path) of the shipped presets, then the ones saved on this server. A file that is
+    not a usable preset is listed by its file name, so loading it says what is wrong with it."""
     out = []
     for folder, where in ((SHIPPED_DIR, "shipped"), (user_dir(), "saved")):
         for path in sorted(folder.glob("*.json")):
             try:
-                name = parse_preset(path.read_bytes())["name"]
+                label = f"{parse_preset(path.read_bytes())['name']} ({where})"
             except (PresetError, OSError):
-                continue
-            out.append((f"{name} ({where})", path))
+                label = f"{path.name} ({where}, can't be used)"
+            out.append((label, path))
     return out
 
 

@@ -139,6 +139,16 @@ def test_shipped_presets_are_listed():
     assert len(shipped) == len(SHIPPED) and all(label.endswith("(shipped)") for label in shipped)
 
 
+def test_a_saved_preset_that_went_bad_is_listed_and_explains_itself():
+    """A teacher's file edited by hand (lr 100) stays in the list, marked, and says why on load."""
+    (P.user_dir() / "hot.json").write_text(json.dumps({"name": "Hot", "settings": {"lr": 100}}))
+    at = opened(TRAIN)
+    at.selectbox(key="preset_pick").set_value("hot.json (saved, can't be used)").run()
+    at.button(key="preset_load").click().run()
+    assert_ok(at)
+    assert any("lr is 100; it must be between" in e.value for e in at.error)
+
+
 @pytest.mark.parametrize("blob, message", [
     (b"{not json", "not valid JSON"),
     (b"\xff\xfe\x00garbage", "not valid JSON"),
