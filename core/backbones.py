@@ -304,14 +304,6 @@ def build_model(arch: str, num_classes: int, weights: str = "auto", weights_file
 
 # ---------------------------------------------------------------- freezing
 
-FREEZE_MODES = {
-    "head": "Head only (backbone frozen)",
-    "top_k": "Top k blocks + head",
-    "full": "Full fine-tune",
-    "scratch": "From scratch (random init, all trainable)",
-}
-
-
 def block_groups(backbone: nn.Module) -> list[tuple[str, list[str]]]:
     """The backbone's parameter groups from stem to top, via timm's `group_matcher`, each with a
     short name made from its parameters' module prefixes."""

@@ -76,17 +76,24 @@ class RunConfig:
         return asdict(self)
 
 
+FREEZE_MODES = {
+    "head": "Head only (backbone frozen)",
+    "top_k": "Top k blocks + head",
+    "full": "Full fine-tune",
+    "scratch": "From scratch (random init, all trainable)",
+}
+
 # What the app's widgets offer. A preset must fit them, since a page can only show what its widget
 # allows; a command-line config must fit the ranges but may use any batch or image size.
 RANGES = {"lr": (1e-6, 10.0), "weight_decay": (0.0, 1.0), "momentum": (0.0, 0.999),
           "epochs": (1, 500), "seed": (0, 10**6), "split_seed": (0, 10**6), "step_size": (1, 100),
           "gamma": (0.01, 1.0), "warmup_epochs": (0, 50), "label_smoothing": (0.0, 0.5),
           "patience": (0, 100), "phase1_epochs": (0, 500), "backbone_lr_mult": (0.001, 10.0),
-          "hidden": (8, 4096), "dropout": (0.0, 0.9), "top_k": (1, 1000), "max_per_class": (1, 10**6),
+          "hidden": (8, 4096), "dropout": (0.0, 0.9), "top_k": (1, 1000), "max_per_class": (1, 100_000),
           "batch_size": (1, 65536), "image_size": (16, 2048)}
 CHOICES = {"optimizer": ("sgd", "adam", "adamw", "rmsprop"),
            "scheduler": ("none", "step", "cosine", "onecycle"),
-           "freeze": ("head", "top_k", "full", "scratch"), "head": ("linear", "mlp"),
+           "freeze": tuple(FREEZE_MODES), "head": ("linear", "mlp"),
            "normalize": ("backbone", "dataset"), "baseline": ("", "logreg"),
            "weights": ("auto", "bundled", "hub-cache", "hub", "file", "random")}
 WIDGET_CHOICES = {"batch_size": (4, 8, 16, 32, 64, 128, 256),
@@ -105,7 +112,16 @@ def setting_problems(settings: dict, for_widgets: bool = False) -> list[str]:
         if key in settings and settings[key] not in allowed:
             shown = ", ".join(repr(a) if isinstance(a, str) else str(a) for a in allowed)
             problems.append(f"{key} is {settings[key]!r}; it must be one of {shown}.")
-    return problems + augment_problems(settings.get("augment") or {})
+    return problems + split_problems(settings.get("split")) + augment_problems(settings.get("augment") or {})
+
+
+def split_problems(split) -> list[str]:
+    if split is None:
+        return []
+    if len(split) != 3 or min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 0.011:
+        return [f"split is {list(split)}; it must be three fractions (train, val, test) adding up to 1, "
+                "with some training images."]
+    return []
 
 
 def augment_problems(augment: dict) -> list[str]:

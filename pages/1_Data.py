@@ -221,15 +221,16 @@ train_pct = cols[0].number_input("Train %", 1, 98, int(round(settings["split"][0
 val_pct = cols[1].number_input("Validation %", 0, 98, int(round(settings["split"][1] * 100)), key="val_pct")
 test_pct = 100 - train_pct - val_pct
 cols[2].metric("Test %", test_pct)
-settings["split_seed"] = cols[3].number_input("Split seed", 0, 10**6, settings["split_seed"], key="split_seed")
+settings["split_seed"] = cols[3].number_input("Split seed", value=settings["split_seed"], key="split_seed",
+                                              **common.limits("split_seed"))
 if test_pct < 0:
     st.error("Train and validation add up to more than 100%.")
     st.stop()
 settings["split"] = (train_pct / 100, val_pct / 100, test_pct / 100)
 few = st.checkbox("Few-shot: cap training images per class", value=settings["max_per_class"] is not None,
                   key="few_shot")
-settings["max_per_class"] = int(st.number_input("Images per class (train)", 1, 10_000,
-                                                settings["max_per_class"] or 10, key="cap")) if few else None
+settings["max_per_class"] = int(st.number_input("Images per class (train)", value=settings["max_per_class"] or 10,
+                                                key="cap", **common.limits("max_per_class"))) if few else None
 
 splits = D.split_items(result, settings["split"], settings["split_seed"], settings["max_per_class"])
 table = pd.DataFrame({s: pd.Series([result.classes[it.label] for it in items]).value_counts()

@@ -6,6 +6,7 @@ import torch
 
 from core import backbones as B
 from core import paths
+from core.runs import FREEZE_MODES
 from pages import common
 from pages.common.teaching import explain
 
@@ -83,8 +84,8 @@ if settings["weights"] == "file" and settings["freeze"] != "scratch":
 st.subheader("What to train")
 model = skeleton(arch, settings["head"], settings["hidden"])
 n_blocks = len(B.block_groups(model.backbone))
-mode = common.bind(st.radio, "freeze", "Freeze", settings, options=list(B.FREEZE_MODES),
-                   format_func=B.FREEZE_MODES.get, horizontal=True)
+mode = common.bind(st.radio, "freeze", "Freeze", settings, options=list(FREEZE_MODES),
+                   format_func=FREEZE_MODES.get, horizontal=True)
 if mode == "top_k":
     settings["top_k"] = min(settings["top_k"], n_blocks)
     common.bind(st.slider, "top_k", f"Unfreeze the top k of {n_blocks} blocks", settings,

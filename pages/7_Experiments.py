@@ -9,7 +9,7 @@ from core import backbones as B
 from core import sweeps as S
 from core.data import PRESETS
 from core.report import save_sweep_report
-from core.runs import ACTIVE_STATES, CHOICES, setting_problems
+from core.runs import ACTIVE_STATES, CHOICES, FREEZE_MODES, setting_problems
 from pages import common
 
 settings = common.setup("Experiments")
@@ -35,12 +35,12 @@ def axis_values(axis: str, key: str) -> list:
     if axis == "max_per_class":
         return numbers(st.text_input("Images per class (0 = all)", "5, 20, 0", key=key), int)
     options = {"optimizer": list(CHOICES["optimizer"]),
-               "freeze": list(B.FREEZE_MODES), "augment": list(PRESETS),
+               "freeze": list(FREEZE_MODES), "augment": list(PRESETS),
                "init": ["pretrained", "random"],
                "model": list(B.CATALOG) + list(S.BASELINES)}[axis]
     defaults = {"optimizer": ["sgd", "adam"], "freeze": ["head", "full"], "augment": ["none", "photos"],
                 "init": ["pretrained", "random"], "model": [settings["arch"], "logreg"]}[axis]
-    labels = {**B.FREEZE_MODES, **S.BASELINES}
+    labels = {**FREEZE_MODES, **S.BASELINES}
     return st.multiselect(S.AXES[axis], options, [d for d in defaults if d in options], key=key,
                           format_func=lambda v: labels.get(v, v))
 

@@ -171,10 +171,11 @@ def test_a_saved_preset_that_went_bad_is_listed_and_explains_itself():
     (b'{"settings": {"augment": {"rotation": 500}}}', "augment rotation is 500; it must be between 1 and 180."),
     (b'{"settings": {"augment": {"zoom": 2}}}', "augment has 'zoom'"),
     (b'{"settings": {"augment": {"auto": "autoaugment"}}}', "augment auto is 'autoaugment'"),
+    (b'{"settings": {"split": [0.5, 0.6, -0.1]}}', "adding up to 1"),
 ], ids=["broken-json", "binary", "list", "no-settings", "settings-list", "lr-fast", "float-epochs",
         "bool-epochs", "int-bool", "short-split", "augment-list", "int-optimizer", "lr-too-high",
         "zero-epochs", "odd-batch", "odd-size", "unknown-optimizer", "unknown-freeze", "rotation-500",
-        "unknown-augment", "unknown-auto"])
+        "unknown-augment", "unknown-auto", "split-over-100"])
 def test_bad_preset_is_refused_with_a_reason(blob, message):
     with pytest.raises(P.PresetError) as err:
         P.parse_preset(blob)

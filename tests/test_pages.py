@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import class_image
 from core import paths
-from apptest_helpers import assert_ok, quiet_queue
+from apptest_helpers import assert_ok, quiet_queue, use_small_settings
 from apptest_helpers import opened as opened_with
 from core.runs import list_runs
 
@@ -77,20 +77,6 @@ def wait_for_state(at: AppTest, states: tuple[str, ...], timeout: float) -> dict
         time.sleep(0.5)
         at.run()
         assert_ok(at)
-
-
-def use_small_settings(at: AppTest, data_root: Path, **overrides) -> None:
-    """Switch the session's settings to a tiny test_resnet on `data_root` (Train only reads them).
-    The Train page picks a device-dependent image size on its first visit; mark that as done so
-    the size set here stays."""
-    settings = dict(at.session_state["settings"])
-    settings.update(data_root=str(data_root), data_label="Test images", arch="test_resnet",
-                    weights="random", weights_file=None, freeze="full", image_size=64, epochs=2,
-                    batch_size=8, lr=1e-2, optimizer="adamw", scheduler="none", augment={},
-                    device="cpu", seed=0)
-    settings.update(overrides)
-    at.session_state["settings"] = settings
-    at.session_state["image_size_default"] = True
 
 
 def zip_bytes(files: dict[str, bytes]) -> bytes:

@@ -20,7 +20,7 @@ from streamlit import config
 from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.util import patch_config_options
 
-from apptest_helpers import assert_ok, opened, quiet_queue
+from apptest_helpers import assert_ok, opened, quiet_queue, use_small_settings
 from core.runs import MANAGER, get_run, list_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,16 +57,8 @@ def start_button(at: AppTest):
 
 
 def small_settings(at: AppTest, data_root: Path, **overrides) -> None:
-    """A tiny test_resnet on `data_root` (the Train page reads session_state["settings"]);
-    called before the first visit to Train so the widgets start from these values."""
-    settings = dict(at.session_state["settings"])
-    settings.update(data_root=str(data_root), data_label="Test images", arch="test_resnet",
-                    weights="random", weights_file=None, freeze="full", image_size=32, epochs=1,
-                    batch_size=8, lr=1e-2, optimizer="adamw", scheduler="none", augment={},
-                    device="cpu", seed=0)
-    settings.update(overrides)
-    at.session_state["settings"] = settings
-    at.session_state["image_size_default"] = True
+    """A one-epoch 32 px test_resnet, set before the first visit to Train."""
+    use_small_settings(at, data_root, **{"image_size": 32, "epochs": 1, **overrides})
 
 
 def show(at: AppTest, run_id: str) -> None:
