@@ -57,7 +57,10 @@ class RunConfig:
     image_size: int = 128
     seed: int = 0
     augment: dict = field(default_factory=dict)
-    cache_features: bool = True      # used when the backbone is frozen and nothing augments
+    cache_features: bool = True      # run frozen layers once per image and train on their output
+    aug_views: int = 0               # augmented views per training image cached through frozen layers
+                                     # (0: augmentations run live, so caching is off when augmenting)
+    time_budget_s: int = 0           # >0: plan the phases to fit this many seconds (core.budget)
     device: str = "auto"
     name: str = ""
     class_weights: bool = False      # weight the loss by 1/class frequency (imbalanced data)
@@ -90,7 +93,8 @@ RANGES = {"lr": (1e-6, 10.0), "weight_decay": (0.0, 1.0), "momentum": (0.0, 0.99
           "gamma": (0.01, 1.0), "warmup_epochs": (0, 50), "label_smoothing": (0.0, 0.5),
           "patience": (0, 100), "phase1_epochs": (0, 500), "backbone_lr_mult": (0.001, 10.0),
           "hidden": (8, 4096), "dropout": (0.0, 0.9), "top_k": (1, 1000), "max_per_class": (1, 100_000),
-          "batch_size": (1, 65536), "image_size": (16, 2048)}
+          "batch_size": (1, 65536), "image_size": (16, 2048), "aug_views": (0, 16),
+          "time_budget_s": (0, 7 * 86400)}
 CHOICES = {"optimizer": ("sgd", "adam", "adamw", "rmsprop"),
            "scheduler": ("none", "step", "cosine", "onecycle"),
            "freeze": tuple(FREEZE_MODES), "head": ("linear", "mlp"),

@@ -15,10 +15,13 @@ import timm.optim
 import torch
 from torch import nn
 
+from core import budget as B
 from core import data as D
 from core import distributed as dist
+from core import paths
+from core import prefix as P
 from core.backbones import apply_freeze, build_model, freeze_norm_stats, native_input_size
-from core.device import autocast, describe, grad_scaler, pick_device, set_cpu_threads
+from core.device import autocast, choose_precision, describe, grad_scaler, pick_device, precision_key, set_cpu_threads
 from core.evaluate import data_config, predict_probs, save_evaluation
 from core.paths import REPO_ROOT
 from core.runs import Run, RunConfig
@@ -55,7 +58,18 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def uses_feature_cache(cfg: RunConfig) -> bool:
-    return cfg.freeze == "head" and cfg.cache_features and not any(cfg.augment.values())
+    """Whether a head-only run trains on cached backbone features (augmented views included)."""
+    return cfg.freeze == "head" and cfg.cache_features and (cfg.aug_views > 0 or not any(cfg.augment.values()))
+
+
+def cache_refusal(cfg: RunConfig) -> str:
+    """Why no frozen layers are cached for this config ("" when they can be)."""
+    if not cfg.cache_features:
+        return "caching is off in the settings."
+    if any(cfg.augment.values()) and not cfg.aug_views:
+        return ("augmentation runs live on every image; choose a number of augmented views to "
+                "cache instead.")
+    return ""
 
 
 def resolve_data_root(root: str) -> str:
@@ -119,15 +133,16 @@ def decode_cached(root: str, items, size: int, progress):
     return [known.get(it.path) if it.path not in failed else None for it in items], failures
 
 
-def features_cached(cfg: RunConfig, model, data, eval_tf, device, report, mean, std) -> dict:
+def features_cached(cfg: RunConfig, model, data, eval_tf, device, report, mean, std,
+                    precision: str | None = None) -> dict:
     key = (cfg.arch, cfg.weights, cfg.weights_file, cfg.image_size, tuple(mean), tuple(std), str(device),
            resolve_data_root(cfg.data_root), cfg.seed if cfg.weights == "random" else None,
-           tuple(tuple(data[s][2]) for s in ("train", "val", "test")))
+           tuple(tuple(data[s][2]) for s in ("train", "val", "test")), precision)
     with _CACHE_LOCK:
         hit = _FEATURES.get(key)
     if hit is not None:
         return hit
-    feats = {s: extract_features(model.backbone, data[s][0], eval_tf, device, 64, report, s)
+    feats = {s: extract_features(model.backbone, data[s][0], eval_tf, device, 64, report, s, precision)
              for s in ("train", "val", "test")}
     _remember(_FEATURES, key, feats, keep=2)
     return feats
@@ -145,27 +160,35 @@ def loader(images, labels, transform, batch_size, order, device: torch.device | 
 
 
 @torch.inference_mode()
-def extract_features(backbone: nn.Module, images, transform, device, batch_size, report, label):
+def extract_features(backbone: nn.Module, images, transform, device, batch_size, report, label,
+                     precision: str | None = None):
+    was_training = backbone.training
     backbone.eval()
     feats = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
-        with autocast(device):
-            feats.append(backbone(batch.to(device, memory_format=torch.channels_last)).float())
-        report("preparing", message=f"Computing backbone features ({label})", phase="features",
-               step=min(start + batch_size, len(images)), steps=len(images))
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
+            with autocast(device, precision):
+                feats.append(backbone(batch.to(device, memory_format=torch.channels_last)).float())
+            report("preparing", message=f"Computing backbone features ({label})", phase="features",
+                   step=min(start + batch_size, len(images)), steps=len(images))
+    finally:
+        backbone.train(was_training)
     return torch.cat(feats) if feats else torch.zeros(0, backbone.num_features, device=device)
 
 
-def make_optimizer(cfg: RunConfig, model: nn.Module, head_only: bool):
-    """The head learns at `lr`; a training backbone at `lr x backbone_lr_mult`. Frozen
-    parameters are left out."""
-    groups = [{"params": [p for p in model.head.parameters() if p.requires_grad], "lr": cfg.lr}]
+def make_optimizer(cfg: RunConfig, model: nn.Module, head_only: bool, lr: float | None = None,
+                   backbone_lr_mult: float | None = None):
+    """The head learns at `lr` (the config's unless a planned phase sets its own); a training
+    backbone at `lr x backbone_lr_mult`. Frozen parameters are left out."""
+    lr = cfg.lr if lr is None else lr
+    mult = cfg.backbone_lr_mult if backbone_lr_mult is None else backbone_lr_mult
+    groups = [{"params": [p for p in model.head.parameters() if p.requires_grad], "lr": lr}]
     backbone = [p for p in model.backbone.parameters() if p.requires_grad] if not head_only else []
     if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult})
+        groups.append({"params": backbone, "lr": lr * mult})
     kwargs = dict(momentum=cfg.momentum) if cfg.optimizer in ("sgd", "rmsprop") else {}
-    return timm.optim.create_optimizer_v2(groups, opt=cfg.optimizer, lr=cfg.lr,
+    return timm.optim.create_optimizer_v2(groups, opt=cfg.optimizer, lr=lr,
                                           weight_decay=cfg.weight_decay, **kwargs)
 
 
@@ -188,7 +211,7 @@ def make_scheduler(cfg: RunConfig, optimizer, epochs: int):
 
 
 def run_epoch(model, batches, criterion, optimizer, scaler, device, report, epoch, total_epochs,
-              n_batches):
+              n_batches, precision: str | None = None):
     """One pass over `batches`; trains when `optimizer` is given. Returns (mean loss, accuracy)."""
     training = optimizer is not None
     total_loss, correct, seen = 0.0, 0, 0
@@ -198,7 +221,7 @@ def run_epoch(model, batches, criterion, optimizer, scaler, device, report, epoc
             if x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.as_tensor(y, device=device)
-            with autocast(device):
+            with autocast(device, precision):
                 logits = model(x)
                 loss = criterion(logits.float(), y)
             if not torch.isfinite(loss):
@@ -247,12 +270,18 @@ def load_resume_state(run: Run) -> dict:
     return torch.load(run.file("last_state.pt"), map_location="cpu", weights_only=True)
 
 
-def feature_batches(features, labels, batch_size, order):
+def feature_batches(features, labels, batch_size, order, rows=None):
+    """Batches of cached tensors (a tensor or a core.prefix.Store) in `order`; `rows[i]` is the
+    cached row of image i when there are several views per image."""
     order = torch.as_tensor(order, dtype=torch.long)
     labels = torch.as_tensor(labels)
+    rows = order if rows is None else torch.as_tensor(rows, dtype=torch.long)[order]
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        yield features[idx.to(features.device)], labels[idx]
+        idx, row = order[start:start + batch_size], rows[start:start + batch_size]
+        if isinstance(features, P.Store):
+            yield features.get(row.numpy()), labels[idx]
+        else:
+            yield features[row.to(features.device)], labels[idx]
 
 
 def train_run(run: Run, stop: threading.Event | None = None, resume: bool = False) -> dict:
@@ -298,14 +327,13 @@ def is_out_of_memory(err: Exception) -> bool:
 
 
 def plan_phases(cfg: RunConfig) -> list[tuple[str, str, int]]:
-    """(name, freeze mode, epochs) per phase: two-phase runs train the head alone first."""
-    if cfg.phase1_epochs > 0 and cfg.freeze not in ("head", "scratch") and cfg.epochs > cfg.phase1_epochs:
-        return [("head", "head", cfg.phase1_epochs), ("fine-tune", cfg.freeze, cfg.epochs - cfg.phase1_epochs)]
-    return [("train", cfg.freeze, cfg.epochs)]
+    """(name, freeze mode, epochs) per phase of a config without a time budget."""
+    return [(p.name, p.freeze, p.epochs) for p in B.config_phases(cfg)]
 
 
 def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = None) -> dict:
     seed_everything(cfg.seed)
+    started = time.monotonic()
     device = pick_device(cfg.device)
     if device.type == "cpu":
         set_cpu_threads()
@@ -322,12 +350,42 @@ def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = No
     weight = class_weights(cfg, data["train"][1], len(classes), device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     loop = Loop(run, cfg, report, model, data, criterion, device, mean, std)
-    if resumed:
-        loop.restore(resumed)
-    loop.fit()
+    try:
+        loop.phases = phases_for(run, cfg, loop, resumed, started)
+        if resumed:
+            loop.restore(resumed)
+        if cfg.time_budget_s:
+            loop.deadline = started + cfg.time_budget_s - loop.test_reserve()
+        loop.fit()
+    finally:
+        loop.close()
     if not dist.is_main():
         return {}
     return finish(run, cfg, loop, data)
+
+
+def phases_for(run: Run, cfg: RunConfig, loop: "Loop", resumed, started: float) -> list[B.Phase]:
+    """The config's phases; with a time budget, the planner's (kept in plan.json, so a resume
+    follows the same plan)."""
+    if not cfg.time_budget_s:
+        return B.config_phases(cfg)
+    saved = run.read_json("plan.json")
+    if resumed and saved:
+        return B.phases_from(saved["phases"])
+    loop.report("preparing", force=True, message="Measuring this machine to plan the time budget",
+                phase="plan")
+    images = loop.data["train"][0]
+    speeds = B.measure(loop.model, cfg.image_size, loop.device, loop.train_tf, images,
+                       precision=loop.infer_precision())
+    counts = B.Counts(*(len(loop.data[s][1]) for s in ("train", "val", "test")))
+    left = cfg.time_budget_s - (time.monotonic() - started)
+    phases, notes = B.plan(cfg, loop.model, speeds, counts, left, loop.views())
+    run.write_json("plan.json", dict(phases=[p.to_dict() for p in phases], notes=notes,
+                                     budget_s=cfg.time_budget_s, planned_after_s=round(cfg.time_budget_s - left, 1)))
+    cfg.epochs = B.total_epochs(phases)
+    run.write_json("config.json", cfg.to_dict())
+    run.set_status("preparing", plan=notes)
+    return phases
 
 
 def class_weights(cfg: RunConfig, labels, n_classes: int, device) -> torch.Tensor | None:
@@ -347,8 +405,11 @@ class Loop:
         self.eval_tf = D.build_transform(cfg.image_size, mean, std)
         self.train_tf = D.build_transform(cfg.image_size, mean, std, cfg.augment)
         self.scaler = grad_scaler(device)
-        self.feats: dict = {}
+        self.phases: list[B.Phase] = B.config_phases(cfg)
+        self.caches: dict = {}            # (kind, cut) -> {split: tensor or Store}
+        self.feats: dict = {}             # the head-only features, when cached (used by finish)
         self.loaders: dict = {}
+        self.deadline: float | None = None
         self.best, self.since_best, self.epoch, self.resumed = -math.inf, 0, 0, None
 
     def restore(self, state: dict) -> None:
@@ -363,36 +424,145 @@ class Loop:
             self.record(state["row"])
         self.run.set_status("running", message=f"Resuming after epoch {self.epoch}")
 
+    def close(self) -> None:
+        for cache in self.caches.values():
+            for store in cache.values():
+                if isinstance(store, P.Store):
+                    store.close()
+
     def fit(self) -> None:
         first = 0
-        for index, (phase, freeze, n_epochs) in enumerate(plan_phases(self.cfg)):
-            last = first + n_epochs
-            if self.epoch < last and not self.phase(index, phase, freeze, first, last):
-                return     # early stop ends every phase
+        for index, phase in enumerate(self.phases):
+            last = first + phase.epochs
+            if self.epoch < last and not self.phase(index, phase, first, last):
+                return     # early stop (or the time budget) ends every phase
             first = last
 
-    def phase(self, index, phase, freeze, first, last) -> bool:
-        """Epochs first+1..last of one phase; False when early stopping ends training."""
+    # ---------------------------------------------------------------- caches and precision
+
+    def views(self) -> int:
+        return self.cfg.aug_views if any(self.cfg.augment.values()) else 1
+
+    def cache_for(self, phase: B.Phase) -> tuple[str, P.Split | None, str]:
+        """("features" | "prefix" | "", split, why not) for the layers this phase keeps frozen."""
+        refusal = cache_refusal(self.cfg)
+        if refusal or phase.freeze == "scratch":
+            return "", None, refusal or "from scratch, every layer trains."
+        if phase.freeze == "head":
+            return "features", None, ""
+        split = P.find_split(self.model.backbone, self.cfg.image_size)
+        return ("prefix", split, "") if split.ok else ("", None, split.reason)
+
+    def build_cache(self, kind: str, split: P.Split | None) -> dict:
+        key = (kind, split.cut_name if split else "")
+        if key in self.caches:
+            return self.caches[key]
+        cfg, views = self.cfg, self.views()
+        if kind == "features" and views == 1 and not any(cfg.augment.values()):
+            cache = features_cached(cfg, self.model, self.data, self.eval_tf, self.device, self.report,
+                                    self.mean, self.std, self.infer_precision())
+        else:
+            cache = self.compute_cache(split, views)
+        self.caches[key] = cache
+        return cache
+
+    def compute_cache(self, split: P.Split | None, views: int) -> dict:
+        backbone, n = self.model.backbone, {s: len(self.data[s][1]) for s in ("train", "val")}
+        per_image = (P.bytes_per_image(backbone, split, self.cfg.image_size) if split
+                     else 2 * backbone.num_features)
+        total = per_image * (views * n["train"] + n["val"])
+        on_disk = total > P.ram_budget_bytes()
+        where = "disk (memory-mapped)" if on_disk else "memory"
+        what = f"block {split.cut_name}" if split else "the backbone's features"
+        cache = {}
+        for name, tf, v in (("train", self.train_tf, views), ("val", self.eval_tf, 1)):
+            def progress(done, total_, name=name):
+                self.report("preparing", message=f"Caching {what} ({name}, {v} view(s) per image)",
+                            phase="features", step=done, steps=total_)
+            disk = paths.home() / "cache" / f"{self.run.id}-{what.split()[-1]}-{name}.npy" if on_disk else None
+            cache[name] = P.compute(backbone, split, self.data[name][0], tf, self.device, v,
+                                    progress=progress, disk=disk, precision=self.infer_precision())
+        self.run.set_status("preparing", cache=dict(what=what, views=views, mb=round(total / 2**20, 1),
+                                                    where=where))
+        return cache
+
+    def infer_precision(self) -> str:
+        if "infer" not in getattr(self, "_precision", {}):
+            images = [self.eval_tf(img) for img in self.data["train"][0][:8]]
+            x = torch.stack(images).to(self.device, memory_format=torch.channels_last) if images else None
+
+            def step(precision):
+                if x is not None:
+                    with torch.inference_mode(), P._evaluating(self.model), autocast(self.device, precision):
+                        self.model(x)
+            self._note_precision("infer", step)
+        return self._precision["infer"]["precision"]
+
+    def train_precision(self, kind: str, step_model, sample) -> str:
+        def step(precision):
+            with P._evaluating(step_model), autocast(self.device, precision):
+                loss = step_model(sample).float().logsumexp(1).mean()
+            loss.backward()
+            for p in step_model.parameters():
+                p.grad = None
+        self._note_precision(kind, step)
+        return self._precision[kind]["precision"]
+
+    def _note_precision(self, kind: str, step) -> None:
+        self._precision = getattr(self, "_precision", {})
+        key = precision_key(self.device, self.cfg.arch, self.cfg.image_size, kind)
+        self._precision[kind] = choose_precision(self.device, key, step, paths.home() / "precision.json")
+        self.run.set_status("preparing", precision={k: v["precision"] for k, v in self._precision.items()})
+        self.run.write_json("precision.json", self._precision)
+
+    def test_reserve(self) -> float:
+        """Seconds kept back from a time budget for the final test pass."""
+        return 2.0 + 0.02 * len(self.data["test"][1])
+
+    # ---------------------------------------------------------------- one phase
+
+    def phase(self, index: int, phase: B.Phase, first: int, last: int) -> bool:
+        """Epochs first+1..last of one phase; False when early stopping or the budget ends training."""
         cfg, model = self.cfg, self.model
-        apply_freeze(model, freeze, cfg.top_k)
-        cached = freeze == "head" and cfg.cache_features and not any(cfg.augment.values())
-        self.run.set_status("preparing", device=describe(self.device), feature_cache=cached)
-        if cached and not self.feats:
-            self.feats = features_cached(cfg, model, self.data, self.eval_tf, self.device, self.report,
-                                         self.mean, self.std)
-        step_model = dist.wrap(model.head if cached else model, self.device)
+        apply_freeze(model, phase.freeze, phase.top_k)
+        kind, split, why_not = self.cache_for(phase)
+        self.run.set_status("preparing", device=describe(self.device), feature_cache=kind == "features",
+                            prefix_cache=split.cut_name if split else "", cache_off=why_not,
+                            phase_name=phase.name)
+        cache = self.build_cache(kind, split) if kind else None
+        if kind == "features" and not any(cfg.augment.values()):
+            self.feats = cache
+        step_model = model.head if kind == "features" else P.SuffixModel(model, split) if kind else model
+        sample = self.sample_input(cache)
+        precision = self.train_precision(f"train@{split.cut_name}" if split else
+                                         "train@head" if kind else "train", step_model, sample)
+        step_model = dist.wrap(step_model, self.device)
         self.loaders = {}
-        optimizer = make_optimizer(cfg, model, head_only=freeze == "head")
+        optimizer = make_optimizer(cfg, model, head_only=phase.freeze == "head", lr=phase.lr,
+                                   backbone_lr_mult=phase.backbone_lr_mult)
         scheduler = make_scheduler(cfg, optimizer, last - first)
         if self.resumed and self.resumed.get("phase_index") == index:
             self.load_optimizer(optimizer, scheduler)
         for _ in range(self.epoch - first, last - first):
             self.epoch += 1
-            self.one_epoch(index, phase, cached, step_model, optimizer, scheduler)
+            self.one_epoch(index, phase.name, cache, step_model, optimizer, scheduler, precision)
             if cfg.patience and self.since_best >= cfg.patience:
                 self.run.set_status("running", early_stopped=self.epoch)
                 return False
+            if self.deadline and time.monotonic() > self.deadline:
+                self.run.set_status("running", budget_stopped=self.epoch)
+                return False
         return True
+
+    def sample_input(self, cache) -> torch.Tensor:
+        """A few training inputs as the step model sees them, for the precision trial."""
+        if cache is not None:
+            store = cache["train"]
+            n = min(8, len(store) if isinstance(store, torch.Tensor) else store.n)
+            rows = torch.arange(n)      # indexing copies: a slice of an inference tensor can't train
+            return (store.get(rows.numpy()) if isinstance(store, P.Store) else store[rows.to(store.device)]).to(self.device)
+        images = [self.train_tf(img) for img in self.data["train"][0][:8]]
+        return torch.stack(images).to(self.device, memory_format=torch.channels_last)
 
     def load_optimizer(self, optimizer, scheduler) -> None:
         optimizer.load_state_dict(self.resumed["optimizer"])
@@ -400,18 +570,27 @@ class Loop:
             scheduler.load_state_dict(self.resumed["scheduler"])
         self.scaler.load_state_dict(self.resumed["scaler"])
 
-    def batches(self, split: str, cached: bool, batch_size: int):
+    def batches(self, split: str, cache, batch_size: int):
         labels = self.data[split][1]
-        if cached:
+        if cache is not None:
             order = (dist.train_order(len(labels), self.cfg.seed, self.epoch) if split == "train"
                      else dist.eval_order(len(labels)))
-            return feature_batches(self.feats[split], labels, batch_size, order)
+            return feature_batches(cache[split], labels, batch_size, order, self.view_rows(split, cache))
         if (split, batch_size) not in self.loaders:      # one per phase, so workers persist
             self.loaders[(split, batch_size)] = self.image_loader(split, batch_size)
         dl = self.loaders[(split, batch_size)]
         if split == "train":
             dl.sampler.set_epoch(self.epoch)
         return dl
+
+    def view_rows(self, split: str, cache) -> torch.Tensor | None:
+        """One cached augmented view per image, drawn afresh each epoch (seeded by seed and epoch)."""
+        store, n = cache[split], len(self.data[split][1])
+        views = (store.n if isinstance(store, P.Store) else len(store)) // max(n, 1)
+        if split != "train" or views <= 1:
+            return None
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch)
+        return torch.randint(views, (n,), generator=g) * n + torch.arange(n)
 
     def image_loader(self, split: str, batch_size: int):
         images, labels = self.data[split][:2]
@@ -420,21 +599,22 @@ class Loop:
             return loader(images, labels, self.train_tf, batch_size, order, self.device)
         return loader(images, labels, self.eval_tf, batch_size, dist.eval_order(len(labels)), self.device)
 
-    def one_epoch(self, index, phase, cached, step_model, optimizer, scheduler) -> None:
+    def one_epoch(self, index, phase, cache, step_model, optimizer, scheduler, precision) -> None:
         cfg, epoch, start = self.cfg, self.epoch, time.perf_counter()
         per_rank = dist.local_batch(cfg.batch_size)
-        val_batch = 256 if cached else per_rank
+        val_batch = 256 if cache is not None else per_rank
         n_train = math.ceil(len(self.data["train"][1]) / cfg.batch_size)
         n_val = math.ceil(len(self.data["val"][1]) / (val_batch * dist.world()))
         lr = optimizer.param_groups[0]["lr"]
         step_model.train()
         freeze_norm_stats(self.model)
-        train_loss, train_acc = run_epoch(step_model, self.batches("train", cached, per_rank), self.criterion,
+        train_loss, train_acc = run_epoch(step_model, self.batches("train", cache, per_rank), self.criterion,
                                           optimizer, self.scaler, self.device, self.report, epoch,
-                                          cfg.epochs, n_train)
+                                          cfg.epochs, n_train, precision)
         step_model.eval()
-        val_loss, val_acc = run_epoch(step_model, self.batches("val", cached, val_batch), self.criterion,
-                                      None, self.scaler, self.device, self.report, epoch, cfg.epochs, n_val)
+        val_loss, val_acc = run_epoch(step_model, self.batches("val", cache, val_batch), self.criterion,
+                                      None, self.scaler, self.device, self.report, epoch, cfg.epochs, n_val,
+                                      precision)
         if scheduler:
             scheduler.step()
         score = val_acc if self.data["val"][1] else -train_loss

@@ -139,7 +139,7 @@ def test_same_seed_same_data_same_settings_give_identical_epochs(tiny_config, fo
         probe()
     first = core.train(tiny_config(data_root=folder, seed=5, **settings))
     second = uncached(lambda: core.train(tiny_config(data_root=folder, seed=5, **settings)))   # recomputed
-    assert first.status()["state"] == second.status()["state"] == "finished"
+    assert first.status()["state"] == second.status()["state"] == "finished", (first.status(), second.status())
     assert first.status()["feature_cache"] is (settings["freeze"] == "head")
     assert len(first.epochs()) == 2
     assert metric_rows(first) == metric_rows(second)

@@ -1,0 +1,224 @@
+"""Training phases, and a planner that fits them into a time budget ("train for N minutes").
+
+A plan is a list of `Phase`s. Without a budget it is the config's own (one phase, or head-only
+first for two-phase runs). With `time_budget_s` the planner measures the real model on this
+machine (seconds per image of each block, forward and training) and chooses:
+
+1. the head alone on cached backbone features (seconds, always first: it gives a good head to
+   start from, so deeper training doesn't wreck the pretrained features with a random one);
+2. then the deepest fine-tune whose epochs still fit what is left: the top blocks trained on the
+   frozen-prefix cache (with a bank of augmented views), or the whole network when even that fits.
+
+Learning rates follow the depth (`depth_lr`): the more of the backbone trains, the smaller.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from core import prefix as P
+from core.backbones import apply_freeze, block_groups
+from core.device import autocast
+
+HEAD_LR = 1e-3           # AdamW on a fresh linear head
+FULL_LR = 2e-4           # AdamW when every layer trains (a head's rate would wreck the features)
+PLAN_EPOCHS = 8          # fine-tuning epochs the planner aims for
+MIN_EPOCHS = 3           # fewer than this is not worth a phase
+HEAD_EPOCHS = 15         # epochs on cached features cost next to nothing
+SAFETY = 0.85            # plan this share of the time left: estimates are rough, a CPU is shared
+
+
+@dataclass
+class Phase:
+    name: str
+    freeze: str                   # head, top_k, full, scratch
+    epochs: int
+    top_k: int = 1
+    lr: float | None = None       # None: the config's lr
+    backbone_lr_mult: float | None = None
+    seconds: float = 0.0          # the planner's estimate (0 when not planned)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def depth_lr(trainable_fraction: float) -> float:
+    """A sensible AdamW learning rate for training this share of the backbone's blocks: the
+    head's 1e-3 with none, falling geometrically to 2e-4 for all."""
+    f = min(1.0, max(0.0, trainable_fraction))
+    return HEAD_LR * (FULL_LR / HEAD_LR) ** f
+
+
+def config_phases(cfg) -> list[Phase]:
+    """The phases a config asks for without a budget: two-phase runs train the head alone first."""
+    if cfg.phase1_epochs > 0 and cfg.freeze not in ("head", "scratch") and cfg.epochs > cfg.phase1_epochs:
+        return [Phase("head", "head", cfg.phase1_epochs, cfg.top_k),
+                Phase("fine-tune", cfg.freeze, cfg.epochs - cfg.phase1_epochs, cfg.top_k)]
+    return [Phase("train", cfg.freeze, cfg.epochs, cfg.top_k)]
+
+
+# ---------------------------------------------------------------- measuring this machine
+
+@dataclass
+class Speeds:
+    """Seconds per image on this machine for one model at one image size."""
+    block_s: list            # forward, per block of the chain (eval mode)
+    head_s: float            # forward_head + the new head
+    train_factor: float      # a training step costs this many forwards (backward, optimiser)
+    augment_s: float         # the training transform, per image
+    names: list
+
+    @property
+    def forward_s(self) -> float:
+        return sum(self.block_s) + self.head_s
+
+    def from_block(self, cut: int) -> float:
+        return sum(self.block_s[cut:]) + self.head_s
+
+
+def measure(model: nn.Module, image_size: int, device, train_tf, images, batch: int = 16,
+            precision: str | None = None) -> Speeds:
+    """Time each block of the chain on one batch (hooks record when each starts), then one training
+    step of the whole model. Leaves weights, gradients, train/eval flags and the RNG as they were."""
+    backbone = model.backbone
+    chain = P.block_chain(backbone, image_size)
+    sample = [images[i % len(images)] for i in range(batch)]
+    start = time.perf_counter()
+    x = torch.stack([train_tf(img) for img in sample]).to(device, memory_format=torch.channels_last)
+    augment_s = (time.perf_counter() - start) / batch
+    stamps: list[tuple[str, float]] = []
+
+    def stamp(name):
+        return lambda _m, _a: stamps.append((name, time.perf_counter()))
+
+    with torch.random.fork_rng(devices=[]), P._evaluating(model), torch.inference_mode(), \
+            autocast(device, precision):
+        model(x)                                   # warm-up
+        with P._pre_hooks((m, stamp(n)) for n, m in chain):
+            begin = time.perf_counter()
+            feats = backbone.forward_features(x)
+            end_features = time.perf_counter()
+        model.head(backbone.forward_head(feats))
+        head_s = (time.perf_counter() - end_features) / batch
+    times = [t for _, t in stamps] + [end_features]
+    block_s = [max(0.0, b - a) / batch for a, b in zip(times[:-1], times[1:])]
+    if stamps:
+        block_s[0] += (stamps[0][1] - begin) / batch       # anything before the first block
+    forward = sum(block_s) + head_s
+    factor = _train_factor(model, x, device, precision) / max(forward * batch, 1e-9)
+    return Speeds(block_s, head_s, max(1.5, factor), augment_s, [n for n, _ in stamps])
+
+
+def _train_factor(model: nn.Module, x, device, precision) -> float:
+    """Seconds of one forward+backward of the whole model on `x` (gradients dropped after)."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        with torch.random.fork_rng(devices=[]), P._evaluating(model):
+            start = time.perf_counter()
+            with autocast(device, precision):
+                loss = model(x).float().logsumexp(1).mean()
+            loss.backward()
+            return time.perf_counter() - start
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass
+class Counts:
+    train: int
+    val: int
+    test: int
+
+
+def plan(cfg, model: nn.Module, speeds: Speeds, counts: Counts, seconds: float,
+         views: int) -> tuple[list[Phase], list[str]]:
+    """Phases that fit `seconds` of training, and one sentence per decision."""
+    groups = len(block_groups(model.backbone))
+    budget = seconds * SAFETY
+    notes = []
+    features_s = (counts.train + counts.val + counts.test) * speeds.forward_s
+    head = Phase("head", "head", HEAD_EPOCHS, lr=HEAD_LR, seconds=features_s)
+    left = budget - features_s
+    notes.append(f"Head on cached features: {HEAD_EPOCHS} epochs, about {features_s:.0f} s "
+                 f"(one backbone pass over {counts.train + counts.val + counts.test} images).")
+    best = None
+    for k in range(groups, 0, -1):                 # deepest first
+        cost, epochs, cached = _fine_tune_cost(cfg, model, speeds, counts, k, groups, views, left)
+        if epochs >= MIN_EPOCHS:
+            best = (k, cost, epochs, cached)
+            break
+    apply_freeze(model, "head")
+    if best is None:
+        head.epochs = HEAD_EPOCHS * 2
+        notes.append(f"No fine-tuning fits the {seconds:.0f} s budget at {cfg.image_size} px, so the "
+                     "head trains longer. Give more time or use smaller images to fine-tune.")
+        return [head], notes
+    k, cost, epochs, cached = best
+    freeze = "full" if k == groups else "top_k"
+    lr = depth_lr(k / groups)
+    what = "every block" if freeze == "full" else f"the top {k} of {groups} blocks"
+    notes.append(f"Then {what} for {epochs} epochs at learning rate {lr:.1e}, about {cost:.0f} s"
+                 + (f" on the frozen-prefix cache ({views} augmented views per image)." if cached else "."))
+    if freeze != "full":
+        notes.append("Deeper fine-tuning would not fit the budget with enough epochs.")
+    return [head, Phase("fine-tune", freeze, epochs, k, lr=lr, backbone_lr_mult=1.0, seconds=cost)], notes
+
+
+def _fine_tune_cost(cfg, model, speeds: Speeds, counts: Counts, k: int, groups: int, views: int,
+                    left: float) -> tuple[float, int, bool]:
+    """(seconds, epochs that fit `left` up to PLAN_EPOCHS, uses the prefix cache) for top-k."""
+    apply_freeze(model, "full" if k == groups else "top_k", k)
+    split = P.find_split(model.backbone, cfg.image_size) if cfg.cache_features else P.Split(reason="off")
+    if split.ok:
+        cut = _speed_index(speeds, split)
+        prefix_s = speeds.forward_s - speeds.from_block(cut)
+        build = (views * counts.train + counts.val) * (prefix_s + speeds.augment_s)
+        epoch = (counts.train * speeds.from_block(cut) * speeds.train_factor
+                 + counts.val * speeds.from_block(cut))
+    else:
+        build = 0.0
+        epoch = (counts.train * (speeds.forward_s * speeds.train_factor + speeds.augment_s)
+                 + counts.val * speeds.forward_s)
+    epochs = min(PLAN_EPOCHS, int(max(0.0, left - build) // max(epoch, 1e-9)))
+    return build + epochs * epoch, epochs, split.ok
+
+
+def _speed_index(speeds: Speeds, split: P.Split) -> int:
+    if split.cut >= len(split.blocks):
+        return len(speeds.block_s)
+    name = split.blocks[split.cut][0]
+    return speeds.names.index(name) if name in speeds.names else split.cut
+
+
+def total_epochs(phases: list[Phase]) -> int:
+    return sum(p.epochs for p in phases)
+
+
+def estimate(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def phases_from(rows: list[dict]) -> list[Phase]:
+    return [Phase(**row) for row in rows]
+
+
+def describe_plan(phases: list[Phase]) -> list[dict]:
+    """Rows for a table: phase, what trains, epochs, learning rate, estimated time."""
+    return [dict(phase=p.name, trains={"head": "head only", "full": "every layer",
+                                        "scratch": "every layer (random init)"}.get(p.freeze, f"top {p.top_k} blocks + head"),
+                 epochs=p.epochs, lr=p.lr, estimate=estimate(p.seconds) if p.seconds else "–")
+            for p in phases]
+
+
+def fits(cost: float, left: float) -> bool:
+    return math.isfinite(cost) and cost <= left
