@@ -13,7 +13,6 @@ Learning rates follow the depth (`depth_lr`): the more of the backbone trains, t
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -27,9 +26,10 @@ from core.device import autocast
 HEAD_LR = 1e-3           # AdamW on a fresh linear head
 FULL_LR = 2e-4           # AdamW when every layer trains (a head's rate would wreck the features)
 PLAN_EPOCHS = 8          # fine-tuning epochs the planner aims for
-MIN_EPOCHS = 3           # fewer than this is not worth a phase
+MIN_EPOCHS = 4           # fewer than this is not worth a phase (a cosine schedule needs room)
 HEAD_EPOCHS = 15         # epochs on cached features cost next to nothing
 SAFETY = 0.85            # plan this share of the time left: estimates are rough, a CPU is shared
+STEP_OVERHEAD = 1.4      # a real training step (loss, optimiser, batching) over the timed forward+backward
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Phase:
     lr: float | None = None       # None: the config's lr
     backbone_lr_mult: float | None = None
     seconds: float = 0.0          # the planner's estimate (0 when not planned)
+    augment: bool = True          # False: this phase trains on plain images even if the config augments
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,9 +88,10 @@ def measure(model: nn.Module, image_size: int, device, train_tf, images, batch: 
     backbone = model.backbone
     chain = P.block_chain(backbone, image_size)
     sample = [images[i % len(images)] for i in range(batch)]
-    start = time.perf_counter()
-    x = torch.stack([train_tf(img) for img in sample]).to(device, memory_format=torch.channels_last)
-    augment_s = (time.perf_counter() - start) / batch
+    with torch.random.fork_rng(devices=[]):        # the transform may draw: keep the run's RNG as it was
+        start = time.perf_counter()
+        x = torch.stack([train_tf(img) for img in sample]).to(device, memory_format=torch.channels_last)
+        augment_s = (time.perf_counter() - start) / batch
     stamps: list[tuple[str, float]] = []
 
     def stamp(name):
@@ -109,23 +111,33 @@ def measure(model: nn.Module, image_size: int, device, train_tf, images, batch: 
     if stamps:
         block_s[0] += (stamps[0][1] - begin) / batch       # anything before the first block
     forward = sum(block_s) + head_s
+    _train_factor(model, x, device, precision)                  # warm-up: autograd's buffers
     factor = _train_factor(model, x, device, precision) / max(forward * batch, 1e-9)
-    return Speeds(block_s, head_s, max(1.5, factor), augment_s, [n for n, _ in stamps])
+    return Speeds(block_s, head_s, max(1.5, factor) * STEP_OVERHEAD, augment_s, [n for n, _ in stamps])
 
 
 def _train_factor(model: nn.Module, x, device, precision) -> float:
-    """Seconds of one forward+backward of the whole model on `x` (gradients dropped after)."""
+    """Seconds of one training-mode forward+backward of the whole model on `x`; gradients,
+    batch-norm statistics, train/eval flags and the RNG are put back after."""
     flags = {p: p.requires_grad for p in model.parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    modes = {m: m.training for m in model.modules()}
     for p in model.parameters():
         p.requires_grad_(True)
     try:
-        with torch.random.fork_rng(devices=[]), P._evaluating(model):
+        with torch.random.fork_rng(devices=[]):
+            model.train()
             start = time.perf_counter()
             with autocast(device, precision):
                 loss = model(x).float().logsumexp(1).mean()
             loss.backward()
             return time.perf_counter() - start
     finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        for m, mode in modes.items():
+            m.training = mode
         for p, flag in flags.items():
             p.grad = None
             p.requires_grad_(flag)
@@ -147,7 +159,7 @@ def plan(cfg, model: nn.Module, speeds: Speeds, counts: Counts, seconds: float,
     budget = seconds * SAFETY
     notes = []
     features_s = (counts.train + counts.val + counts.test) * speeds.forward_s
-    head = Phase("head", "head", HEAD_EPOCHS, lr=HEAD_LR, seconds=features_s)
+    head = Phase("head", "head", HEAD_EPOCHS, lr=HEAD_LR, seconds=features_s, augment=False)
     left = budget - features_s
     notes.append(f"Head on cached features: {HEAD_EPOCHS} epochs, about {features_s:.0f} s "
                  f"(one backbone pass over {counts.train + counts.val + counts.test} images).")
@@ -220,5 +232,54 @@ def describe_plan(phases: list[Phase]) -> list[dict]:
             for p in phases]
 
 
-def fits(cost: float, left: float) -> bool:
-    return math.isfinite(cost) and cost <= left
+# ---------------------------------------------------------------- what a page shows before Start
+
+def preview(cfg) -> dict:
+    """Before a run starts: what its frozen-layer cache will hold (and the memory it needs), and
+    with a time budget the plan, measured on a few of its images. Returns {"cache": sentence,
+    "cache_mb", "phases", "notes"}."""
+    from core import data as D
+    from core.backbones import build_model
+    from core.device import pick_device
+    from core.evaluate import data_config
+    from core.training import cache_refusal, resolve_data_root
+
+    scan = D.scan_folder(resolve_data_root(cfg.data_root), check=False)
+    splits = D.split_items(scan, cfg.split, cfg.split_seed, cfg.max_per_class)
+    counts = Counts(*(len(splits[s]) for s in ("train", "val", "test")))
+    model = build_model(cfg.arch, len(scan.classes), "random" if cfg.freeze == "scratch" else cfg.weights,
+                        cfg.weights_file, cfg.head, cfg.hidden, cfg.dropout)
+    views = cfg.aug_views if any(cfg.augment.values()) else 1
+    out = dict(counts=counts, phases=[], notes=[])
+    out.update(cache_sentence(cfg, model, counts, views, cache_refusal(cfg)))
+    if cfg.time_budget_s and cfg.freeze not in ("head", "scratch"):
+        dc = data_config(model, cfg.image_size)
+        train_tf = D.build_transform(cfg.image_size, dc["mean"], dc["std"], cfg.augment)
+        images, _ = D.decode_images(scan.root, splits["train"][:16], cfg.image_size)
+        images = [img for img in images if img is not None]
+        if images:
+            speeds = measure(model, cfg.image_size, pick_device(cfg.device), train_tf, images)
+            out["phases"], out["notes"] = plan(cfg, model, speeds, counts, cfg.time_budget_s * 0.9, views)
+    return out
+
+
+def cache_sentence(cfg, model, counts: Counts, views: int, refusal: str) -> dict:
+    """One sentence on what is cached for the config's freeze depth, and its size in MB."""
+    if refusal:
+        return dict(cache=f"No caching: {refusal}", cache_mb=0.0)
+    if cfg.freeze == "scratch":
+        return dict(cache="No caching: from scratch, every layer trains.", cache_mb=0.0)
+    apply_freeze(model, cfg.freeze, cfg.top_k)
+    if cfg.freeze == "head":
+        per_image, where = 2 * model.backbone.num_features, "the backbone's pooled features"
+    else:
+        split = P.find_split(model.backbone, cfg.image_size)
+        if not split.ok:
+            return dict(cache=f"No caching: {split.reason}", cache_mb=0.0)
+        per_image = P.bytes_per_image(model.backbone, split, cfg.image_size)
+        where = f"the frozen layers' output (the input of block {split.cut_name})"
+    mb = per_image * (views * counts.train + counts.val + counts.test) / 2**20
+    disk = mb * 2**20 > P.ram_budget_bytes()
+    return dict(cache=f"Caches {where}: {views} view(s) per training image, about {mb:,.0f} MB "
+                      f"{'on disk (memory-mapped; more than a third of free memory)' if disk else 'in memory'}.",
+                cache_mb=mb)

@@ -87,6 +87,9 @@ def choose_precision(device: torch.device, key: str, step, store: Path | None = 
     forced = os.environ.get("FINETUNE_LAB_CPU_BF16")
     if forced in ("0", "1"):
         return dict(precision="bf16" if forced == "1" else "fp32", why="set by FINETUNE_LAB_CPU_BF16")
+    if not _has_bf16_flags():
+        return dict(precision="fp32", why="this CPU has no bf16 instructions (bf16 would be emulated, "
+                                          "several times slower)")
     with _CHOSEN_LOCK:
         if key not in _CHOSEN and store is not None:
             _CHOSEN.update(_read_json(store))

@@ -188,12 +188,22 @@ def make_optimizer(cfg: RunConfig, model: nn.Module, head_only: bool, lr: float 
     if backbone:
         groups.append({"params": backbone, "lr": lr * mult})
     kwargs = dict(momentum=cfg.momentum) if cfg.optimizer in ("sgd", "rmsprop") else {}
+    params = [p for g in groups for p in g["params"]]
+    if cfg.optimizer in ("adam", "adamw") and params and params[0].device.type in ("cpu", "cuda"):
+        kwargs["fused"] = True       # one kernel for all tensors: ~6x faster steps on a CPU
     return timm.optim.create_optimizer_v2(groups, opt=cfg.optimizer, lr=lr,
                                           weight_decay=cfg.weight_decay, **kwargs)
 
 
-def make_scheduler(cfg: RunConfig, optimizer, epochs: int):
-    """Stepped once per epoch."""
+def make_scheduler(cfg: RunConfig, optimizer, epochs: int, done: int = 0):
+    """Stepped once per epoch; `done` epochs of it already passed (a schedule re-made shorter)."""
+    scheduler = _scheduler(cfg, optimizer, epochs)
+    for _ in range(done if scheduler else 0):
+        scheduler.step()
+    return scheduler
+
+
+def _scheduler(cfg: RunConfig, optimizer, epochs: int):
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
     if cfg.scheduler == "cosine":
@@ -380,6 +390,7 @@ def phases_for(run: Run, cfg: RunConfig, loop: "Loop", resumed, started: float) 
     counts = B.Counts(*(len(loop.data[s][1]) for s in ("train", "val", "test")))
     left = cfg.time_budget_s - (time.monotonic() - started)
     phases, notes = B.plan(cfg, loop.model, speeds, counts, left, loop.views())
+    apply_freeze(loop.model, "head")
     run.write_json("plan.json", dict(phases=[p.to_dict() for p in phases], notes=notes,
                                      budget_s=cfg.time_budget_s, planned_after_s=round(cfg.time_budget_s - left, 1)))
     cfg.epochs = B.total_epochs(phases)
@@ -410,6 +421,7 @@ class Loop:
         self.feats: dict = {}             # the head-only features, when cached (used by finish)
         self.loaders: dict = {}
         self.deadline: float | None = None
+        self.phase_augments = True
         self.best, self.since_best, self.epoch, self.resumed = -math.inf, 0, 0, None
 
     def restore(self, state: dict) -> None:
@@ -440,12 +452,16 @@ class Loop:
 
     # ---------------------------------------------------------------- caches and precision
 
-    def views(self) -> int:
-        return self.cfg.aug_views if any(self.cfg.augment.values()) else 1
+    def augmenting(self, phase: B.Phase | None = None) -> bool:
+        return any(self.cfg.augment.values()) and (phase is None or phase.augment)
+
+    def views(self, phase: B.Phase | None = None) -> int:
+        return self.cfg.aug_views if self.augmenting(phase) else 1
 
     def cache_for(self, phase: B.Phase) -> tuple[str, P.Split | None, str]:
         """("features" | "prefix" | "", split, why not) for the layers this phase keeps frozen."""
-        refusal = cache_refusal(self.cfg)
+        refusal = cache_refusal(self.cfg) if phase.augment else ("" if self.cfg.cache_features else
+                                                                 "caching is off in the settings.")
         if refusal or phase.freeze == "scratch":
             return "", None, refusal or "from scratch, every layer trains."
         if phase.freeze == "head":
@@ -453,20 +469,20 @@ class Loop:
         split = P.find_split(self.model.backbone, self.cfg.image_size)
         return ("prefix", split, "") if split.ok else ("", None, split.reason)
 
-    def build_cache(self, kind: str, split: P.Split | None) -> dict:
-        key = (kind, split.cut_name if split else "")
+    def build_cache(self, kind: str, split: P.Split | None, phase: B.Phase) -> dict:
+        augmenting = self.augmenting(phase)
+        key = (kind, split.cut_name if split else "", augmenting)
         if key in self.caches:
             return self.caches[key]
-        cfg, views = self.cfg, self.views()
-        if kind == "features" and views == 1 and not any(cfg.augment.values()):
-            cache = features_cached(cfg, self.model, self.data, self.eval_tf, self.device, self.report,
+        if kind == "features" and not augmenting:
+            cache = features_cached(self.cfg, self.model, self.data, self.eval_tf, self.device, self.report,
                                     self.mean, self.std, self.infer_precision())
         else:
-            cache = self.compute_cache(split, views)
+            cache = self.compute_cache(split, self.views(phase), self.train_tf if augmenting else self.eval_tf)
         self.caches[key] = cache
         return cache
 
-    def compute_cache(self, split: P.Split | None, views: int) -> dict:
+    def compute_cache(self, split: P.Split | None, views: int, train_tf) -> dict:
         backbone, n = self.model.backbone, {s: len(self.data[s][1]) for s in ("train", "val")}
         per_image = (P.bytes_per_image(backbone, split, self.cfg.image_size) if split
                      else 2 * backbone.num_features)
@@ -475,7 +491,7 @@ class Loop:
         where = "disk (memory-mapped)" if on_disk else "memory"
         what = f"block {split.cut_name}" if split else "the backbone's features"
         cache = {}
-        for name, tf, v in (("train", self.train_tf, views), ("val", self.eval_tf, 1)):
+        for name, tf, v in (("train", train_tf, views), ("val", self.eval_tf, 1)):
             def progress(done, total_, name=name):
                 self.report("preparing", message=f"Caching {what} ({name}, {v} view(s) per image)",
                             phase="features", step=done, steps=total_)
@@ -529,9 +545,10 @@ class Loop:
         self.run.set_status("preparing", device=describe(self.device), feature_cache=kind == "features",
                             prefix_cache=split.cut_name if split else "", cache_off=why_not,
                             phase_name=phase.name)
-        cache = self.build_cache(kind, split) if kind else None
-        if kind == "features" and not any(cfg.augment.values()):
+        cache = self.build_cache(kind, split, phase) if kind else None
+        if kind == "features" and not self.augmenting(phase):
             self.feats = cache
+        self.phase_augments = self.augmenting(phase)
         step_model = model.head if kind == "features" else P.SuffixModel(model, split) if kind else model
         sample = self.sample_input(cache)
         precision = self.train_precision(f"train@{split.cut_name}" if split else
@@ -543,16 +560,36 @@ class Loop:
         scheduler = make_scheduler(cfg, optimizer, last - first)
         if self.resumed and self.resumed.get("phase_index") == index:
             self.load_optimizer(optimizer, scheduler)
-        for _ in range(self.epoch - first, last - first):
+        while self.epoch < last:
             self.epoch += 1
+            started = time.monotonic()
             self.one_epoch(index, phase.name, cache, step_model, optimizer, scheduler, precision)
             if cfg.patience and self.since_best >= cfg.patience:
                 self.run.set_status("running", early_stopped=self.epoch)
                 return False
-            if self.deadline and time.monotonic() > self.deadline:
-                self.run.set_status("running", budget_stopped=self.epoch)
-                return False
-        return True
+            if self.deadline and self.epoch < last:
+                last, scheduler = self.fit_deadline(index, phase, first, last, time.monotonic() - started,
+                                                    optimizer, scheduler)
+        return not (self.deadline and time.monotonic() > self.deadline)
+
+    def fit_deadline(self, index, phase, first, last, epoch_s, optimizer, scheduler):
+        """A time-budget phase whose epochs run slower than planned is cut to what still fits, and
+        its schedule re-made for the shorter length, so the learning rate still anneals."""
+        fit = int(max(0.0, self.deadline - time.monotonic()) // max(epoch_s, 1e-6))
+        if self.epoch + fit >= last:
+            return last, scheduler
+        new_last = self.epoch + fit
+        self.phases[index].epochs = new_last - first
+        self.cfg.epochs = B.total_epochs(self.phases[:index + 1])
+        plan = self.run.read_json("plan.json", {}) or {}
+        plan.update(phases=[p.to_dict() for p in self.phases[:index + 1]], cut_at_epoch=self.epoch)
+        self.run.write_json("plan.json", plan)
+        self.run.write_json("config.json", self.cfg.to_dict())
+        self.run.set_status("running", message=f"Epochs run slower than planned: this phase ends at "
+                                               f"epoch {new_last} to keep the time budget")
+        if scheduler is not None and fit:
+            scheduler = make_scheduler(self.cfg, optimizer, new_last - first, done=self.epoch - first)
+        return new_last, scheduler
 
     def sample_input(self, cache) -> torch.Tensor:
         """A few training inputs as the step model sees them, for the precision trial."""
@@ -561,7 +598,8 @@ class Loop:
             n = min(8, len(store) if isinstance(store, torch.Tensor) else store.n)
             rows = torch.arange(n)      # indexing copies: a slice of an inference tensor can't train
             return (store.get(rows.numpy()) if isinstance(store, P.Store) else store[rows.to(store.device)]).to(self.device)
-        images = [self.train_tf(img) for img in self.data["train"][0][:8]]
+        with torch.random.fork_rng(devices=[]):   # the trial must not shift the run's augmentations
+            images = [self.train_tf(img) for img in self.data["train"][0][:8]]
         return torch.stack(images).to(self.device, memory_format=torch.channels_last)
 
     def load_optimizer(self, optimizer, scheduler) -> None:
@@ -596,7 +634,8 @@ class Loop:
         images, labels = self.data[split][:2]
         if split == "train":
             order = dist.train_sampler(len(labels), self.cfg.seed)
-            return loader(images, labels, self.train_tf, batch_size, order, self.device)
+            tf = self.train_tf if self.phase_augments else self.eval_tf
+            return loader(images, labels, tf, batch_size, order, self.device)
         return loader(images, labels, self.eval_tf, batch_size, dist.eval_order(len(labels)), self.device)
 
     def one_epoch(self, index, phase, cache, step_model, optimizer, scheduler, precision) -> None:

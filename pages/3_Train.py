@@ -13,6 +13,7 @@ from core.device import describe, pick_device
 from core.runs import ACTIVE_STATES, CHOICES, MANAGER, WIDGET_CHOICES
 from core.training import resolve_data_root, uses_feature_cache
 from pages import common
+from pages.common.speed import lr_panel, run_speed_info, speed_panel
 from pages.common.teaching import explain
 
 settings = common.setup("Train")
@@ -108,6 +109,7 @@ def preview(settings):
 
 
 common.presets_panel(settings)
+speed_panel(settings)
 with st.expander("Training settings", expanded=not st.session_state.get("run_id")):
     c = st.columns(4)
     opt = common.bind(c[0].selectbox, "optimizer", "Optimizer", settings,
@@ -119,6 +121,7 @@ with st.expander("Training settings", expanded=not st.session_state.get("run_id"
     common.bind(c[2].number_input, "weight_decay", "Weight decay", settings,
                 **common.limits("weight_decay"), format="%.5f", step=1e-4)
     explain("learning_rate", inside_expander=True)
+    lr_panel(settings)
     if opt in ("sgd", "rmsprop"):
         common.bind(c[3].number_input, "momentum", "Momentum", settings,
                     **common.limits("momentum"), step=0.05)
@@ -170,11 +173,11 @@ if cfg.phase1_epochs and cfg.freeze not in ("head", "scratch"):
                "curves mark the switch.")
 if cfg.freeze == "head":
     if uses_feature_cache(cfg):
-        st.caption("⚡ Backbone frozen and no augmentation: features are computed once and cached, "
+        st.caption("⚡ Backbone frozen: its features are computed once (per augmented view) and cached, "
                    "so each epoch trains only the head (a fraction of a second).")
     else:
-        st.caption("Augmentation is on, so the feature cache is off: every epoch runs the frozen "
-                   "backbone on new augmented images (slower).")
+        st.caption("Augmentation runs live, so the feature cache is off: every epoch runs the frozen "
+                   "backbone on new augmented images (slower). Set *Augmented views to cache* to keep both.")
 
 
 def start():
@@ -222,7 +225,8 @@ def live(run):
         overall = ((max(epoch - 1, 0) + step / steps) / epochs) if epochs and status.get("phase") in ("train", "val") else step / steps
         st.progress(min(1.0, overall), text=status.get("message", ""))
     if status.get("device"):
-        st.caption(f"{status['device']}" + (" · feature cache on" if status.get("feature_cache") else ""))
+        st.caption(status["device"])
+    run_speed_info(run)
     epochs = run.epochs()
     if epochs:
         common.show_curves(epochs)

@@ -1,0 +1,120 @@
+"""Train page panels for fast fine-tuning: time budget and plan, caches, precision, the
+learning-rate test. They read widgets and call core; nothing is computed here."""
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from core import budget as B
+from core.runs import RunConfig
+from pages import common
+
+
+@st.cache_data(show_spinner="Measuring this model on a few of your images to plan…", max_entries=16, ttl=600)
+def _preview(config: dict) -> dict:
+    out = B.preview(RunConfig.from_dict(config))
+    out["phases"] = B.describe_plan(out["phases"])
+    out["counts"] = vars(out["counts"])
+    return out
+
+
+def speed_panel(settings: dict) -> None:
+    """Time budget, augmented views to cache, and what the run will cache and plan."""
+    st.markdown("**⚡ Speed on this machine**")
+    c = st.columns([1, 1, 2])
+    if "w_budget_min" not in st.session_state:
+        st.session_state["w_budget_min"] = settings.get("time_budget_s", 0) / 60
+    minutes = c[0].number_input("Train for (minutes, 0 = no limit)", 0.0, 600.0, step=1.0, key="w_budget_min",
+                                help="The app measures this model on your images, then plans: the head "
+                                     "on cached features first, then as deep a fine-tune as fits, at a "
+                                     "learning rate suited to its depth. The best checkpoint is kept.")
+    settings["time_budget_s"] = int(round(minutes * 60))
+    common.bind(c[1].number_input, "aug_views", "Augmented views to cache", settings, **common.limits("aug_views"),
+                help="With augmentation on, the frozen layers normally run on every image every epoch. "
+                     "Instead, compute K augmented versions of each training image once, and each epoch "
+                     "train on one of them: augmentation and speed together. 0 = augment live.")
+    cfg = RunConfig.from_dict(settings)
+    try:
+        preview = _preview(cfg.to_dict())
+    except Exception as err:  # noqa: BLE001 - e.g. no data set yet: the panel just says so
+        c[2].caption(f"Can't preview the cache or plan yet: {err}")
+        return
+    c[2].caption(preview["cache"])
+    if settings["time_budget_s"] and settings["freeze"] in ("head", "scratch"):
+        st.caption("With head-only or from-scratch training the budget only stops training in time; "
+                   "pick *Top k blocks* or *Full fine-tune* on the Model page to let it plan deeper training.")
+    if preview["phases"]:
+        st.markdown(f"**Plan for {settings['time_budget_s'] / 60:g} minutes** (measured now; the run "
+                    "measures again when it starts)")
+        st.dataframe(pd.DataFrame(preview["phases"]), hide_index=True, width="content",
+                     column_config={"lr": st.column_config.NumberColumn("learning rate", format="%.1e")})
+        st.caption(" ".join(preview["notes"]))
+
+
+def lr_panel(settings: dict) -> None:
+    """The learning-rate range test: a chart and a suggestion, applied only on a click."""
+    cfg = RunConfig.from_dict(settings)
+    key = (cfg.data_root, cfg.arch, cfg.freeze, cfg.top_k, cfg.image_size, cfg.optimizer, cfg.weights)
+    if st.button("📈 Suggest a learning rate", key="lr_test_go",
+                 help="Trains a copy of the model for a few dozen small steps while the learning rate "
+                      "grows from 1e-6 to 1, and watches the loss. Uses the same caches as training."):
+        bar = st.progress(0.0, text="Starting the learning-rate test…")
+        from core.lr_find import suggest_lr
+
+        def progress(done, total, message):
+            bar.progress(min(1.0, done / max(total, 1)), text=message)
+        try:
+            st.session_state["lr_test"] = (key, suggest_lr(cfg, progress=progress))
+        except Exception as err:  # noqa: BLE001 - shown as a sentence, the page goes on
+            st.session_state["lr_test"] = (key, dict(error=str(err)))
+        bar.empty()
+    found = st.session_state.get("lr_test")
+    if not found or found[0] != key:
+        st.caption("Different freeze depths need different rates: run the test after choosing the depth.")
+        return
+    result = found[1]
+    if "error" in result:
+        st.error(f"The learning-rate test failed: {result['error']}")
+        return
+    frame = pd.DataFrame({"learning rate": result["lrs"], "loss (smoothed)": result["losses"]})
+    chart = alt.Chart(frame).mark_line().encode(
+        x=alt.X("learning rate:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format=".0e")),
+        y=alt.Y("loss (smoothed):Q", scale=alt.Scale(zero=False)))
+    if result["suggestion"]:
+        chart += alt.Chart(pd.DataFrame({"learning rate": [result["suggestion"]]})).mark_rule(
+            color="#d62728", strokeDash=[4, 4]).encode(x="learning rate:Q")
+    st.altair_chart(chart.properties(height=200, title=f"Loss while training {result['trains']}"),
+                    width="stretch")
+    st.caption(result["sentence"])
+    if result["suggestion"]:
+        st.button(f"Use {result['suggestion']:g}", key="lr_use", on_click=_use_lr,
+                  args=(settings, result["suggestion"]))
+
+
+def _use_lr(settings: dict, lr: float) -> None:
+    settings["lr"] = lr
+    st.session_state["w_lr"] = lr
+
+
+def run_speed_info(run) -> None:
+    """What a run used: its plan, caches and precision (from the run folder)."""
+    status = run.status()
+    parts = []
+    if status.get("precision"):
+        parts.append("precision " + ", ".join(f"{k}: {v}" for k, v in status["precision"].items()))
+    if status.get("cache"):
+        cache = status["cache"]
+        parts.append(f"cached {cache['what']} ({cache['views']} view(s), {cache['mb']:g} MB in {cache['where']})")
+    elif status.get("feature_cache"):
+        parts.append("backbone features cached")
+    if status.get("cache_off"):
+        parts.append(f"no cache: {status['cache_off']}")
+    if parts:
+        st.caption(" · ".join(parts))
+    plan = run.read_json("plan.json")
+    if plan:
+        with st.expander(f"⏱️ Plan for a {plan['budget_s'] / 60:g}-minute budget", expanded=False):
+            st.dataframe(pd.DataFrame(B.describe_plan(B.phases_from(plan["phases"]))), hide_index=True,
+                         width="content")
+            st.caption(" ".join(plan.get("notes", [])))

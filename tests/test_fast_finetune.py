@@ -1,0 +1,592 @@
+"""The fast fine-tuning paths: the frozen-prefix split and cache (core.prefix), the per-step
+precision choice (core.device.choose_precision) and the time-budget planner (core.budget), both
+on their own and end to end through core.train. Tiny timm models with random weights, offline."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+import core
+from conftest import class_folders, class_image, tiny_run_config
+from core import budget as B
+from core import device as dev
+from core import prefix as P
+from core.backbones import (FineTuneModel, apply_freeze, block_groups, build_model, freeze_norm_stats,
+                            make_head, native_input_size)
+from core.data import build_transform
+from core.runs import RunConfig
+
+ARCHS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
+
+
+def size_for(arch: str) -> int:
+    # ViT's position embeddings fix its input size; the conv nets take any size
+    return native_input_size(arch) or 64
+
+
+def model_for(arch: str, seed: int = 0) -> FineTuneModel:
+    torch.manual_seed(seed)
+    return build_model(arch, 3, weights="random")
+
+
+def images_uint8(n: int, size: int = 40) -> list[torch.Tensor]:
+    """Decoded images as the loop holds them: uint8 CHW tensors."""
+    return [torch.from_numpy(np.array(class_image(i % 3, i, size))).permute(2, 0, 1).contiguous()
+            for i in range(n)]
+
+
+# ---------------------------------------------------------------- 1. the split is exact
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_prefix_then_suffix_equals_whole_backbone(arch, top_k):
+    # Training on the cached prefix is only right if prefix + suffix is the very same function
+    # as the backbone's own forward pass.
+    model = model_for(arch)
+    size = size_for(arch)
+    apply_freeze(model, "top_k", top_k)
+    split = P.find_split(model.backbone, size)
+    assert split.ok, split.reason
+    assert 0 < split.cut <= len(split.blocks)
+    assert split.cut_name
+    backbone = model.backbone.eval()
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = backbone(x)
+        got = P.run_suffix(backbone, split, P.prefix_output(backbone, split, x))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_deeper_top_k_cuts_lower():
+    # More trainable blocks means the frozen prefix ends earlier in the chain.
+    model = model_for("test_efficientnet")
+    cuts = []
+    for k in (1, 2, 3):
+        apply_freeze(model, "top_k", k)
+        split = P.find_split(model.backbone, 64)
+        assert split.ok, split.reason
+        cuts.append(split.cut)
+    assert cuts[0] > cuts[1] > cuts[2]
+    assert 0 < split.frozen_fraction < 1
+
+
+# ---------------------------------------------------------------- 2. cached training == normal training
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_efficientnet"])
+def test_one_sgd_step_on_cached_prefix_equals_normal_step(arch):
+    # The suffix model shares the model's modules, so a step through it must move the weights
+    # exactly as a step of the whole model does (frozen BN in eval mode in both).
+    size = 32
+    a = model_for(arch)
+    apply_freeze(a, "top_k", 1)
+    b = copy.deepcopy(a)
+    x = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss_fn = nn.CrossEntropyLoss()
+
+    # A: the normal way
+    a.train()
+    freeze_norm_stats(a)
+    opt_a = torch.optim.SGD([p for p in a.parameters() if p.requires_grad], lr=0.1)
+    logits_a = a(x)
+    loss_fn(logits_a, y).backward()
+    opt_a.step()
+
+    # B: prefix once (no grad, eval mode), then the suffix trains
+    split = P.find_split(b.backbone, size)
+    assert split.ok, split.reason
+    b.eval()
+    with torch.no_grad():
+        cached = P.prefix_output(b.backbone, split, x).clone()
+    suffix = P.SuffixModel(b, split)
+    suffix.train()
+    freeze_norm_stats(b)
+    opt_b = torch.optim.SGD([p for p in b.parameters() if p.requires_grad], lr=0.1)
+    logits_b = suffix(cached)
+    loss_fn(logits_b, y).backward()
+    opt_b.step()
+
+    torch.testing.assert_close(logits_b, logits_a, atol=1e-4, rtol=1e-4)
+    params_b = dict(b.named_parameters())
+    moved = 0
+    for name, pa in a.named_parameters():
+        torch.testing.assert_close(params_b[name], pa, atol=1e-4, rtol=1e-4, msg=name)
+        moved += pa.requires_grad
+    assert moved > 2          # the top block and the head trained, not just the head
+    # the trainable block's BN statistics moved the same way too
+    buffers_b = dict(b.named_buffers())
+    for name, buf in a.named_buffers():
+        if buf.is_floating_point():
+            torch.testing.assert_close(buffers_b[name], buf, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_suffix_model_shares_modules():
+    # Nothing is copied: the suffix's parameters are the model's own tensors.
+    model = model_for("test_resnet")
+    apply_freeze(model, "top_k", 1)
+    split = P.find_split(model.backbone, 32)
+    suffix = P.SuffixModel(model, split)
+    own = {id(p) for p in model.parameters()}
+    assert all(id(p) in own for p in suffix.parameters())
+    assert suffix.head is model.head
+
+
+# ---------------------------------------------------------------- 3. when there is no split
+
+def test_no_split_when_whole_backbone_frozen_or_lowest_block_trains():
+    model = model_for("test_resnet")
+    apply_freeze(model, "head")
+    split = P.find_split(model.backbone, 32)
+    assert not split.ok and "frozen" in split.reason
+    assert split.cut_name == ""
+    apply_freeze(model, "full")
+    split = P.find_split(model.backbone, 32)
+    assert not split.ok and "lowest block trains" in split.reason
+
+
+def _top_group_trains(backbone: nn.Module) -> None:
+    top = set(block_groups(backbone)[-1][1])
+    for name, p in backbone.named_parameters():
+        p.requires_grad = name in top
+
+
+def test_no_split_with_drop_path_below_the_cut():
+    # timm's resnet gives layer2..layer4 a DropPath when drop_path_rate > 0 (layer1 gets rate 0):
+    # a random prefix can't be cached.
+    backbone = timm.create_model("test_resnet", num_classes=0, drop_path_rate=0.1)
+    below = [n for n, m in backbone.named_modules()
+             if type(m).__name__ == "DropPath" and float(m.drop_prob) > 0 and not n.startswith("layer4")]
+    assert below, "precondition: test_resnet has DropPath below its top block"
+    model = FineTuneModel(backbone, make_head(backbone.num_features, 3))
+    apply_freeze(model, "top_k", 1)
+    split = P.find_split(backbone, 32)
+    assert not split.ok
+    assert "stochastic" in split.reason
+
+
+def test_no_split_with_dropout_below_the_cut():
+    # A ViT's position dropout runs before every block.
+    backbone = timm.create_model("test_vit", num_classes=0, pos_drop_rate=0.1)
+    assert isinstance(backbone.pos_drop, nn.Dropout) and backbone.pos_drop.p > 0
+    _top_group_trains(backbone)
+    split = P.find_split(backbone, size_for("test_vit"))
+    assert not split.ok
+    assert "dropout" in split.reason
+
+
+def test_zero_rate_dropout_does_not_block_the_split():
+    # ConvNeXt and ViT hold nn.Dropout(p=0) layers: harmless, so the split still applies.
+    for arch in ("test_convnext", "test_vit"):
+        model = model_for(arch)
+        assert any(isinstance(m, nn.Dropout) for m in model.backbone.modules())
+        apply_freeze(model, "top_k", 1)
+        assert P.find_split(model.backbone, size_for(arch)).ok
+
+
+# ---------------------------------------------------------------- 4. no leftovers
+
+def _hooks(module: nn.Module) -> list[str]:
+    return [name for name, m in module.named_modules() if m._forward_pre_hooks or m._forward_hooks]
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
+def test_hooks_removed_and_train_flags_restored(arch):
+    model = model_for(arch)
+    size = size_for(arch)
+    apply_freeze(model, "top_k", 1)
+    backbone = model.backbone
+    # a mix of train and eval, as freeze_norm_stats leaves a model
+    for i, m in enumerate(backbone.modules()):
+        m.training = i % 2 == 0
+    modes = {name: m.training for name, m in backbone.named_modules()}
+    assert not _hooks(backbone)
+
+    split = P.find_split(backbone, size)
+    assert split.ok, split.reason
+    P.block_chain(backbone, size)
+    P.bytes_per_image(backbone, split, size)
+    with torch.no_grad():
+        P.prefix_output(backbone, split, torch.randn(1, 3, size, size))
+    tf = build_transform(size, [0.5] * 3, [0.25] * 3)
+    P.compute(backbone, split, images_uint8(3), tf, torch.device("cpu"), views=1).close()
+
+    assert not _hooks(backbone)
+    assert {name: m.training for name, m in backbone.named_modules()} == modes
+
+
+def test_hooks_removed_when_the_forward_raises():
+    # prefix_output on a cut block that is never reached raises, and still leaves no hook.
+    model = model_for("test_resnet")
+    apply_freeze(model, "top_k", 1)
+    split = P.find_split(model.backbone, 32)
+    bogus = P.Split(split.blocks + [("nowhere", nn.Identity())], len(split.blocks))
+    with pytest.raises(RuntimeError, match="never reached"), torch.no_grad():
+        P.prefix_output(model.backbone.eval(), bogus, torch.randn(2, 3, 32, 32))
+    assert not _hooks(model.backbone)
+
+
+# ---------------------------------------------------------------- 5. Store and compute
+
+def test_compute_views_and_disk_store(tmp_path):
+    model = model_for("test_resnet").eval()
+    apply_freeze(model, "top_k", 1)
+    backbone = model.backbone
+    split = P.find_split(backbone, 32)
+    images = images_uint8(5)
+    tf = build_transform(32, [0.5] * 3, [0.25] * 3, {"hflip": True, "random_resized_crop": 0.5})
+    cpu = torch.device("cpu")
+
+    torch.manual_seed(7)
+    mem = P.compute(backbone, split, images, tf, cpu, views=3, batch_size=2)
+    assert mem.n == 3 * len(images)
+    n = len(images)
+    with torch.no_grad():
+        one = P.prefix_output(backbone.eval(), split, torch.randn(1, 3, 32, 32))
+    assert mem.shape == tuple(one.shape[1:])
+    # row v * n + i is view v of image i: the augmented views of one image differ
+    views = mem.get(np.array([1, n + 1, 2 * n + 1]))
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not torch.equal(views[a], views[b])
+
+    disk = tmp_path / "cache" / "x.npy"
+    torch.manual_seed(7)
+    mapped = P.compute(backbone, split, images, tf, cpu, views=3, batch_size=2, disk=disk)
+    assert isinstance(mapped.data, np.memmap)
+    assert disk.exists()
+    assert mapped.n == mem.n and mapped.shape == mem.shape
+    assert mem.data.dtype == torch.float16 and mapped.data.dtype == np.float16   # both 2-byte
+    rows = np.arange(mem.n)
+    assert torch.equal(mapped.get(rows), mem.get(rows))
+    assert torch.equal(mapped.get([4, 0]), mem.get([4, 0]))
+    assert mapped.nbytes == mem.nbytes
+    mapped.close()
+    assert not disk.exists()
+    mem.close()            # in memory: nothing to remove, must not fail
+
+
+def test_compute_without_split_gives_pooled_features():
+    model = model_for("test_resnet")
+    tf = build_transform(32, [0.5] * 3, [0.25] * 3)
+    store = P.compute(model.backbone, None, images_uint8(4), tf, torch.device("cpu"), views=1)
+    assert store.n == 4 and store.shape == (model.backbone.num_features,)
+    with torch.no_grad():
+        want = model.backbone.eval()(torch.stack([tf(img) for img in images_uint8(4)]))
+    torch.testing.assert_close(store.get(np.arange(4)), want, atol=2e-2, rtol=2e-3)   # fp16 storage
+
+
+def test_compute_progress_can_stop():
+    model = model_for("test_resnet")
+    tf = build_transform(32, [0.5] * 3, [0.25] * 3)
+    seen = []
+
+    def progress(done, total):
+        seen.append((done, total))
+        if done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        P.compute(model.backbone, None, images_uint8(6), tf, torch.device("cpu"), views=2,
+                  batch_size=2, progress=progress)
+    assert seen == [(2, 12), (4, 12)]
+
+
+# ---------------------------------------------------------------- 6. end to end with the prefix cache
+
+@pytest.fixture
+def folder(tmp_path):
+    return class_folders(tmp_path / "data", 3, 12)
+
+
+def test_top_k_run_uses_prefix_cache_and_is_deterministic(folder):
+    cfg = tiny_run_config(folder, freeze="top_k", top_k=1, epochs=2)
+    first = core.train(cfg)
+    status = first.status()
+    assert status["state"] == "finished", status
+    assert isinstance(status["prefix_cache"], str) and status["prefix_cache"]
+    assert status["cache_off"] == ""
+    assert status["feature_cache"] is False
+    assert status["precision"]
+    second = core.train(cfg)
+    assert second.status()["state"] == "finished"
+    rows1, rows2 = first.epochs(), second.epochs()
+    assert len(rows1) == 2
+    assert [r["train_loss"] for r in rows1] == [r["train_loss"] for r in rows2]
+    assert [r["val_acc"] for r in rows1] == [r["val_acc"] for r in rows2]
+    assert status["test_acc"] == second.status()["test_acc"]
+
+
+def test_prefix_cache_trains_like_the_uncached_run(folder):
+    # Same seed, same batches (train_order == the loader's sampler): the cached run differs from
+    # the normal one only by the cache's fp16 rounding of the frozen prefix's output.
+    cached = core.train(tiny_run_config(folder, freeze="top_k", top_k=1, epochs=2))
+    plain = core.train(tiny_run_config(folder, freeze="top_k", top_k=1, epochs=2, cache_features=False))
+    assert cached.status()["prefix_cache"] and plain.status()["prefix_cache"] == ""
+    assert "off" in plain.status()["cache_off"]
+    got = [r["train_loss"] for r in cached.epochs()]
+    want = [r["train_loss"] for r in plain.epochs()]
+    assert got == pytest.approx(want, rel=2e-2)
+
+
+def test_augmented_views_are_cached(folder):
+    run = core.train(tiny_run_config(folder, freeze="top_k", top_k=1, epochs=2,
+                                     augment={"hflip": True}, aug_views=2))
+    status = run.status()
+    assert status["state"] == "finished", status
+    assert status["prefix_cache"]
+    assert status["cache"]["views"] == 2
+    assert status["cache"]["where"] == "memory"
+    assert len(run.epochs()) == 2
+
+
+def test_live_augmentation_turns_the_prefix_cache_off(folder):
+    run = core.train(tiny_run_config(folder, freeze="top_k", top_k=1, epochs=1,
+                                     augment={"hflip": True}, aug_views=0))
+    status = run.status()
+    assert status["state"] == "finished", status
+    assert status["prefix_cache"] == ""
+    assert "augment" in status["cache_off"]
+
+
+def test_head_only_with_augmented_views_uses_feature_cache(folder):
+    run = core.train(tiny_run_config(folder, freeze="head", epochs=2, augment={"hflip": True},
+                                     aug_views=2))
+    status = run.status()
+    assert status["state"] == "finished", status
+    assert status["feature_cache"] is True
+    assert status["cache"]["views"] == 2
+
+
+def test_prefix_cache_goes_to_disk_when_memory_is_short(folder, monkeypatch, lab_home):
+    # A tiny RAM budget sends the cache to a memory-mapped file, which is removed after the run.
+    monkeypatch.setenv("FINETUNE_LAB_CACHE_RAM_MB", "0.0001")
+    run = core.train(tiny_run_config(folder, freeze="top_k", top_k=1, epochs=1,
+                                     augment={"hflip": True}, aug_views=2))
+    status = run.status()
+    assert status["state"] == "finished", status
+    assert status["cache"]["where"].startswith("disk")
+    assert not list((lab_home / "cache").glob("*.npy"))
+
+
+# ---------------------------------------------------------------- 7. precision choice
+
+def _sleeper(slow: str, seconds: float = 0.03):
+    calls = []
+
+    def step(precision):
+        calls.append(precision)
+        torch.randn(10)                 # a real step draws random numbers (dropout, ...)
+        if precision == slow:
+            time.sleep(seconds)
+    return step, calls
+
+
+def test_choose_precision_measures_and_remembers(monkeypatch, tmp_path):
+    monkeypatch.delenv("FINETUNE_LAB_CPU_BF16", raising=False)
+    monkeypatch.setattr(dev, "_CHOSEN", {})
+    monkeypatch.setattr(dev, "_has_bf16_flags", lambda: True)     # as on a CPU with AVX512-BF16/AMX
+    cpu, store = torch.device("cpu"), tmp_path / "p.json"
+
+    step, calls = _sleeper("bf16")
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+    got = dev.choose_precision(cpu, "k1", step, store=store)
+    assert torch.equal(torch.get_rng_state(), rng)      # the trial leaves a seeded run's RNG alone
+    assert got["precision"] == "fp32" and got["why"] == "measured now"
+    assert got["bf16_s"] > got["fp32_s"]
+    assert "fp32" in calls and "bf16" in calls
+
+    step2, calls2 = _sleeper("fp32")
+    assert dev.choose_precision(cpu, "k2", step2, store=store)["precision"] == "bf16"
+
+    # asked again with another step: the stored answer, no trial
+    step3, calls3 = _sleeper("fp32")
+    again = dev.choose_precision(cpu, "k1", step3, store=store)
+    assert again["precision"] == "fp32" and again["why"] == "measured earlier on this machine"
+    assert calls3 == []
+    saved = json.loads(store.read_text())
+    assert saved["k1"]["precision"] == "fp32" and saved["k2"]["precision"] == "bf16"
+
+    # a fresh process (empty memory) reads the file
+    monkeypatch.setattr(dev, "_CHOSEN", {})
+    later = dev.choose_precision(cpu, "k2", step3, store=store)
+    assert later["precision"] == "bf16" and later["why"] == "measured earlier on this machine"
+    assert calls3 == []
+
+
+def test_choose_precision_without_bf16_instructions_keeps_fp32(monkeypatch, tmp_path):
+    # Emulated bf16 is several times slower: no trial on a CPU without the instructions.
+    monkeypatch.delenv("FINETUNE_LAB_CPU_BF16", raising=False)
+    monkeypatch.setattr(dev, "_CHOSEN", {})
+    monkeypatch.setattr(dev, "_has_bf16_flags", lambda: False)
+    step, calls = _sleeper("fp32")
+    got = dev.choose_precision(torch.device("cpu"), "k", step, store=tmp_path / "p.json")
+    assert got["precision"] == "fp32" and "bf16" in got["why"]
+    assert calls == []
+
+
+def test_choose_precision_forced_by_environment(monkeypatch, tmp_path):
+    monkeypatch.setattr(dev, "_CHOSEN", {})
+    step, calls = _sleeper("fp32")
+    monkeypatch.setenv("FINETUNE_LAB_CPU_BF16", "0")
+    got = dev.choose_precision(torch.device("cpu"), "k", step, store=tmp_path / "p.json")
+    assert got["precision"] == "fp32" and "FINETUNE_LAB_CPU_BF16" in got["why"]
+    monkeypatch.setenv("FINETUNE_LAB_CPU_BF16", "1")
+    assert dev.choose_precision(torch.device("cpu"), "k", step)["precision"] == "bf16"
+    assert calls == []
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_precision_key_separates_kinds():
+    cpu = torch.device("cpu")
+    a = dev.precision_key(cpu, "test_resnet", 32, "train")
+    assert a != dev.precision_key(cpu, "test_resnet", 32, "train@layer4.0")
+    assert a != dev.precision_key(cpu, "test_resnet", 64, "train")
+    assert a != dev.precision_key(cpu, "test_vit", 32, "train")
+
+
+# ---------------------------------------------------------------- 8. the planner
+
+def _fake_speeds(model, size=32, block=1e-4):
+    names = [n for n, _ in P.block_chain(model.backbone, size)]
+    return B.Speeds(block_s=[block] * len(names), head_s=1e-5, train_factor=3.0, augment_s=1e-5,
+                    names=names)
+
+
+def _plan_cfg(**kw):
+    return RunConfig(**{**dict(arch="test_efficientnet", weights="random", image_size=32,
+                                freeze="top_k", augment={"hflip": True}, aug_views=2), **kw})
+
+
+def _is_sentence(note) -> bool:
+    return isinstance(note, str) and note[:1].isupper() and note.rstrip().endswith(".")
+
+
+def test_plan_with_a_huge_budget_fine_tunes_everything():
+    model = model_for("test_efficientnet")
+    phases, notes = B.plan(_plan_cfg(), model, _fake_speeds(model), B.Counts(100, 20, 20), 1e6, views=2)
+    assert [p.freeze for p in phases] == ["head", "full"]
+    head, full = phases
+    assert head.epochs == B.HEAD_EPOCHS and head.lr == B.HEAD_LR
+    assert full.epochs == B.PLAN_EPOCHS
+    assert full.lr == pytest.approx(B.FULL_LR)
+    assert notes and all(_is_sentence(n) for n in notes)
+
+
+def test_plan_with_a_small_budget_trains_top_blocks():
+    model = model_for("test_efficientnet")
+    speeds, counts = _fake_speeds(model), B.Counts(100, 20, 20)
+    groups = len(block_groups(model.backbone))
+    seconds = 0.8        # the cached top-1 phase fits with a few epochs; the full network doesn't
+    phases, notes = B.plan(_plan_cfg(), model, speeds, counts, seconds, views=2)
+    assert phases[0].freeze == "head"
+    assert len(phases) == 2
+    ft = phases[1]
+    assert ft.freeze == "top_k" and 1 <= ft.top_k < groups
+    assert ft.epochs >= B.MIN_EPOCHS
+    assert ft.lr == pytest.approx(B.depth_lr(ft.top_k / groups))
+    assert phases[0].seconds + ft.seconds <= seconds * B.SAFETY + 1e-9
+    assert all(_is_sentence(n) for n in notes)
+    assert any("cache" in n for n in notes)
+    # more time never means a shallower fine-tune
+    deeper, _ = B.plan(_plan_cfg(), model, speeds, counts, 1.5, views=2)
+    assert (deeper[1].top_k if deeper[1].freeze == "top_k" else groups) >= ft.top_k
+
+
+def test_plan_with_no_time_trains_the_head_longer():
+    model = model_for("test_efficientnet")
+    phases, notes = B.plan(_plan_cfg(), model, _fake_speeds(model), B.Counts(100, 20, 20), 0.2, views=2)
+    assert [p.freeze for p in phases] == ["head"]
+    assert phases[0].epochs == 2 * B.HEAD_EPOCHS >= B.MIN_EPOCHS
+    assert len(notes) == 2 and all(_is_sentence(n) for n in notes)
+
+
+def test_depth_lr_falls_with_depth():
+    assert B.depth_lr(0) == pytest.approx(1e-3)
+    assert B.depth_lr(1) == pytest.approx(2e-4)
+    values = [B.depth_lr(f / 10) for f in range(11)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert B.depth_lr(-1) == B.depth_lr(0) and B.depth_lr(2) == B.depth_lr(1)
+
+
+def test_config_phases_match_the_two_phase_behaviour():
+    from core.training import plan_phases
+    cfg = RunConfig(freeze="top_k", top_k=2, epochs=5, phase1_epochs=2)
+    phases = B.config_phases(cfg)
+    assert [(p.name, p.freeze, p.epochs, p.top_k) for p in phases] == [
+        ("head", "head", 2, 2), ("fine-tune", "top_k", 3, 2)]
+    assert all(p.lr is None and p.backbone_lr_mult is None for p in phases)   # the config's own
+    assert plan_phases(cfg) == [("head", "head", 2), ("fine-tune", "top_k", 3)]
+    for one in (RunConfig(freeze="top_k", epochs=5),                      # no head phase asked for
+                RunConfig(freeze="head", epochs=5, phase1_epochs=2),      # head only anyway
+                RunConfig(freeze="scratch", epochs=5, phase1_epochs=2),   # no pretrained features
+                RunConfig(freeze="full", epochs=2, phase1_epochs=2)):     # nothing left after it
+        assert [(p.name, p.freeze, p.epochs) for p in B.config_phases(one)] == [
+            ("train", one.freeze, one.epochs)]
+    assert B.total_epochs(phases) == 5
+    assert B.phases_from([p.to_dict() for p in phases]) == phases
+
+
+def test_measure_leaves_the_model_alone():
+    model = model_for("test_efficientnet")
+    apply_freeze(model, "top_k", 1)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    tf = build_transform(32, [0.5] * 3, [0.25] * 3)
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    speeds = B.measure(model, 32, torch.device("cpu"), tf, images_uint8(4), batch=4)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert speeds.names == [n for n, _ in P.block_chain(model.backbone, 32)]
+    assert len(speeds.block_s) == len(speeds.names)
+    assert all(s >= 0 for s in speeds.block_s) and speeds.forward_s > 0
+    assert speeds.train_factor >= 1.5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+
+
+def test_measure_leaves_the_rng_alone_with_an_augmenting_transform():
+    # measure() promises to leave the RNG as it was; the planner runs it between seeding and
+    # training, so a time-budget run's augmentations would otherwise depend on the measurement.
+    model = model_for("test_efficientnet")
+    tf = build_transform(32, [0.5] * 3, [0.25] * 3, {"hflip": True, "random_resized_crop": 0.5})
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    B.measure(model, 32, torch.device("cpu"), tf, images_uint8(4), batch=4)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ---------------------------------------------------------------- 9. a time-budget run
+
+def test_time_budget_run(folder):
+    start = time.monotonic()
+    run = core.train(tiny_run_config(folder, time_budget_s=60))
+    elapsed = time.monotonic() - start
+    status = run.status()
+    assert status["state"] == "finished", status
+    plan = run.read_json("plan.json")
+    assert plan and plan["phases"] and plan["budget_s"] == 60
+    phases = B.phases_from(plan["phases"])
+    assert phases[0].freeze == "head"
+    planned = B.total_epochs(phases)
+    assert run.config.epochs == planned
+    ran = len(run.epochs())
+    assert 1 <= ran <= planned
+    if elapsed < 40 and "early_stopped" not in status:      # far from the deadline: the whole plan ran
+        assert ran == planned
+    assert [r["phase"] for r in run.epochs()][0] == "head"
+    # conftest forces fp32; the head phase on cached features gets its own precision entry
+    assert status["precision"] and set(status["precision"].values()) == {"fp32"}
+    assert "train@head" in status["precision"]
+    assert status["plan"] == plan["notes"]
+    assert (run.path / "precision.json").exists()
