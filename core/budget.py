@@ -24,12 +24,12 @@ from core.backbones import apply_freeze, block_groups
 from core.device import autocast
 
 HEAD_LR = 1e-3           # AdamW on a fresh linear head
-FULL_LR = 2e-4           # AdamW when every layer trains (a head's rate would wreck the features)
+FULL_LR = 3e-4           # AdamW when every layer trains (a head's rate would wreck the features)
 PLAN_EPOCHS = 8          # fine-tuning epochs the planner aims for
 MIN_EPOCHS = 4           # fewer than this is not worth a phase (a cosine schedule needs room)
-HEAD_EPOCHS = 15         # epochs on cached features cost next to nothing
+HEAD_EPOCHS = 8          # a linear head converges in a few epochs on cached features; more overfits it
 SAFETY = 0.85            # plan this share of the time left: estimates are rough, a CPU is shared
-STEP_OVERHEAD = 1.4      # a real training step (loss, optimiser, batching) over the timed forward+backward
+STEP_OVERHEAD = 1.2      # a real training step (loss, optimiser, batching) over the timed forward+backward
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Phase:
 
 def depth_lr(trainable_fraction: float) -> float:
     """A sensible AdamW learning rate for training this share of the backbone's blocks: the
-    head's 1e-3 with none, falling geometrically to 2e-4 for all."""
+    head's 1e-3 with none, falling geometrically to 3e-4 for all."""
     f = min(1.0, max(0.0, trainable_fraction))
     return HEAD_LR * (FULL_LR / HEAD_LR) ** f
 
@@ -79,6 +79,11 @@ class Speeds:
 
     def from_block(self, cut: int) -> float:
         return sum(self.block_s[cut:]) + self.head_s
+
+    def summary(self) -> dict:
+        return dict(forward_ms=round(1000 * self.forward_s, 3), train_factor=round(self.train_factor, 2),
+                    augment_ms=round(1000 * self.augment_s, 3),
+                    block_ms={n: round(1000 * t, 3) for n, t in zip(self.names, self.block_s)})
 
 
 def measure(model: nn.Module, image_size: int, device, train_tf, images, batch: int = 16,
@@ -163,12 +168,12 @@ def plan(cfg, model: nn.Module, speeds: Speeds, counts: Counts, seconds: float,
     left = budget - features_s
     notes.append(f"Head on cached features: {HEAD_EPOCHS} epochs, about {features_s:.0f} s "
                  f"(one backbone pass over {counts.train + counts.val + counts.test} images).")
-    best = None
-    for k in range(groups, 0, -1):                 # deepest first
-        cost, epochs, cached = _fine_tune_cost(cfg, model, speeds, counts, k, groups, views, left)
-        if epochs >= MIN_EPOCHS:
-            best = (k, cost, epochs, cached)
-            break
+    # The deepest fine-tune that gets the epochs fine-tuning usually needs; failing that, the
+    # deepest that gets a few. Depth only pays once the network had the epochs to use it.
+    options = [(k, *_fine_tune_cost(cfg, model, speeds, counts, k, groups, views, left))
+               for k in range(groups, 0, -1)]      # deepest first
+    best = next((o for o in options if o[2] >= PLAN_EPOCHS), None) or \
+        next((o for o in options if o[2] >= MIN_EPOCHS), None)
     apply_freeze(model, "head")
     if best is None:
         head.epochs = HEAD_EPOCHS * 2

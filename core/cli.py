@@ -2,6 +2,9 @@
 
     python -m core config --out demo.json            # the app's default (demo) configuration
     python -m core train demo.json --set epochs=3    # a normal run folder the app lists live
+    python -m core train assets/presets/lab-best-in-5-minutes.json --set data_root=photos
+    python -m core train demo.json --set freeze=top_k --set time_budget_s=300
+    python -m core lr demo.json --set freeze=full    # learning-rate range test, prints a suggestion
     torchrun --nproc_per_node=2 -m core train demo.json
     python -m core resume RUN_ID
     python -m core evaluate RUN_ID
@@ -66,10 +69,11 @@ def refuse_bad_settings(settings: dict, where: str = "") -> None:
 def follow(run: Run, worker: threading.Thread) -> None:
     """Draw the run's status.json and epochs.jsonl as the app does, until the worker ends."""
     from tqdm import tqdm
-    bar, shown = tqdm(total=1, unit="step", dynamic_ncols=True, leave=False), 0
+    bar, shown, told = tqdm(total=1, unit="step", dynamic_ncols=True, leave=False), 0, set()
     while worker.is_alive():
         shown = show_new_epochs(run, shown, bar)
         status = run.read_json("status.json", {}) or {}
+        told = show_speed_notes(status, told, bar)
         if status.get("steps"):
             bar.total, bar.n = status["steps"], min(status.get("step") or 0, status["steps"])
         bar.set_description(status.get("message", "")[:60])
@@ -77,6 +81,23 @@ def follow(run: Run, worker: threading.Thread) -> None:
         worker.join(0.5)
     show_new_epochs(run, shown, bar)
     bar.close()
+
+
+def show_speed_notes(status: dict, told: set, bar) -> set:
+    """The time-budget plan, caches and precision, each printed once when the run decides them."""
+    notes = [f"plan: {note}" for note in status.get("plan") or []]
+    if status.get("cache"):
+        c = status["cache"]
+        notes.append(f"cache: {c['what']}, {c['views']} view(s) per image, {c['mb']:g} MB in {c['where']}")
+    if status.get("cache_off"):
+        notes.append(f"no cache: {status['cache_off']}")
+    if status.get("precision"):
+        notes.append("precision: " + ", ".join(f"{k} {v}" for k, v in status["precision"].items()))
+    for note in notes:
+        if note not in told:
+            bar.write(note)
+            told.add(note)
+    return told
 
 
 def show_new_epochs(run: Run, shown: int, bar) -> int:
@@ -206,6 +227,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_lr(args) -> int:
+    from core.lr_find import suggest_lr
+    cfg = load_config(args.config, args.set)
+
+    def progress(done, total, message):
+        if not args.quiet and (done == total or done % 10 == 0):
+            print(f"  {message}", flush=True)
+    result = suggest_lr(cfg, progress=progress)
+    for lr, loss in zip(result["lrs"][::5], result["losses"][::5]):
+        print(f"lr {lr:9.2e}  loss {loss:.4f}")
+    print(f"training {result['trains']}: {result['sentence']}")
+    print(f"suggested: --set lr={result['suggestion']:g}" if result["suggestion"] else "no suggestion")
+    return 0
+
+
 def cmd_export(args) -> int:
     from core.evaluate import load_run_model
     from core.export import export_onnx, export_run
@@ -225,12 +261,13 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("config", help="print or write the default (demo) configuration")
     p.add_argument("--out")
-    for name, helptext in (("train", "train a config file"), ("sweep", "train every combination")):
+    for name, helptext in (("train", "train a config file"), ("sweep", "train every combination"),
+                           ("lr", "learning-rate range test for a config: prints the curve and a suggestion")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("--quiet", action="store_true")
-    p.add_argument("--grid", action="append", required=True, metavar="AXIS=V1,V2")
+    sub.choices["sweep"].add_argument("--grid", action="append", required=True, metavar="AXIS=V1,V2")
     p = sub.add_parser("resume", help="go on from a stopped or interrupted run's last epoch")
     p.add_argument("run")
     p.add_argument("--quiet", action="store_true")
@@ -251,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = {"config": cmd_config, "train": cmd_train, "resume": cmd_resume, "evaluate": cmd_evaluate,
-               "predict": cmd_predict, "sweep": cmd_sweep, "export": cmd_export}[args.command]
+               "predict": cmd_predict, "sweep": cmd_sweep, "export": cmd_export, "lr": cmd_lr}[args.command]
     try:
         return command(args)
     except (FileNotFoundError, ValueError) as err:

@@ -258,6 +258,8 @@ class Store:
 
     def put(self, start: int, values: torch.Tensor) -> None:
         values = values.detach().float().cpu()
+        if self.data.dtype in (torch.float16, np.float16):    # fp16 was chosen on the first batch
+            values = values.clamp(-65000, 65000)
         if isinstance(self.data, np.ndarray):
             self.data[start:start + len(values)] = values.numpy()
         else:
@@ -288,23 +290,28 @@ def compute(backbone: nn.Module, split: Split | None, images, transform, device,
             batch_size: int = 64, progress=None, disk: Path | None = None, precision: str | None = None) -> Store:
     """`views` passes over `images` (through `transform`, random when it augments): the prefix
     output at `split`, or the whole backbone's pooled features when `split` is None. Row
-    v * len(images) + i holds view v of image i. `progress(done, total)` may raise to stop."""
+    v * len(images) + i holds view v of image i. `progress(done, total)` may raise to stop; a
+    half-written file is then removed."""
     n = len(images)
     store = None
     total, done = views * n, 0
-    with _evaluating(backbone):
-        for view in range(views):
-            for start in range(0, n, batch_size):
-                batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
-                batch = batch.to(device, memory_format=torch.channels_last)
-                with autocast(device, precision):
-                    out = backbone(batch) if split is None else prefix_output(backbone, split, batch)
-                out = out.float()
-                if store is None:
-                    half_ok = bool(out.abs().max() < 6e4)
-                    store = Store(total, out.shape[1:], half_ok, disk)
-                store.put(view * n + start, out)
-                done += len(batch)
-                if progress:
-                    progress(done, total)
+    try:
+        with _evaluating(backbone):
+            for view in range(views):
+                for start in range(0, n, batch_size):
+                    batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
+                    batch = batch.to(device, memory_format=torch.channels_last)
+                    with autocast(device, precision):
+                        out = backbone(batch) if split is None else prefix_output(backbone, split, batch)
+                    out = out.float()
+                    if store is None:
+                        store = Store(total, out.shape[1:], bool(out.abs().max() < 6e4), disk)
+                    store.put(view * n + start, out)
+                    done += len(batch)
+                    if progress:
+                        progress(done, total)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     return store if store is not None else Store(0, (0,), True, None)

@@ -391,7 +391,7 @@ def phases_for(run: Run, cfg: RunConfig, loop: "Loop", resumed, started: float) 
     left = cfg.time_budget_s - (time.monotonic() - started)
     phases, notes = B.plan(cfg, loop.model, speeds, counts, left, loop.views())
     apply_freeze(loop.model, "head")
-    run.write_json("plan.json", dict(phases=[p.to_dict() for p in phases], notes=notes,
+    run.write_json("plan.json", dict(phases=[p.to_dict() for p in phases], notes=notes, speeds=speeds.summary(),
                                      budget_s=cfg.time_budget_s, planned_after_s=round(cfg.time_budget_s - left, 1)))
     cfg.epochs = B.total_epochs(phases)
     run.write_json("config.json", cfg.to_dict())
@@ -443,12 +443,11 @@ class Loop:
                     store.close()
 
     def fit(self) -> None:
-        first = 0
         for index, phase in enumerate(self.phases):
+            first = B.total_epochs(self.phases[:index])       # a refitted phase moves the next ones
             last = first + phase.epochs
             if self.epoch < last and not self.phase(index, phase, first, last):
                 return     # early stop (or the time budget) ends every phase
-            first = last
 
     # ---------------------------------------------------------------- caches and precision
 
@@ -568,25 +567,29 @@ class Loop:
                 self.run.set_status("running", early_stopped=self.epoch)
                 return False
             if self.deadline and self.epoch < last:
-                last, scheduler = self.fit_deadline(index, phase, first, last, time.monotonic() - started,
+                last, scheduler = self.fit_deadline(index, first, last, time.monotonic() - started,
                                                     optimizer, scheduler)
         return not (self.deadline and time.monotonic() > self.deadline)
 
-    def fit_deadline(self, index, phase, first, last, epoch_s, optimizer, scheduler):
-        """A time-budget phase whose epochs run slower than planned is cut to what still fits, and
-        its schedule re-made for the shorter length, so the learning rate still anneals."""
+    def fit_deadline(self, index, first, last, epoch_s, optimizer, scheduler):
+        """Fit a time-budget phase to the clock, from its measured epoch time: after its first
+        epoch the last phase takes as many epochs as fit (up to 3x the plan, when the estimate
+        was pessimistic); any phase running late is cut. The schedule is re-made for the new
+        length, so the learning rate still anneals."""
         fit = int(max(0.0, self.deadline - time.monotonic()) // max(epoch_s, 1e-6))
-        if self.epoch + fit >= last:
+        grow = self.epoch == first + 1 and index == len(self.phases) - 1
+        new_last = min(self.epoch + fit, first + 3 * self.phases[index].epochs) if grow else \
+            min(self.epoch + fit, last)
+        if new_last == last:
             return last, scheduler
-        new_last = self.epoch + fit
         self.phases[index].epochs = new_last - first
-        self.cfg.epochs = B.total_epochs(self.phases[:index + 1])
+        self.cfg.epochs = B.total_epochs(self.phases)
         plan = self.run.read_json("plan.json", {}) or {}
-        plan.update(phases=[p.to_dict() for p in self.phases[:index + 1]], cut_at_epoch=self.epoch)
+        plan.update(phases=[p.to_dict() for p in self.phases], refitted_at_epoch=self.epoch)
         self.run.write_json("plan.json", plan)
         self.run.write_json("config.json", self.cfg.to_dict())
-        self.run.set_status("running", message=f"Epochs run slower than planned: this phase ends at "
-                                               f"epoch {new_last} to keep the time budget")
+        self.run.set_status("running", message=f"Epochs take {epoch_s:.0f} s: this phase now ends at "
+                                               f"epoch {new_last} to use the time budget")
         if scheduler is not None and fit:
             scheduler = make_scheduler(self.cfg, optimizer, new_last - first, done=self.epoch - first)
         return new_last, scheduler

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 
 import numpy as np
@@ -590,3 +591,58 @@ def test_time_budget_run(folder):
     assert "train@head" in status["precision"]
     assert status["plan"] == plan["notes"]
     assert (run.path / "precision.json").exists()
+
+
+# ---------------------------------------------------------------- stop and resume keep the guarantees
+
+def _stop_after(monkeypatch, epoch: int) -> threading.Event:
+    """A stop event set right after `epoch`'s resume state is written (as if Stop was pressed)."""
+    from core import training as T
+    stop = threading.Event()
+    original = T.save_resume_state
+
+    def save_and_stop(run, model, optimizer, scheduler, scaler, progress):
+        original(run, model, optimizer, scheduler, scaler, progress)
+        if progress["epoch"] == epoch:
+            stop.set()
+    monkeypatch.setattr(T, "save_resume_state", save_and_stop)
+    return stop
+
+
+def _metrics(run):
+    return [(r["epoch"], r["phase"], round(r["train_loss"], 6), r["val_acc"]) for r in run.epochs()]
+
+
+def test_prefix_run_with_augmented_views_resumes_to_the_same_metrics(folder, monkeypatch):
+    # The bank is rebuilt on resume from the same seed, and each epoch's view is drawn from
+    # (seed, epoch): a stopped-and-resumed run trains exactly as an uninterrupted one.
+    from core import training as T
+    from core.runs import Run
+    settings = dict(freeze="top_k", top_k=1, epochs=4, augment={"hflip": True}, aug_views=2)
+    whole = Run.create(tiny_run_config(folder, **settings))
+    assert T.train_run(whole)["state"] == "finished"
+
+    run = Run.create(tiny_run_config(folder, **settings))
+    status = T.train_run(run, stop=_stop_after(monkeypatch, 2))
+    assert status["state"] == "stopped" and run.resumable(), status
+    monkeypatch.undo()
+    status = T.train_run(run, resume=True)
+    assert status["state"] == "finished", status
+    assert status["prefix_cache"] and status["cache"]["views"] == 2
+    assert _metrics(run) == _metrics(whole)
+    assert status["test_acc"] == whole.status()["test_acc"]
+
+
+def test_budget_run_resumes_with_its_saved_plan(folder, monkeypatch):
+    from core import training as T
+    from core.runs import Run
+    run = Run.create(tiny_run_config(folder, freeze="top_k", time_budget_s=120))
+    status = T.train_run(run, stop=_stop_after(monkeypatch, 2))
+    assert status["state"] == "stopped", status
+    plan = run.read_json("plan.json")
+    monkeypatch.undo()
+    status = T.train_run(run, resume=True)
+    assert status["state"] == "finished", status
+    after = run.read_json("plan.json")
+    assert [p["freeze"] for p in after["phases"]] == [p["freeze"] for p in plan["phases"]]
+    assert [r["epoch"] for r in run.epochs()] == list(range(1, run.config.epochs + 1))

@@ -41,6 +41,9 @@ def speed_panel(settings: dict) -> None:
         c[2].caption(f"Can't preview the cache or plan yet: {err}")
         return
     c[2].caption(preview["cache"])
+    if not settings["time_budget_s"]:
+        c[2].caption("For the most accuracy in a few minutes on a laptop, load the preset *Best accuracy "
+                     "in 5 minutes* (📦 Presets above), or set *Train for* with Top-k or Full fine-tune.")
     if settings["time_budget_s"] and settings["freeze"] in ("head", "scratch"):
         st.caption("With head-only or from-scratch training the budget only stops training in time; "
                    "pick *Top k blocks* or *Full fine-tune* on the Model page to let it plan deeper training.")
