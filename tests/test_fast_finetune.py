@@ -510,8 +510,8 @@ def test_plan_with_no_time_trains_the_head_longer():
 
 
 def test_depth_lr_falls_with_depth():
-    assert B.depth_lr(0) == pytest.approx(1e-3)
-    assert B.depth_lr(1) == pytest.approx(2e-4)
+    assert B.depth_lr(0) == pytest.approx(B.HEAD_LR)
+    assert B.depth_lr(1) == pytest.approx(B.FULL_LR)
     values = [B.depth_lr(f / 10) for f in range(11)]
     assert all(a > b for a, b in zip(values, values[1:]))
     assert B.depth_lr(-1) == B.depth_lr(0) and B.depth_lr(2) == B.depth_lr(1)

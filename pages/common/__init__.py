@@ -42,6 +42,8 @@ def setup(title: str) -> dict:
     except st.errors.StreamlitAPIException:
         pass     # already set by the entry file in this run
     settings = st.session_state.setdefault("settings", default_settings())
+    for key, value in default_settings().items():     # settings added since this session began
+        settings.setdefault(key, value)
     sidebar_summary(settings)
     return settings
 
