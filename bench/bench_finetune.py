@@ -139,9 +139,9 @@ def bench_budget(record=None, data: str | None = None, budget: int = 300) -> dic
     label = Path(data).name
     _record(record, f"'{budget // 60} min' preset on {label}: wall time", out["budget"]["seconds"], "s",
             f"<= {budget}", out["budget"]["seconds"] <= budget)
-    _record(record, f"  its test accuracy", out["budget"]["test_acc"] or 0, "acc")
+    _record(record, "  its test accuracy", out["budget"]["test_acc"] or 0, "acc")
     _record(record, f"10-epoch full fine-tune on {label}: wall time", out["full10"]["seconds"], "s")
-    _record(record, f"  its test accuracy", out["full10"]["test_acc"] or 0, "acc")
+    _record(record, "  its test accuracy", out["full10"]["test_acc"] or 0, "acc")
     gap = (out["full10"]["test_acc"] or 0) - (out["budget"]["test_acc"] or 0)
     _record(record, "budget preset: points below the full fine-tune", 100 * gap, "points", "<= 1", gap <= 0.01)
     return out

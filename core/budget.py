@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from core import prefix as P
+from core.hooks import eval_mode, hooked
 from core.backbones import apply_freeze, block_groups
 from core.device import autocast
 
@@ -102,10 +103,10 @@ def measure(model: nn.Module, image_size: int, device, train_tf, images, batch: 
     def stamp(name):
         return lambda _m, _a: stamps.append((name, time.perf_counter()))
 
-    with torch.random.fork_rng(devices=[]), P._evaluating(model), torch.inference_mode(), \
+    with torch.random.fork_rng(devices=[]), eval_mode(model), torch.inference_mode(), \
             autocast(device, precision):
         model(x)                                   # warm-up
-        with P._pre_hooks((m, stamp(n)) for n, m in chain):
+        with hooked((), pre=[(m, stamp(n)) for n, m in chain]):
             begin = time.perf_counter()
             feats = backbone.forward_features(x)
             end_features = time.perf_counter()

@@ -7,7 +7,6 @@ only inside `hooked()`, which removes them in `finally`; train/eval state is res
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -19,6 +18,8 @@ from torch import nn
 from torch.nn.modules import activation as torch_acts
 from torchvision.utils import make_grid
 
+from core.hooks import eval_mode, hooked  # noqa: F401 - part of this module's interface
+
 GATES = (nn.Sigmoid, nn.Softmax, nn.Softmax2d, nn.Hardsigmoid, nn.Tanh, nn.Softmin, nn.LogSoftmax,
          nn.MultiheadAttention, nn.Linear, timm_acts.Sigmoid, timm_acts.HardSigmoid, timm_acts.Tanh)
 ACTIVATION_TYPES = tuple({cls for mod in (torch_acts, timm_acts) for cls in vars(mod).values()
@@ -27,35 +28,6 @@ ACTIVATION_TYPES = tuple({cls for mod in (torch_acts, timm_acts) for cls in vars
 
 
 # ---------------------------------------------------------------- plumbing
-
-@contextlib.contextmanager
-def hooked(pairs: Iterable[tuple[nn.Module, Callable]], pre: Iterable[tuple[nn.Module, Callable]] = ()):
-    """Register forward hooks (and forward pre-hooks) for the duration of the block; always
-    removed, even when the forward pass fails."""
-    handles = []
-    try:
-        for module, fn in pairs:
-            handles.append(module.register_forward_hook(fn))
-        for module, fn in pre:
-            handles.append(module.register_forward_pre_hook(fn))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode for the block; afterwards every submodule gets back its own mode (frozen batch
-    norms inside a training model stay in eval)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
 
 def backbone_of(model: nn.Module) -> nn.Module:
     """The timm model inside a FineTuneModel, or the model itself."""

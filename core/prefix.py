@@ -23,35 +23,11 @@ import torch
 from torch import nn
 
 from core.device import autocast
+from core.hooks import eval_mode, hooked
 
 
 class _Enough(Exception):
     """Raised by the capture hook: everything above the cut is not needed."""
-
-
-@contextlib.contextmanager
-def _pre_hooks(pairs):
-    """Forward pre-hooks that are always removed, even when the forward raises."""
-    handles = []
-    try:
-        for module, hook in pairs:
-            handles.append(module.register_forward_pre_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def _evaluating(module: nn.Module):
-    """eval() for the duration, then every submodule's own train/eval flag back."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _openable(module: nn.Module) -> bool:
@@ -85,7 +61,7 @@ def block_chain(backbone: nn.Module, image_size: int) -> list[tuple[str, nn.Modu
     def recorder(name):
         return lambda _m, _args: calls.append(name)
 
-    with _evaluating(backbone), torch.inference_mode(), _pre_hooks((m, recorder(n)) for n, m in candidates):
+    with eval_mode(backbone), torch.inference_mode(), hooked((), pre=[(m, recorder(n)) for n, m in candidates]):
         backbone.forward_features(_probe(backbone, image_size))
     by_name = dict(candidates)
     seen = set()
@@ -171,7 +147,7 @@ def find_split(backbone: nn.Module, image_size: int) -> Split:
 def _exact(backbone: nn.Module, split: Split, image_size: int) -> bool:
     x = _probe(backbone, image_size)
     try:
-        with _evaluating(backbone), torch.inference_mode():
+        with eval_mode(backbone), torch.inference_mode():
             want = backbone(x)
             got = run_suffix(backbone, split, prefix_output(backbone, split, x))
     except Exception:  # noqa: BLE001 - e.g. a block that needs extra arguments
@@ -190,7 +166,7 @@ def prefix_output(backbone: nn.Module, split: Split, x: torch.Tensor) -> torch.T
         box["x"] = args[0]
         raise _Enough()
 
-    with _pre_hooks([(split.blocks[split.cut][1], capture)]):
+    with hooked((), pre=[(split.blocks[split.cut][1], capture)]):
         try:
             backbone.forward_features(x)
         except _Enough:
@@ -272,15 +248,14 @@ class Store:
 
     def close(self) -> None:
         if self.disk is not None:
-            data, self.data = self.data, None
-            del data
+            self.data = None       # drop the memory map before its file goes
             with contextlib.suppress(OSError):
                 self.disk.unlink()
 
 
 def bytes_per_image(backbone: nn.Module, split: Split, image_size: int) -> int:
     """Cache bytes per image at this cut (2-byte floats)."""
-    with _evaluating(backbone), torch.inference_mode():
+    with eval_mode(backbone), torch.inference_mode():
         out = prefix_output(backbone, split, _probe(backbone, image_size)[:1])
     return 2 * math.prod(out.shape[1:])
 
@@ -296,7 +271,7 @@ def compute(backbone: nn.Module, split: Split | None, images, transform, device,
     store = None
     total, done = views * n, 0
     try:
-        with _evaluating(backbone):
+        with eval_mode(backbone):
             for view in range(views):
                 for start in range(0, n, batch_size):
                     batch = torch.stack([transform(img) for img in images[start:start + batch_size]])

@@ -20,6 +20,7 @@ from core import data as D
 from core import distributed as dist
 from core import paths
 from core import prefix as P
+from core.hooks import eval_mode
 from core.backbones import apply_freeze, build_model, freeze_norm_stats, native_input_size
 from core.device import autocast, choose_precision, describe, grad_scaler, pick_device, precision_key, set_cpu_threads
 from core.evaluate import data_config, predict_probs, save_evaluation
@@ -508,14 +509,14 @@ class Loop:
 
             def step(precision):
                 if x is not None:
-                    with torch.inference_mode(), P._evaluating(self.model), autocast(self.device, precision):
+                    with torch.inference_mode(), eval_mode(self.model), autocast(self.device, precision):
                         self.model(x)
             self._note_precision("infer", step)
         return self._precision["infer"]["precision"]
 
     def train_precision(self, kind: str, step_model, sample) -> str:
         def step(precision):
-            with P._evaluating(step_model), autocast(self.device, precision):
+            with eval_mode(step_model), autocast(self.device, precision):
                 loss = step_model(sample).float().logsumexp(1).mean()
             loss.backward()
             for p in step_model.parameters():
