@@ -258,7 +258,7 @@ def preview(cfg) -> dict:
     views = cfg.aug_views if any(cfg.augment.values()) else 1
     out = dict(counts=counts, phases=[], notes=[])
     out.update(cache_sentence(cfg, model, counts, views, cache_refusal(cfg)))
-    if cfg.time_budget_s and cfg.freeze not in ("head", "scratch"):
+    if cfg.time_budget_s and cfg.freeze != "scratch":
         dc = data_config(model, cfg.image_size)
         train_tf = D.build_transform(cfg.image_size, dc["mean"], dc["std"], cfg.augment)
         images, _ = D.decode_images(scan.root, splits["train"][:16], cfg.image_size)

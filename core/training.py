@@ -376,9 +376,9 @@ def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = No
 
 
 def phases_for(run: Run, cfg: RunConfig, loop: "Loop", resumed, started: float) -> list[B.Phase]:
-    """The config's phases; with a time budget, the planner's (kept in plan.json, so a resume
-    follows the same plan)."""
-    if not cfg.time_budget_s:
+    """The config's phases; with a time budget, the planner's, whatever the freeze setting (it
+    chooses the depth), kept in plan.json so a resume follows the same plan."""
+    if not cfg.time_budget_s or cfg.freeze == "scratch":     # from scratch: the budget only stops it
         return B.config_phases(cfg)
     saved = run.read_json("plan.json")
     if resumed and saved:

@@ -4,8 +4,8 @@ import random
 import pandas as pd
 import streamlit as st
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
-from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+import timm  # the package first: two sessions entering timm's import cycle at different modules
+#              (timm.data here, timm via core elsewhere) got a half-initialised module
 
 from core import data as D
 from core.backbones import native_input_size
@@ -36,8 +36,8 @@ def data_stats(root: str, size: int):
 def stats_panel(settings):
     root = str(resolve_data_root(settings["data_root"]))
     mean, std = data_stats(root, settings["image_size"])
-    st.dataframe(pd.DataFrame({"this data set mean": mean, "std": std, "ImageNet mean": IMAGENET_MEAN,
-                               "ImageNet std": IMAGENET_STD}, index=["R", "G", "B"]), width="content")
+    st.dataframe(pd.DataFrame({"this data set mean": mean, "std": std, "ImageNet mean": timm.data.IMAGENET_DEFAULT_MEAN,
+                               "ImageNet std": timm.data.IMAGENET_DEFAULT_STD}, index=["R", "G", "B"]), width="content")
 
 
 @st.cache_data(show_spinner=False, max_entries=16, ttl=60)

@@ -44,8 +44,8 @@ def test_time_budget_shows_a_plan_before_start(image_folder):
     assert_ok(at)
     assert at.session_state["settings"]["time_budget_s"] == 120
     assert "Plan for 2 minutes" in texts(at)
-    plan = [d.value for d in at.dataframe if "phase" in d.value.columns]
-    assert plan and list(plan[0]["phase"])[0] == "head"
+    plan = [t.value for t in at.table if "trains" in t.value.columns]
+    assert plan and list(plan[0].index)[0] == "head"
 
 
 def test_learning_rate_test_draws_a_chart_and_applies_only_on_click(image_folder):

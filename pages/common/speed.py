@@ -43,16 +43,24 @@ def speed_panel(settings: dict) -> None:
     c[2].caption(preview["cache"])
     if not settings["time_budget_s"]:
         c[2].caption("For the most accuracy in a few minutes on a laptop, load the preset *Best accuracy "
-                     "in 5 minutes* (📦 Presets above), or set *Train for* with Top-k or Full fine-tune.")
-    if settings["time_budget_s"] and settings["freeze"] in ("head", "scratch"):
-        st.caption("With head-only or from-scratch training the budget only stops training in time; "
-                   "pick *Top k blocks* or *Full fine-tune* on the Model page to let it plan deeper training.")
+                     "in 5 minutes* (📦 Presets above), or set *Train for*.")
+    if settings["time_budget_s"] and settings["freeze"] == "scratch":
+        st.caption("From scratch, the budget only stops training in time: nothing pretrained to plan around.")
+    elif settings["time_budget_s"]:
+        st.caption("With a time budget the plan chooses how deep to fine-tune and the learning rate of "
+                   "each phase; the freeze setting on the Model page and the learning rate here are not used.")
     if preview["phases"]:
         st.markdown(f"**Plan for {settings['time_budget_s'] / 60:g} minutes** (measured now; the run "
                     "measures again when it starts)")
-        st.dataframe(pd.DataFrame(preview["phases"]), hide_index=True, width="content",
-                     column_config={"lr": st.column_config.NumberColumn("learning rate", format="%.1e")})
+        st.table(_plan_frame(preview["phases"]))
         st.caption(" ".join(preview["notes"]))
+
+
+def _plan_frame(rows: list[dict]) -> pd.DataFrame:
+    """The plan as a small plain table (readable on a projector): learning rates as 1e-4."""
+    frame = pd.DataFrame(rows).rename(columns={"lr": "learning rate", "estimate": "time (estimate)"})
+    frame["learning rate"] = [f"{v:.1e}" if v else "config" for v in frame["learning rate"]]
+    return frame.set_index("phase")
 
 
 def lr_panel(settings: dict) -> None:
@@ -118,6 +126,5 @@ def run_speed_info(run) -> None:
     plan = run.read_json("plan.json")
     if plan:
         with st.expander(f"⏱️ Plan for a {plan['budget_s'] / 60:g}-minute budget", expanded=False):
-            st.dataframe(pd.DataFrame(B.describe_plan(B.phases_from(plan["phases"]))), hide_index=True,
-                         width="content")
+            st.table(_plan_frame(B.describe_plan(B.phases_from(plan["phases"]))))
             st.caption(" ".join(plan.get("notes", [])))
