@@ -137,13 +137,19 @@ def check_image(path: Path) -> str | None:
         return f"unreadable image ({type(err).__name__})"
 
 
+MAX_ASPECT = 20     # long side / short side; images are resized by their short side
+
+
 def _too_large(img: Image.Image) -> str | None:
     """Pillow only warns between MAX_IMAGE_PIXELS and twice that; decoding such a file can still
-    take gigabytes, so it is refused as well."""
+    take gigabytes, so it is refused as well. So is an extreme aspect ratio: resized by its short
+    side, a 1×20000 strip would become a 224×4,480,000 tensor (gigabytes from a 164-byte file)."""
     w, h = img.size
     if w * h > Image.MAX_IMAGE_PIXELS:
         return (f"too large: {w}×{h} is over {Image.MAX_IMAGE_PIXELS:,} pixels "
                 "(decompression bomb guard)")
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        return (f"extreme shape: {w}×{h} is more than {MAX_ASPECT}:1; crop it to the object first")
     return None
 
 

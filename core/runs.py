@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import threading
@@ -169,7 +170,10 @@ class Run:
     def create(cls, config: RunConfig, root: Path | None = None, owner: str = "") -> "Run":
         """`owner` is the browser session (or "cli") that started it: only its owner may stop or
         delete it without saying so explicitly."""
-        path = (root or paths.runs_dir()) / f"{_next_stamp()}-{config.arch}-{secrets.token_hex(2)}"
+        # the folder name is built from a safe id, never from a config value as written
+        # (an arch of "../../x" once created the run outside the data directory)
+        label = re.sub(r"[^A-Za-z0-9_]+", "_", config.arch)[:40].strip("_") or "model"
+        path = (root or paths.runs_dir()) / f"{_next_stamp()}-{label}-{secrets.token_hex(2)}"
         path.mkdir(parents=True)
         run = cls(path)
         run.write_json("config.json", config.to_dict())

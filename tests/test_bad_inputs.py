@@ -576,3 +576,28 @@ def test_data_page_warns_about_imbalance_and_leakage(tmp_path):
     assert any(w.startswith("3 images appear in both train and test (identical files): test accuracy "
                             "will be optimistic (leakage).") for w in warnings), warnings
     assert not any("train and val" in w for w in warnings)
+
+
+# ---------------------------------------------------------------- shared server (issue 14, first cases)
+
+@pytest.mark.parametrize("size", [(1, 20000), (20000, 1), (3, 200)])
+def test_extreme_aspect_ratio_is_refused_before_it_costs_memory(tmp_path, size):
+    """Resized by its short side, a 1x20000 strip would become a 224x4,480,000 tensor."""
+    from PIL import Image
+
+    from core import data as D
+    path = tmp_path / "strip.png"
+    Image.new("RGB", size, (200, 10, 10)).save(path)
+    assert "extreme shape" in D.check_image(path)
+    with pytest.raises(D.DataError, match="extreme shape"):
+        D.open_rgb(path, 224)
+
+
+def test_run_folder_never_comes_from_the_arch_text(tmp_path):
+    from core.runs import Run, RunConfig
+    root = tmp_path / "runs"
+    root.mkdir()
+    run = Run.create(RunConfig(arch="../../../../elsewhere/x"), root=root)
+    assert run.path.parent == root
+    assert ".." not in run.path.name and "/" not in run.path.name
+    assert not (tmp_path / "elsewhere").exists()
