@@ -8,6 +8,7 @@ command-line process), so any page, tab or restarted server reads the same state
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import re
@@ -362,7 +363,7 @@ class RunManager:
         return not self.knows(run_id)
 
     def _work(self):
-        from core.training import train_run
+        from core import training     # looked up per run, so a test can stand in for it
         while True:
             try:
                 run, resume = self._queue.get(timeout=5)
@@ -377,12 +378,21 @@ class RunManager:
                 if event.is_set():
                     run.set_status("stopped", message="Stopped before it started")
                 else:
-                    train_run(run, stop=event, resume=resume)
+                    training.train_run(run, stop=event, resume=resume)
             except Exception as err:  # noqa: BLE001 - a crashed run must never kill the queue
-                run.set_status("failed", message=f"{type(err).__name__}: {err}")
+                _mark_failed(run, err)
             finally:
                 with self._lock:
                     self._stops.pop(run.id, None)
+
+
+def _mark_failed(run: Run, err: Exception) -> None:
+    """Record a run's failure if its folder can still be written (it may have been deleted, or
+    the disk be full); either way the worker goes on to the next run."""
+    try:
+        run.set_status("failed", message=f"{type(err).__name__}: {err}")
+    except OSError:
+        logging.getLogger(__name__).exception("run %s failed and its status can't be written", run.id)
 
 
 MANAGER = RunManager()

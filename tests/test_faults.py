@@ -303,3 +303,23 @@ def test_delete_run_rules(tiny_config, tmp_path):
 
     delete_run(finished)
     assert not finished.path.exists() and list_runs() == []
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_run_whose_folder_vanishes_does_not_stop_the_queue(tiny_config, monkeypatch):
+    """Issue 14: one run that can't even write its status (folder deleted while queued, disk
+    full) must not kill the single worker thread: the runs queued after it still train."""
+    original = T.train_run
+    both_queued = threading.Event()
+
+    def folder_gone(run, stop=None, resume=False):
+        if run.config.seed == 1:
+            both_queued.wait(TIMEOUT)          # the second run waits in the same worker's queue
+            shutil.rmtree(run.path)
+        return original(run, stop=stop, resume=resume)
+    monkeypatch.setattr(T, "train_run", folder_gone)
+    doomed = MANAGER.submit(tiny_config(seed=1, epochs=1))
+    after = MANAGER.submit(tiny_config(seed=2, epochs=1))
+    both_queued.set()
+    assert MANAGER.wait(doomed.id, timeout=TIMEOUT) and MANAGER.wait(after.id, timeout=TIMEOUT)
+    assert after.status()["state"] == "finished", after.status()
