@@ -3,6 +3,7 @@ backbone with its original ImageNet head."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -57,8 +58,34 @@ def from_run(run: Run) -> Predictor:
 
 def from_export(weights: str | Path, meta_json: str | Path | dict) -> Predictor:
     meta = meta_json if isinstance(meta_json, dict) else json.loads(Path(meta_json).read_text())
+    problem = export_meta_problem(meta)
+    if problem:
+        raise ValueError(f"model.json can't be used: {problem}")
     model = load_exported(weights, meta)
     return Predictor(model, meta["classes"], meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]))
+
+
+def export_meta_problem(meta) -> str:
+    """One sentence on what is wrong with an exported model.json ("" when nothing): checked
+    before anything is allocated, since an image_size of 100000 would ask for gigabytes."""
+    from core.runs import RANGES
+    if not isinstance(meta, dict):
+        return "it is not a JSON object."
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return "\"classes\" must be a non-empty list of class names."
+    low, high = RANGES["image_size"]
+    size = meta.get("image_size")
+    if not isinstance(size, int) or isinstance(size, bool) or not low <= size <= high:
+        return f"\"image_size\" is {size!r}; it must be a whole number from {low} to {high}."
+    for key, positive in (("mean", False), ("std", True)):
+        values = meta.get(key)
+        ok = (isinstance(values, list) and len(values) == 3
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and (v > 0 or not positive) for v in values))
+        if not ok:
+            return f"\"{key}\" must be three finite numbers{' above 0' if positive else ''}, not {values!r}."
+    return ""
 
 
 def imagenet(arch: str, weights: str = "auto") -> Predictor:

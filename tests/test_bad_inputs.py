@@ -601,3 +601,16 @@ def test_run_folder_never_comes_from_the_arch_text(tmp_path):
     assert run.path.parent == root
     assert ".." not in run.path.name and "/" not in run.path.name
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(image_size=100000), "image_size"), (dict(image_size="224"), "image_size"),
+    (dict(std=[0.2, 0.0, 0.2]), "std"), (dict(mean=[0.5, float("nan"), 0.5]), "mean"),
+    (dict(classes=[]), "classes"), (dict(classes="cats"), "classes")])
+def test_exported_model_json_is_checked_before_use(change, words):
+    """Issue 14: an uploaded model.json with image_size 100000 asked for 30 GB; std 0 crashed."""
+    from core import predict as P
+    meta = dict(arch="test_resnet", classes=["a", "b"], image_size=64, mean=[0.5] * 3, std=[0.25] * 3)
+    assert P.export_meta_problem(meta) == ""
+    with pytest.raises(ValueError, match=words):
+        P.from_export("no-such-file.safetensors", dict(meta, **change))
