@@ -19,6 +19,11 @@ def _preview(config: dict) -> dict:
     return out
 
 
+PREVIEW_FIELDS = ("data_root", "split", "split_seed", "max_per_class", "arch", "weights", "weights_file",
+                  "freeze", "top_k", "head", "hidden", "dropout", "image_size", "augment", "aug_views",
+                  "time_budget_s", "cache_features", "device")
+
+
 def speed_panel(settings: dict) -> None:
     """Time budget, augmented views to cache, and what the run will cache and plan."""
     st.markdown("**⚡ Speed on this machine**")
@@ -34,9 +39,9 @@ def speed_panel(settings: dict) -> None:
                 help="With augmentation on, the frozen layers normally run on every image every epoch. "
                      "Instead, compute K augmented versions of each training image once, and each epoch "
                      "train on one of them: augmentation and speed together. 0 = augment live.")
-    cfg = RunConfig.from_dict(settings)
-    try:
-        preview = _preview(cfg.to_dict())
+    cfg = RunConfig.from_dict(settings).to_dict()
+    try:     # only what changes the cache or the plan: typing a learning rate must not re-measure
+        preview = _preview({k: cfg[k] for k in PREVIEW_FIELDS})
     except Exception as err:  # noqa: BLE001 - e.g. no data set yet: the panel just says so
         c[2].caption(f"Can't preview the cache or plan yet: {err}")
         return
