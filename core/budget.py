@@ -48,6 +48,16 @@ class Phase:
         return asdict(self)
 
 
+def cache_refusal(cfg) -> str:
+    """Why no frozen layers are cached for this config ("" when they can be)."""
+    if not cfg.cache_features:
+        return "caching is off in the settings."
+    if any(cfg.augment.values()) and not cfg.aug_views:
+        return ("augmentation runs live on every image; choose a number of augmented views to "
+                "cache instead.")
+    return ""
+
+
 def depth_lr(trainable_fraction: float) -> float:
     """A sensible AdamW learning rate for training this share of the backbone's blocks: the
     head's 1e-3 with none, falling geometrically to 3e-4 for all."""
@@ -248,7 +258,7 @@ def preview(cfg) -> dict:
     from core.backbones import build_model
     from core.device import pick_device
     from core.evaluate import data_config
-    from core.training import cache_refusal, resolve_data_root
+    from core.paths import resolve_data_root
 
     scan = D.scan_folder(resolve_data_root(cfg.data_root), check=False)
     splits = D.split_items(scan, cfg.split, cfg.split_seed, cfg.max_per_class)

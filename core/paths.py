@@ -39,3 +39,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def resolve_data_root(root: str) -> str:
+    """Configs may store the demo set relative to the repo, so presets travel between machines."""
+    return str(REPO_ROOT / root) if root.startswith("assets/") else root

@@ -1,4 +1,4 @@
-"""Runs on disk and the background queue that trains them.
+"""Runs on disk (the queue that trains them is core.worker).
 
 A run is a folder: config.json, classes.json, splits.json, status.json, epochs.jsonl,
 best.safetensors, test_metrics.json, predictions.csv. The disk is the truth; the queue only
@@ -8,9 +8,7 @@ command-line process), so any page, tab or restarted server reads the same state
 from __future__ import annotations
 
 import json
-import logging
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -239,7 +237,7 @@ class Run:
 
     def _alive(self, status: dict) -> bool:
         if status.get("pid") == os.getpid():
-            return MANAGER.knows(self.id)
+            return held(self.id)
         try:
             os.kill(int(status.get("pid", -1)), 0)
         except (OSError, ValueError):
@@ -308,91 +306,24 @@ def get_run(run_id: str, root: Path | None = None) -> Run:
     return Run(path)
 
 
-# ---------------------------------------------------------------- background queue
+# ---------------------------------------------------------------- runs this process holds
 
-class RunManager:
-    """One worker thread trains queued runs one after another (one device, one queue).
-    Stop requests are events the training loop checks every batch."""
-
-    def __init__(self):
-        self._queue: queue.Queue[tuple[Run, bool]] = queue.Queue()
-        self._stops: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-        self._worker: threading.Thread | None = None
-
-    def submit(self, config: RunConfig, root: Path | None = None, owner: str = "") -> Run:
-        run = Run.create(config, root, owner)
-        self._enqueue(run, resume=False)
-        return run
-
-    def resume(self, run: Run) -> None:
-        """Queue a stopped or interrupted run to go on from its last finished epoch."""
-        if not run.resumable():
-            raise ValueError("This run has no saved epoch to resume from, or it already finished.")
-        run.set_status("queued", message="Waiting for the device (resume)")
-        self._enqueue(run, resume=True)
-
-    def _enqueue(self, run: Run, resume: bool) -> None:
-        with self._lock:
-            self._stops[run.id] = threading.Event()
-            self._queue.put((run, resume))
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._work, name="finetune-lab-trainer",
-                                                daemon=True)
-                self._worker.start()
-
-    def stop(self, run_id: str) -> None:
-        with self._lock:
-            event = self._stops.get(run_id)
-        if event:
-            event.set()
-
-    def knows(self, run_id: str) -> bool:
-        with self._lock:
-            return run_id in self._stops
-
-    def busy(self) -> bool:
-        with self._lock:
-            return bool(self._stops)
-
-    def wait(self, run_id: str, timeout: float | None = None) -> bool:
-        """Block until `run_id` leaves the queue (tests, notebooks)."""
-        end = time.monotonic() + (timeout or 1e9)
-        while self.knows(run_id) and time.monotonic() < end:
-            time.sleep(0.05)
-        return not self.knows(run_id)
-
-    def _work(self):
-        from core import training     # looked up per run, so a test can stand in for it
-        while True:
-            try:
-                run, resume = self._queue.get(timeout=5)
-            except queue.Empty:
-                with self._lock:
-                    if self._queue.empty():
-                        self._worker = None
-                        return
-                continue
-            event = self._stops[run.id]
-            try:
-                if event.is_set():
-                    run.set_status("stopped", message="Stopped before it started")
-                else:
-                    training.train_run(run, stop=event, resume=resume)
-            except Exception as err:  # noqa: BLE001 - a crashed run must never kill the queue
-                _mark_failed(run, err)
-            finally:
-                with self._lock:
-                    self._stops.pop(run.id, None)
+_HELD: set[str] = set()
+_HELD_LOCK = threading.Lock()
 
 
-def _mark_failed(run: Run, err: Exception) -> None:
-    """Record a run's failure if its folder can still be written (it may have been deleted, or
-    the disk be full); either way the worker goes on to the next run."""
-    try:
-        run.set_status("failed", message=f"{type(err).__name__}: {err}")
-    except OSError:
-        logging.getLogger(__name__).exception("run %s failed and its status can't be written", run.id)
+def hold(run_id: str) -> None:
+    """Mark a run as queued or training in this process (core.worker does), so its status is
+    trusted while the pid is ours."""
+    with _HELD_LOCK:
+        _HELD.add(run_id)
 
 
-MANAGER = RunManager()
+def release(run_id: str) -> None:
+    with _HELD_LOCK:
+        _HELD.discard(run_id)
+
+
+def held(run_id: str) -> bool:
+    with _HELD_LOCK:
+        return run_id in _HELD

@@ -10,7 +10,8 @@ from datetime import datetime
 import pandas as pd
 
 from core.data import PRESETS
-from core.runs import MANAGER, Run, RunConfig, list_runs
+from core.runs import Run, RunConfig, list_runs
+from core.worker import MANAGER
 
 # What a sweep can vary: axis -> (label, how a value changes the config)
 AXES = {

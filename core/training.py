@@ -24,7 +24,8 @@ from core.hooks import eval_mode
 from core.backbones import apply_freeze, build_model, freeze_norm_stats, native_input_size
 from core.device import autocast, choose_precision, describe, grad_scaler, pick_device, precision_key, set_cpu_threads
 from core.evaluate import data_config, predict_probs, save_evaluation
-from core.paths import REPO_ROOT
+from core.budget import cache_refusal  # noqa: F401 - part of this module's interface
+from core.paths import resolve_data_root  # noqa: F401 - part of this module's interface
 from core.runs import Run, RunConfig
 
 
@@ -63,19 +64,8 @@ def uses_feature_cache(cfg: RunConfig) -> bool:
     return cfg.freeze == "head" and cfg.cache_features and (cfg.aug_views > 0 or not any(cfg.augment.values()))
 
 
-def cache_refusal(cfg: RunConfig) -> str:
-    """Why no frozen layers are cached for this config ("" when they can be)."""
-    if not cfg.cache_features:
-        return "caching is off in the settings."
-    if any(cfg.augment.values()) and not cfg.aug_views:
-        return ("augmentation runs live on every image; choose a number of augmented views to "
-                "cache instead.")
-    return ""
 
 
-def resolve_data_root(root: str) -> str:
-    """Configs may store the demo set relative to the repo, so presets travel between machines."""
-    return str(REPO_ROOT / root) if root.startswith("assets/") else root
 
 
 def prepare_data(run: Run, cfg: RunConfig, report: Reporter):

@@ -39,7 +39,7 @@ def use_small_settings(at: AppTest, data_root, **overrides) -> None:
 def manager_idle(timeout: float) -> bool:
     import time
 
-    from core.runs import MANAGER
+    from core.worker import MANAGER
     end = time.monotonic() + timeout
     while MANAGER.busy():
         if time.monotonic() > end:
@@ -50,7 +50,8 @@ def manager_idle(timeout: float) -> bool:
 
 def quiet_queue(timeout: float):
     """Fixture body: no background run from another test may be training before or after."""
-    from core.runs import ACTIVE_STATES, MANAGER, list_runs
+    from core.runs import ACTIVE_STATES, list_runs
+from core.worker import MANAGER
     assert manager_idle(timeout), "a run from an earlier test is still in the queue"
     yield
     for run in list_runs():

@@ -26,7 +26,8 @@ from core import sweeps as S
 from core import training as T
 from core.backbones import build_model
 from core.evaluate import data_config, evaluate_run, load_predictions
-from core.runs import ACTIVE_STATES, MANAGER, Run, list_runs
+from core.runs import ACTIVE_STATES, Run, list_runs
+from core.worker import MANAGER
 
 
 def metric_rows(run: Run) -> list[dict]:

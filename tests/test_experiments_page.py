@@ -1,7 +1,7 @@
 """The Experiments page, and the Train page's new options, with Streamlit's AppTest (no browser).
 
 AppTest does not tick fragments on its own: after queueing, the test waits for the background
-queue (core.runs.MANAGER) to drain and runs the page again.
+queue (core.worker.MANAGER) to drain and runs the page again.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from streamlit.testing.v1 import AppTest
 from apptest_helpers import assert_ok, opened
 
 from core import data as D
-from core.runs import ACTIVE_STATES, MANAGER, list_runs
+from core.runs import ACTIVE_STATES, list_runs
+from core.worker import MANAGER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")

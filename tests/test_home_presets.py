@@ -5,7 +5,7 @@ Notes:
 * Saved presets live in FINETUNE_LAB_HOME/presets, which the autouse `lab_home` fixture makes
   private to each test; two AppTest instances in one test share it like two browser sessions
   on one server.
-* Training runs on `core.runs.MANAGER`, the process-wide queue; `idle_manager` makes sure no
+* Training runs on `core.worker.MANAGER`, the process-wide queue; `idle_manager` makes sure no
   run outlives its test.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from streamlit.testing.v1 import AppTest
 
 from core import presets as P
 from apptest_helpers import assert_ok, opened, quiet_queue
-from core.runs import MANAGER, RunConfig, list_runs
+from core.runs import RunConfig, list_runs
+from core.worker import MANAGER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")

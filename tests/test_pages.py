@@ -3,7 +3,7 @@
 Notes on AppTest:
 * Fragments do not tick on their own here, so the live training view is refreshed by sleeping
   and calling `at.run()` again.
-* Training runs on `core.runs.MANAGER`, the process-wide background queue; the autouse fixture
+* Training runs on `core.worker.MANAGER`, the process-wide background queue; the autouse fixture
   `idle_manager` makes sure no run outlives its test.
 """
 from __future__ import annotations

@@ -22,7 +22,8 @@ from core import evaluate as E
 from core import predict as P
 from core.backbones import bundled_file
 from core.export import export_onnx, export_run, load_exported
-from core.runs import MANAGER, Run
+from core.runs import Run
+from core.worker import MANAGER
 
 CLASSES = ["a", "b", "c"]
 # Seven images, true classes a a a b b c c. No ties inside any probability column, so each

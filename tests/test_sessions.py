@@ -1,6 +1,6 @@
 """Several browser sessions on one server, with Streamlit's AppTest (each AppTest instance is its
 own session with its own session_state and owner token; all share the process-wide training
-queue `core.runs.MANAGER`, as real sessions on one server do).
+queue `core.worker.MANAGER`, as real sessions on one server do).
 
 * Two sessions train at once: their jobs queue, each session sees its own runs (👤) and the
   other's, and neither can stop or delete the other's run unless the user ticks `manage_all`.
@@ -23,7 +23,8 @@ from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.util import patch_config_options
 
 from apptest_helpers import assert_ok, opened, quiet_queue, use_small_settings
-from core.runs import MANAGER, get_run, list_runs
+from core.runs import get_run, list_runs
+from core.worker import MANAGER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")

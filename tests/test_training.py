@@ -19,7 +19,8 @@ from conftest import class_image
 from core import training as T
 from core.data import DataError
 from core.evaluate import evaluate_run, load_run_model
-from core.runs import MANAGER, Run, get_run, list_runs
+from core.runs import Run, get_run, list_runs
+from core.worker import MANAGER
 
 EPOCH_KEYS = {"epoch", "lr", "train_loss", "val_loss", "val_acc", "seconds"}
 

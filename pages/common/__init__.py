@@ -12,7 +12,8 @@ import pandas as pd
 import streamlit as st
 
 from core import paths
-from core.runs import ACTIVE_STATES, MANAGER, RANGES, Run, RunConfig, delete_run, get_run, list_runs
+from core.runs import ACTIVE_STATES, RANGES, Run, RunConfig, delete_run, get_run, list_runs
+from core.worker import MANAGER
 
 PAGES = {
     "home": "streamlit_app.py",
