@@ -1,6 +1,7 @@
 """Finetune Lab: transfer learning of image classifiers on timm backbones, in the browser."""
 import streamlit as st
 
+from core import access, paths
 from pages import common
 
 
@@ -18,19 +19,19 @@ def home():
     quick_demo(settings)
     checklist(settings)
     common.presets_panel(settings)
-    runs = common.list_runs()
+    runs = common.my_runs()
     if runs:
-        st.subheader("Runs")
+        st.subheader("Runs" if common.user().admin else "My runs")
         st.dataframe(common.runs_frame(), hide_index=True, width="stretch", column_config={
             "best_val_acc": st.column_config.NumberColumn("best val acc", format="percent"),
             "test_acc": st.column_config.NumberColumn("test acc", format="percent")})
     st.caption(f"Runs and uploads are stored in `{common.data_dir_hint()}`.")
+    admin_panel()
 
 
 def checklist(settings):
     """Where the session is in the flow, with a link to each step."""
-    runs = common.list_runs()
-    mine = [r for r in runs if common.mine(r)]
+    mine = [r for r in common.my_runs() if common.mine(r)]
     finished = [r for r in mine if r.status().get("state") == "finished"]
     demo = settings["data_root"] == common.default_settings()["data_root"]
     steps = [
@@ -56,7 +57,11 @@ def start_quick_demo():
     for key in [k for k in st.session_state if str(k).startswith(("w_", "aug_"))]:
         del st.session_state[key]
     cfg = common.run_config(dict(settings, name="Quick demo"))
-    run = common.MANAGER.submit(cfg, owner=common.session_owner())
+    try:
+        run = common.submit(cfg)
+    except ValueError as err:          # this student's queue is full
+        st.session_state["quick_demo_error"] = str(err)
+        return
     st.session_state["run_id"] = st.session_state["quick_demo"] = run.id
 
 
@@ -77,7 +82,7 @@ def quick_demo(settings):
 @st.fragment(run_every=1)
 def quick_demo_progress(run_id: str):
     try:
-        run = common.get_run(run_id)
+        run = common.open_run(run_id)
     except FileNotFoundError:
         st.session_state.pop("quick_demo", None)
         return
@@ -95,6 +100,40 @@ def quick_demo_progress(run_id: str):
     else:
         st.session_state["quick_demo_error"] = f"The demo run {state}: {status.get('message', '')}"
     st.rerun(scope="app")
+
+
+def admin_panel():
+    """The teacher's controls: who is admin, what students may do, disk use and clean-up."""
+    who = common.user()
+    if not who.admin:
+        st.caption("You are a student on this server: you see your own runs, uploads and presets.")
+        return
+    with st.expander("🔑 Teacher (admin) settings"):
+        st.caption(access.role_note(common.admin_token(), st.get_option("server.address")))
+        rules = common.policy()
+        with st.form("policy_form"):
+            folders = st.checkbox("Students may open server folders (below the roots)", rules.server_folders)
+            roots = st.text_area("Extra roots students may read (one folder per line)", "\n".join(rules.roots),
+                                 help=f"Always allowed: {paths.shared_dir()} and the shipped demo.")
+            c = st.columns(3)
+            values = dict(
+                max_queued=c[0].number_input("Runs a student may queue", *access.LIMITS["max_queued"], rules.max_queued),
+                max_epochs=c[1].number_input("Epoch cap per student run (0 = none)", *access.LIMITS["max_epochs"], rules.max_epochs),
+                max_minutes=c[2].number_input("Minutes cap per student run (0 = none)", *access.LIMITS["max_minutes"], rules.max_minutes),
+                upload_mb=c[0].number_input("MB per upload (unpacked)", *access.LIMITS["upload_mb"], rules.upload_mb),
+                user_mb=c[1].number_input("MB per student (all uploads)", *access.LIMITS["user_mb"], rules.user_mb),
+                total_mb=c[2].number_input("MB for the whole data directory (0 = none)", *access.LIMITS["total_mb"], rules.total_mb),
+                keep_days=c[0].number_input("Clean-up: uploads older than (days)", *access.LIMITS["keep_days"], rules.keep_days))
+            if st.form_submit_button("Save settings"):
+                access.save_policy(access.Policy(server_folders=folders, roots=roots.splitlines(), **values))
+                st.success("Saved: they apply to the next action of every student.")
+        usage = access.disk_usage()
+        cap = f" of {rules.total_mb:,} MB" if rules.total_mb else ""
+        st.caption(f"Data directory: {usage['total'] / 2**20:,.0f} MB{cap} used ("
+                   + ", ".join(f"{k} {v / 2**20:,.0f} MB" for k, v in sorted(usage["parts"].items()))
+                   + f"); {usage['free'] / 2**30:,.1f} GB free on the disk.")
+        if st.button(f"Delete uploads older than {rules.keep_days} days", key="clean_up"):
+            st.success(f"Deleted {access.clean_up(rules.keep_days)} upload(s).")
 
 
 pages = [

@@ -56,7 +56,7 @@ def reachable(name: str, timeout: float = 2.0) -> bool:
 
 
 def target_dir(name: str) -> Path:
-    return paths.datasets_dir() / f"std-{name}"
+    return paths.shared_dir() / f"std-{name}"
 
 
 def download(name: str, max_per_class: int | None = None,

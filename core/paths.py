@@ -1,7 +1,9 @@
 """Where Finetune Lab keeps its files: one data directory, configurable with FINETUNE_LAB_HOME."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,27 @@ def datasets_dir() -> Path:
     return _sub("datasets")
 
 
+def shared_dir() -> Path:
+    """Data sets every user of the server may read: downloads, and what the admin copies here."""
+    path = datasets_dir() / "shared"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_problem() -> str | None:
+    """One sentence when the data directory can't be written (read-only, no permission, full)."""
+    try:
+        probe = home() / f".write-probe-{os.getpid()}-{threading.get_ident()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return None
+    except OSError as err:
+        where = os.environ.get("FINETUNE_LAB_HOME", str(REPO_ROOT / "lab_data"))
+        why = "it is full" if err.errno in (28, 122) else "it is read-only or not yours"
+        return (f"The app can't write to its data directory {where} ({why}). Point "
+                "FINETUNE_LAB_HOME at a writable folder and restart the app.")
+
+
 def weights_dir() -> Path:
     return _sub("weights")
 
@@ -36,9 +59,20 @@ def _sub(name: str) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with removed_on_error(tmp):
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def removed_on_error(tmp: Path):
+    """A temp file a failed write (say, a full disk) leaves half-written is deleted."""
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def resolve_data_root(root: str) -> str:

@@ -61,9 +61,12 @@ def expand(base: RunConfig, axes: dict[str, list]) -> list[RunConfig]:
     return configs
 
 
-def queue(configs: list[RunConfig], owner: str = "") -> list[Run]:
-    """Submit in order; the manager trains them one after another."""
-    return [MANAGER.submit(cfg, owner=owner) for cfg in configs]
+def queue(configs: list[RunConfig], owner: str = "", max_queued: int | None = None,
+          limit_s: float | None = None) -> list[Run]:
+    """Submit in order; the manager trains them one after another. With `max_queued` (a
+    student's cap) the whole sweep must fit, or none of it is queued."""
+    MANAGER.check_room(owner, max_queued, adding=len(configs))
+    return [MANAGER.submit(cfg, owner=owner, limit_s=limit_s) for cfg in configs]
 
 
 def results(runs: list[Run] | None = None) -> pd.DataFrame:
@@ -86,10 +89,10 @@ def results(runs: list[Run] | None = None) -> pd.DataFrame:
     return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
 
 
-def sweeps() -> dict[str, list[Run]]:
-    """Runs grouped by sweep id, newest sweep first."""
+def sweeps(runs: list[Run] | None = None) -> dict[str, list[Run]]:
+    """Runs (default: all) grouped by sweep id, newest sweep first."""
     groups: dict[str, list[Run]] = {}
-    for run in list_runs():
+    for run in list_runs() if runs is None else runs:
         sweep = run.config.sweep
         if sweep:
             groups.setdefault(sweep, []).insert(0, run)     # oldest first within a sweep

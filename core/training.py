@@ -2,6 +2,7 @@
 (status.json, epochs.jsonl) and stops when its `stop` event is set."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -26,7 +27,7 @@ from core.device import autocast, choose_precision, describe, grad_scaler, pick_
 from core.evaluate import data_config, predict_probs, save_evaluation
 from core.budget import cache_refusal  # noqa: F401 - part of this module's interface
 from core.paths import resolve_data_root  # noqa: F401 - part of this module's interface
-from core.runs import Run, RunConfig
+from core.runs import Run, RunBusy, RunConfig, disk_problem
 
 
 class Stopped(Exception):
@@ -249,8 +250,9 @@ def save_checkpoint(model: nn.Module, run: Run, name: str = "best.safetensors") 
         return
     tmp = run.file(f".{name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(state, str(tmp))
-    tmp.replace(run.file(name))
+    with paths.removed_on_error(tmp):
+        safetensors.torch.save_file(state, str(tmp))
+        tmp.replace(run.file(name))
 
 
 def save_resume_state(run: Run, model, optimizer, scheduler, scaler, progress: dict) -> None:
@@ -262,8 +264,9 @@ def save_resume_state(run: Run, model, optimizer, scheduler, scaler, progress: d
     state = dict(progress, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                  scheduler=scheduler.state_dict() if scheduler else None)
     tmp = run.file(".last_state.pt.tmp")
-    torch.save(state, tmp)
-    tmp.replace(run.file("last_state.pt"))
+    with paths.removed_on_error(tmp):
+        torch.save(state, tmp)
+        tmp.replace(run.file("last_state.pt"))
     run.set_status("running", last_epoch=progress["epoch"])
 
 
@@ -290,6 +293,15 @@ def train_run(run: Run, stop: threading.Event | None = None, resume: bool = Fals
     the final status is finished, stopped or failed. In a distributed job only rank 0 writes."""
     if not dist.is_main():
         run = run.follower()
+    try:
+        with run.training_lock():
+            return _train_held(run, stop, resume)
+    except RunBusy:       # the process that holds it owns its status: leave that alone
+        logging.getLogger(__name__).warning("run %s is being trained by another process", run.id)
+        raise
+
+
+def _train_held(run: Run, stop: threading.Event | None, resume: bool) -> dict:
     cfg = run.config
     report = Reporter(run, stop)
     try:
@@ -306,6 +318,8 @@ def train_run(run: Run, stop: threading.Event | None = None, resume: bool = Fals
                        "probably too high. The best checkpoint so far is kept.")
     except (D.DataError, ValueError) as err:
         run.set_status("failed", message=str(err))
+    except OSError as err:
+        run.set_status("failed", message=disk_problem(err) or failure_message(err, cfg))
     except Exception as err:  # noqa: BLE001 - record every failure instead of a stale 'running'
         run.set_status("failed", message=failure_message(err, cfg))
     return run.status()

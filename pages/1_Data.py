@@ -8,7 +8,7 @@ import streamlit as st
 
 from core import data as D
 from core import downloads
-from core import paths
+from core import access, paths
 from pages import common
 
 settings = common.setup("Data")
@@ -65,7 +65,32 @@ def use_folder(root: Path, label: str) -> None:
 def session_folder() -> Path:
     """Where this session's uploaded single images collect, one sub-folder per class."""
     name = st.session_state.setdefault("upload_folder", f"images-{secrets.token_hex(4)}")
-    return paths.datasets_dir() / name
+    return access.uploads_dir(common.user()) / name
+
+
+def check_room(nbytes: int) -> None:
+    """Refuse an upload bigger than what is left of this user's allowance."""
+    allowed = access.upload_allowance(common.user(), common.policy())
+    if nbytes > allowed:
+        raise access.AccessError(f"These files take {nbytes / 2**20:,.0f} MB; you have "
+                                 f"{allowed / 2**20:,.0f} MB left. Delete old uploads (My uploads below).")
+
+
+def my_uploads() -> None:
+    """This user's uploads with their sizes, each deletable; the quota they count against."""
+    who, rules = common.user(), common.policy()
+    rows = access.my_uploads(who)
+    used = sum(size for _, size, _ in rows)
+    with st.expander(f"📁 My uploads ({len(rows)}, {used / 2**20:,.1f} MB"
+                     + ("" if who.admin else f" of {rules.user_mb:,} MB") + ")"):
+        if not rows:
+            st.caption("Nothing uploaded yet.")
+        for name, size, _ in rows:
+            left, right = st.columns([4, 1])
+            left.caption(f"`{name}` · {size / 2**20:,.1f} MB")
+            if right.button("Delete", key=f"del_upload_{name}"):
+                access.delete_upload(who, name)
+                st.rerun()
 
 
 def class_folder_name(name: str) -> str:
@@ -107,8 +132,8 @@ elif source == "zip":
     if upload is not None:
         try:
             with st.spinner("Unpacking…"):
-                use_folder(D.save_upload_zip(upload.getvalue(), upload.name), f"Upload: {upload.name}")
-        except D.DataError as err:
+                use_folder(common.save_zip(upload.getvalue(), upload.name), f"Upload: {upload.name}")
+        except (D.DataError, access.AccessError) as err:
             st.error(str(err))
             st.stop()
 elif source == "folder":
@@ -117,12 +142,13 @@ elif source == "folder":
     upload_limit()
     if files:
         blob = b"".join(f.name.encode() + f.size.to_bytes(8, "little") for f in files)
-        target = D.upload_dir(blob, "folder")
+        target = D.upload_dir(blob, "folder", parent=access.uploads_dir(common.user()))
         if not target.exists():
             try:
+                check_room(sum(f.size for f in files))
                 with st.spinner(f"Saving {len(files)} files…"):
                     save_files(target, files)
-            except D.DataError as err:
+            except (D.DataError, access.AccessError) as err:
                 st.error(str(err))
                 st.stop()
         use_folder(target, f"Uploaded folder ({len(files)} files)")
@@ -135,9 +161,10 @@ elif source == "images":
     if st.button("Add to class", disabled=not (files and cls.strip())):
         safe = class_folder_name(cls)
         try:
+            check_room(sum(f.size for f in files))
             save_files(folder / safe, files)
             st.success(f"Added {len(files)} image(s) to '{safe}'.")
-        except D.DataError as err:
+        except (D.DataError, access.AccessError) as err:
             st.error(str(err))
     if folder.exists():
         use_folder(folder, "Uploaded images")
@@ -152,6 +179,9 @@ elif source == "download":
                           100_000, 100, key="std_cap")
     if downloads.target_dir(name).joinpath(".complete").exists():
         use_folder(downloads.target_dir(name), downloads.STANDARD_SETS[name].title)
+    elif not common.user().admin:
+        st.info("Only the teacher can download data sets on this server (they take disk space "
+                "for everyone); once downloaded, a set is here for every student.")
     elif st.button("Download", type="primary"):
         bar = st.progress(0.0, text="Checking the connection…")
         try:
@@ -162,19 +192,27 @@ elif source == "download":
             bar.empty()
             st.error(f"Download failed: {err}")
 else:
-    typed = st.text_input("Folder path on the server", value=st.session_state.get("typed_path", ""),
-                          placeholder="/data/flowers")
+    if "w_typed_path" not in st.session_state:      # widget state is dropped when the page is left
+        st.session_state["w_typed_path"] = st.session_state.get("typed_path", "")
+    typed = st.text_input("Folder path on the server", key="w_typed_path", placeholder="/data/flowers")
     st.session_state["typed_path"] = typed
+    if not common.user().admin:
+        st.caption("Folders you may open: " + ", ".join(
+            f"`{r}`" for r in access.roots(common.policy())) + " (shared by the teacher).")
     if typed:
-        if Path(typed).expanduser().is_dir():
-            use_folder(Path(typed).expanduser().resolve(), f"Folder: {typed}")
-        else:
-            st.error(f"No folder at {typed}.")
+        try:
+            use_folder(common.server_folder(typed), f"Folder: {typed}")
+        except access.AccessError as err:
+            st.error(str(err))
             st.stop()
 
+my_uploads()
 root = Path(settings["data_root"])
 if not root.is_absolute():
     root = paths.REPO_ROOT / root
+if problem := access.run_data_problem(common.user(), str(root), common.policy()):
+    st.error(f"{problem} Pick another data set.")      # e.g. a preset naming someone's folder
+    st.stop()
 if not root.is_dir():
     st.stop()
 try:
@@ -209,8 +247,10 @@ with st.expander("Sample images per class", expanded=True):
 
 if result.skipped:
     with st.expander(f"Skipped files ({len(result.skipped)})"):
-        st.dataframe(pd.DataFrame(result.skipped, columns=["file", "reason"]),
-                     hide_index=True, width="stretch")
+        shown = result.skipped if common.user().admin else access.image_files_only(result.skipped)
+        if len(shown) < len(result.skipped):
+            st.caption(f"{len(result.skipped) - len(shown)} files that are not images are not listed.")
+        st.dataframe(pd.DataFrame(shown, columns=["file", "reason"]), hide_index=True, width="stretch")
 
 st.subheader("Split")
 if result.presplit:

@@ -11,7 +11,6 @@ from core import data as D
 from core.backbones import native_input_size
 from core.device import describe, pick_device
 from core.runs import ACTIVE_STATES, CHOICES, WIDGET_CHOICES
-from core.worker import MANAGER
 from core.training import resolve_data_root, uses_feature_cache
 from pages import common
 from pages.common.speed import lr_panel, run_speed_info, speed_panel
@@ -182,7 +181,11 @@ if cfg.freeze == "head":
 
 
 def start():
-    run = MANAGER.submit(common.run_config(settings), owner=common.session_owner())
+    try:
+        run = common.submit(common.run_config(settings))
+    except ValueError as err:     # a full queue, a data folder this user may not read
+        st.session_state["start_error"] = str(err)
+        return
     st.session_state["run_id"] = run.id
     st.session_state["run_pick"] = run.id
 
@@ -193,6 +196,10 @@ if settings["weights"] == "file" and not settings.get("weights_file") and settin
 st.button("▶️ Start training", type="primary", on_click=start, disabled=problem is not None)
 if problem:
     st.warning(problem)
+if error := st.session_state.pop("start_error", None):
+    st.error(error)
+if note := st.session_state.pop("run_note", None):
+    st.info(note)
 common.command_line(cfg)
 
 st.divider()

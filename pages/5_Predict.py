@@ -111,14 +111,14 @@ with tab_batch:
     folder = None
     if archive is not None:
         try:
-            folder = D.save_upload_zip(archive.getvalue(), "predict")
-        except D.DataError as err:
+            folder = common.save_zip(archive.getvalue(), "predict")
+        except (D.DataError, common.access.AccessError) as err:
             st.error(str(err))
     elif path:
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            st.error(f"No folder at {path}.")
-            folder = None
+        try:
+            folder = common.server_folder(path)
+        except common.access.AccessError as err:
+            st.error(str(err))
     if folder is not None:
         found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in D.IMAGE_EXTENSIONS
                        and not any(D.is_hidden(part) for part in p.relative_to(folder).parts))

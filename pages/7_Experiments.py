@@ -68,25 +68,33 @@ for problem in problems:
 
 
 def queue_sweep():
-    runs = S.queue(S.expand(common.run_config(settings), axes), owner=common.session_owner())
+    try:
+        runs = common.queue_sweep(S.expand(common.run_config(settings), axes))
+    except ValueError as err:      # the student's queue cap, a data folder they may not read
+        st.session_state["sweep_error"] = str(err)
+        return
     st.session_state["sweep_id"] = st.session_state["sweep_pick"] = runs[0].config.sweep
     st.session_state["run_id"] = runs[-1].id
 
 
 st.button(f"▶️ Queue {count} runs", type="primary", on_click=queue_sweep, key="queue_sweep",
           disabled=count == 0 or bool(problems))
+if error := st.session_state.pop("sweep_error", None):
+    st.error(error)
+if note := st.session_state.pop("run_note", None):
+    st.info(note)
 st.caption("Runs train one after another in the background; you can leave this page.")
 common.command_line(common.run_config(settings), axes)
 
 st.divider()
-groups = S.sweeps()
+groups = S.sweeps(common.my_runs())
 options = list(groups) + ["all"]
 default = st.session_state.get("sweep_id")
 if st.session_state.get("sweep_pick") not in options:
     st.session_state["sweep_pick"] = default if default in options else options[0]
 chosen = st.selectbox("Results of", options, key="sweep_pick",
                       format_func=lambda s: "all runs" if s == "all" else f"sweep {s} ({len(groups[s])} runs)")
-runs = common.list_runs() if chosen == "all" else groups.get(chosen, [])
+runs = common.my_runs() if chosen == "all" else groups.get(chosen, [])
 
 
 @st.fragment(run_every=2 if any(r.status().get("state") in ACTIVE_STATES for r in runs) else None)

@@ -78,6 +78,15 @@ def train_apart(cfg, base: Path):
     return run
 
 
+@pytest.fixture(autouse=True, scope="session")
+def full_error_details():
+    """The shipped config hides tracebacks from browsers; tests want them in assert messages."""
+    from streamlit import config
+    config.get_option("client.showErrorDetails")        # parse config.toml first, then override
+    config.set_option("client.showErrorDetails", "full")
+    yield
+
+
 @pytest.fixture(autouse=True)
 def lab_home(tmp_path, monkeypatch) -> Path:
     """FINETUNE_LAB_HOME -> a fresh folder below tmp_path (so runs/ and datasets/ are private) and HF_HUB_OFFLINE=1."""

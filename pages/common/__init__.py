@@ -11,7 +11,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core import paths
+from core import access, paths
 from core.runs import ACTIVE_STATES, RANGES, Run, RunConfig, delete_run, get_run, list_runs
 from core.worker import MANAGER
 
@@ -42,6 +42,9 @@ def setup(title: str) -> dict:
         st.set_page_config(page_title=f"{title} · Finetune Lab", page_icon="🧪", layout="wide")
     except st.errors.StreamlitAPIException:
         pass     # already set by the entry file in this run
+    if problem := paths.write_problem():
+        st.error(problem)
+        st.stop()
     settings = st.session_state.setdefault("settings", default_settings())
     for key, value in default_settings().items():     # settings added since this session began
         settings.setdefault(key, value)
@@ -62,11 +65,12 @@ def run_config(settings: dict) -> RunConfig:
 
 def sidebar_summary(settings: dict) -> None:
     with st.sidebar:
+        sign_in()
         st.caption("**Current choices**")
         st.caption(f"Data: {settings.get('data_label', settings['data_root'])}")
         st.caption(f"Model: `{settings['arch']}` · {settings['freeze'].replace('_', '-')}"
                    + (f" {settings['top_k']}" if settings["freeze"] == "top_k" else ""))
-        active = [r for r in list_runs()[:200] if r.status().get("state") in ACTIVE_STATES]
+        active = [r for r in my_runs()[:200] if r.status().get("state") in ACTIVE_STATES]
         running = [r for r in active if r.status().get("state") != "queued"]
         if active:
             now = running[0].config.name or running[0].id if running else "starting"
@@ -105,8 +109,7 @@ def thumbnail(path: str, size: int = 96):
 # ---------------------------------------------------------------- runs
 
 def session_owner() -> str:
-    """Who started a run: this browser (else this session). Stop and Delete act on one's own runs
-    unless the user ticks the box to manage everyone's."""
+    """Who this browser is: a stable anonymous id from its cookie (else this session's)."""
     if "owner" not in st.session_state:
         st.session_state["owner"] = browser_id(st.context.cookies.get(XSRF_COOKIE, "")) or secrets.token_hex(4)
     return st.session_state["owner"]
@@ -133,48 +136,155 @@ def browser_id(cookie: str) -> str | None:
     return hashlib.sha256(token).hexdigest()[:8]
 
 
+def admin_token() -> str:
+    try:
+        secret = str(st.secrets.get("admin_token", ""))
+    except (FileNotFoundError, KeyError, st.errors.StreamlitSecretNotFoundError):
+        secret = ""
+    return access.configured_token(secret)
+
+
+def user() -> access.User:
+    """This browser's identity and role (see core.access)."""
+    token = admin_token()
+    if token:
+        admin = st.session_state.get("admin_signed_in") == hashlib.sha256(token.encode()).hexdigest()
+    else:
+        admin = access.local_only(st.get_option("server.address"))
+    return access.User(session_owner(), admin=admin)
+
+
+def sign_in() -> None:
+    """The teacher's sign-in, shown only where a token is set."""
+    token = admin_token()
+    if not token:
+        return
+    if user().admin:
+        st.caption("🔑 Signed in as teacher (admin)")
+        if st.button("Sign out", key="admin_sign_out"):
+            st.session_state.pop("admin_signed_in", None)
+            st.rerun()
+        return
+    with st.expander("🔑 Teacher sign-in"):
+        given = st.text_input("Teacher token", type="password", key="admin_token_input")
+        if st.button("Sign in", key="admin_sign_in", disabled=not given):
+            if access.token_matches(given, token):
+                st.session_state["admin_signed_in"] = hashlib.sha256(token.encode()).hexdigest()
+                st.session_state.pop("admin_token_input", None)
+                st.rerun()
+            st.error("That is not the teacher token.")
+
+
+def policy() -> access.Policy:
+    return access.load_policy()
+
+
+def my_runs() -> list[Run]:
+    """The runs this user may see: their own, or every run for the admin."""
+    return access.visible(user(), list_runs())
+
+
 def mine(run: Run) -> bool:
     return run.owner == session_owner()
 
 
 def can_manage(run: Run) -> bool:
-    return mine(run) or run.owner == "" or bool(st.session_state.get("manage_all"))
+    return access.can_manage(user(), run)
+
+
+def open_run(run_id: str) -> Run:
+    """A run this user may see, by id; another user's run reads as missing."""
+    run = get_run(run_id)
+    if not access.can_see(user(), run):
+        raise FileNotFoundError(f"No run called {run_id}")
+    return run
+
+
+def student_limits() -> dict:
+    """submit()/resume() keywords holding a student to the admin's queue and time caps."""
+    who, rules = user(), policy()
+    if who.admin:
+        return {}
+    return dict(max_queued=rules.max_queued, limit_s=access.time_limit_s(who, rules))
+
+
+def submit(cfg: RunConfig) -> Run:
+    """Queue a run for this user, within the admin's caps (a sentence saying so when capped).
+    Raises ValueError (or access.AccessError) with a sentence when it can't be queued."""
+    who, rules = user(), policy()
+    if problem := access.run_data_problem(who, cfg.data_root, rules):
+        raise access.AccessError(problem)
+    cfg, note = access.capped(cfg, who, rules)
+    run = MANAGER.submit(cfg, owner=who.id, **student_limits())
+    if note:
+        st.session_state["run_note"] = note
+    return run
+
+
+def queue_sweep(configs: list[RunConfig]) -> list[Run]:
+    """Queue a sweep's runs for this user, all within the admin's caps or none."""
+    from core import sweeps
+    who, rules = user(), policy()
+    if configs and (problem := access.run_data_problem(who, configs[0].data_root, rules)):
+        raise access.AccessError(problem)
+    notes = [access.capped(cfg, who, rules)[1] for cfg in configs]
+    runs = sweeps.queue(configs, owner=who.id, **student_limits())
+    if any(notes):
+        st.session_state["run_note"] = next(n for n in notes if n)
+    return runs
+
+
+def server_folder(typed: str) -> Path:
+    """A folder typed in a page, if this user may read it (raises access.AccessError)."""
+    return access.data_folder(user(), typed, policy())
+
+
+def save_zip(data: bytes, name: str) -> Path:
+    """Unpack an uploaded zip into this user's upload folder, within their disk allowance."""
+    from core import data as D
+    who = user()
+    return D.save_upload_zip(data, name, folder=access.uploads_dir(who),
+                             max_bytes=access.upload_allowance(who, policy()))
 
 
 def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = "run_pick"):
-    """A run selector; defaults to the run this session started last. Runs from other sessions
-    are listed too (marked), or hidden with the toggle."""
-    runs = list_runs()
+    """A run selector; defaults to the run this session started last. Students see their own
+    runs; the admin sees everyone's (theirs marked 👤) and can hide the others."""
+    runs = my_runs()
     if only_with_checkpoint:
         runs = [r for r in runs if r.checkpoint.exists()]
-    if st.session_state.get(f"{key}_mine"):
+    admin = user().admin
+    if admin and st.session_state.get(f"{key}_mine"):
         runs = [r for r in runs if mine(r)]
     if not runs:
-        st.toggle("Only my runs", key=f"{key}_mine")
+        if admin:
+            st.toggle("Only my runs", key=f"{key}_mine")
         return None
     ids = [r.id for r in runs]
-    labels = {r.id: ("👤 " if mine(r) else "") + r.label() for r in runs}
+    labels = {r.id: ("👤 " if mine(r) and admin else "") + r.label() for r in runs}
     if st.session_state.get(key) not in ids:
         current = st.session_state.get("run_id")
         st.session_state[key] = current if current in ids else ids[0]
     else:   # re-assigning makes Streamlit send the fresh labels (a run's state changes)
         st.session_state[key] = st.session_state[key]
-    pick, toggle = st.columns([5, 1], vertical_alignment="bottom")
-    chosen = pick.selectbox(label, ids, format_func=labels.get, key=key,
-                            help="👤 marks the runs this browser started.")
-    toggle.toggle("Only my runs", key=f"{key}_mine")
+    if not admin:
+        chosen = st.selectbox(label, ids, format_func=labels.get, key=key)
+    else:
+        pick, toggle = st.columns([5, 1], vertical_alignment="bottom")
+        chosen = pick.selectbox(label, ids, format_func=labels.get, key=key,
+                                help="👤 marks the runs this browser started; as the teacher you see everyone's.")
+        toggle.toggle("Only my runs", key=f"{key}_mine")
     st.session_state["run_id"] = chosen
     return get_run(chosen)
 
 
 def run_actions(run: Run, active: bool) -> None:
-    """Stop (while it trains), Resume (stopped or interrupted) and Delete, for runs this session
-    may manage."""
-    if run.owner and not mine(run):
-        st.caption("Started in another browser (or from the command line): its owner can stop or delete it.")
-        st.checkbox("Let me stop, resume or delete other sessions' runs", key="manage_all")
+    """Stop (while it trains), Resume (stopped or interrupted) and Delete, for runs this user
+    may manage: their own, or any for the admin."""
     if not can_manage(run):
         return
+    if run.owner != session_owner():
+        st.caption("Started by another user (or from the command line); as the teacher you may manage it.")
     cols = st.columns(3)
     if active:
         cols[0].button("⏹️ Stop", on_click=stop_run, args=(run.id,), key="stop")
@@ -189,23 +299,29 @@ def run_actions(run: Run, active: bool) -> None:
 
 def resume_run(run_id: str) -> None:
     try:
-        MANAGER.resume(get_run(run_id))
-    except ValueError as err:
+        run = open_run(run_id)
+        access.check_manage(user(), run)
+        limits = student_limits()
+        MANAGER.check_room(run.owner, limits.get("max_queued"))
+        MANAGER.resume(run, owner=run.owner, limit_s=limits.get("limit_s"))
+    except (ValueError, FileNotFoundError, access.AccessError) as err:
         st.session_state["run_error"] = str(err)
 
 
 def remove_run(run_id: str) -> None:
     try:
-        delete_run(get_run(run_id))
+        run = open_run(run_id)
+        access.check_manage(user(), run)
+        delete_run(run)
         st.session_state.pop("run_id", None)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, access.AccessError) as err:
         st.session_state["run_error"] = str(err)
 
 
 def runs_frame(limit: int = 50) -> pd.DataFrame:
     """One row per run, newest first: the overview after a restart."""
     rows = []
-    for run in list_runs()[:limit]:
+    for run in my_runs()[:limit]:
         cfg, status = run.config, run.status()
         rows.append(dict(run=run.id, model=cfg.arch, freeze=cfg.freeze, epochs=cfg.epochs,
                          state=status.get("state"), best_epoch=status.get("best_epoch"),
@@ -248,7 +364,11 @@ def epochs_column_config():
 
 
 def stop_run(run_id: str) -> None:
-    MANAGER.stop(run_id)
+    try:
+        if can_manage(open_run(run_id)):
+            MANAGER.stop(run_id)
+    except FileNotFoundError:
+        pass
 
 
 def data_dir_hint() -> str:
@@ -276,7 +396,8 @@ def presets_panel(settings: dict) -> None:
                    "every student who loads it starts from the same configuration.")
         load, save = st.columns(2)
         with load:
-            choices = dict(P.list_presets())
+            who = user()
+            choices = dict(P.list_presets(None if who.admin else who.id))
             label = st.selectbox("Preset", list(choices), index=None, placeholder="Pick a preset",
                                  key="preset_pick")
             upload = st.file_uploader("…or upload a preset file", type=["json"], key="preset_upload")
@@ -295,11 +416,25 @@ def presets_panel(settings: dict) -> None:
             name = st.text_input("Name", key="preset_name", placeholder="Lab 3: head-only vs full")
             description = st.text_area("Description (optional)", key="preset_description", height=68)
             with_data = st.checkbox("Include the data set and split", key="preset_with_data")
+            replace = st.checkbox("Replace a saved preset of that name", key="preset_replace")
             preset = P.make_preset(settings, name, description, with_data)
             if st.button("Save on this server", key="preset_save", disabled=not name.strip()):
-                st.success(f"Saved: {P.save_preset(preset).name} (listed under Preset)")
+                save_preset(preset, replace)
             st.download_button("Download preset", json.dumps(preset, indent=1), f"{P.slug(name)}.json",
                                "application/json", key="preset_download", disabled=not name.strip())
+
+
+def save_preset(preset: dict, replace: bool) -> None:
+    """The teacher's presets are listed for everyone; a student's only for that student."""
+    from core import presets as P
+    who = user()
+    try:
+        path = P.save_preset(preset, P.user_dir(None if who.admin else who.id), replace=replace)
+    except P.PresetError as err:
+        st.error(str(err))
+        return
+    where = "for every user" if who.admin else "for you only"
+    st.success(f"Saved: {path.name} (listed under Preset, {where})")
 
 
 def use_preset(settings: dict, preset: dict) -> None:

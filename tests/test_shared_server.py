@@ -1,0 +1,512 @@
+"""A shared lab server probed by hostile students (issue 14): roles, allowed roots, per-user runs,
+uploads and presets, quotas, a fair queue that can't die, one trainer per run, full and read-only
+disks. Library, CLI and pages (AppTest, several sessions with different identities); offline, on
+generated files. The zip/image cases are in test_hostile_data.py, typed settings in
+test_hostile_config.py."""
+from __future__ import annotations
+
+import errno
+import io
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from apptest_helpers import assert_ok, opened, quiet_queue, use_small_settings
+from conftest import class_folders, tiny_run_config
+from core import access, paths, presets
+from core import runs as R
+from core import training
+from core.worker import MANAGER, QueueFull, RunManager
+
+TOKEN = "teacher-secret-1234"
+TRAIN, DATA, EVALUATE, PREDICT = "pages/3_Train.py", "pages/1_Data.py", "pages/4_Evaluate.py", "pages/5_Predict.py"
+ENDED = ("finished", "failed", "stopped", "interrupted")
+
+
+@pytest.fixture(autouse=True)
+def idle_manager(lab_home):
+    yield from quiet_queue(180)
+
+
+@pytest.fixture
+def classroom(monkeypatch):
+    """A server with a teacher token: every session is a student until it signs in."""
+    monkeypatch.setenv(access.TOKEN_ENV, TOKEN)
+
+
+@pytest.fixture
+def shared_set():
+    """A small data set where the teacher shares data (students may read it)."""
+    return class_folders(paths.shared_dir() / "shapes", classes=3, per_class=12, size=40)
+
+
+def texts(at: AppTest) -> str:
+    parts = []
+    for kind in ("markdown", "caption", "title", "info", "error", "warning", "success"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def errors(at: AppTest) -> str:
+    return "\n".join(str(e.value) for e in at.error)
+
+
+def keys(at: AppTest, kind: str = "button") -> set[str]:
+    return {w.key for w in at.get(kind) if w.key}
+
+
+def path_box(at: AppTest):
+    return next(t for t in at.text_input if t.label == "Folder path on the server")
+
+
+def student(data_root: Path | None = None, page: str | None = None, **settings) -> AppTest:
+    at = opened(None, 180)
+    if data_root is not None:
+        use_small_settings(at, data_root, **{"image_size": 32, "epochs": 1, **settings})
+    if page:
+        at.switch_page(page).run()
+        assert_ok(at)
+    return at
+
+
+def teacher(page: str | None = None) -> AppTest:
+    at = opened(None, 180)
+    at.sidebar.text_input(key="admin_token_input").input(TOKEN).run()
+    at.sidebar.button(key="admin_sign_in").click().run()
+    assert_ok(at)
+    assert "Signed in as teacher" in "\n".join(c.value for c in at.sidebar.caption)
+    if page:
+        at.switch_page(page).run()
+        assert_ok(at)
+    return at
+
+
+def start(at: AppTest) -> str:
+    next(b for b in at.button if "Start training" in b.label).click().run()
+    assert_ok(at)
+    return at.session_state["run_id"]
+
+
+def picker_ids(at: AppTest, key: str = "run_pick") -> set[str]:
+    return {label.split("👤 ")[-1].split(" · ")[0] for label in at.selectbox(key=key).options}
+
+
+def wait_state(run_id: str, states=ENDED, timeout: float = 120) -> dict:
+    end = time.monotonic() + timeout
+    while (status := R.get_run(run_id).status()).get("state") not in states:
+        assert time.monotonic() < end, f"{run_id} still {status.get('state')}"
+        time.sleep(0.1)
+    return status
+
+
+# ---------------------------------------------------------------- roles
+
+def test_who_is_admin(monkeypatch):
+    """No token and bound to localhost: the local user is admin. No token and open to the
+    network: nobody is. A token: whoever gives it (compared in constant time)."""
+    assert access.local_only("localhost") and access.local_only("127.0.0.1") and access.local_only("[::1]")
+    assert not access.local_only("0.0.0.0") and not access.local_only("") and not access.local_only(None)
+    assert "nobody is admin" in access.role_note("", "0.0.0.0")
+    assert "you are its admin" in access.role_note("", "localhost")
+    monkeypatch.setenv(access.TOKEN_ENV, TOKEN)
+    assert access.configured_token("from-secrets") == TOKEN
+    assert access.token_matches(TOKEN, TOKEN) and not access.token_matches("guess", TOKEN)
+    assert not access.token_matches("", "")
+    with pytest.raises(ValueError):
+        access.User("../../etc")
+
+
+def test_default_server_is_local_and_shows_no_tracebacks():
+    """The shipped config binds to localhost (its one user is the admin) and hides tracebacks
+    from browsers (the server log keeps them)."""
+    import tomllib
+    cfg = tomllib.loads((paths.REPO_ROOT / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["address"] == "localhost"
+    assert cfg["client"]["showErrorDetails"] == "none"
+
+
+def test_a_wrong_token_signs_nobody_in(classroom):
+    at = opened(None, 120)
+    at.sidebar.text_input(key="admin_token_input").input("teacher-secret-123").run()
+    at.sidebar.button(key="admin_sign_in").click().run()
+    assert_ok(at)
+    assert "not the teacher token" in errors(at)
+    assert "You are a student" in texts(at)
+    assert "policy_form" not in str(at.main)
+
+
+def test_students_see_and_manage_only_their_own_runs(classroom, shared_set):
+    """Two students and the teacher on one server: each student's pages list only their own
+    runs (Train, Evaluate, Home); a forged stop/delete of the other's run does nothing; the
+    teacher sees both, stops one and deletes it. No tick box lets a student manage others' runs."""
+    a = student(shared_set, TRAIN, epochs=300, batch_size=4, augment={"hflip": True})
+    b = student(shared_set, TRAIN)
+    long_id = start(a)
+    wait_state(long_id, ("running",) + ENDED, timeout=90)
+    short_id = start(b)
+    assert R.get_run(long_id).owner == a.session_state["owner"] != b.session_state["owner"]
+    for at, own in ((a, long_id), (b, short_id)):
+        at.run()
+        assert_ok(at)
+        assert picker_ids(at) == {own}
+        assert "manage_all" not in keys(at, "checkbox")
+    # B forges A's run id as its current run: the pages fall back to B's own run
+    b.session_state["run_id"] = long_id
+    b.run()
+    assert_ok(b)
+    assert b.selectbox(key="run_pick").value == short_id
+    with pytest.raises(access.AccessError):
+        access.check_manage(access.User(b.session_state["owner"]), R.get_run(long_id))
+
+    t = teacher(TRAIN)
+    assert picker_ids(t) == {long_id, short_id}
+    t.selectbox(key="run_pick").set_value(long_id).run()
+    assert_ok(t)
+    assert "Started by another user" in texts(t)
+    t.button(key="stop").click().run()
+    assert wait_state(long_id)["state"] == "stopped"
+    assert MANAGER.wait(short_id, timeout=120)
+    assert R.get_run(short_id).status()["state"] == "finished"
+    b.switch_page(EVALUATE).run()
+    assert_ok(b)
+    assert picker_ids(b, "eval_run_pick") == {short_id}
+    t.run()
+    t.button(key="delete").click().run()
+    assert_ok(t)
+    assert [r.id for r in R.list_runs()] == [short_id]
+
+
+def test_home_lists_only_my_runs_and_shows_the_admin_panel_to_the_teacher(classroom, shared_set):
+    cfg = tiny_run_config(shared_set, epochs=1)
+    theirs = R.Run.create(cfg, owner="someone1")
+    theirs.set_status("finished")
+    at = student()
+    assert theirs.id not in str(at.dataframe) if at.dataframe else True
+    assert "You are a student" in texts(at)
+    t = teacher()
+    assert "🔑 Teacher (admin) settings" in [e.label for e in t.expander]
+    assert theirs.id in t.dataframe[0].value["run"].tolist()
+
+
+# ---------------------------------------------------------------- folders and data
+
+def test_student_server_folders_stay_below_the_roots(classroom, shared_set, tmp_path, image_folder):
+    """Another user's home, /etc, the data directory's uploads, a symlink out of the shared
+    folder: each one sentence, no thumbnails, no file names."""
+    elsewhere = image_folder(name="someone_elses_photos")
+    (elsewhere / "diary.txt").write_text("private")
+    (paths.shared_dir() / "sneaky").symlink_to(elsewhere)
+    other_upload = paths.datasets_dir() / "users" / "someone1" / "photos"
+    class_folders(other_upload, classes=2, per_class=3)
+    at = student(page=DATA)
+    at.radio(key="data_source").set_value("path").run()
+    for typed in (str(elsewhere), "/etc", str(other_upload), str(paths.shared_dir() / "sneaky"),
+                  str(paths.shared_dir() / ".." / "users" / "someone1")):
+        path_box(at).input(typed).run()
+        assert_ok(at)
+        assert "Students may open folders only below" in errors(at), typed
+        assert not at.get("imgs"), typed
+    path_box(at).input(str(shared_set)).run()
+    assert_ok(at)
+    assert not errors(at) and "Classes" in [m.label for m in at.metric]
+
+
+def test_student_sees_no_names_of_non_image_files(classroom, shared_set):
+    (shared_set / "class_a" / "grades.xlsx").write_bytes(b"secret")
+    at = student(page=DATA)
+    at.radio(key="data_source").set_value("path").run()
+    path_box(at).input(str(shared_set)).run()
+    assert_ok(at)
+    assert "grades.xlsx" not in str(at.dataframe[-1].value.to_dict())
+    assert "not images are not listed" in texts(at)
+
+
+def test_teacher_can_turn_server_folders_off(classroom, shared_set):
+    access.save_policy(access.Policy(server_folders=False))
+    at = student(page=DATA)
+    at.radio(key="data_source").set_value("path").run()
+    path_box(at).input(str(shared_set)).run()
+    assert "turned off server folders" in errors(at)
+
+
+def test_a_preset_naming_someone_elses_folder_is_not_trained(classroom, image_folder):
+    elsewhere = image_folder(name="private")
+    at = student(elsewhere, TRAIN)
+    next(b for b in at.button if "Start training" in b.label).click().run()
+    assert_ok(at)
+    assert "Students may open folders only below" in errors(at)
+    assert R.list_runs() == []
+
+
+def test_predict_batch_folder_is_checked_too(classroom, image_folder, shared_set):
+    elsewhere = image_folder(name="private")
+    at = student(page=PREDICT)
+    at.radio(key="pred_source").set_value("imagenet").run()
+    assert_ok(at)
+    folder_box = at.text_input(key="pred_folder")
+    folder_box.input(str(elsewhere)).run()
+    assert_ok(at)
+    assert "Students may open folders only below" in errors(at)
+
+
+def test_uploads_go_to_the_users_own_folder_within_quota(classroom, monkeypatch):
+    """A student's upload lands in their folder; over the per-upload, per-user or total caps it
+    is refused before anything is written, with the limit in the sentence."""
+    alice, bob = access.User("alice1"), access.User("bob1")
+    rules = access.Policy(upload_mb=1, user_mb=2, total_mb=0)
+    assert access.upload_allowance(alice, rules) == 1 * access.MB
+    (access.uploads_dir(alice) / "old").mkdir()
+    (access.uploads_dir(alice) / "old" / "big.bin").write_bytes(b"x" * (2 * access.MB))
+    with pytest.raises(access.AccessError, match="whole quota of 2 MB"):
+        access.upload_allowance(alice, rules)
+    assert access.upload_allowance(bob, rules) == 1 * access.MB      # Bob's own quota is untouched
+    with pytest.raises(access.AccessError, match="data directory is full"):
+        access.upload_allowance(bob, access.Policy(total_mb=1))
+    assert access.my_uploads(bob) == []
+    assert [name for name, *_ in access.my_uploads(alice)] == ["old"]
+    with pytest.raises(access.AccessError):
+        access.delete_upload(bob, "old")                              # not Bob's
+    with pytest.raises(access.AccessError):
+        access.delete_upload(bob, "../alice1/old")
+    access.delete_upload(alice, "old")
+    assert access.my_uploads(alice) == []
+
+
+def test_clean_up_deletes_only_old_uploads(classroom):
+    import os
+    alice = access.User("alice1")
+    old, new = access.uploads_dir(alice) / "old", access.uploads_dir(alice) / "new"
+    old.mkdir(), new.mkdir()
+    os.utime(old, (time.time() - 40 * 86400,) * 2)
+    assert access.clean_up(30) == 1
+    assert not old.exists() and new.exists()
+
+
+def test_zip_upload_on_the_data_page_lands_in_my_folder(classroom):
+    at = student(page=DATA)
+    at.radio(key="data_source").set_value("zip").run()
+    assert_ok(at)
+    owner = at.session_state["owner"]
+    # AppTest can't drive st.file_uploader, so the page helper is called as the page calls it
+    from pages import common
+    blob = io.BytesIO()
+    with zipfile.ZipFile(blob, "w") as z:
+        for cls in ("a", "b"):
+            for i in range(3):
+                buf = io.BytesIO()
+                from conftest import class_image
+                class_image(0 if cls == "a" else 1, i).save(buf, "PNG")
+                z.writestr(f"{cls}/{i}.png", buf.getvalue())
+    monkeypatch_user = access.User(owner)
+    folder = common.D.save_upload_zip(blob.getvalue(), "set.zip", folder=access.uploads_dir(monkeypatch_user),
+                                      max_bytes=access.upload_allowance(monkeypatch_user, access.Policy()))
+    assert folder.parent == paths.datasets_dir() / "users" / owner
+    with pytest.raises(common.D.DataError):
+        common.D.save_upload_zip(blob.getvalue(), "again.zip", folder=access.uploads_dir(access.User("x1")),
+                                 max_bytes=100)
+
+
+# ---------------------------------------------------------------- presets
+
+def test_presets_are_per_user_and_never_overwrite_others(classroom):
+    preset = presets.make_preset(R.RunConfig().to_dict(), "Lab 3!")
+    teachers = presets.save_preset(preset)                         # the teacher's, shared
+    mine = presets.save_preset(presets.make_preset(R.RunConfig(lr=0.01).to_dict(), "lab 3"),
+                               presets.user_dir("alice1"))
+    assert mine != teachers and teachers.exists() and presets.parse_preset(teachers.read_bytes())["settings"]["lr"] == 1e-3
+    with pytest.raises(presets.PresetError, match="already called"):
+        presets.save_preset(preset)
+    presets.save_preset(preset, replace=True)
+    shipped = next(presets.SHIPPED_DIR.glob("*.json"))
+    name = presets.parse_preset(shipped.read_bytes())["name"]
+    with pytest.raises(presets.PresetError, match="shipped with the app"):
+        presets.save_preset(presets.make_preset({}, name), presets.user_dir("alice1"), replace=True)
+    labels = [label for label, _ in presets.list_presets("bob1")]
+    assert not any("(mine)" in label for label in labels)
+    assert any("(mine)" in label for label, _ in presets.list_presets("alice1"))
+    with pytest.raises(presets.PresetError):
+        presets.user_dir("../teacher")
+
+
+def test_a_student_saving_a_preset_leaves_the_teachers_alone(classroom):
+    teachers = presets.save_preset(presets.make_preset(R.RunConfig().to_dict(), "Lab 3"))
+    before = teachers.read_text()
+    at = student()
+    at.text_input(key="preset_name").input("lab 3!").run()
+    at.button(key="preset_save").click().run()
+    assert_ok(at)
+    assert teachers.read_text() == before
+    assert "for you only" in texts(at)
+    owner = at.session_state["owner"]
+    assert (presets.user_dir(owner) / "lab-3.json").exists()
+
+
+# ---------------------------------------------------------------- the queue
+
+class FakeTraining:
+    """train_run stand-in: records the order, waits for the test's go (or a stop)."""
+
+    def __init__(self):
+        self.order: list[str] = []
+        self.go = threading.Event()
+
+    def __call__(self, run, stop=None, resume=False):
+        self.order.append(run.config.name)
+        while not (self.go.is_set() or stop.is_set()):
+            time.sleep(0.01)
+        run.set_status("stopped" if stop.is_set() and not self.go.is_set() else "finished")
+        return run.status()
+
+
+def test_runs_of_many_users_interleave(monkeypatch, tmp_path):
+    """Alice queues four runs, then Bob and Carol one each: they start A1, B1, C1, A2, ... and
+    each user sees their place and an estimated start."""
+    fake = FakeTraining()
+    monkeypatch.setattr(training, "train_run", fake)
+    manager = RunManager()
+    submitted = {}
+    cfg = tiny_run_config(tmp_path, epochs=2)
+    for owner, name in [("alice", "A1"), ("alice", "A2"), ("alice", "A3"), ("alice", "A4"),
+                        ("bob", "B1"), ("carol", "C1")]:
+        cfg.name = name
+        submitted[name] = manager.submit(cfg, owner=owner)
+    while not fake.order:
+        time.sleep(0.01)
+    place, eta = manager.place(submitted["C1"].id)
+    assert place == 2 and eta > 0          # A1 trains, B1 is next, then C1
+    assert manager.place(submitted["A1"].id) is None      # training, not waiting
+    fake.go.set()
+    for run in submitted.values():
+        assert manager.wait(run.id, timeout=30)
+    assert fake.order == ["A1", "B1", "C1", "A2", "A3", "A4"]
+
+
+def test_a_student_can_queue_only_so_many(monkeypatch, tmp_path):
+    fake = FakeTraining()
+    monkeypatch.setattr(training, "train_run", fake)
+    manager = RunManager()
+    cfg = tiny_run_config(tmp_path)
+    runs = [manager.submit(cfg, owner="alice", max_queued=2)]
+    while not fake.order:                                  # the first one trains...
+        time.sleep(0.01)
+    runs += [manager.submit(cfg, owner="alice", max_queued=2) for _ in range(2)]   # ...two wait
+    before = len(R.list_runs())
+    with pytest.raises(QueueFull, match="allows 2 at a time"):
+        manager.submit(cfg, owner="alice", max_queued=2)
+    assert len(R.list_runs()) == before                    # nothing created for the refused one
+    manager.submit(cfg, owner="bob", max_queued=2)          # others are not affected
+    from core import sweeps
+    monkeypatch.setattr(sweeps, "MANAGER", manager)
+    with pytest.raises(QueueFull):
+        sweeps.queue([cfg, cfg], owner="alice", max_queued=2)
+    fake.go.set()
+    for run in runs:
+        assert manager.wait(run.id, timeout=30)
+
+
+def test_the_teachers_minute_cap_stops_a_student_run(monkeypatch, tmp_path):
+    fake = FakeTraining()
+    monkeypatch.setattr(training, "train_run", fake)
+    manager = RunManager()
+    run = manager.submit(tiny_run_config(tmp_path), owner="alice", limit_s=0.3)
+    assert manager.wait(run.id, timeout=30)
+    status = run.status()
+    assert status["state"] == "stopped" and "teacher's limit" in status["message"]
+
+
+def test_the_teachers_epoch_cap(classroom):
+    cfg, note = access.capped(R.RunConfig(epochs=50, phase1_epochs=40), access.User("alice1"),
+                              access.Policy(max_epochs=10))
+    assert cfg.epochs == 10 and cfg.phase1_epochs == 10 and "capped at 10" in note
+    cfg, note = access.capped(R.RunConfig(epochs=50), access.User("t1", admin=True), access.Policy(max_epochs=10))
+    assert cfg.epochs == 50 and not note
+
+
+def test_a_failing_run_never_stops_the_queue(monkeypatch, tmp_path):
+    """A run whose folder vanished while queued, and one whose training raises: both end, and
+    the next run still trains."""
+    calls = []
+
+    def train(run, stop=None, resume=False):
+        calls.append(run.config.name)
+        if run.config.name == "boom":
+            raise RuntimeError("boom")
+        run.set_status("finished")
+        return run.status()
+    monkeypatch.setattr(training, "train_run", train)
+    manager = RunManager()
+    cfg = tiny_run_config(tmp_path)
+    blocker = threading.Event()
+    monkeypatch.setattr(training, "train_run", lambda run, stop=None, resume=False:
+                        (blocker.wait(10), train(run, stop, resume))[1])
+    first = manager.submit(R.RunConfig(**{**cfg.to_dict(), "name": "first"}), owner="a")
+    gone = manager.submit(R.RunConfig(**{**cfg.to_dict(), "name": "gone"}), owner="b")
+    boom = manager.submit(R.RunConfig(**{**cfg.to_dict(), "name": "boom"}), owner="c")
+    last = manager.submit(R.RunConfig(**{**cfg.to_dict(), "name": "last"}), owner="d")
+    import shutil
+    shutil.rmtree(gone.path)
+    blocker.set()
+    for run in (first, gone, boom, last):
+        assert manager.wait(run.id, timeout=30)
+    assert last.status()["state"] == "finished"
+    assert boom.status()["state"] == "failed" and "boom" in boom.status()["message"]
+
+
+# ---------------------------------------------------------------- one trainer per run, full disks
+
+def test_a_run_is_trained_by_one_process_at_a_time(tiny_config):
+    """A paused trainer (here: a second open of the lock, as another process would hold it)
+    keeps the run: Resume is refused with a sentence, a direct train_run backs off without
+    touching the status, and the run doesn't read as interrupted."""
+    import fcntl
+    run = R.Run.create(tiny_config(epochs=2))
+    run.write_json("status.json", dict(state="running", last_epoch=1, pid=1, updated=time.time() - 3600))
+    with open(run.file(".lock"), "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run.busy()
+        with pytest.raises(R.RunBusy):
+            training.train_run(run)
+        assert run.status()["state"] == "running"          # pid 1 is alive and holds the lock
+        run.set_status("stopped")
+        run.file("last_state.pt").write_bytes(b"x")
+        with pytest.raises(ValueError, match="Another process is still training this run"):
+            MANAGER.resume(run)
+    assert not run.busy()
+
+
+def test_a_full_disk_fails_with_a_sentence_leaves_no_temp_files_and_resumes(tiny_config, monkeypatch):
+    import safetensors.torch
+    real = safetensors.torch.save_file
+    writes = {"n": 0}
+
+    def save_file(state, path, *args, **kwargs):
+        writes["n"] += 1
+        if writes["n"] == 4:         # epoch 2's best/last checkpoint: the disk is full
+            Path(path).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(state, path, *args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    run = R.Run.create(tiny_config(epochs=3))
+    status = training.train_run(run)
+    assert status["state"] == "failed"
+    assert "The disk is full" in status["message"] and "Resume" in status["message"]
+    assert not list(run.path.glob("*.tmp")) and not list(run.path.glob(".*.tmp"))
+    assert run.resumable()
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert training.train_run(run, resume=True)["state"] == "finished"
+    assert [row["epoch"] for row in run.epochs()] == [1, 2, 3]
+
+
+def test_a_read_only_data_directory_gives_one_sentence(monkeypatch, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with monkeypatch.context() as mp:
+        mp.setenv("FINETUNE_LAB_HOME", str(blocker / "lab"))
+        assert "can't write to its data directory" in paths.write_problem()
+        at = AppTest.from_file(str(paths.REPO_ROOT / "streamlit_app.py"), default_timeout=60).run()
+        assert_ok(at)
+        assert "can't write to its data directory" in errors(at)
