@@ -92,6 +92,8 @@ def quick_demo_progress(run_id: str):
         steps = status.get("steps") or 0
         st.progress(min(1.0, (status.get("step") or 0) / steps) if steps else 0.0,
                     text=status.get("message", "Starting…"))
+        if state == "queued" and (place := common.queue_place(run_id)):
+            st.caption(place)
         return
     st.session_state.pop("quick_demo", None)
     if state == "finished":

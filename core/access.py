@@ -171,6 +171,13 @@ def uploads_dir(user: User) -> Path:
     return path
 
 
+def weights_dir(user: User) -> Path:
+    """Where one user's uploaded weight files go (counted in their quota)."""
+    path = paths.weights_dir() / "users" / user.id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def data_folder(user: User, typed: str | os.PathLike, policy: Policy) -> Path:
     """A folder a browser user named, resolved (symlinks included), if this user may read it."""
     raw = str(typed).strip()
@@ -240,7 +247,7 @@ def upload_allowance(user: User, policy: Policy) -> int:
                           "teacher to free space.")
     if user.admin:
         return left_total
-    left_user = policy.user_mb * MB - folder_bytes(uploads_dir(user))
+    left_user = policy.user_mb * MB - folder_bytes(uploads_dir(user)) - folder_bytes(weights_dir(user))
     if left_user <= 0:
         raise AccessError(f"Your uploads use your whole quota of {policy.user_mb:,} MB: delete old "
                           "ones (Data page, My uploads) first.")

@@ -245,6 +245,10 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
     """Load backbone weights into `model`: by name when keys match timm's, otherwise by position
     (same count and shapes, in order), which is how the bundled packages' files fit."""
     state = _drop_counters(read_state_dict(path))
+    for name, tensor in state.items():     # else training "diverges" and the learning rate is blamed
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"The weights file holds NaN or infinite values in {name}, so it was "
+                               "refused: re-export it from a model that trained without diverging.")
     own = _drop_counters(model.state_dict())
     mapped = _match_by_name(state, own) or _match_by_position(state, model)
     if mapped is None:

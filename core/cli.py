@@ -16,52 +16,104 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import json
 import sys
 import threading
 from pathlib import Path
 
 from core import paths
-from core.runs import Run, RunConfig, get_run, setting_problems
+from core.runs import (ConfigError, Run, RunBusy, RunConfig, config_shape_problem, disk_problem,
+                       field_kind, get_run, validate_config)
 
 FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
 
 
-def parse_value(text: str):
-    """`--set` and `--grid` values: numbers, booleans, None, lists, dicts, else the plain text."""
+def parse_setting(key: str, text: str):
+    """A `--set` (or `--grid`) value read as its setting's type: `lr=abc` stays the text 'abc', so
+    validate_config says "lr must be a number, got 'abc'"; `scheduler=none` stays "none"; a split
+    is `0.8,0.1,0.1` or `[0.8, 0.1, 0.1]`; augment and tags are JSON objects."""
+    kind, optional = field_kind(key)
+    word = text.strip().lower()
+    if optional and word in ("", "none", "null"):
+        return None
+    if kind == "bool":
+        return {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}.get(word, text)
+    if kind in ("int", "float"):
+        for read in (int, float):      # an int stays one (a sweep's tag reads lr=20, not 20.0)
+            try:
+                return read(text)
+            except ValueError:
+                pass
+        return text
+    if kind == "tuple":
+        try:
+            return [float(part) for part in text.strip().strip("[]()").split(",")]
+        except ValueError:
+            return text
+    if kind == "dict":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+        try:        # Python's spelling, {'hflip': True}
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return text
+    return text
+
+
+def read_config_file(path: str) -> dict:
+    """The settings in a config.json (the app's download, a run folder's file) or a preset file
+    (its checked settings, which replace the defaults); ConfigError with a sentence otherwise."""
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} can't be read as a config ({type(err).__name__}: {err}).") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}).") from None
+    if isinstance(data, dict) and isinstance(data.get("settings"), dict):
+        from core.presets import PresetError, parse_preset
+        try:
+            return dict(parse_preset(text)["settings"])
+        except PresetError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    problem = config_shape_problem(data)
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
+    return data
 
 
 def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
-    """A config.json (the app's download, a run folder's file) or a preset file, whose settings
-    replace the defaults."""
-    text = Path(path).read_text(encoding="utf-8")
-    data = json.loads(text)
-    if isinstance(data.get("settings"), dict):
-        from core.presets import PresetError, parse_preset
-        try:
-            data = dict(parse_preset(text)["settings"])
-        except PresetError as err:
-            raise SystemExit(f"{path}: {err}") from None
-    data = data.get("config", data)
+    """The file's settings with the `--set KEY=VALUE` overrides, validated (types, ranges, model
+    name) before anything is created: ConfigError lists every problem, one sentence each."""
+    data = read_config_file(path)
+    problems = []
     for item in overrides:
-        key, _, value = item.partition("=")
-        if key not in RunConfig.__dataclass_fields__:
-            raise SystemExit(f"--set: unknown setting {key!r}")
-        data[key] = parse_value(value)
+        key, equals, value = item.partition("=")
+        key = key.strip()
+        if not equals:
+            problems.append(f"--set {item!r}: write KEY=VALUE, e.g. --set epochs=3.")
+        elif key not in RunConfig.__dataclass_fields__:
+            close = difflib.get_close_matches(key, RunConfig.__dataclass_fields__, n=1)
+            problems.append(f"--set: unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        else:
+            data[key] = parse_setting(key, value)
+    try:
+        cfg = validate_config(data)
+    except ConfigError as err:
+        problems += err.problems
     if not data.get("data_root"):
-        raise SystemExit(f"{path} names no data set: add --set data_root=FOLDER")
-    refuse_bad_settings(data)
-    return RunConfig.from_dict(data)
-
-
-def refuse_bad_settings(settings: dict, where: str = "") -> None:
-    problems = setting_problems(settings)
+        problems.append(f"{path} names no data set: add --set data_root=FOLDER")
     if problems:
-        raise SystemExit(f"{where}settings out of range:\n  " + "\n  ".join(problems))
+        raise ConfigError(problems)
+    return cfg
 
 
 # ---------------------------------------------------------------- progress in the terminal
@@ -210,21 +262,45 @@ def cmd_sweep(args) -> int:
     if dist.launched():     # every rank would create and train its own copy of each run
         raise SystemExit("sweep runs one process; train a single configuration under torchrun instead.")
     base = load_config(args.config, args.set)
-    axes = {}
-    for item in args.grid:
-        axis, _, values = item.partition("=")
-        if axis not in S.AXES:
-            raise SystemExit(f"--grid: {axis!r} is not one of {', '.join(S.AXES)}")
-        axes[axis] = [parse_value(v) for v in values.split(",")]
-    configs = S.expand(base, axes)
-    for cfg in configs:      # all refused before any trains
-        refuse_bad_settings(cfg.to_dict(), where=f"{cfg.name}: ")
-    runs = [Run.create(cfg, owner="cli") for cfg in configs]
+    configs, problems = [], []
+    for cfg in S.expand(base, grid_axes(args.grid)):
+        try:
+            configs.append(validate_config(cfg.to_dict()))
+        except ConfigError as err:
+            problems += [f"{cfg.name}: {problem}" for problem in err.problems]
+    if problems:
+        raise ConfigError(problems)
+    runs = [Run.create(cfg, owner="cli") for cfg in configs]     # only once every one is valid
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.config.name}", flush=True)
         train_foreground(run, quiet=args.quiet)
     print(S.results(runs).to_string(index=False))
     return 0
+
+
+def grid_axes(items: list[str]) -> dict[str, list]:
+    """`--grid AXIS=V1,V2` as {axis: values}, each value of its setting's type; ConfigError with a
+    sentence per bad axis or value (the combinations are validated after expanding)."""
+    from core import sweeps as S
+    from core.data import PRESETS
+    axes, problems = {}, []
+    for item in items:
+        axis, _, values = item.partition("=")
+        axis = axis.strip()
+        if axis not in S.AXES:
+            problems.append(f"--grid: {axis!r} is not one of {', '.join(S.AXES)}")
+            continue
+        if axis in RunConfig.__dataclass_fields__ and axis != "augment":
+            axes[axis] = [parse_setting(axis, v) for v in values.split(",")]
+        else:
+            axes[axis] = [v.strip() for v in values.split(",")]
+        allowed = {"augment": tuple(PRESETS), "init": ("pretrained", "random")}.get(axis)
+        for value in axes[axis] if allowed else ():
+            if value not in allowed:
+                problems.append(f"--grid {axis}: {value!r} is not one of {', '.join(allowed)}")
+    if problems:
+        raise ConfigError(problems)
+    return axes
 
 
 def cmd_lr(args) -> int:
@@ -289,8 +365,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = {"config": cmd_config, "train": cmd_train, "resume": cmd_resume, "evaluate": cmd_evaluate,
                "predict": cmd_predict, "sweep": cmd_sweep, "export": cmd_export, "lr": cmd_lr}[args.command]
+    if args.command != "config" and (problem := paths.write_problem()):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         return command(args)
+    except RunBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:           # a disk that fills up or turns read-only mid-way
+        print(f"error: {disk_problem(err) or err}", file=sys.stderr)
+        return 2
+    except ConfigError as err:      # argparse-style: the sentences on stderr, status 2, no traceback
+        print("error: " + "\n  ".join(err.problems), file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

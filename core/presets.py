@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from core import paths
-from core.runs import RunConfig, setting_problems
+from core.runs import RunConfig, config_problems, typed_setting
 
 FORMAT = "finetune-lab-preset/1"
 SHIPPED_DIR = paths.REPO_ROOT / "assets" / "presets"
@@ -26,8 +26,14 @@ class PresetError(ValueError):
     """A preset file that can't be used, with the reason in words."""
 
 
-def user_dir() -> Path:
+def user_dir(owner: str | None = None) -> Path:
+    """Saved presets: the shared folder (the teacher's, listed for everyone), or one user's own
+    folder below it (listed for that user only)."""
     folder = paths.home() / "presets"
+    if owner:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", owner):
+            raise PresetError("Not a user id.")
+        folder = folder / "users" / owner
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -46,8 +52,16 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "preset"
 
 
-def save_preset(preset: dict, folder: Path | None = None) -> Path:
-    path = (folder or user_dir()) / f"{slug(preset['name'])}.json"
+def save_preset(preset: dict, folder: Path | None = None, replace: bool = False) -> Path:
+    """Write a preset as <slug of its name>.json. Never over a shipped preset's name, and over
+    an existing file only when `replace` says so."""
+    name = f"{slug(preset['name'])}.json"
+    if slug(preset["name"]) in shipped_names():
+        raise PresetError(f"A preset shipped with the app is called “{preset['name']}”: choose another name.")
+    path = (folder or user_dir()) / name
+    if path.exists() and not replace:
+        raise PresetError(f"A saved preset is already called “{preset['name']}” ({name}): tick "
+                          "*Replace* to overwrite it, or choose another name.")
     paths.atomic_write_text(path, json.dumps(preset, indent=1))
     return path
 
@@ -63,49 +77,48 @@ def parse_preset(data: bytes | str) -> dict:
         raise PresetError(f"Not a preset: the file is not valid JSON ({err}).") from None
     if not isinstance(preset, dict) or not isinstance(preset.get("settings"), dict):
         raise PresetError("Not a preset: it has no \"settings\" section.")
-    defaults = RunConfig().to_dict()
-    settings = {}
-    for key, value in preset["settings"].items():
-        if key in defaults and key not in NOT_SAVED:
-            settings[key] = checked(key, value, defaults[key])
-    problems = setting_problems(settings, for_widgets=True)
+    present = {key: value for key, value in preset["settings"].items()
+               if key in RunConfig.__dataclass_fields__ and key not in NOT_SAVED}
+    # the checks of core.runs.validate_config (types, ranges, choices, model name), on the
+    # settings the preset holds, and within what the pages' widgets offer
+    settings, problems = config_problems(present, for_widgets=True)
     if problems:
         raise PresetError("This preset has settings the app can't use: " + " ".join(problems))
+    if "split" in settings:
+        settings["split"] = list(settings["split"])      # as JSON writes it
     return dict(format=FORMAT, name=str(preset.get("name", "Preset"))[:100],
                 description=str(preset.get("description", ""))[:2000], settings=settings)
 
 
-EXAMPLES = {"max_per_class": 100, "augment": {"hflip": True, "rotation": 15.0}}   # where the default shows no type
-
-
-def checked(key: str, value, default):
-    """`value` if it has the type the setting needs (ints may stand for floats)."""
-    default = EXAMPLES.get(key, default)
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(value, bool) and isinstance(default, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float))
-        value = float(value) if ok else value
-    elif isinstance(default, tuple):
-        ok = (isinstance(value, list) and len(value) == len(default)
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
-    elif isinstance(default, dict):     # augment: {name: on, strength, or "randaugment" for auto}
-        ok = isinstance(value, dict) and all(isinstance(v, (int, float)) or (k == "auto" and isinstance(v, str))
-                                             for k, v in value.items())
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise PresetError(f"Setting {key!r} should be like {default!r}, not {value!r}.")
+def checked(key: str, value, default=None):
+    """`value` as the type setting `key` needs (an integral float for an int, an int for a float),
+    else PresetError with the sentence validate_config gives. `default` is no longer used."""
+    value, problem = typed_setting(key, value)
+    if problem:
+        raise PresetError(problem)
     return value
 
 
-def list_presets() -> list[tuple[str, Path]]:
-    """(label, path) of the shipped presets, then the ones saved on this server. A file that is
-    not a usable preset is listed by its file name, so loading it says what is wrong with it."""
+def shipped_names() -> set[str]:
+    """Slugs a saved preset may not take: the shipped files' names and their presets' names."""
+    names = set()
+    for path in SHIPPED_DIR.glob("*.json"):
+        names.add(path.stem)
+        try:
+            names.add(slug(str(json.loads(path.read_text(encoding="utf-8")).get("name", ""))))
+        except (OSError, ValueError, AttributeError):
+            pass
+    return names
+
+
+def list_presets(owner: str | None = None) -> list[tuple[str, Path]]:
+    """(label, path) of the shipped presets, the teacher's saved ones, then `owner`'s own. A file
+    that is not a usable preset is listed by its file name, so loading it says what is wrong."""
     out = []
-    for folder, where in ((SHIPPED_DIR, "shipped"), (user_dir(), "saved")):
+    sources = [(SHIPPED_DIR, "shipped"), (user_dir(), "saved")]
+    if owner:
+        sources.append((user_dir(owner), "mine"))
+    for folder, where in sources:
         for path in sorted(folder.glob("*.json")):
             try:
                 label = f"{parse_preset(path.read_bytes())['name']} ({where})"

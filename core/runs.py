@@ -7,7 +7,10 @@ command-line process), so any page, tab or restarted server reads the same state
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import os
 import re
 import secrets
@@ -20,7 +23,27 @@ from pathlib import Path
 
 from core import paths
 
+try:
+    import fcntl
+except ImportError:          # Windows: no OS lock, one trainer per run is then up to the user
+    fcntl = None
+
 ACTIVE_STATES = ("queued", "preparing", "running")
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class RunBusy(RuntimeError):
+    """The run is being trained by another process."""
+
+
+def disk_problem(err: OSError) -> str | None:
+    """One sentence for the write failures a full or read-only disk causes, else None."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ("The disk is full: the run stopped and keeps its finished epochs. Free some space "
+                f"in {paths.home()}, then Resume.")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"The data directory {paths.home()} can't be written (read-only or no permission)."
+    return None
 STALE_AFTER_S = 120
 
 
@@ -105,41 +128,220 @@ WIDGET_CHOICES = {"batch_size": (4, 8, 16, 32, 64, 128, 256),
 
 
 def setting_problems(settings: dict, for_widgets: bool = False) -> list[str]:
-    """One sentence per setting outside what a run (or, `for_widgets`, the app's pages) accepts."""
+    """One sentence per setting outside what a run (or, `for_widgets`, the app's pages) accepts.
+    Values of the wrong type are left to typed_settings (validate_config runs both), except where
+    they would hide a problem here (a split or augment that isn't one)."""
     problems = []
     for key, (low, high) in RANGES.items():
         value = settings.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
-            problems.append(f"{key} is {value:g}; it must be between {low:g} and {high:g}.")
+        if _is_number(value) and not (_finite(value) and low <= value <= high):
+            problems.append(f"{key} is {_num(value)}; it must be between {low:g} and {high:g}.")
     choices = CHOICES | (WIDGET_CHOICES if for_widgets else {})
     for key, allowed in choices.items():
-        if key in settings and settings[key] not in allowed:
+        if key in settings and not any(_same(settings[key], a) for a in allowed):
             shown = ", ".join(repr(a) if isinstance(a, str) else str(a) for a in allowed)
-            problems.append(f"{key} is {settings[key]!r}; it must be one of {shown}.")
-    return problems + split_problems(settings.get("split")) + augment_problems(settings.get("augment") or {})
+            problems.append(f"{key} is {_shown(settings[key])}; it must be one of {shown}.")
+    augment = settings.get("augment")
+    return (problems + split_problems(settings.get("split"), for_widgets)
+            + augment_problems({} if augment is None else augment))
 
 
-def split_problems(split) -> list[str]:
+def split_problems(split, for_widgets: bool = False) -> list[str]:
+    """The split must be three finite fractions adding up to 1 with some training images; on the
+    Data page (`for_widgets`) train must also round to 1-98 % and validation to 0-98 %."""
     if split is None:
         return []
-    if len(split) != 3 or min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 0.011:
+    if not (isinstance(split, (list, tuple)) and len(split) == 3 and all(_is_number(v) for v in split)):
+        return [f"split is {_shown(split)}; it must be three numbers (train, val, test) adding up to 1, "
+                "like [0.8, 0.1, 0.1]."]
+    if (not all(_finite(v) for v in split) or min(split) < 0 or split[0] <= 0
+            or abs(sum(split) - 1) > 0.011):
         return [f"split is {list(split)}; it must be three fractions (train, val, test) adding up to 1, "
                 "with some training images."]
+    train, val = round(split[0] * 100), round(split[1] * 100)
+    if for_widgets and not (1 <= train <= 98 and 0 <= val <= 98):
+        return [f"split is {list(split)}; the Data page offers 1-98 % for train and 0-98 % for "
+                "validation, so keep some images for validation or test."]
     return []
 
 
-def augment_problems(augment: dict) -> list[str]:
+def augment_problems(augment) -> list[str]:
     from core.data import AUGMENT_RANGES, AUGMENTATIONS, AUTO_AUGMENTS
+    if not isinstance(augment, dict):
+        return [f"augment is {_shown(augment)}; it must be a JSON object like "
+                '{"hflip": true, "rotation": 15}.']
     problems = []
     for name, value in augment.items():
         low, high, _ = AUGMENT_RANGES.get(name, (None, None, None))
         if name not in AUGMENTATIONS:
             problems.append(f"augment has {name!r}; known augmentations are {', '.join(AUGMENTATIONS)}.")
-        elif name == "auto" and value not in (*AUTO_AUGMENTS, True, False, 0, 1):
-            problems.append(f"augment auto is {value!r}; it must be one of {', '.join(AUTO_AUGMENTS)}.")
-        elif low is not None and value and not low <= value <= high:
-            problems.append(f"augment {name} is {value:g}; it must be between {low:g} and {high:g}.")
+        elif name == "auto":
+            if not any(_same(value, a) for a in (*AUTO_AUGMENTS, True, False, 0, 1)):
+                problems.append(f"augment auto is {_shown(value)}; it must be one of "
+                                f"{', '.join(AUTO_AUGMENTS)}.")
+        elif not isinstance(value, (bool, int, float)):
+            what = "a number (0 or false for off)" if low is not None else "true or false"
+            problems.append(f"augment {name} must be {what}, got {_shown(value)}.")
+        elif low is not None and (value or not _finite(value)) and not (_finite(value) and low <= value <= high):
+            problems.append(f"augment {name} is {_num(value)}; it must be between {low:g} and {high:g}.")
     return problems
+
+
+# ---------------------------------------------------------------- one validation for every input
+
+class ConfigError(ValueError):
+    """A configuration that can't be used: `problems` holds one sentence per problem."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(" ".join(self.problems))
+
+
+HUB_ID = re.compile(r"(hf-hub|hf_hub):[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-/]*[A-Za-z0-9_\-]")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:        # an int too large for a float
+        return False
+
+
+def _num(value) -> str:
+    try:
+        return f"{value:g}"
+    except OverflowError:
+        return "a number too large"
+
+
+def _shown(value) -> str:
+    """A value as a sentence quotes it: strings in quotes, the rest as Python writes them, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _same(value, allowed) -> bool:
+    """`value == allowed` with its type: True is not 1, 1.0 is not "1"."""
+    return type(value) is type(allowed) and value == allowed or (
+        _is_number(value) and _is_number(allowed) and value == allowed)
+
+
+def _what_it_is(data) -> str:
+    if data is None:
+        return "null"
+    if isinstance(data, bool):
+        return "true or false"
+    return {list: "a list", tuple: "a list", str: "a string", int: "a number", float: "a number"}.get(
+        type(data), f"a {type(data).__name__}")
+
+
+def config_shape_problem(data) -> str | None:
+    """The sentence for a config that is not a mapping of settings at all (a JSON list, a number)."""
+    if isinstance(data, dict):
+        return None
+    return f"a config must be a JSON object of settings, not {_what_it_is(data)}."
+
+
+def field_kind(key: str) -> tuple[str, bool]:
+    """(type name, whether None is allowed) of a RunConfig field, from its annotation."""
+    kind = str(RunConfig.__dataclass_fields__[key].type).replace(" ", "")
+    return kind.removesuffix("|None"), kind.endswith("|None")
+
+
+def typed_setting(key: str, value):
+    """(value as the field's type, None) or (None, the sentence saying why it isn't one). Ints
+    accept integral floats, floats accept ints; bools are neither; NaN and infinity are refused."""
+    kind, optional = field_kind(key)
+    if value is None and optional:
+        return None, None
+    or_null = " or null" if optional else ""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value, None
+        return None, f"{key} must be true or false, got {_shown(value)}."
+    if kind in ("int", "float"):
+        if _is_number(value) and not _finite(value) and not isinstance(value, int):
+            return None, f"{key} must be a finite number, got {_shown(value)}."
+        if kind == "float" and _is_number(value):
+            if not _finite(value):
+                return None, f"{key} must be a finite number, got a number too large."
+            return float(value), None
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            return int(value), None
+        if kind == "int" and _is_number(value) and isinstance(value, int):
+            return value, None
+        what = "a whole number" if kind == "int" else "a number"
+        return None, f"{key} must be {what}{or_null}, got {_shown(value)}."
+    if kind == "str":
+        if isinstance(value, str):
+            return value, None
+        return None, f"{key} must be text{or_null}, got {_shown(value)}."
+    if kind == "tuple":     # split
+        if (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(_is_number(v) and _finite(v) for v in value)):
+            return tuple(value), None
+        return None, (f"{key} must be three finite numbers (train, val, test) like [0.8, 0.1, 0.1], "
+                      f"got {_shown(value)}.")
+    if kind == "dict":
+        if isinstance(value, dict):
+            return dict(value), None
+        like = ' like {"hflip": true, "rotation": 15}' if key == "augment" else ""
+        return None, f"{key} must be a JSON object{like}, got {_shown(value)}."
+    return value, None
+
+
+def typed_settings(data) -> tuple[dict, list[str]]:
+    """The known settings in `data`, each as its field's type, and one sentence per value that
+    isn't one. Unknown keys (from an older or newer version) are left out, silently."""
+    problem = config_shape_problem(data)
+    if problem:
+        return {}, [problem]
+    settings, problems = {}, []
+    for key, value in data.items():
+        if key in RunConfig.__dataclass_fields__:
+            value, problem = typed_setting(key, value)
+            if problem:
+                problems.append(problem)
+            else:
+                settings[key] = value
+    return settings, problems
+
+
+def arch_problems(arch: str) -> list[str]:
+    """`arch` must be a model timm knows, or a Hugging Face hub id of plain characters."""
+    if HUB_ID.fullmatch(arch) and ".." not in arch and "//" not in arch:
+        return []
+    if not HUB_ID.fullmatch(arch) and not arch.startswith(("hf-hub:", "hf_hub:")):
+        import timm
+        if arch and (timm.is_model(arch) or arch in timm.list_models()):
+            return []
+        return [f"arch is {_shown(arch)}; timm has no model of that name (see the Model page, or "
+                "timm.list_models()); a Hugging Face model is written hf-hub:org/name."]
+    return [f"arch is {_shown(arch)}; a hub id must be hf-hub:org/name with only letters, digits, "
+            "'-', '_', '.' and '/' (no '..')."]
+
+
+def config_problems(data, for_widgets: bool = False) -> tuple[dict, list[str]]:
+    """(the settings present in `data`, typed; one sentence per problem): types, then ranges and
+    choices, then the model name. For a full config or a preset's subset of settings alike."""
+    settings, problems = typed_settings(data)
+    problems += setting_problems(settings, for_widgets)
+    if "arch" in settings:
+        problems += arch_problems(settings["arch"])
+    return settings, problems
+
+
+def validate_config(data, for_widgets: bool = False) -> RunConfig:
+    """The RunConfig for `data` (a dict from JSON, a preset, a form; missing settings take their
+    defaults, unknown ones are dropped), or ConfigError with every problem, one sentence each."""
+    settings, problems = config_problems(data, for_widgets)
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig.from_dict(settings)
 
 
 # ---------------------------------------------------------------- one run's folder
@@ -171,6 +373,8 @@ class Run:
         delete it without saying so explicitly."""
         # the folder name is built from a safe id, never from a config value as written
         # (an arch of "../../x" once created the run outside the data directory)
+        if problems := arch_problems(config.arch):
+            raise ConfigError(problems)
         label = re.sub(r"[^A-Za-z0-9_]+", "_", config.arch)[:40].strip("_") or "model"
         path = (root or paths.runs_dir()) / f"{_next_stamp()}-{label}-{secrets.token_hex(2)}"
         path.mkdir(parents=True)
@@ -178,6 +382,34 @@ class Run:
         run.write_json("config.json", config.to_dict())
         run.set_status("queued", message="Waiting for the device", owner=owner)
         return run
+
+    @contextlib.contextmanager
+    def training_lock(self):
+        """Held while a process trains this run, so two trainers never write it at once (a
+        paused CLI process still holds it). An OS lock: freed when its process dies."""
+        if fcntl is None:
+            yield
+            return
+        handle = open(self.file(".lock"), "a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunBusy("Another process is still training this run (perhaps paused): stop "
+                              "that process first, then resume.") from None
+            yield
+        finally:
+            handle.close()
+
+    def busy(self) -> bool:
+        """Whether some process holds this run's training lock."""
+        try:
+            with self.training_lock():
+                return False
+        except RunBusy:
+            return True
+        except OSError:
+            return False
 
     def follower(self) -> "Run":
         """The same run seen by a non-zero rank of a distributed job: it reads, never writes."""
@@ -242,7 +474,8 @@ class Run:
             os.kill(int(status.get("pid", -1)), 0)
         except (OSError, ValueError):
             return False
-        return time.time() - status.get("updated", 0) < STALE_AFTER_S
+        # a trainer paused (Ctrl+Z) sends no heartbeat yet still holds the run
+        return time.time() - status.get("updated", 0) < STALE_AFTER_S or self.busy()
 
     # epochs
     def append_epoch(self, row: dict) -> None:

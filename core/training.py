@@ -2,10 +2,13 @@
 (status.json, epochs.jsonl) and stops when its `stop` event is set."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
 import random
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -250,9 +253,30 @@ def save_checkpoint(model: nn.Module, run: Run, name: str = "best.safetensors") 
         return
     tmp = run.file(f".{name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with paths.removed_on_error(tmp):
+    with paths.removed_on_error(tmp), disk_errors(run):
         safetensors.torch.save_file(state, str(tmp))
         tmp.replace(run.file(name))
+
+
+LOW_DISK_BYTES = 64 * 1024**2
+
+
+@contextlib.contextmanager
+def disk_errors(run: Run):
+    """torch.save and safetensors report a full disk as their own errors (torch's reads
+    "basic_ios::clear"): on a nearly full disk, say what it is."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised, as an OSError when the disk is full
+        try:
+            full = shutil.disk_usage(run.path).free < LOW_DISK_BYTES
+        except OSError:
+            full = False
+        if full:
+            raise OSError(errno.ENOSPC, f"No space left on device ({err})") from err
+        raise
 
 
 def save_resume_state(run: Run, model, optimizer, scheduler, scaler, progress: dict) -> None:
@@ -264,7 +288,7 @@ def save_resume_state(run: Run, model, optimizer, scheduler, scaler, progress: d
     state = dict(progress, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                  scheduler=scheduler.state_dict() if scheduler else None)
     tmp = run.file(".last_state.pt.tmp")
-    with paths.removed_on_error(tmp):
+    with paths.removed_on_error(tmp), disk_errors(run):
         torch.save(state, tmp)
         tmp.replace(run.file("last_state.pt"))
     run.set_status("running", last_epoch=progress["epoch"])
@@ -291,8 +315,8 @@ def feature_batches(features, labels, batch_size, order, rows=None):
 def train_run(run: Run, stop: threading.Event | None = None, resume: bool = False) -> dict:
     """Train `run` as its config says (or go on from its last finished epoch when `resume`);
     the final status is finished, stopped or failed. In a distributed job only rank 0 writes."""
-    if not dist.is_main():
-        run = run.follower()
+    if not dist.is_main():       # the other ranks of a distributed job only read the folder
+        return _train_held(run.follower(), stop, resume)
     try:
         with run.training_lock():
             return _train_held(run, stop, resume)

@@ -55,7 +55,7 @@ def save_files(target: Path, files) -> None:
     refused = [f.name for f in files if D.save_upload_file(target, f.name, f.getvalue()) is None]
     if refused:
         st.warning(f"{len(refused)} file name(s) refused (they would lead outside the upload "
-                   f"folder): {', '.join(repr(n) for n in refused[:5])}")
+                   f"folder, or are too long for the disk): {', '.join(repr(n) for n in refused[:5])}")
 
 
 def use_folder(root: Path, label: str) -> None:

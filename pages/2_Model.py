@@ -1,11 +1,13 @@
 """Model: backbone, where its weights come from, how deep to freeze, and the new head."""
+import hashlib
+
 import pandas as pd
 import streamlit as st
 import timm
 import torch
 
 from core import backbones as B
-from core import paths
+from core import access
 from core.runs import FREEZE_MODES
 from pages import common
 from pages.common.teaching import explain
@@ -64,17 +66,19 @@ if settings["weights"] == "file" and settings["freeze"] != "scratch":
     upload = st.file_uploader("Weights file (.safetensors, or .pth with plain tensors)",
                               type=["safetensors", "pth", "pt", "bin"], key="weights_upload")
     if upload is not None:
-        folder = paths.weights_dir() / "uploads"
-        folder.mkdir(exist_ok=True)
         suffix = ".safetensors" if upload.name.endswith(".safetensors") else ".pth"
-        target = folder / f"{arch}-{abs(hash(upload.getvalue())) % 10**10}{suffix}"
-        target.write_bytes(upload.getvalue())
+        # named by content, never by a setting: the arch may come from a preset
+        target = access.weights_dir(common.user()) / f"{hashlib.sha256(upload.getvalue()).hexdigest()[:16]}{suffix}"
         try:
+            if upload.size > access.upload_allowance(common.user(), common.policy()):
+                raise access.AccessError("This file is larger than what is left of your upload quota: "
+                                         "delete old uploads on the Data page first.")
+            target.write_bytes(upload.getvalue())
             with st.spinner("Checking the file against the architecture…"):
                 B.create_backbone(arch, "file", str(target))
             settings["weights_file"] = str(target)
             st.success(f"{upload.name} fits {arch}.")
-        except B.WeightsError as err:
+        except (B.WeightsError, access.AccessError) as err:
             settings["weights_file"] = None
             target.unlink(missing_ok=True)
             st.error(str(err))

@@ -217,6 +217,8 @@ def live(run):
     head, actions = st.columns([3, 2])
     icon = {"finished": "✅", "failed": "❌", "stopped": "⏹️", "interrupted": "⚠️"}.get(state, "⏳")
     head.markdown(f"{icon} **{state}** — {status.get('message', '')}")
+    if state == "queued" and (place := common.queue_place(run.id)):
+        head.caption(place)
     with actions:
         common.run_actions(run, active)
     if error := st.session_state.pop("run_error", None):

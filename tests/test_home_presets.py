@@ -157,13 +157,13 @@ def test_a_saved_preset_that_went_bad_is_listed_and_explains_itself():
     (b"[1, 2, 3]", 'no "settings" section'),
     (b'{"name": "x"}', 'no "settings" section'),
     (b'{"settings": [1]}', 'no "settings" section'),
-    (b'{"settings": {"lr": "fast"}}', "'lr' should be like 0.001, not 'fast'"),
-    (b'{"settings": {"epochs": 2.5}}', "'epochs'"),
-    (b'{"settings": {"epochs": true}}', "'epochs'"),
-    (b'{"settings": {"cache_features": 1}}', "'cache_features'"),
-    (b'{"settings": {"split": [0.5, 0.5]}}', "'split'"),
-    (b'{"settings": {"augment": ["hflip"]}}', "'augment'"),
-    (b'{"settings": {"optimizer": 3}}', "'optimizer'"),
+    (b'{"settings": {"lr": "fast"}}', "lr must be a number, got 'fast'."),
+    (b'{"settings": {"epochs": 2.5}}', "epochs must be a whole number, got 2.5."),
+    (b'{"settings": {"epochs": true}}', "epochs must be a whole number, got True."),
+    (b'{"settings": {"cache_features": 1}}', "cache_features must be true or false, got 1."),
+    (b'{"settings": {"split": [0.5, 0.5]}}', "split must be three finite numbers"),
+    (b'{"settings": {"augment": ["hflip"]}}', "augment must be a JSON object"),
+    (b'{"settings": {"optimizer": 3}}', "optimizer must be text, got 3."),
     (b'{"settings": {"lr": 100}}', "lr is 100; it must be between 1e-06 and 10."),
     (b'{"settings": {"epochs": 0}}', "epochs is 0; it must be between 1 and 500."),
     (b'{"settings": {"batch_size": 12}}', "batch_size is 12; it must be one of 4, 8, 16"),
@@ -215,10 +215,10 @@ def test_slug_and_untitled_name():
 
 def test_preset_with_wrong_nested_types_is_refused():
     """Values the pages would choke on (a slider fed "lots", a number input fed "fast")."""
-    for settings, key in [({"augment": {"rotation": "lots"}}, "'augment'"),
-                          ({"max_per_class": "fast"}, "'max_per_class'"),
-                          ({"max_per_class": True}, "'max_per_class'"),
-                          ({"split": ["a", "b", "c"]}, "'split'")]:
+    for settings, key in [({"augment": {"rotation": "lots"}}, "augment rotation must be a number"),
+                          ({"max_per_class": "fast"}, "max_per_class must be a whole number"),
+                          ({"max_per_class": True}, "max_per_class must be a whole number"),
+                          ({"split": ["a", "b", "c"]}, "split must be three finite numbers")]:
         with pytest.raises(P.PresetError, match=key):
             P.parse_preset(json.dumps({"settings": settings}))
     ok = P.parse_preset(json.dumps({"settings": {"max_per_class": 20, "augment": {
@@ -369,8 +369,8 @@ def test_preset_upload_and_bad_upload():
     for name, blob, message in [
             ("notes.json", b"hello, not json", "not valid JSON"),
             ("empty.json", b'{"name": "no settings"}', 'no "settings" section'),
-            ("fast.json", b'{"settings": {"lr": "fast"}}', "'lr' should be like"),
-            ("lots.json", b'{"settings": {"augment": {"rotation": "lots"}}}', "'augment' should be like"),
+            ("fast.json", b'{"settings": {"lr": "fast"}}', "lr must be a number, got 'fast'"),
+            ("lots.json", b'{"settings": {"augment": {"rotation": "lots"}}}', "augment rotation must be a number"),
             ("big.json", b'{"settings": {}, "x": "' + b"x" * (70 * 1024) + b'"}', "too large"),
             ("hot.json", b'{"settings": {"lr": 100, "batch_size": 12}}', "lr is 100; it must be between")]:
         at.file_uploader(key="preset_upload").upload(name, blob, "application/json").run()

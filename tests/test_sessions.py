@@ -2,8 +2,7 @@
 own session with its own session_state and owner token; all share the process-wide training
 queue `core.worker.MANAGER`, as real sessions on one server do).
 
-* Two sessions train at once: their jobs queue, each session sees its own runs (👤) and the
-  other's, and neither can stop or delete the other's run unless the user ticks `manage_all`.
+* (Students and the teacher on one server: tests/test_shared_server.py.)
 * A load test: five sessions each start a small head-only run on the demo data; all finish and
   nothing is logged as an exception.
 """
@@ -83,105 +82,6 @@ def wait_state(run_id: str, states: tuple[str, ...], timeout: float) -> dict:
     return status
 
 
-# ---------------------------------------------------------------- two sessions
-
-def test_two_sessions_share_the_queue_but_not_the_controls(image_folder):
-    data = image_folder(classes=3, per_class=30, size=64)
-    a, b = session(page=None), session(page=None)
-    # A's run is long (augmented, 500 epochs) so it still trains while B looks at it
-    small_settings(a, data, epochs=500, image_size=128, batch_size=4, augment={"hflip": True, "rotation": 30.0})
-    small_settings(b, data)
-    for at in (a, b):
-        at.switch_page(TRAIN).run()
-        assert_ok(at)
-    assert "No runs yet" in texts(b)
-
-    start_button(a).click().run()
-    assert_ok(a)
-    long_id = a.session_state["run_id"]
-    assert get_run(long_id).owner == a.session_state["owner"]
-    wait_state(long_id, ("running",) + ENDED, timeout=90)
-    start_button(b).click().run()           # B's job queues behind A's on the one device
-    assert_ok(b)
-    short_id = b.session_state["run_id"]
-    assert a.session_state["owner"] != b.session_state["owner"]
-    assert short_id != long_id and get_run(short_id).owner == b.session_state["owner"]
-    assert get_run(short_id).status()["state"] == "queued"
-    assert get_run(long_id).status()["state"] == "running"
-
-    # both sessions see both runs, 👤 on their own, and the shared queue in the sidebar
-    for at, own, other in ((a, long_id, short_id), (b, short_id, long_id)):
-        at.run()
-        assert_ok(at)
-        labels = picker_labels(at)
-        assert set(labels) == {long_id, short_id}
-        assert labels[own].startswith("👤 ") and not labels[other].startswith("👤")
-        sidebar = "\n".join(c.value for c in at.sidebar.caption)
-        assert "Training:" in sidebar and "1 queued" in sidebar, sidebar
-
-    # B, on its own queued run, may stop it; on A's running run, it may not
-    assert b.selectbox(key="run_pick").value == short_id
-    assert "stop" in keys(b) and "manage_all" not in keys(b, "checkbox")
-    show(b, long_id)
-    assert "stop" not in keys(b) and "delete" not in keys(b)
-    assert "Started in another browser" in texts(b)
-    assert "manage_all" in keys(b, "checkbox")
-    a.run()
-    assert a.selectbox(key="run_pick").value == long_id
-    assert "stop" in keys(a) and "manage_all" not in keys(a, "checkbox")
-    assert "Started in another browser" not in texts(a)
-
-    # "Only my runs" hides the other session's run
-    b.toggle(key="run_pick_mine").set_value(True).run()
-    assert_ok(b)
-    assert set(picker_labels(b)) == {short_id}
-    b.toggle(key="run_pick_mine").set_value(False).run()
-    show(b, long_id)
-
-    # B opts in: now it may stop A's run, and does
-    b.checkbox(key="manage_all").check().run()
-    assert_ok(b)
-    assert "stop" in keys(b)
-    b.button(key="stop").click().run()
-    assert_ok(b)
-    assert wait_state(long_id, ENDED, timeout=60)["state"] == "stopped"
-    b.checkbox(key="manage_all").uncheck().run()
-    assert_ok(b)
-
-    # the queued job then trains and finishes
-    assert MANAGER.wait(short_id, timeout=120)
-    status = get_run(short_id).status()
-    assert status["state"] == "finished", status.get("message")
-    assert get_run(long_id).status()["state"] == "stopped"
-
-    # Delete: B can't delete (or resume) A's ended run without opting in; A can delete it
-    b.run()
-    show(b, long_id)
-    assert not {"delete", "resume", "stop"} & keys(b)
-    assert "Started in another browser" in texts(b)
-    a.run()
-    show(a, long_id)
-    assert "delete" in keys(a)
-    assert ("resume" in keys(a)) == get_run(long_id).resumable()   # stopped after a finished epoch?
-    a.button(key="delete").click().run()
-    assert_ok(a)
-    assert not (Path(get_run(short_id).path.parent) / long_id).exists()
-    assert [r.id for r in list_runs()] == [short_id]
-    b.run()
-    assert_ok(b)
-    assert set(picker_labels(b)) == {short_id}
-
-    # and B deletes its own finished run, which A could only do after opting in
-    a.run()
-    show(a, short_id)
-    assert "delete" not in keys(a)
-    show(b, short_id)
-    b.button(key="delete").click().run()
-    assert_ok(b)
-    assert list_runs() == []
-
-
-# ---------------------------------------------------------------- load test
 
 def test_five_sessions_train_on_the_demo_data_at_once(caplog, monkeypatch):
     """Five sessions, each in its own thread, open Train and start a 2-epoch head-only run on

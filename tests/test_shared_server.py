@@ -148,6 +148,7 @@ def test_students_see_and_manage_only_their_own_runs(classroom, shared_set):
     long_id = start(a)
     wait_state(long_id, ("running",) + ENDED, timeout=90)
     short_id = start(b)
+    assert "ahead of it in the lab's queue" in texts(b)       # B sees its place and a start time
     assert R.get_run(long_id).owner == a.session_state["owner"] != b.session_state["owner"]
     for at, own in ((a, long_id), (b, short_id)):
         at.run()
@@ -286,28 +287,40 @@ def test_clean_up_deletes_only_old_uploads(classroom):
     assert not old.exists() and new.exists()
 
 
-def test_zip_upload_on_the_data_page_lands_in_my_folder(classroom):
-    at = student(page=DATA)
-    at.radio(key="data_source").set_value("zip").run()
-    assert_ok(at)
-    owner = at.session_state["owner"]
-    # AppTest can't drive st.file_uploader, so the page helper is called as the page calls it
-    from pages import common
+def class_zip(per_class: int = 3, padding: int = 0) -> bytes:
+    from conftest import class_image
     blob = io.BytesIO()
     with zipfile.ZipFile(blob, "w") as z:
-        for cls in ("a", "b"):
-            for i in range(3):
+        for label, cls in enumerate(("a", "b")):
+            for i in range(per_class):
                 buf = io.BytesIO()
-                from conftest import class_image
-                class_image(0 if cls == "a" else 1, i).save(buf, "PNG")
+                class_image(label, i).save(buf, "PNG")
                 z.writestr(f"{cls}/{i}.png", buf.getvalue())
-    monkeypatch_user = access.User(owner)
-    folder = common.D.save_upload_zip(blob.getvalue(), "set.zip", folder=access.uploads_dir(monkeypatch_user),
-                                      max_bytes=access.upload_allowance(monkeypatch_user, access.Policy()))
-    assert folder.parent == paths.datasets_dir() / "users" / owner
-    with pytest.raises(common.D.DataError):
-        common.D.save_upload_zip(blob.getvalue(), "again.zip", folder=access.uploads_dir(access.User("x1")),
-                                 max_bytes=100)
+        if padding:
+            z.writestr("a/notes.txt", bytes(padding))
+    return blob.getvalue()
+
+
+def test_zip_uploads_land_in_my_folder_within_my_quota(classroom):
+    """A student's zip unpacks into their own folder, listed under My uploads; once their quota
+    is used up the next zip is refused with the limit, before anything is written."""
+    access.save_policy(access.Policy(user_mb=1))
+    at = student(page=DATA)
+    at.radio(key="data_source").set_value("zip").run()
+    at.file_uploader(key="zip_upload").upload("set.zip", class_zip(), "application/zip").run()
+    assert_ok(at)
+    owner = at.session_state["owner"]
+    root = Path(at.session_state["settings"]["data_root"])
+    assert root.parent == paths.datasets_dir() / "users" / owner
+    assert any("My uploads (1," in e.label for e in at.expander)
+    other = student(page=DATA)
+    assert any("My uploads (0," in e.label for e in other.expander)
+    other.radio(key="data_source").set_value("zip").run()
+    other.file_uploader(key="zip_upload").upload("big.zip", class_zip(padding=3 * access.MB),
+                                                 "application/zip").run()
+    assert_ok(other)
+    assert "would unpack to more than 1.0 MB" in errors(other)
+    assert not any((paths.datasets_dir() / "users" / other.session_state["owner"]).iterdir())
 
 
 # ---------------------------------------------------------------- presets
@@ -501,6 +514,26 @@ def test_a_full_disk_fails_with_a_sentence_leaves_no_temp_files_and_resumes(tiny
     assert [row["epoch"] for row in run.epochs()] == [1, 2, 3]
 
 
+def test_torch_save_on_a_full_disk_reads_as_a_full_disk(tiny_config, monkeypatch):
+    """torch.save reports a full disk as RuntimeError("basic_ios::clear"); the run says "disk full"."""
+    import shutil
+    import torch
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith("last_state.pt.tmp") and len(run.epochs()) >= 1:
+            Path(f).write_bytes(b"half")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos; basic_ios::clear")
+        return real(obj, f, *args, **kwargs)
+    free = shutil.disk_usage
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: free(p)._replace(free=1024))
+    run = R.Run.create(tiny_config(epochs=3))
+    status = training.train_run(run)
+    assert status["state"] == "failed" and "The disk is full" in status["message"]
+    assert not list(run.path.glob(".*.tmp")) and run.resumable()
+
+
 def test_a_read_only_data_directory_gives_one_sentence(monkeypatch, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -510,3 +543,18 @@ def test_a_read_only_data_directory_gives_one_sentence(monkeypatch, tmp_path):
         at = AppTest.from_file(str(paths.REPO_ROOT / "streamlit_app.py"), default_timeout=60).run()
         assert_ok(at)
         assert "can't write to its data directory" in errors(at)
+        import contextlib
+        from core import cli
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert cli.main(["train", str(tmp_path / "config.json")]) == 2
+        assert "can't write to its data directory" in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+def test_an_unknown_or_hostile_arch_creates_no_folder(tmp_path):
+    before = {p for p in tmp_path.rglob("*")}
+    for arch in ("../../../../elsewhere", "no_such_model", "hf-hub:../../x"):
+        with pytest.raises(R.ConfigError, match="arch is"):
+            MANAGER.submit(R.RunConfig(data_root=str(tmp_path), arch=arch))
+    assert {p for p in tmp_path.rglob("*")} - before <= {paths.home(), paths.runs_dir()}
+    assert R.list_runs() == []

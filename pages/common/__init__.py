@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from core import access, paths
-from core.runs import ACTIVE_STATES, RANGES, Run, RunConfig, delete_run, get_run, list_runs
+from core.runs import ACTIVE_STATES, RANGES, Run, RunConfig, delete_run, get_run, list_runs, validate_config
 from core.worker import MANAGER
 
 PAGES = {
@@ -212,6 +212,7 @@ def submit(cfg: RunConfig) -> Run:
     """Queue a run for this user, within the admin's caps (a sentence saying so when capped).
     Raises ValueError (or access.AccessError) with a sentence when it can't be queued."""
     who, rules = user(), policy()
+    cfg = validate_config(cfg.to_dict())          # one typed check, as for presets and the CLI
     if problem := access.run_data_problem(who, cfg.data_root, rules):
         raise access.AccessError(problem)
     cfg, note = access.capped(cfg, who, rules)
@@ -243,8 +244,8 @@ def save_zip(data: bytes, name: str) -> Path:
     """Unpack an uploaded zip into this user's upload folder, within their disk allowance."""
     from core import data as D
     who = user()
-    return D.save_upload_zip(data, name, folder=access.uploads_dir(who),
-                             max_bytes=access.upload_allowance(who, policy()))
+    allowed = min(access.upload_allowance(who, policy()), D.MAX_ZIP_BYTES)
+    return D.save_upload_zip(data, name, folder=access.uploads_dir(who), max_bytes=allowed)
 
 
 def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = "run_pick"):
@@ -361,6 +362,17 @@ def epochs_column_config():
             "lr": st.column_config.NumberColumn("LR", format="%.1e"),
             "seconds": st.column_config.NumberColumn("s", format="%.2f"),
             "best": st.column_config.CheckboxColumn("best")}
+
+
+def queue_place(run_id: str) -> str | None:
+    """Where a waiting run stands in the shared queue, in words."""
+    where = MANAGER.place(run_id)
+    if where is None:
+        return None
+    ahead, eta = where
+    minutes = max(1, round(eta / 60))
+    return (f"{ahead} run(s) ahead of it in the lab's queue (runs of different users take turns); "
+            f"it should start in about {minutes} min (a rough estimate from this server's past runs).")
 
 
 def stop_run(run_id: str) -> None:
