@@ -104,6 +104,11 @@ def quick_demo_progress(run_id: str):
     st.rerun(scope="app")
 
 
+@st.cache_data(ttl=60, show_spinner="Measuring the data directory…")
+def disk_usage() -> dict:
+    return access.disk_usage()      # walks every file: at most once a minute
+
+
 def admin_panel():
     """The teacher's controls: who is admin, what students may do, disk use and clean-up."""
     who = common.user()
@@ -129,7 +134,7 @@ def admin_panel():
             if st.form_submit_button("Save settings"):
                 access.save_policy(access.Policy(server_folders=folders, roots=roots.splitlines(), **values))
                 st.success("Saved: they apply to the next action of every student.")
-        usage = access.disk_usage()
+        usage = disk_usage()
         cap = f" of {rules.total_mb:,} MB" if rules.total_mb else ""
         st.caption(f"Data directory: {usage['total'] / 2**20:,.0f} MB{cap} used ("
                    + ", ".join(f"{k} {v / 2**20:,.0f} MB" for k, v in sorted(usage["parts"].items()))

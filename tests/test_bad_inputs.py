@@ -598,10 +598,12 @@ def test_run_folder_never_comes_from_the_arch_text(tmp_path):
     from core.runs import Run, RunConfig
     root = tmp_path / "runs"
     root.mkdir()
-    run = Run.create(RunConfig(arch="../../../../elsewhere/x"), root=root)
-    assert run.path.parent == root
-    assert ".." not in run.path.name and "/" not in run.path.name
-    assert not (tmp_path / "elsewhere").exists()
+    from core.runs import ConfigError
+    with pytest.raises(ConfigError, match="timm has no model of that name"):
+        Run.create(RunConfig(arch="../../../../elsewhere/x"), root=root)
+    assert not (tmp_path / "elsewhere").exists() and list(root.iterdir()) == []
+    run = Run.create(RunConfig(arch="hf-hub:org/some.model-v1"), root=root)     # a hub id: sanitised
+    assert run.path.parent == root and "/" not in run.path.name and ":" not in run.path.name
 
 
 @pytest.mark.parametrize("change, words", [

@@ -278,15 +278,22 @@ def test_fixed_size_backbone_trains_at_its_native_size(tiny_config):
     assert evaluate_run(run)["accuracy"] == run.read_json("test_metrics.json")["accuracy"]
 
 
-def test_unknown_arch_fails_in_background(tiny_config):
-    run = MANAGER.submit(tiny_config(arch="not_a_timm_model"))
-    assert MANAGER.wait(run.id, timeout=60)
-    assert run.status()["state"] == "failed"
-    assert "not_a_timm_model" in run.status()["message"]
+def test_unknown_arch_is_refused_before_a_run_exists(tiny_config):
+    """Issue 14: the model name is checked before any folder is written, in the queue and in
+    the foreground alike."""
+    from core.runs import ConfigError
+    for create in (MANAGER.submit, Run.create):
+        with pytest.raises(ConfigError, match="not_a_timm_model"):
+            create(tiny_config(arch="not_a_timm_model"))
+    assert list_runs() == []
 
 
-def test_unknown_arch_fails_clearly_in_foreground(tiny_config):
-    run = Run.create(tiny_config(arch="not_a_timm_model"))
+def test_a_model_timm_cant_build_fails_clearly_in_foreground(tiny_config, monkeypatch):
+    """A name that passed the check but can't be built (e.g. a hub id offline) still ends as a
+    failed run with the reason."""
+    run = Run.create(tiny_config())
+    cfg = run.read_json("config.json")
+    run.write_json("config.json", dict(cfg, arch="not_a_timm_model"))
     status = T.train_run(run)
     assert status["state"] == "failed"
     assert "no model called 'not_a_timm_model'" in status["message"]

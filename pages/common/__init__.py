@@ -244,6 +244,8 @@ def save_zip(data: bytes, name: str) -> Path:
     """Unpack an uploaded zip into this user's upload folder, within their disk allowance."""
     from core import data as D
     who = user()
+    if (done := D.upload_dir(data, name, parent=access.uploads_dir(who))).exists():
+        return done        # the page reruns while the uploader holds the file: already unpacked
     allowed = min(access.upload_allowance(who, policy()), D.MAX_ZIP_BYTES)
     return D.save_upload_zip(data, name, folder=access.uploads_dir(who), max_bytes=allowed)
 
