@@ -121,7 +121,7 @@ def bench_budget(record=None, data: str | None = None, budget: int = 300) -> dic
     cosine, same augmentation, same split and seed), each timed from a cold start of the run."""
     from core import train
     from core.presets import parse_preset
-    from core.runs import RunConfig
+    from core.config import RunConfig
     data = data or str(SHARED / "eurosat_rgb" if (SHARED / "eurosat_rgb").is_dir() else D.demo_dataset())
     preset = parse_preset((ROOT / "assets" / "presets" / "lab-best-in-5-minutes.json").read_bytes())["settings"]
     budget_cfg = RunConfig.from_dict(dict(preset, data_root=data, time_budget_s=budget))

@@ -6,8 +6,10 @@
 """
 from core.backbones import CATALOG, build_model, create_backbone, parameter_table, weight_sources
 from core.data import DataError, demo_dataset, scan_folder, split_items
-from core.evaluate import evaluate_run, load_run_model
-from core.runs import Run, RunConfig, get_run, list_runs
+from core.backbones import load_run_model
+from core.evaluate import evaluate_run
+from core.config import RunConfig
+from core.store import Run, get_run, list_runs
 from core.worker import MANAGER
 
 

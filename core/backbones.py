@@ -14,12 +14,16 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import timm
 import torch
 from timm.models import group_parameters
 from torch import nn
+
+if TYPE_CHECKING:           # annotations only: model code needs no run storage at import
+    from core.store import Run
 
 
 CATALOG = {
@@ -394,3 +398,30 @@ def native_input_size(arch: str) -> int | None:
 
 def count_blocks(arch: str) -> int:
     return len(block_groups(timm.create_model(arch, pretrained=False, num_classes=0)))
+
+
+# ---------------------------------------------------------------- a trained run's model
+
+def load_run_model(run: "Run", device: torch.device | str = "cpu") -> FineTuneModel:
+    """The run's best checkpoint as a model in eval mode."""
+    cfg = run.config
+    if not run.checkpoint.exists():
+        raise FileNotFoundError("This run has no checkpoint yet (it finished no epoch).")
+    model = build_model(cfg.arch, len(run.classes), weights="random",
+                        head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout)
+    model.load_state_dict(safetensors.torch.load_file(str(run.checkpoint)))
+    return model.to(device).eval()
+
+
+def data_config(model: FineTuneModel, image_size: int) -> dict:
+    cfg = timm.data.resolve_model_data_config(model.backbone)
+    return dict(mean=cfg["mean"], std=cfg["std"], image_size=image_size)
+
+
+def run_normalization(run: "Run", model: FineTuneModel) -> tuple[list, list]:
+    """The mean/std the run trained with (norm.json), else the backbone's own."""
+    norm = run.read_json("norm.json")
+    if norm:
+        return list(norm["mean"]), list(norm["std"])
+    dc = data_config(model, run.config.image_size)
+    return list(dc["mean"]), list(dc["std"])

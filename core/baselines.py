@@ -14,7 +14,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from core.evaluate import save_evaluation
-from core.runs import Run, RunConfig
+from core.config import RunConfig
+from core.store import Run
 
 PIXELS = 32     # images are shrunk to 32x32 before flattening
 

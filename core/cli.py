@@ -23,8 +23,8 @@ import threading
 from pathlib import Path
 
 from core import paths
-from core.runs import (ConfigError, Run, RunBusy, RunConfig, config_shape_problem, disk_problem,
-                       field_kind, get_run, validate_config)
+from core.config import ConfigError, RunConfig, config_shape_problem, field_kind, validate_config
+from core.store import Run, RunBusy, disk_problem, get_run
 
 FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
 
@@ -319,7 +319,7 @@ def cmd_lr(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from core.evaluate import load_run_model
+    from core.backbones import load_run_model
     from core.export import export_onnx, export_run
     run = get_run(args.run)
     out = Path(args.out or run.file("export"))

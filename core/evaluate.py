@@ -3,41 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import safetensors.torch
-import timm
 import torch
 from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix,
                              precision_recall_fscore_support)
 
 from core import data as D
-from core.backbones import FineTuneModel, build_model
+from core.backbones import data_config, load_run_model, run_normalization  # noqa: F401 - also this module's interface
 from core.device import autocast, pick_device
-from core.runs import Run
-
-
-def load_run_model(run: Run, device: torch.device | str = "cpu") -> FineTuneModel:
-    """The run's best checkpoint as a model in eval mode."""
-    cfg = run.config
-    if not run.checkpoint.exists():
-        raise FileNotFoundError("This run has no checkpoint yet (it finished no epoch).")
-    model = build_model(cfg.arch, len(run.classes), weights="random",
-                        head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout)
-    model.load_state_dict(safetensors.torch.load_file(str(run.checkpoint)))
-    return model.to(device).eval()
-
-
-def data_config(model: FineTuneModel, image_size: int) -> dict:
-    cfg = timm.data.resolve_model_data_config(model.backbone)
-    return dict(mean=cfg["mean"], std=cfg["std"], image_size=image_size)
-
-
-def run_normalization(run: Run, model: FineTuneModel) -> tuple[list, list]:
-    """The mean/std the run trained with (norm.json), else the backbone's own."""
-    norm = run.read_json("norm.json")
-    if norm:
-        return list(norm["mean"]), list(norm["std"])
-    dc = data_config(model, run.config.image_size)
-    return list(dc["mean"]), list(dc["std"])
+from core.store import Run
 
 
 @torch.inference_mode()

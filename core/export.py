@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from core.backbones import FineTuneModel, make_head
-from core.evaluate import load_run_model, run_normalization
-from core.runs import Run
+from core.backbones import load_run_model, run_normalization
+from core.store import Run
 
 
 def export_run(run: Run, out_dir: str | Path) -> tuple[Path, Path]:

@@ -17,9 +17,9 @@ from torchvision.transforms import v2
 
 from core import data as D
 from core.backbones import create_backbone
-from core.evaluate import load_run_model, run_normalization
+from core.backbones import load_run_model, run_normalization
 from core.export import load_exported
-from core.runs import Run
+from core.store import Run
 
 
 @dataclass
@@ -68,7 +68,7 @@ def from_export(weights: str | Path, meta_json: str | Path | dict) -> Predictor:
 def export_meta_problem(meta) -> str:
     """One sentence on what is wrong with an exported model.json ("" when nothing): checked
     before anything is allocated, since an image_size of 100000 would ask for gigabytes."""
-    from core.runs import RANGES
+    from core.config import RANGES
     if not isinstance(meta, dict):
         return "it is not a JSON object."
     classes = meta.get("classes")

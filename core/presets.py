@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from core import paths
-from core.runs import RunConfig, config_problems, typed_setting
+from core.config import RunConfig, config_problems, typed_setting
 
 FORMAT = "finetune-lab-preset/1"
 SHIPPED_DIR = paths.REPO_ROOT / "assets" / "presets"
@@ -79,7 +79,7 @@ def parse_preset(data: bytes | str) -> dict:
         raise PresetError("Not a preset: it has no \"settings\" section.")
     present = {key: value for key, value in preset["settings"].items()
                if key in RunConfig.__dataclass_fields__ and key not in NOT_SAVED}
-    # the checks of core.runs.validate_config (types, ranges, choices, model name), on the
+    # the checks of core.config.validate_config (types, ranges, choices, model name), on the
     # settings the preset holds, and within what the pages' widgets offer
     settings, problems = config_problems(present, for_widgets=True)
     if problems:

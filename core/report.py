@@ -32,7 +32,7 @@ from core import evaluate as E
 from core import inspect as I
 from core import paths
 from core import sweeps as S
-from core.runs import Run
+from core.store import Run
 
 RUN_SECTIONS = {
     "summary": "Summary", "data": "Data", "config": "Configuration", "curves": "Training curves",

@@ -10,7 +10,8 @@ from datetime import datetime
 import pandas as pd
 
 from core.data import PRESETS
-from core.runs import Run, RunConfig, list_runs
+from core.config import RunConfig
+from core.store import Run, list_runs
 from core.worker import MANAGER
 
 # What a sweep can vary: axis -> (label, how a value changes the config)
@@ -43,7 +44,11 @@ def apply(cfg: RunConfig, axis: str, value) -> RunConfig:
         return replace(cfg, arch=value, baseline="")
     if axis == "max_per_class":
         return replace(cfg, max_per_class=int(value) if value else None)
-    return replace(cfg, **{axis: value})
+    if axis == "freeze" and value != "scratch" and cfg.weights == "random":
+        # from a scratch base (report 002), "head only" on a random backbone would be meaningless:
+        # freezing depth is about pretrained weights (the init axis compares random vs pretrained)
+        return replace(cfg, freeze=value, weights="auto").with_rules()
+    return replace(cfg, **{axis: value}).with_rules()
 
 
 def expand(base: RunConfig, axes: dict[str, list]) -> list[RunConfig]:

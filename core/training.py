@@ -30,7 +30,8 @@ from core.device import autocast, choose_precision, describe, grad_scaler, pick_
 from core.evaluate import data_config, predict_probs, save_evaluation
 from core.budget import cache_refusal  # noqa: F401 - part of this module's interface
 from core.paths import resolve_data_root  # noqa: F401 - part of this module's interface
-from core.runs import Run, RunBusy, RunConfig, disk_problem
+from core.config import RunConfig
+from core.store import Run, RunBusy, disk_problem
 
 
 class Stopped(Exception):

@@ -1,7 +1,7 @@
 """The background queue: one worker thread trains queued runs one after another (one device,
 one queue). Runs of different users interleave: the next run is always taken from the user served
 least recently, so one student's sweep can't hold back everyone else. Stop requests are events the
-training loop checks every batch. Kept apart from core.runs (the run folders), so storage never
+training loop checks every batch. Kept apart from core.store (the run folders), so storage never
 imports training."""
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import runs
+from core import store
 from core import training
-from core.runs import Run, RunBusy, RunConfig
+from core.config import RunConfig
+from core.store import Run, RunBusy
 
 FALLBACK_EPOCH_S = 30.0      # a guess for a kind of run this server has never trained
 PREPARE_S = 20.0             # building the model and decoding images, before the first epoch
@@ -78,7 +79,7 @@ class RunManager:
         with self._lock:
             job.seq = next(self._seq)
             self._stops[job.run.id] = threading.Event()
-            runs.hold(job.run.id)
+            store.hold(job.run.id)
             self._waiting.setdefault(job.owner, deque()).append(job)
             self._ready.notify()
             if self._worker is None or not self._worker.is_alive():
@@ -155,7 +156,7 @@ class RunManager:
                 with self._lock:
                     self._current = None
                     self._stops.pop(job.run.id, None)
-                    runs.release(job.run.id)
+                    store.release(job.run.id)
 
     def _train(self, job: _Job) -> None:
         event = self._stops[job.run.id]
@@ -211,7 +212,7 @@ def _epoch_seconds(arch: str, freeze: str, size: int) -> float:
     if cached and time.monotonic() - cached[1] < 300:
         return cached[0]
     seen = []
-    for run in runs.list_runs()[:100]:
+    for run in store.list_runs()[:100]:
         cfg = run.config
         if (cfg.arch, cfg.freeze, cfg.image_size) == key:
             seen += [row["seconds"] for row in run.epochs() if isinstance(row.get("seconds"), (int, float))]

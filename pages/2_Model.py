@@ -8,7 +8,7 @@ import torch
 
 from core import backbones as B
 from core import access
-from core.runs import FREEZE_MODES
+from core.config import FREEZE_MODES
 from pages import common
 from pages.common.teaching import explain
 

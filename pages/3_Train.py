@@ -10,7 +10,8 @@ import timm  # the package first: two sessions entering timm's import cycle at d
 from core import data as D
 from core.backbones import native_input_size
 from core.device import describe, pick_device
-from core.runs import ACTIVE_STATES, CHOICES, WIDGET_CHOICES
+from core.config import CHOICES, WIDGET_CHOICES
+from core.store import ACTIVE_STATES
 from core.training import resolve_data_root, uses_feature_cache
 from pages import common
 from pages.common.speed import lr_panel, run_speed_info, speed_panel

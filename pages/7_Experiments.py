@@ -9,7 +9,8 @@ from core import backbones as B
 from core import sweeps as S
 from core.data import PRESETS
 from core.report import save_sweep_report
-from core.runs import ACTIVE_STATES, CHOICES, FREEZE_MODES, setting_problems
+from core.config import CHOICES, FREEZE_MODES, setting_problems
+from core.store import ACTIVE_STATES
 from pages import common
 
 settings = common.setup("Experiments")

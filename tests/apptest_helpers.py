@@ -50,7 +50,7 @@ def manager_idle(timeout: float) -> bool:
 
 def quiet_queue(timeout: float):
     """Fixture body: no background run from another test may be training before or after."""
-    from core.runs import ACTIVE_STATES, list_runs
+    from core.store import ACTIVE_STATES, list_runs
     from core.worker import MANAGER
     assert manager_idle(timeout), "a run from an earlier test is still in the queue"
     yield

@@ -65,7 +65,7 @@ def class_folders(root: Path, classes: int | list[str] = 3, per_class: int = 12,
 
 
 def tiny_run_config(data_root, **overrides):
-    from core.runs import RunConfig
+    from core.config import RunConfig
     return RunConfig(**{**TINY_SETTINGS, "data_root": str(data_root), **overrides})
 
 

@@ -595,10 +595,11 @@ def test_extreme_aspect_ratio_is_refused_before_it_costs_memory(tmp_path, size):
 
 
 def test_run_folder_never_comes_from_the_arch_text(tmp_path):
-    from core.runs import Run, RunConfig
+    from core.config import RunConfig
+    from core.store import Run
     root = tmp_path / "runs"
     root.mkdir()
-    from core.runs import ConfigError
+    from core.config import ConfigError
     with pytest.raises(ConfigError, match="timm has no model of that name"):
         Run.create(RunConfig(arch="../../../../elsewhere/x"), root=root)
     assert not (tmp_path / "elsewhere").exists() and list(root.iterdir()) == []

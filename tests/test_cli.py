@@ -22,7 +22,8 @@ from conftest import class_image
 from core import cli
 from core import distributed as dist
 from core import training as T
-from core.runs import ConfigError, get_run, list_runs
+from core.config import ConfigError
+from core.store import get_run, list_runs
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")

@@ -21,12 +21,12 @@ from PIL import Image, ImageOps
 import core
 from core import data as D
 from core import device as DEV
-from core import runs as R
+from core import store as R
 from core import sweeps as S
 from core import training as T
 from core.backbones import build_model
 from core.evaluate import data_config, evaluate_run, load_predictions
-from core.runs import ACTIVE_STATES, Run, list_runs
+from core.store import ACTIVE_STATES, Run, list_runs
 from core.worker import MANAGER
 
 

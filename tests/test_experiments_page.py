@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 from apptest_helpers import assert_ok, opened
 
 from core import data as D
-from core.runs import ACTIVE_STATES, list_runs
+from core.store import ACTIVE_STATES, list_runs
 from core.worker import MANAGER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

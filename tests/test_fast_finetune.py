@@ -22,7 +22,7 @@ from core import prefix as P
 from core.backbones import (FineTuneModel, apply_freeze, block_groups, build_model, freeze_norm_stats,
                             make_head, native_input_size)
 from core.data import build_transform
-from core.runs import RunConfig
+from core.config import RunConfig
 
 ARCHS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
 
@@ -617,7 +617,7 @@ def test_prefix_run_with_augmented_views_resumes_to_the_same_metrics(folder, mon
     # The bank is rebuilt on resume from the same seed, and each epoch's view is drawn from
     # (seed, epoch): a stopped-and-resumed run trains exactly as an uninterrupted one.
     from core import training as T
-    from core.runs import Run
+    from core.store import Run
     settings = dict(freeze="top_k", top_k=1, epochs=4, augment={"hflip": True}, aug_views=2)
     whole = Run.create(tiny_run_config(folder, **settings))
     assert T.train_run(whole)["state"] == "finished"
@@ -635,7 +635,7 @@ def test_prefix_run_with_augmented_views_resumes_to_the_same_metrics(folder, mon
 
 def test_budget_run_resumes_with_its_saved_plan(folder, monkeypatch):
     from core import training as T
-    from core.runs import Run
+    from core.store import Run
     run = Run.create(tiny_run_config(folder, freeze="top_k", time_budget_s=120))
     status = T.train_run(run, stop=_stop_after(monkeypatch, 2))
     assert status["state"] == "stopped", status

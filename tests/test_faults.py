@@ -22,7 +22,8 @@ from core import cli
 from core import sweeps as S
 from core import training as T
 from core.evaluate import evaluate_run, load_run_model
-from core.runs import Run, RunConfig, delete_run, get_run, list_runs
+from core.config import RunConfig
+from core.store import Run, delete_run, get_run, list_runs
 from core.worker import MANAGER
 
 REPO = Path(__file__).resolve().parents[1]

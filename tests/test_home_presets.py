@@ -19,7 +19,8 @@ from streamlit.testing.v1 import AppTest
 
 from core import presets as P
 from apptest_helpers import assert_ok, opened, quiet_queue
-from core.runs import RunConfig, list_runs
+from core.config import RunConfig
+from core.store import list_runs
 from core.worker import MANAGER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,8 @@ import torch
 from core import backbones as B
 from core import cli
 from core import presets as P
-from core.runs import ConfigError, RunConfig, list_runs, setting_problems, split_problems, validate_config
+from core.config import ConfigError, RunConfig, setting_problems, split_problems, validate_config
+from core.store import list_runs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 import core
 from core import backbones as B
-from core.runs import RunConfig
+from core.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")

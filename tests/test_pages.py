@@ -20,7 +20,7 @@ from conftest import class_image
 from core import paths
 from apptest_helpers import assert_ok, quiet_queue, use_small_settings
 from apptest_helpers import opened as opened_with
-from core.runs import list_runs
+from core.store import list_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")

@@ -25,7 +25,7 @@ from conftest import train_apart as train
 from core import paths
 from core import report as R
 from core import sweeps as S
-from core.runs import Run, get_run
+from core.store import Run, get_run
 
 CLASSES = ["<b>cat&dog", "plain", "price $5 & $6"]
 IMG_SRC = re.compile(r'<img\b[^>]*?\bsrc="([^"]*)"')

@@ -22,7 +22,7 @@ from core import evaluate as E
 from core import predict as P
 from core.backbones import bundled_file
 from core.export import export_onnx, export_run, load_exported
-from core.runs import Run
+from core.store import Run
 from core.worker import MANAGER
 
 CLASSES = ["a", "b", "c"]

@@ -23,7 +23,7 @@ from apptest_helpers import assert_ok, opened
 from conftest import class_folders, class_image, tiny_run_config, train_apart
 from core import paths
 from core.backbones import bundled_file
-from core.runs import get_run
+from core.store import get_run
 from core.worker import MANAGER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

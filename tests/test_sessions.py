@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.util import patch_config_options
 
 from apptest_helpers import assert_ok, opened, quiet_queue, use_small_settings
-from core.runs import get_run, list_runs
+from core.store import get_run, list_runs
 from core.worker import MANAGER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

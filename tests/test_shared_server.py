@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 from apptest_helpers import assert_ok, opened, quiet_queue, use_small_settings
 from conftest import class_folders, tiny_run_config
 from core import access, paths, presets
-from core import runs as R
+from core import store as R
 from core import training
 from core.worker import MANAGER, QueueFull, RunManager
 

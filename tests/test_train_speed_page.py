@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from apptest_helpers import assert_ok, opened, quiet_queue, use_small_settings
-from core.runs import list_runs
+from core.store import list_runs
 from test_pages import button, charts, texts, wait_for_state
 
 TRAIN = "pages/3_Train.py"

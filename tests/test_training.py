@@ -1,4 +1,4 @@
-"""core.training, core.runs and core.evaluate: whole runs on tiny models and generated images."""
+"""core.training, core.store and core.evaluate: whole runs on tiny models and generated images."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +19,7 @@ from conftest import class_image
 from core import training as T
 from core.data import DataError
 from core.evaluate import evaluate_run, load_run_model
-from core.runs import Run, get_run, list_runs
+from core.store import Run, get_run, list_runs
 from core.worker import MANAGER
 
 EPOCH_KEYS = {"epoch", "lr", "train_loss", "val_loss", "val_acc", "seconds"}
@@ -281,7 +281,7 @@ def test_fixed_size_backbone_trains_at_its_native_size(tiny_config):
 def test_unknown_arch_is_refused_before_a_run_exists(tiny_config):
     """Issue 14: the model name is checked before any folder is written, in the queue and in
     the foreground alike."""
-    from core.runs import ConfigError
+    from core.config import ConfigError
     for create in (MANAGER.submit, Run.create):
         with pytest.raises(ConfigError, match="not_a_timm_model"):
             create(tiny_config(arch="not_a_timm_model"))

@@ -12,7 +12,8 @@ import pandas as pd
 import streamlit as st
 
 from core import access, paths
-from core.runs import ACTIVE_STATES, RANGES, Run, RunConfig, delete_run, get_run, list_runs, validate_config
+from core.config import RANGES, RunConfig, validate_config
+from core.store import ACTIVE_STATES, Run, delete_run, get_run, list_runs
 from core.worker import MANAGER
 
 PAGES = {

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from core import budget as B
-from core.runs import RunConfig
+from core.config import RunConfig
 from pages import common
 
 
