@@ -3,8 +3,12 @@
 One file that opens offline and prints to PDF: charts are matplotlib PNGs and images are small
 JPEG thumbnails, both embedded as data: URIs; the CSS is inline and there is no JavaScript. A
 Content-Security-Policy meta tag allows nothing but data: images and the inline style, so a
-report never reaches out, even if a later section slips. Every text that can come from a user
-(class, file, run and folder names) goes through `esc`.
+report never reaches out, even if a later section slips.
+
+The page is assets/templates/report.html.j2 (section bodies in report_sections.html.j2),
+rendered by Jinja2 with autoescape on: this module gathers plain values, the templates hold the
+markup, and every value (class, file, run and folder names, messages, settings) is escaped there
+by default. Nothing is marked safe.
 
     from core.report import save_run_report
     print(save_run_report(run))          # <run>/report.html
@@ -12,14 +16,16 @@ report never reaches out, even if a later section slips. Every text that can com
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
 import torch
@@ -47,14 +53,48 @@ GALLERY_BUDGET = 400      # at most this many thumbnails in the best/worst galle
 MISCLASSIFIED = 30        # most confident mistakes shown
 SAMPLES = 60              # data sample thumbnails, spread over the classes
 INSPECT_IMAGES = 16       # images the sparsity is measured on
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+TEMPLATES = paths.ASSETS / "templates"
+TEMPLATE = "report.html.j2"
 
 
-# ---------------------------------------------------------------- small HTML pieces
+# ---------------------------------------------------------------- rendering
 
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
+@functools.cache
+def _env() -> jinja2.Environment:
+    # autoescape=True (not by file name): every {{ value }} is HTML-escaped whatever the template
+    # is called. StrictUndefined: a misspelt field fails the report instead of leaving a silent gap.
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True)
+    env.tests["bold"] = lambda cell: isinstance(cell, _Bold)
+    return env
 
+
+def _render(kind: str, title: str, subtitle: str, bodies: dict[str, dict]) -> str:
+    """The page; `bodies` maps a section id to the values its macro `<kind>_<id>` shows (or a _note)."""
+    titles = RUN_SECTIONS if kind == "run" else SWEEP_SECTIONS
+    sections = [{"id": sid, "title": titles[sid], "data": data} for sid, data in bodies.items()]
+    return _env().get_template(TEMPLATE).render(kind=kind, title=title, subtitle=subtitle, sections=sections,
+                                                stamp=datetime.now().strftime("%Y-%m-%d %H:%M"))
+
+
+def _note(text: str) -> dict:
+    """A section body that is only a remark (no data to show)."""
+    return {"note": text}
+
+
+def _table(header: list, rows: list[list], numeric=frozenset(), row_classes: list[str] | None = None) -> dict:
+    """What the template's `table` macro shows: cells are plain values, or _Bold ones."""
+    return {"header": header, "rows": rows, "numeric": numeric, "row_classes": row_classes}
+
+
+@dataclass(frozen=True)
+class _Bold:
+    """A table cell shown in bold (a type of its own: no data value can pass for one)."""
+    value: object
+
+
+# ---------------------------------------------------------------- small text pieces
 
 def plain(text) -> str:
     """A label for matplotlib: a class called '$5 & $6' must not be parsed as mathtext."""
@@ -74,51 +114,15 @@ def _missing(value) -> bool:
 
 
 def setting(value) -> str:
-    """A config value as HTML: lists and dicts as JSON."""
-    return esc(json.dumps(value) if isinstance(value, (dict, list, tuple)) else value)
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset(),
-          row_class=None) -> str:
-    """Cells arrive as HTML (already escaped); the header is escaped here."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{row_class(i)}"' if row_class and row_class(i) else ""
-        cells = "".join(f'<td class="num">{c}</td>' if j in numeric else f"<td>{c}</td>"
-                        for j, c in enumerate(row))
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def tiles(values: dict[str, str]) -> str:
-    return '<div class="tiles">' + "".join(
-        f'<div class="tile"><span>{esc(k)}</span><b>{esc(v)}</b></div>' for k, v in values.items()) + "</div>"
-
-
-def chart(src: str, caption: str = "", alt: str = "chart") -> str:
-    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    return f'<figure class="chart"><img src="{src}" alt="{esc(alt)}">{cap}</figure>'
-
-
-def gallery(items: list[tuple[str, str, list[str]]], wide: bool = False) -> str:
-    """(src, file name, caption lines) per image."""
-    if not items:
-        return note("No images.")
-    cls = "thumb wide" if wide else "thumb"
-    figs = [f'<figure class="{cls}"><img src="{src}" alt="{esc(name)}" title="{esc(name)}">'
-            f'<figcaption>{"<br>".join(esc(line) for line in lines)}</figcaption></figure>'
-            for src, name, lines in items]
-    return '<div class="gallery">' + "".join(figs) + "</div>"
+    """A config value as text: lists and dicts as JSON."""
+    return json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
 
 
 # ---------------------------------------------------------------- embedded images
 
 def _uri(data: bytes, mime: str) -> str:
+    # base64 and "data:image/...;base64," hold none of & < > " ', so autoescape leaves the URI
+    # unchanged: it needs no trust (no |safe) to reach an <img src>.
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -253,63 +257,6 @@ def sparsity_figure(rows: list[dict]) -> Figure:
     return fig
 
 
-# ---------------------------------------------------------------- the page
-
-CSS = """
-:root { color-scheme: light; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1b1f24;
-       background: #fff; margin: 0 auto; max-width: 1100px; padding: 16px 24px; }
-h1 { font-size: 24px; margin: 0 0 4px; }
-h2 { font-size: 19px; border-bottom: 2px solid #e3e7ec; padding-bottom: 4px; margin-top: 28px; }
-h3 { font-size: 15px; margin: 16px 0 6px; }
-.meta, .note, figcaption, footer { color: #57606a; }
-.note { font-style: italic; }
-nav a { margin-right: 12px; color: #0b5cad; text-decoration: none; }
-table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
-th, td { border: 1px solid #d8dee4; padding: 3px 8px; text-align: left; vertical-align: top; }
-th { background: #f3f5f7; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.best td { background: #e8f5e9; }
-.tiles { display: flex; flex-wrap: wrap; gap: 10px; margin: 8px 0; }
-.tile { border: 1px solid #d8dee4; border-radius: 6px; padding: 6px 12px; min-width: 110px; }
-.tile span { font-size: 12px; color: #57606a; }
-.tile b { display: block; font-size: 19px; }
-figure { margin: 8px 0; }
-figure.chart img { max-width: 100%; height: auto; }
-.gallery { display: flex; flex-wrap: wrap; gap: 6px; }
-figure.thumb { width: 104px; margin: 0; font-size: 11px; text-align: center; overflow-wrap: anywhere; }
-figure.thumb.wide { width: 150px; }
-figure.thumb img { width: 96px; height: 96px; object-fit: contain; image-rendering: pixelated;
-                   background: #f3f5f7; }
-footer { margin-top: 32px; font-size: 12px; }
-@page { margin: 12mm; }
-@media print {
-  body { max-width: none; padding: 0; font-size: 10pt; background: #fff; }
-  nav { display: none; }
-  * { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
-  section, figure, table, .tiles, .gallery { break-inside: avoid; page-break-inside: avoid; }
-  h2, h3 { break-after: avoid; page-break-after: avoid; }
-}
-"""
-
-
-def section(sid: str, title: str, body: str) -> str:
-    return f'<section id="{esc(sid)}">\n<h2>{esc(title)}</h2>\n{body}\n</section>'
-
-
-def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
-    nav = "".join(f'<a href="#{esc(sid)}">{esc(name)}</a>' for sid, name, _ in sections)
-    body = "\n".join(section(*s) for s in sections)
-    stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{esc(title)}</title>\n<style>{CSS}</style></head>\n<body>\n"
-            f'<header><h1>{esc(title)}</h1><p class="meta">{esc(subtitle)}</p><nav>{nav}</nav></header>\n'
-            f"<main>\n{body}\n</main>\n<footer>Finetune Lab report · generated {stamp}</footer>\n"
-            f"</body></html>\n")
-
-
 # ---------------------------------------------------------------- one run
 
 def run_report(run: Run, include_inspection: bool = True, split: str = "test") -> str:
@@ -321,22 +268,20 @@ def run_report(run: Run, include_inspection: bool = True, split: str = "test") -
     metrics = run.read_json(f"{split}_metrics.json")
     frame = E.load_predictions(run, split) if metrics else None
     epochs = run.epochs()
-    missing = note(f"No stored {split} predictions: open the run on the Evaluate page once.")
+    missing = _note(f"No stored {split} predictions: open the run on the Evaluate page once.")
     bodies = {
         "summary": _summary(run, status, metrics, split),
         "data": _data(run, splits, classes, thumbs),
         "config": _config(run, status),
-        "curves": chart(figure_uri(curves_figure(epochs)), alt="loss and accuracy per epoch")
-        if epochs else note("No finished epoch."),
-        "epochs": _epochs(epochs) if epochs else note("No finished epoch."),
+        "curves": {"chart": figure_uri(curves_figure(epochs))} if epochs else _note("No finished epoch."),
+        "epochs": _epochs(epochs) if epochs else _note("No finished epoch."),
         "metrics": _metrics(metrics, split) if metrics else missing,
         "confusion": _confusion(metrics) if metrics else missing,
         "ranked": _ranked(frame, classes, thumbs) if frame is not None else missing,
         "misclassified": _misclassified(frame, thumbs) if frame is not None else missing,
         "inspection": _inspection_or_note(run, splits, split, include_inspection),
     }
-    sections = [(sid, RUN_SECTIONS[sid], body) for sid, body in bodies.items()]
-    return page(f"Run {run.id}", f"{cfg.name or cfg.arch} · {status.get('state', '?')}", sections)
+    return _render("run", f"Run {run.id}", f"{cfg.name or cfg.arch} · {status.get('state', '?')}", bodies)
 
 
 def save_run_report(run: Run, split: str = "test", include_inspection: bool = True) -> Path:
@@ -346,19 +291,16 @@ def save_run_report(run: Run, split: str = "test", include_inspection: bool = Tr
     return path
 
 
-def _summary(run: Run, status: dict, metrics: dict | None, split: str) -> str:
+def _summary(run: Run, status: dict, metrics: dict | None, split: str) -> dict:
     cfg = run.config
-    values = {"state": status.get("state", "?"), "best epoch": status.get("best_epoch", "—"),
-              "best val acc": pct(status.get("best_val_acc"))}
+    tiles = {"state": status.get("state", "?"), "best epoch": status.get("best_epoch", "—"),
+             "best val acc": pct(status.get("best_val_acc"))}
     if metrics:
-        values.update({f"{split} accuracy": pct(metrics["accuracy"]), f"{split} mAP": pct(metrics.get("mAP")),
-                       "macro F1": pct(metrics["macro_f1"])})
+        tiles.update({f"{split} accuracy": pct(metrics["accuracy"]), f"{split} mAP": pct(metrics.get("mAP")),
+                      "macro F1": pct(metrics["macro_f1"])})
     model = "logistic regression on raw pixels" if cfg.baseline == "logreg" else cfg.arch
-    lines = [f"Model <b>{esc(model)}</b> · freeze {esc(cfg.freeze)} · head {esc(cfg.head)} · "
-             f"{esc(cfg.optimizer)} lr {esc(f'{cfg.lr:g}')} · {esc(cfg.epochs)} epochs · "
-             f"{esc(cfg.image_size)} px", f"Status: {esc(status.get('message', ''))}",
-             f"Folder: <code>{esc(run.path)}</code>"]
-    return tiles(values) + "".join(f"<p>{line}</p>" for line in lines)
+    return {"tiles": tiles, "model": model, "cfg": cfg, "lr": f"{cfg.lr:g}",
+            "message": status.get("message", ""), "folder": run.path}
 
 
 def _split_counts(splits: dict, n_classes: int) -> dict[str, list[int]]:
@@ -369,129 +311,116 @@ def _split_counts(splits: dict, n_classes: int) -> dict[str, list[int]]:
     return out
 
 
-def _data(run: Run, splits: dict, classes: list[str], thumbs: Thumbnails) -> str:
+def _data(run: Run, splits: dict, classes: list[str], thumbs: Thumbnails) -> dict:
     if not classes or not splits:
-        return note("The run stored no data split (it stopped before scanning the data).")
+        return _note("The run stored no data split (it stopped before scanning the data).")
     counts = _split_counts(splits, len(classes))
-    rows = [[esc(c)] + [str(counts[s][i]) for s in D.SPLITS] + [str(sum(counts[s][i] for s in D.SPLITS))]
+    rows = [[c, *(counts[s][i] for s in D.SPLITS), sum(counts[s][i] for s in D.SPLITS)]
             for i, c in enumerate(classes)]
-    rows.append(["<b>all</b>"] + [f"<b>{sum(counts[s])}</b>" for s in D.SPLITS]
-                + [f"<b>{sum(map(sum, counts.values()))}</b>"])
-    parts = [f"<p>{len(classes)} classes in <code>{esc(splits.get('root', '?'))}</code></p>",
-             table(["class", *D.SPLITS, "total"], rows, numeric={1, 2, 3, 4}),
-             chart(figure_uri(counts_figure(counts, classes)), alt="images per class and split")]
+    totals = ("all", *(sum(counts[s]) for s in D.SPLITS), sum(map(sum, counts.values())))
+    rows.append([_Bold(v) for v in totals])
     skipped = run.read_json("skipped.json", []) or []
-    if skipped:
-        parts.append(f"<p>{len(skipped)} file(s) could not be decoded and were left out:</p>")
-        parts.append(table(["file", "reason"], [[esc(p), esc(r)] for p, r in skipped[:20]]))
-    parts.append("<h3>Samples</h3>" + _samples(splits, classes, thumbs))
-    return "\n".join(parts)
+    return {"classes": len(classes), "root": splits.get("root", "?"),
+            "table": _table(["class", *D.SPLITS, "total"], rows, numeric={1, 2, 3, 4}),
+            "chart": figure_uri(counts_figure(counts, classes)), "skipped": len(skipped),
+            "skipped_table": _table(["file", "reason"], skipped[:20]),
+            "samples": _samples(splits, classes, thumbs)}
 
 
-def _samples(splits: dict, classes: list[str], thumbs: Thumbnails) -> str:
+def _samples(splits: dict, classes: list[str], thumbs: Thumbnails) -> list[tuple]:
     per_class = max(1, min(6, SAMPLES // len(classes)))
     picked: dict[int, list[str]] = {i: [] for i in range(len(classes))}
     for split in D.SPLITS:
         for path, label in splits.get(split, []):
             if len(picked[label]) < per_class:
                 picked[label].append(path)
-    items = [(thumbs(p), p, [classes[label]]) for label, files in picked.items() for p in files]
-    return gallery(items)
+    return [(thumbs(p), p, [classes[label]]) for label, files in picked.items() for p in files]
 
 
-def _config(run: Run, status: dict) -> str:
+def _config(run: Run, status: dict) -> dict:
     config = run.read_json("config.json", {}) or {}
-    rows = [[esc(k), setting(v)] for k, v in config.items()]
+    rows = [[k, setting(v)] for k, v in config.items()]
     norm = run.read_json("norm.json")
     if norm:
-        rows.append(["normalisation", esc(f"{norm.get('source')}: mean {_rounded(norm['mean'])}, "
-                                          f"std {_rounded(norm['std'])}")])
+        rows.append(["normalisation", f"{norm.get('source')}: mean {_rounded(norm['mean'])}, "
+                                      f"std {_rounded(norm['std'])}"])
     if status.get("device"):
-        rows.append(["trained on", esc(status["device"])])
-    return table(["setting", "value"], rows)
+        rows.append(["trained on", status["device"]])
+    return {"table": _table(["setting", "value"], rows)}
 
 
 def _rounded(values) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
 
-def _epochs(epochs: list[dict]) -> str:
+def _epochs(epochs: list[dict]) -> dict:
     header = ["epoch", "phase", "LR", "train loss", "train acc", "val loss", "val acc", "s", "best"]
-    rows = [[str(e["epoch"]), esc(e.get("phase", "")), num(e.get("lr"), ".1e"),
+    rows = [[e["epoch"], e.get("phase", ""), num(e.get("lr"), ".1e"),
              num(e.get("train_loss")), pct(e.get("train_acc")), num(e.get("val_loss")),
              pct(e.get("val_acc")), num(e.get("seconds"), ".2f"), "✓" if e.get("best") else ""]
             for e in epochs]
-    return table(header, rows, numeric={0, 2, 3, 4, 5, 6, 7},
-                 row_class=lambda i: "best" if epochs[i].get("best") else "")
+    return {"table": _table(header, rows, numeric={0, 2, 3, 4, 5, 6, 7},
+                            row_classes=["best" if e.get("best") else "" for e in epochs])}
 
 
-def _metrics(metrics: dict, split: str) -> str:
-    values = {"accuracy": pct(metrics["accuracy"]), "mAP": pct(metrics.get("mAP")),
-              "macro precision": pct(metrics["macro_precision"]),
-              "macro recall": pct(metrics["macro_recall"]), "macro F1": pct(metrics["macro_f1"]),
-              "images": str(metrics["n"])}
-    rows = [[esc(r["cls"]), pct(r["precision"]), pct(r["recall"]), pct(r["f1"]), pct(r.get("ap")),
-             str(r["support"])] for r in metrics["per_class"]]
-    parts = [tiles(values), f"<p>On the {esc(split)} split, with the best epoch's checkpoint. "
-             "mAP: mean average precision, one-vs-rest, macro over the classes present.</p>",
-             table(["class", "precision", "recall", "F1", "AP", "support"], rows, numeric={1, 2, 3, 4, 5})]
-    if metrics.get("skipped"):
-        parts.append(note(f"{len(metrics['skipped'])} image(s) of this split could not be read."))
-    return "\n".join(parts)
+def _metrics(metrics: dict, split: str) -> dict:
+    tiles = {"accuracy": pct(metrics["accuracy"]), "mAP": pct(metrics.get("mAP")),
+             "macro precision": pct(metrics["macro_precision"]),
+             "macro recall": pct(metrics["macro_recall"]), "macro F1": pct(metrics["macro_f1"]),
+             "images": metrics["n"]}
+    rows = [[r["cls"], pct(r["precision"]), pct(r["recall"]), pct(r["f1"]), pct(r.get("ap")), r["support"]]
+            for r in metrics["per_class"]]
+    return {"tiles": tiles, "split": split, "unreadable": len(metrics.get("skipped") or []),
+            "table": _table(["class", "precision", "recall", "F1", "AP", "support"], rows,
+                            numeric={1, 2, 3, 4, 5})}
 
 
-def _confusion(metrics: dict) -> str:
+def _confusion(metrics: dict) -> dict:
     classes, matrix = metrics["classes"], metrics["confusion"]
-    parts = [chart(figure_uri(confusion_figure(matrix, classes)), "Rows: true class; columns: predicted.",
-                   alt="confusion matrix")]
+    table = None
     if len(classes) <= 20:     # the same numbers as text: searchable, and readable in print
-        rows = [[f"<b>{esc(c)}</b>"] + [str(v) for v in row] for c, row in zip(classes, matrix)]
-        parts.append(table(["true \\ predicted", *classes], rows, numeric=set(range(1, len(classes) + 1))))
-    return "\n".join(parts)
+        rows = [[_Bold(c), *row] for c, row in zip(classes, matrix)]
+        table = _table(["true \\ predicted", *classes], rows, numeric=set(range(1, len(classes) + 1)))
+    return {"chart": figure_uri(confusion_figure(matrix, classes)), "table": table}
 
 
-def _ranked(frame: pd.DataFrame, classes: list[str], thumbs: Thumbnails) -> str:
+def _ranked(frame: pd.DataFrame, classes: list[str], thumbs: Thumbnails) -> dict:
     n = max(1, min(5, GALLERY_BUDGET // (2 * max(1, len(classes)))))
-    parts = [f"<p>Per class, the {n} images of that class the model is most and least sure "
-             "about (by the probability it gives the true class).</p>"]
+
+    def pictures(rows: pd.DataFrame, cls: str) -> list[tuple]:
+        return [(thumbs(r["file"]), r["file"], [f"{r['p_' + cls]:.0%}"]) for r in rows.to_dict("records")]
+
+    shown = []
     for cls in classes:
         best, worst = E.rank_class(frame, cls, n)
-        parts.append(f"<h3>{esc(cls)}</h3>")
-        if best.empty:
-            parts.append(note("No images of this class in the split."))
-            continue
-        for title, rows in (("most confident", best), ("least confident", worst)):
-            items = [(thumbs(r["file"]), r["file"], [f"{r['p_' + cls]:.0%}"])
-                     for r in rows.to_dict("records")]
-            parts.append(f'<p class="meta">{title}</p>' + gallery(items))
-    return "\n".join(parts)
+        shown.append({"name": cls, "empty": best.empty, "best": pictures(best, cls),
+                      "worst": pictures(worst, cls)})
+    return {"n": n, "classes": shown}
 
 
-def _misclassified(frame: pd.DataFrame, thumbs: Thumbnails) -> str:
+def _misclassified(frame: pd.DataFrame, thumbs: Thumbnails) -> dict:
     wrong = E.misclassified(frame, 3)
     shown = wrong.head(MISCLASSIFIED)
-    items = [(thumbs(r["file"]), r["file"], [f"true: {r['true']}"] +
-              [f"{k}. {c} {p:.0%}" for k, (c, p) in enumerate(r["top"], 1)])
-             for r in shown.to_dict("records")]
-    head = (f"<p>{len(wrong)} of {len(frame)} images misclassified; the {len(shown)} most confident "
-            "mistakes, each with the model's top 3.</p>")
-    return head + gallery(items, wide=True)
+    pictures = [(thumbs(r["file"]), r["file"], [f"true: {r['true']}"] +
+                 [f"{k}. {c} {p:.0%}" for k, (c, p) in enumerate(r["top"], 1)])
+                for r in shown.to_dict("records")]
+    return {"wrong": len(wrong), "total": len(frame), "shown": len(shown), "pictures": pictures}
 
 
 # ---------------------------------------------------------------- inspection
 
-def _inspection_or_note(run: Run, splits: dict, split: str, include: bool) -> str:
+def _inspection_or_note(run: Run, splits: dict, split: str, include: bool) -> dict:
     if not include:
-        return note("Left out of this report.")
+        return _note("Left out of this report.")
     if not run.checkpoint.exists():
-        return note("No network checkpoint (a baseline without a network, or no finished epoch).")
+        return _note("No network checkpoint (a baseline without a network, or no finished epoch).")
     try:
         return _inspection(run, splits, split)
     except Exception as err:  # noqa: BLE001 - the rest of the report is worth having regardless
-        return note(f"Could not look inside this network: {type(err).__name__}: {err}")
+        return _note(f"Could not look inside this network: {type(err).__name__}: {err}")
 
 
-def _inspection(run: Run, splits: dict, split: str) -> str:
+def _inspection(run: Run, splits: dict, split: str) -> dict:
     cfg = run.config
     # CPU: a handful of images, and the accelerator may be busy training the next run
     model = E.load_run_model(run, "cpu")
@@ -502,31 +431,20 @@ def _inspection(run: Run, splits: dict, split: str) -> str:
     images, _ = D.decode_images(splits["root"], items, cfg.image_size)
     kept = [(item, img) for item, img in zip(items, images) if img is not None]
     if not kept:
-        return note("None of the run's images can be read any more, so nothing was fed through the network.")
+        return _note("None of the run's images can be read any more, so nothing was fed through the network.")
     x = torch.stack([transform(img) for _, img in kept])
     first, picture = kept[0]
-    parts = [f"<h3>Feature maps</h3><p>The first 16 channels of every stage for "
-             f"<code>{esc(first.path)}</code> ({esc(run.classes[first.label])}); each channel scaled "
-             "to its own range.</p>",
-             gallery([(image_uri(picture.permute(1, 2, 0).numpy(), max_side=THUMB), first.path, ["input"])])]
-    for fmap in I.feature_maps(model, x[:1]):
-        grid = I.channel_grid(fmap.tensor, 16, ncol=8)
-        shape = " × ".join(map(str, fmap.shape))
-        parts.append(chart(image_uri(grid, max_side=720), f"{fmap.name} · {shape}",
-                           alt=f"feature maps of {fmap.name}"))
+    maps = [(image_uri(I.channel_grid(fmap.tensor, 16, ncol=8), max_side=720), fmap.name,
+             " × ".join(map(str, fmap.shape))) for fmap in I.feature_maps(model, x[:1])]
     name, conv = I.first_conv(model)
     scale = max(2, 36 // conv.weight.shape[-1])     # about 36 px a filter, whatever the kernel size
-    parts.append(f"<h3>First-layer filters</h3><p><code>{esc(name)}</code>, each filter scaled to its "
-                 "own range.</p>")
-    parts.append(chart(image_uri(I.filter_grid(model, scale=scale), "PNG", max_side=720),
-                       alt="first-layer filters"))
     rows = I.sparsity(model, [x])
-    parts.append(f"<h3>Activation sparsity</h3><p>Share of activations that are non-zero (ReLU-like) "
-                 f"or positive (smooth activations) per stage, over {len(kept)} images.</p>")
-    parts.append(table(["stage", "active", "measure"],
-                       [[esc(r["stage"]), pct(r["fraction"]), esc(r["measure"])] for r in rows], numeric={1}))
-    parts.append(chart(figure_uri(sparsity_figure(rows)), alt="sparsity per stage"))
-    return "\n".join(parts)
+    return {"file": first.path, "label": run.classes[first.label], "maps": maps, "conv": name,
+            "input": [(image_uri(picture.permute(1, 2, 0).numpy(), max_side=THUMB), first.path, ["input"])],
+            "filters": image_uri(I.filter_grid(model, scale=scale), "PNG", max_side=720),
+            "images": len(kept), "sparsity": figure_uri(sparsity_figure(rows)),
+            "table": _table(["stage", "active", "measure"],
+                            [[r["stage"], pct(r["fraction"]), r["measure"]] for r in rows], numeric={1})}
 
 
 # ---------------------------------------------------------------- a sweep
@@ -541,13 +459,13 @@ def sweep_report(sweep_id: str, runs: list[Run] | None = None) -> str:
     bodies = {
         "summary": _sweep_summary(frame),
         "config": _shared_config(runs),
-        "results": _results_table(frame) if not frame.empty else note("No runs."),
-        "curves": chart(figure_uri(overlay_figure(series)), alt="validation curves of every run")
-        if series else note("No finished epoch yet."),
-        "runs": "\n".join(_sweep_run(i, r, names[r.id]) for i, r in enumerate(runs)) or note("No runs."),
+        "results": _results_table(frame) if not frame.empty else _note("No runs."),
+        "curves": {"chart": figure_uri(overlay_figure(series))} if series
+        else _note("No finished epoch yet."),
+        "runs": {"runs": [_sweep_run(i, r, names[r.id]) for i, r in enumerate(runs)]} if runs
+        else _note("No runs."),
     }
-    sections = [(sid, SWEEP_SECTIONS[sid], body) for sid, body in bodies.items()]
-    return page(f"Sweep {sweep_id}", f"{len(runs)} runs", sections)
+    return _render("sweep", f"Sweep {sweep_id}", f"{len(runs)} runs", bodies)
 
 
 def save_sweep_report(sweep_id: str, runs: list[Run] | None = None) -> Path:
@@ -559,58 +477,55 @@ def save_sweep_report(sweep_id: str, runs: list[Run] | None = None) -> Path:
     return path
 
 
-def _sweep_summary(frame: pd.DataFrame) -> str:
+def _sweep_summary(frame: pd.DataFrame) -> dict:
     if frame.empty:
-        return note("This sweep has no runs.")
+        return _note("This sweep has no runs.")
     states = Counter(frame["state"].fillna("?"))
-    values = {"runs": str(len(frame)), **{state: str(n) for state, n in states.items()}}
-    parts = [tiles(values)]
+    best = []
     for metric in ("test_acc", "best_val_acc"):
         scored = frame.dropna(subset=[metric]) if metric in frame else frame.iloc[:0]
         if not scored.empty:
-            best = scored.loc[scored[metric].astype(float).idxmax()]
-            parts.append(f"<p>Best {esc(metric.replace('_', ' '))}: <b>{pct(float(best[metric]))}</b> — "
-                         f"{esc(best['name'])} (<code>{esc(best['run'])}</code>)</p>")
-    return "\n".join(parts)
+            top = scored.loc[scored[metric].astype(float).idxmax()]
+            best.append((metric.replace("_", " "), pct(float(top[metric])), top["name"], top["run"]))
+    return {"tiles": {"runs": len(frame), **states}, "best": best}
 
 
-def _shared_config(runs: list[Run]) -> str:
+def _shared_config(runs: list[Run]) -> dict:
     """The settings every run shares, and the ones the sweep varied."""
     configs = [r.read_json("config.json", {}) or {} for r in runs]
     if not configs:
-        return note("No runs.")
+        return _note("No runs.")
     keys = [k for k in configs[0] if k not in ("name", "tags")]
     same = [k for k in keys if all(json.dumps(c.get(k)) == json.dumps(configs[0].get(k)) for c in configs)]
     varied = [k for k in keys if k not in same]
-    rows = [[esc(k), setting(configs[0][k])] for k in same]
-    return f"<p>Varied: <b>{esc(', '.join(varied) or 'nothing')}</b></p>" + table(["setting", "value"], rows)
+    rows = [[k, setting(configs[0][k])] for k in same]
+    return {"varied": ", ".join(varied) or "nothing", "table": _table(["setting", "value"], rows)}
 
 
-def _results_table(frame: pd.DataFrame) -> str:
-    def cell(col: str, value) -> str:
+def _results_table(frame: pd.DataFrame) -> dict:
+    def cell(col: str, value):
         if _missing(value):
             return "—"
         if isinstance(value, float):        # NaN-holding int columns (best_epoch) arrive as floats
             if col.endswith("acc"):
                 return pct(value)
             return f"{value:g}" if col == "lr" or value.is_integer() else f"{value:.2f}"
-        return esc(value)
+        return value
     columns = list(frame.columns)
     rows = [[cell(c, row[c]) for c in columns] for row in frame.to_dict("records")]
-    return table(columns, rows)
+    return {"table": _table(columns, rows)}
 
 
-def _sweep_run(index: int, run: Run, name: str) -> str:
+def _sweep_run(index: int, run: Run, name: str) -> dict:
     status = run.status()
     metrics = run.read_json("test_metrics.json")
-    values = {"state": status.get("state", "?"), "best val acc": pct(status.get("best_val_acc")),
-              "test acc": pct(status.get("test_acc"))}
+    tiles = {"state": status.get("state", "?"), "best val acc": pct(status.get("best_val_acc")),
+             "test acc": pct(status.get("test_acc"))}
+    confusion = None
     if metrics:
-        values.update({"mAP": pct(metrics.get("mAP")), "macro F1": pct(metrics["macro_f1"])})
-    body = tiles(values) + f"<p><code>{esc(run.id)}</code> · {esc(status.get('message', ''))}</p>"
-    if metrics:
+        tiles.update({"mAP": pct(metrics.get("mAP")), "macro F1": pct(metrics["macro_f1"])})
         classes = metrics["classes"]
         fig = confusion_figure(metrics["confusion"], classes, side=min(6.0, 2 + 0.3 * len(classes)))
-        body += chart(figure_uri(fig, dpi=80), "Test confusion matrix (rows: true class)",
-                      alt="confusion matrix")
-    return f'<article id="run-{index}"><h3>{esc(name)}</h3>{body}</article>'
+        confusion = figure_uri(fig, dpi=80)
+    return {"index": index, "name": name, "tiles": tiles, "id": run.id,
+            "message": status.get("message", ""), "confusion": confusion}

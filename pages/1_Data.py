@@ -64,7 +64,7 @@ def use_folder(root: Path, label: str) -> None:
 
 def session_folder() -> Path:
     """Where this session's uploaded single images collect, one sub-folder per class."""
-    name = st.session_state.setdefault("upload_folder", f"images-{secrets.token_hex(4)}")
+    name = common.lab().page.setdefault("upload_folder", f"images-{secrets.token_hex(4)}")
     return access.uploads_dir(common.user()) / name
 
 
@@ -118,8 +118,8 @@ def camera_capture(folder: Path) -> None:
 
 source = st.radio("Source", list(SOURCES), format_func=SOURCES.get, horizontal=True,
                   key="data_source",
-                  index=list(SOURCES).index(st.session_state.get("data_source_value", "demo")))
-st.session_state["data_source_value"] = source
+                  index=list(SOURCES).index(common.lab().page.get("data_source_value", "demo")))
+common.lab().page["data_source_value"] = source
 
 if source == "demo":
     use_folder(paths.DEMO_DATA, "Built-in demo: Fashion-MNIST (10 classes × 100 photos)")
@@ -135,7 +135,7 @@ elif source == "zip":
                 use_folder(common.save_zip(upload.getvalue(), upload.name), f"Upload: {upload.name}")
         except (D.DataError, access.AccessError) as err:
             st.error(str(err))
-            st.stop()
+            common.stop()
 elif source == "folder":
     files = st.file_uploader("Choose a folder whose sub-folders are the classes", type=None,
                              accept_multiple_files="directory", key="dir_upload")
@@ -150,7 +150,7 @@ elif source == "folder":
                     save_files(target, files)
             except (D.DataError, access.AccessError) as err:
                 st.error(str(err))
-                st.stop()
+                common.stop()
         use_folder(target, f"Uploaded folder ({len(files)} files)")
 elif source == "images":
     folder = session_folder()
@@ -193,9 +193,9 @@ elif source == "download":
             st.error(f"Download failed: {err}")
 else:
     if "w_typed_path" not in st.session_state:      # widget state is dropped when the page is left
-        st.session_state["w_typed_path"] = st.session_state.get("typed_path", "")
+        st.session_state["w_typed_path"] = common.lab().page.get("typed_path", "")
     typed = st.text_input("Folder path on the server", key="w_typed_path", placeholder="/data/flowers")
-    st.session_state["typed_path"] = typed
+    common.lab().page["typed_path"] = typed
     if not common.user().admin:
         st.caption("Folders you may open: " + ", ".join(
             f"`{r}`" for r in access.roots(common.policy())) + " (shared by the teacher).")
@@ -204,7 +204,7 @@ else:
             use_folder(common.server_folder(typed), f"Folder: {typed}")
         except access.AccessError as err:
             st.error(str(err))
-            st.stop()
+            common.stop()
 
 my_uploads()
 root = Path(settings["data_root"])
@@ -212,14 +212,14 @@ if not root.is_absolute():
     root = paths.REPO_ROOT / root
 if problem := access.run_data_problem(common.user(), str(root), common.policy()):
     st.error(f"{problem} Pick another data set.")      # e.g. a preset naming someone's folder
-    st.stop()
+    common.stop()
 if not root.is_dir():
-    st.stop()
+    common.stop()
 try:
     result = scan(str(root), folder_stamp(root))
 except D.DataError as err:
     st.error(str(err))
-    st.stop()
+    common.stop()
 
 counts = result.counts()
 c1, c2, c3, c4 = st.columns(4)
@@ -265,7 +265,7 @@ settings["split_seed"] = cols[3].number_input("Split seed", value=settings["spli
                                               **common.limits("split_seed"))
 if test_pct < 0:
     st.error("Train and validation add up to more than 100%.")
-    st.stop()
+    common.stop()
 settings["split"] = (train_pct / 100, val_pct / 100, test_pct / 100)
 few = st.checkbox("Few-shot: cap training images per class", value=settings["max_per_class"] is not None,
                   key="few_shot")
@@ -282,3 +282,5 @@ for split, n in D.leaked_counts(groups).items():
         st.warning(f"{n} images appear in both train and {split} (identical files): {split} accuracy "
                    "will be optimistic (leakage). Remove the copies, or keep them in one split.")
 common.link("model", "Next: choose a model", "➡️")
+
+common.finish()

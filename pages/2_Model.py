@@ -40,11 +40,11 @@ if pick == OTHER:
     arch = st.text_input("timm model name", value=current if current not in B.CATALOG else "",
                          placeholder="e.g. regnety_008, efficientvit_b0, deit_tiny_patch16_224").strip()
     if not arch:
-        st.stop()
+        common.stop()
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch}*")[:10]
         st.error(f"timm has no model called '{arch}'." + (f" Close matches: {', '.join(close)}" if close else ""))
-        st.stop()
+        common.stop()
 if arch != settings["arch"]:
     settings.update(arch=arch, weights="auto", weights_file=None, top_k=1)
     st.session_state.pop("w_top_k", None)
@@ -122,3 +122,5 @@ st.dataframe(rows, hide_index=True, width="stretch",
                             "trainable": st.column_config.ProgressColumn(
                                 "trainable", format="%d", min_value=0, max_value=int(rows["params"].max()))})
 common.link("train", "Next: train", "➡️")
+
+common.finish()

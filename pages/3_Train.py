@@ -20,8 +20,8 @@ from pages.common.teaching import explain
 settings = common.setup("Train")
 st.title("🏋️ Train")
 device = pick_device()
-if "image_size_default" not in st.session_state:     # smaller images on CPU keep demos quick
-    st.session_state["image_size_default"] = True
+if not common.lab().image_size_chosen:     # smaller images on CPU keep demos quick
+    common.lab().image_size_chosen = True
     settings["image_size"] = 128 if device.type == "cpu" else 224
 
 st.caption(f"Data: **{settings.get('data_label')}** · Model: **`{settings['arch']}`**, "
@@ -65,9 +65,9 @@ def augmentation_menu(settings):
     st.markdown("**Augmentation** (training images only)")
     explain("augmentation", inside_expander=True)
     preset = st.selectbox("Start from a preset", ["(keep current)"] + list(D.PRESETS), key="aug_preset")
-    if preset != "(keep current)" and st.session_state.get("aug_applied") != preset:
+    if preset != "(keep current)" and common.lab().page.get("aug_applied") != preset:
         settings["augment"] = dict(D.PRESETS[preset])
-        st.session_state["aug_applied"] = preset
+        common.lab().page["aug_applied"] = preset
         for key in [k for k in st.session_state if str(k).startswith(("aug_v_", "aug_on_"))]:
             del st.session_state[key]
     augment = dict(settings["augment"])
@@ -97,9 +97,9 @@ def preview(settings):
     except D.DataError as err:
         st.error(str(err))
         return
-    seed = st.session_state.setdefault("aug_seed", 0)
+    seed = common.lab().page.setdefault("aug_seed", 0)
     if st.button("🎲 Re-roll", key="aug_reroll"):
-        st.session_state["aug_seed"] = seed = seed + 1
+        common.lab().page["aug_seed"] = seed = seed + 1
     picks = random.Random(seed).sample(scan.items, min(4, len(scan.items)))
     torch.manual_seed(seed)
     tf = D.build_transform(settings["image_size"], (0, 0, 0), (1, 1, 1), settings["augment"])
@@ -111,7 +111,7 @@ def preview(settings):
 
 common.presets_panel(settings)
 speed_panel(settings)
-with st.expander("Training settings", expanded=not st.session_state.get("run_id")):
+with st.expander("Training settings", expanded=not common.lab().current_run):
     c = st.columns(4)
     opt = common.bind(c[0].selectbox, "optimizer", "Optimizer", settings,
                       options=CHOICES["optimizer"],
@@ -185,10 +185,9 @@ def start():
     try:
         run = common.submit(common.run_config(settings))
     except ValueError as err:     # a full queue, a data folder this user may not read
-        st.session_state["start_error"] = str(err)
+        common.lab().note("start_error", str(err))
         return
-    st.session_state["run_id"] = run.id
-    st.session_state["run_pick"] = run.id
+    common.lab().current_run = run.id
 
 
 problem = None
@@ -197,9 +196,9 @@ if settings["weights"] == "file" and not settings.get("weights_file") and settin
 st.button("▶️ Start training", type="primary", on_click=start, disabled=problem is not None)
 if problem:
     st.warning(problem)
-if error := st.session_state.pop("start_error", None):
+if error := common.lab().take("start_error"):
     st.error(error)
-if note := st.session_state.pop("run_note", None):
+if note := common.lab().take("run_note"):
     st.info(note)
 common.command_line(cfg)
 
@@ -207,10 +206,10 @@ st.divider()
 run = common.pick_run("Show run")
 if run is None:
     st.info("No runs yet. Press *Start training*.")
-    st.stop()
+    common.stop()
 
 
-@st.fragment(run_every=1 if run.status().get("state") in ACTIVE_STATES else None)
+@st.fragment(run_every=1 if run.status().get("state") in ACTIVE_STATES else 2)   # a Resume, a CLI run or a restart shows within seconds
 def live(run):
     status = run.status()
     state = status.get("state", "?")
@@ -222,7 +221,7 @@ def live(run):
         head.caption(place)
     with actions:
         common.run_actions(run, active)
-    if error := st.session_state.pop("run_error", None):
+    if error := common.lab().take("run_error"):
         st.error(error)
     if state == "finished" and status.get("test_acc") is not None:
         m = st.columns(4)
@@ -243,10 +242,12 @@ def live(run):
         common.show_curves(epochs)
         st.dataframe(common.epochs_table(epochs), hide_index=True, width="stretch",
                      column_config=common.epochs_column_config())
-    if st.session_state.get("live_was_active") and not active:
-        st.session_state["live_was_active"] = False
+    if common.lab().page.get("live_was_active") and not active:
+        common.lab().page["live_was_active"] = False
         st.rerun(scope="app")      # stop polling and redraw the page in its final state
-    st.session_state["live_was_active"] = active
+    common.lab().page["live_was_active"] = active
 
 
 live(run)
+
+common.finish()

@@ -20,7 +20,7 @@ run = common.pick_run("Run", only_with_checkpoint=True, key="eval_run_pick")
 if run is None:
     st.info("No trained run yet: train one on the Train page (a run keeps its best epoch).")
     common.link("train", "Go to Train", "🏋️")
-    st.stop()
+    common.stop()
 
 split = st.radio("Split", ["test", "val"], horizontal=True, key="eval_split",
                  format_func={"test": "Test", "val": "Validation"}.get)
@@ -34,7 +34,7 @@ if frame is None or metrics is None or "mAP" not in metrics or stale:
     except (ValueError, FileNotFoundError) as err:
         bar.empty()
         st.error(str(err))
-        st.stop()
+        common.stop()
     bar.empty()
     frame = E.load_predictions(run, split)
 
@@ -80,7 +80,7 @@ with tabs[0]:
                             on_select="rerun", key="cm_chart")
     chosen = (event.selection.get("cell") or [None])[0] if event else None
     if chosen:
-        st.session_state["cm_true"], st.session_state["cm_pred"] = chosen["true"], chosen["predicted"]
+        common.lab().page["cm_true"], common.lab().page["cm_pred"] = chosen["true"], chosen["predicted"]
     c1, c2 = st.columns(2)
     true = c1.selectbox("True class", classes, key="cm_true")
     pred = c2.selectbox("Predicted class", classes, key="cm_pred")
@@ -137,7 +137,7 @@ with tabs[5]:
                 "`core.predict.from_export` (and by plain timm for a linear head, see the README).")
     if st.button("Prepare export", key="export"):
         with st.spinner("Writing the export…"):
-            st.session_state["export_paths"] = [str(p) for p in export_run(run, run.file("export"))]
+            common.lab().page["export_paths"] = [str(p) for p in export_run(run, run.file("export"))]
     if run.file("export/model.json").exists():
         w, j = run.file("export/model.safetensors"), run.file("export/model.json")
         c1, c2, c3 = st.columns(3)
@@ -152,3 +152,5 @@ with tabs[5]:
                 st.warning(str(err))
         if run.file("export/model.onnx").exists():
             c3.download_button("model.onnx", run.file("export/model.onnx").read_bytes(), "model.onnx")
+
+common.finish()

@@ -65,7 +65,7 @@ except (B.WeightsError, ValueError, KeyError, FileNotFoundError) as err:
     st.error(f"Can't load that model: {err}")
 
 if predictor is None:
-    st.stop()
+    common.stop()
 st.caption(f"{len(predictor.classes)} classes · {predictor.image_size} px")
 
 def show_predictions(images, names, k):
@@ -128,9 +128,11 @@ with tab_batch:
             bar = st.progress(0.0)
             frame = P.predict_files(predictor, found, progress=lambda d, t: bar.progress(d / t, text=f"{d}/{t} images"))
             frame["file"] = [str(Path(f).relative_to(folder)) for f in frame["file"]]
-            st.session_state["pred_frame"] = (batch_key, frame)
-        stored_key, frame = st.session_state.get("pred_frame", (None, None))
+            common.lab().page["pred_frame"] = (batch_key, frame)
+        stored_key, frame = common.lab().page.get("pred_frame", (None, None))
         if frame is not None and stored_key == batch_key:
             st.dataframe(frame[[c for c in ("file", "predicted", "confidence", "error") if c in frame]],
                          hide_index=True, width="stretch")
             st.download_button("Download CSV", frame.to_csv(index=False).encode(), "predictions.csv", "text/csv")
+
+common.finish()

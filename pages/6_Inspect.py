@@ -60,12 +60,12 @@ def pick_model(label: str, key: str):
 
 choice = pick_model("Model", "ins")
 if choice is None:
-    st.stop()
+    common.stop()
 try:
     model, classes, size, mean, std = load_model(*choice)
 except (B.WeightsError, FileNotFoundError, RuntimeError) as err:
     st.error(f"Can't load that model: {err}")
-    st.stop()
+    common.stop()
 transform = D.build_transform(size, mean, std)
 
 root = Path(settings["data_root"])
@@ -91,7 +91,7 @@ else:
     except D.DataError as err:
         st.error(str(err))
 if picture is None:
-    st.stop()
+    common.stop()
 
 tensor = D.v2.functional.pil_to_tensor(picture)
 x = transform(tensor)[None]
@@ -155,10 +155,10 @@ with tabs[2]:
             rows = measure(" ".join(choice), choice)
             if other:
                 rows += measure(" ".join(other), other)
-            st.session_state["sparsity_rows"] = (sparse_key, rows)
+            common.lab().page["sparsity_rows"] = (sparse_key, rows)
         except D.DataError as err:
             st.error(str(err))
-    stored_key, rows = st.session_state.get("sparsity_rows", (None, None))
+    stored_key, rows = common.lab().page.get("sparsity_rows", (None, None))
     if rows and stored_key == sparse_key:
         frame = pd.DataFrame(rows)
         frame["label"] = frame["stage"] + " (" + frame["measure"] + ")"
@@ -181,8 +181,8 @@ with tabs[4]:
     attr_key = (choice, source, hash(image.tobytes()), int(target))
     if st.button("Compute attributions", type="primary", key="ins_attr"):
         with st.spinner("Integrated Gradients, Grad-CAM and Occlusion…"):
-            st.session_state["attr"] = (attr_key, I.attributions(model, x, image, int(target)))
-    stored_key, maps = st.session_state.get("attr", (None, None))
+            common.lab().page["attr"] = (attr_key, I.attributions(model, x, image, int(target)))
+    stored_key, maps = common.lab().page.get("attr", (None, None))
     if maps and stored_key == attr_key:
         cols = st.columns(len(maps) + 1)
         cols[0].image(image, caption="input", width="stretch")
@@ -191,3 +191,5 @@ with tabs[4]:
                 col.info(f"{method}: {result}")
             else:
                 col.image(result, caption=method, width="stretch")
+
+common.finish()

@@ -72,17 +72,17 @@ def queue_sweep():
     try:
         runs = common.queue_sweep(S.expand(common.run_config(settings), axes))
     except ValueError as err:      # the student's queue cap, a data folder they may not read
-        st.session_state["sweep_error"] = str(err)
+        common.lab().note("sweep_error", str(err))
         return
-    st.session_state["sweep_id"] = st.session_state["sweep_pick"] = runs[0].config.sweep
-    st.session_state["run_id"] = runs[-1].id
+    common.lab().page["sweep_id"] = st.session_state["sweep_pick"] = runs[0].config.sweep
+    common.lab().current_run = runs[-1].id
 
 
 st.button(f"▶️ Queue {count} runs", type="primary", on_click=queue_sweep, key="queue_sweep",
           disabled=count == 0 or bool(problems))
-if error := st.session_state.pop("sweep_error", None):
+if error := common.lab().take("sweep_error"):
     st.error(error)
-if note := st.session_state.pop("run_note", None):
+if note := common.lab().take("run_note"):
     st.info(note)
 st.caption("Runs train one after another in the background; you can leave this page.")
 common.command_line(common.run_config(settings), axes)
@@ -90,7 +90,7 @@ common.command_line(common.run_config(settings), axes)
 st.divider()
 groups = S.sweeps(common.my_runs())
 options = list(groups) + ["all"]
-default = st.session_state.get("sweep_id")
+default = common.lab().page.get("sweep_id")
 if st.session_state.get("sweep_pick") not in options:
     st.session_state["sweep_pick"] = default if default in options else options[0]
 chosen = st.selectbox("Results of", options, key="sweep_pick",
@@ -120,10 +120,10 @@ def results(runs):
         "lr": st.column_config.NumberColumn("lr", format="%.0e")})
     st.download_button("Results (CSV)", frame.to_csv(index=False).encode(), "results.csv", "text/csv",
                        key="results_csv")
-    if st.session_state.get("sweep_was_active") and not active:
-        st.session_state["sweep_was_active"] = False
+    if common.lab().page.get("sweep_was_active") and not active:
+        common.lab().page["sweep_was_active"] = False
         st.rerun(scope="app")
-    st.session_state["sweep_was_active"] = active
+    common.lab().page["sweep_was_active"] = active
 
 
 results(runs)
@@ -145,3 +145,5 @@ common.report_button("sweep_report", f"sweep:{chosen}", lambda: save_sweep_repor
                      f"sweep-{chosen}-report.html",
                      "The results table, the curves and each run's metrics in one HTML file: opens "
                      "offline in any browser and prints to PDF.", disabled=not runs)
+
+common.finish()

@@ -26,14 +26,14 @@ def use_small_settings(at: AppTest, data_root, **overrides) -> None:
     """Switch the session's settings to a tiny test_resnet on `data_root` (Train only reads them).
     The Train page picks a device-dependent image size on its first visit; mark that as done so
     the size set here stays."""
-    settings = dict(at.session_state["settings"])
+    settings = dict(at.session_state["lab"].settings)
     settings.update(data_root=str(data_root), data_label="Test images", arch="test_resnet",
                     weights="random", weights_file=None, freeze="full", image_size=64, epochs=2,
                     batch_size=8, lr=1e-2, optimizer="adamw", scheduler="none", augment={},
                     device="cpu", seed=0)
     settings.update(overrides)
-    at.session_state["settings"] = settings
-    at.session_state["image_size_default"] = True
+    at.session_state["lab"].settings = settings
+    at.session_state["lab"].image_size_chosen = True
 
 
 def manager_idle(timeout: float) -> bool:

@@ -530,8 +530,8 @@ def test_data_page_zip_with_hostile_entries_lists_what_was_left_out(tmp_path):
     assert dict(zip(skipped["file"], skipped["reason"]))["../evil.jpg"] == OUTSIDE
     outside = {p for p in new_paths(before, tmp_path) if not p.startswith("lab_home")}
     assert outside == set()
-    mine = paths.datasets_dir() / "users" / at.session_state["owner"]
-    assert [p.name for p in mine.iterdir()] == [Path(at.session_state["settings"]["data_root"]).name]
+    mine = paths.datasets_dir() / "users" / at.session_state["lab"].owner
+    assert [p.name for p in mine.iterdir()] == [Path(at.session_state["lab"].settings["data_root"]).name]
 
 
 def test_data_page_refuses_a_zip_bomb(monkeypatch):

@@ -42,11 +42,11 @@ def drained(timeout: float) -> bool:
 
 
 def use_tiny_settings(at: AppTest, root: Path, **overrides) -> None:
-    settings = dict(at.session_state["settings"])
+    settings = dict(at.session_state["lab"].settings)
     settings.update(data_root=str(root), data_label="Test images", arch="test_resnet", weights="random",
                     image_size=32, epochs=1, batch_size=8, device="cpu", augment={})
     settings.update(overrides)
-    at.session_state["settings"] = settings
+    at.session_state["lab"].settings = settings
 
 
 def metrics(at: AppTest) -> dict[str, str]:
@@ -128,18 +128,18 @@ def test_train_augmentation_preset_and_preview(image_folder):
     assert_ok(at)
     at.selectbox(key="aug_preset").set_value("report 003").run()
     assert_ok(at)
-    assert at.session_state["settings"]["augment"] == D.PRESETS["report 003"]
+    assert at.session_state["lab"].settings["augment"] == D.PRESETS["report 003"]
     assert at.checkbox(key="aug_on_rotation").value and at.checkbox(key="aug_on_vflip").value
     assert not at.checkbox(key="aug_on_blur").value
     at.run()          # the choice sticks on the next run
-    assert at.session_state["settings"]["augment"] == D.PRESETS["report 003"]
+    assert at.session_state["lab"].settings["augment"] == D.PRESETS["report 003"]
     at.toggle(key="aug_preview").set_value(True).run()
     assert_ok(at)
     assert len(at.get("image")) == 1
     # one more augmentation on top of the preset
     at.checkbox(key="aug_on_blur").check().run()
     assert_ok(at)
-    assert at.session_state["settings"]["augment"] == {**D.PRESETS["report 003"], "blur": 5.0}
+    assert at.session_state["lab"].settings["augment"] == {**D.PRESETS["report 003"], "blur": 5.0}
 
 
 def test_train_dataset_normalisation_shows_stats(image_folder):
@@ -150,11 +150,11 @@ def test_train_dataset_normalisation_shows_stats(image_folder):
     assert not [d for d in at.dataframe if list(d.value.index) == ["R", "G", "B"]]
     at.selectbox(key="w_normalize").set_value("dataset").run()
     assert_ok(at)
-    assert at.session_state["settings"]["normalize"] == "dataset"
+    assert at.session_state["lab"].settings["normalize"] == "dataset"
     stats = [d.value for d in at.dataframe if list(d.value.index) == ["R", "G", "B"]]
     assert len(stats) == 1
     scan = D.scan_folder(root, check=False)
-    images, _ = D.decode_images(scan.root, scan.items, at.session_state["settings"]["image_size"])
+    images, _ = D.decode_images(scan.root, scan.items, at.session_state["lab"].settings["image_size"])
     mean, std = D.dataset_stats(images)
     assert list(stats[0]["this data set mean"]) == pytest.approx(mean)
     assert list(stats[0]["std"]) == pytest.approx(std)

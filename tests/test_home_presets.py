@@ -40,10 +40,7 @@ def idle_manager(lab_home):
 
 
 def go_home(at: AppTest) -> None:
-    """Home is a callable st.Page (no script path), which AppTest.switch_page can't name; select
-    its registered page hash instead (a private attribute of AppTest, streamlit 1.67)."""
-    at._page_hash = next(h for h, info in at._registered_pages.items() if not info.get("script_path"))
-    at.run()
+    at.switch_page("pages/0_Home.py").run()
     assert_ok(at)
 
 
@@ -242,8 +239,8 @@ def session_one_saves(data_root: str, name: str, with_data: bool = True) -> dict
     for key in ("name", "sweep", "tags", "weights_file"):
         settings.pop(key)
     settings.update(normalize="backbone", data_label="Test images")
-    at.session_state["settings"] = settings
-    at.session_state["image_size_default"] = True        # keep 96 px rather than the device default
+    at.session_state["lab"].settings = settings
+    at.session_state["lab"].image_size_chosen = True        # keep 96 px rather than the device default
     at.switch_page(TRAIN).run()
     assert_ok(at)
     at.selectbox(key="w_optimizer").set_value("sgd").run()
@@ -259,7 +256,7 @@ def session_one_saves(data_root: str, name: str, with_data: bool = True) -> dict
     at.checkbox(key="aug_on_vflip").check().run()
     at.checkbox(key="aug_on_rotation").uncheck().run()
     assert_ok(at)
-    saved = dict(at.session_state["settings"])
+    saved = dict(at.session_state["lab"].settings)
     assert saved["augment"] == {"hflip": True, "vflip": True}
     assert (saved["optimizer"], saved["lr"], saved["epochs"], saved["batch_size"]) == ("sgd", 0.02, 3, 16)
 
@@ -270,7 +267,7 @@ def session_one_saves(data_root: str, name: str, with_data: bool = True) -> dict
     at.button(key="preset_save").click().run()
     assert_ok(at)
     assert any(f"Saved: {P.slug(name)}.json" in s.value for s in at.success), texts(at)
-    assert at.session_state["settings"] == saved       # saving changes nothing
+    assert at.session_state["lab"].settings == saved       # saving changes nothing
     return saved
 
 
@@ -306,7 +303,7 @@ def test_saved_preset_loads_in_a_fresh_session(image_folder):
 
     # session 2 starts from the defaults, on Home, and loads it from the list
     at = opened()
-    assert at.session_state["settings"]["optimizer"] == "adamw"
+    assert at.session_state["lab"].settings["optimizer"] == "adamw"
     pick = at.selectbox(key="preset_pick")
     assert "Lab 7: SGD, two phases (saved)" in pick.options
     assert at.button(key="preset_load").disabled
@@ -315,15 +312,15 @@ def test_saved_preset_loads_in_a_fresh_session(image_folder):
     assert_ok(at)
     assert any("Loaded “Lab 7: SGD, two phases”" in s.value and "Same start for everyone" in s.value
                for s in at.success), texts(at)
-    assert_settings_match(at.session_state["settings"], saved)
-    assert at.session_state["settings"]["data_label"] == f"From preset: {data_root}"
+    assert_settings_match(at.session_state["lab"].settings, saved)
+    assert at.session_state["lab"].settings["data_label"] == f"From preset: {data_root}"
     assert "resnet18" in texts(at)                       # the checklist shows the loaded model
 
     at.switch_page(TRAIN).run()         # first visit to Train in this session: must keep 96 px
     assert_ok(at)
     assert_widgets_show(at, saved)
-    assert_settings_match(at.session_state["settings"], saved)
-    cfg = RunConfig.from_dict(at.session_state["settings"])
+    assert_settings_match(at.session_state["lab"].settings, saved)
+    cfg = RunConfig.from_dict(at.session_state["lab"].settings)
     assert (cfg.arch, cfg.freeze, cfg.top_k, cfg.head, cfg.data_root) == ("resnet18", "top_k", 2, "mlp", data_root)
 
 
@@ -331,13 +328,13 @@ def test_preset_loaded_on_train_redraws_widgets_and_keeps_data(image_folder):
     data_root = str(image_folder(classes=2, per_class=4))
     saved = session_one_saves(data_root, "No data", with_data=False)
     at = opened(TRAIN)
-    before = dict(at.session_state["settings"])
+    before = dict(at.session_state["lab"].settings)
     at.number_input(key="w_lr").set_value(0.5).run()           # widget state the preset must replace
     at.selectbox(key="preset_pick").set_value("No data (saved)").run()
     at.button(key="preset_load").click().run()
     assert_ok(at)
     assert_widgets_show(at, saved)
-    settings = at.session_state["settings"]
+    settings = at.session_state["lab"].settings
     assert_settings_match(settings, saved, include_data=False)
     for key in P.DATA_FIELDS + ("data_label",):
         assert settings[key] == before[key], key              # the data set stayed
@@ -358,14 +355,14 @@ def test_preset_upload_and_bad_upload():
     assert_ok(at)
     assert not at.error
     assert any("Loaded “Report 003" in s.value for s in at.success)
-    settings = at.session_state["settings"]
+    settings = at.session_state["lab"].settings
     assert (settings["optimizer"], settings["lr"], settings["momentum"], settings["scheduler"],
             settings["step_size"], settings["epochs"], settings["batch_size"], settings["freeze"]) == \
         ("sgd", 0.001, 0.9, "step", 7, 15, 16, "full")
     assert settings["augment"] == json.loads(shipped)["settings"]["augment"]
     assert at.number_input(key="w_epochs").value == 15 and at.select_slider(key="w_batch_size").value == 16
     assert at.checkbox(key="aug_on_vflip").value and at.slider(key="aug_v_rotation").value == 30.0
-    good = dict(at.session_state["settings"])
+    good = dict(at.session_state["lab"].settings)
 
     for name, blob, message in [
             ("notes.json", b"hello, not json", "not valid JSON"),
@@ -378,7 +375,7 @@ def test_preset_upload_and_bad_upload():
         at.button(key="preset_load").click().run()
         assert_ok(at)
         assert any(message in e.value for e in at.error), (name, [e.value for e in at.error])
-        assert at.session_state["settings"] == good, f"{name} changed the settings"
+        assert at.session_state["lab"].settings == good, f"{name} changed the settings"
 
 
 # ---------------------------------------------------------------- Home and teaching aids
@@ -430,14 +427,14 @@ def test_teaching_aids_on_model_train_and_inspect():
 
 def test_quick_demo_trains_and_opens_evaluate(idle_manager):
     at = opened()
-    owner = at.session_state["owner"] if "owner" in at.session_state else None
+    owner = at.session_state["lab"].owner if "owner" in at.session_state else None
     at.button(key="quick_demo_button").click().run()
     assert_ok(at)
     runs = list_runs()
     assert len(runs) == 1
     run = runs[0]
-    assert run.owner == at.session_state["owner"] and (owner is None or owner == run.owner)
-    assert at.session_state["quick_demo"] == run.id == at.session_state["run_id"]
+    assert run.owner == at.session_state["lab"].owner and (owner is None or owner == run.owner)
+    assert at.session_state["lab"].quick_demo == run.id == at.session_state["lab"].current_run
     cfg = run.config
     assert (cfg.name, cfg.arch, cfg.freeze, cfg.data_root) == (
         "Quick demo", "mobilenetv2_100", "head", "assets/demo/fashion_mnist")
@@ -452,7 +449,7 @@ def test_quick_demo_trains_and_opens_evaluate(idle_manager):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Accuracy"] == f"{status['test_acc']:.1%}"
     assert "150 test images" in texts(at)
-    assert "quick_demo" not in at.session_state
+    assert at.session_state["lab"].quick_demo is None
     text = expander_text(at, "Why are validation and test accuracy different?")
     assert "overfitting" in text and "honest estimate" in text
 

@@ -44,7 +44,7 @@ def inspect_page(**settings) -> AppTest:
     """The app run from its entry file, `settings` applied, then switched to Inspect."""
     at = AppTest.from_file(ENTRY, default_timeout=TIMEOUT).run()
     assert_ok(at)
-    at.session_state["settings"].update(settings)
+    at.session_state["lab"].settings.update(settings)
     at.switch_page(INSPECT).run()
     assert_ok(at)
     return at

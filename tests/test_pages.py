@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
 PAGES = ["pages/1_Data.py", "pages/2_Model.py", "pages/3_Train.py", "pages/4_Evaluate.py"]
 DATA, MODEL, TRAIN, EVALUATE = PAGES
-ALL_PAGES = PAGES + ["pages/5_Predict.py", "pages/6_Inspect.py"]
+ALL_PAGES = ["pages/0_Home.py"] + PAGES + ["pages/5_Predict.py", "pages/6_Inspect.py", "pages/7_Experiments.py"]
 TIMEOUT = 60
 
 
@@ -107,7 +107,7 @@ def test_page_renders_as_deep_link(page):
     at = AppTest.from_file(str(REPO_ROOT / page), default_timeout=TIMEOUT).run()
     assert_ok(at)
     assert at.title, "page drew nothing"
-    assert "settings" in at.session_state
+    assert at.session_state["lab"].settings
 
 
 def test_home_shows_checklist():
@@ -152,7 +152,7 @@ def test_data_server_path_with_classes(image_folder):
     assert_ok(at)
     assert not at.error
     assert metrics(at)["Classes"] == "2" and metrics(at)["Images"] == "10"
-    assert at.session_state["settings"]["data_root"] == str(root.resolve())
+    assert at.session_state["lab"].settings["data_root"] == str(root.resolve())
 
 
 def test_data_zip_without_class_folders_shows_error():
@@ -185,7 +185,7 @@ def test_data_zip_with_class_folders_shows_classes():
     m = metrics(at)
     assert m["Classes"] == "3" and m["Images"] == "12"
     assert list(at.dataframe[-1].value.index) == ["cats", "dogs", "fish"]
-    settings = at.session_state["settings"]
+    settings = at.session_state["lab"].settings
     assert settings["data_label"] == "Upload: pets.zip"
     assert Path(settings["data_root"]).is_relative_to(paths.datasets_dir())
 
@@ -198,7 +198,7 @@ def test_model_backbone_switch_updates_parameters():
     rows_before = len(at.dataframe[-1].value)
     at.selectbox(key="arch_pick").set_value("resnet18").run()
     assert_ok(at)
-    assert at.session_state["settings"]["arch"] == "resnet18"
+    assert at.session_state["lab"].settings["arch"] == "resnet18"
     after = metrics(at)["Parameters"]
     assert after != before and after.startswith("11.")        # ResNet-18 ~11.2 M with a 10-class head
     table = at.dataframe[-1].value
@@ -216,7 +216,7 @@ def test_model_top_k_shows_slider():
     assert metrics(at)["Trainable"] != trainable_head
     slider.set_value(3).run()
     assert_ok(at)
-    assert at.session_state["settings"]["top_k"] == 3
+    assert at.session_state["lab"].settings["top_k"] == 3
 
 
 # ---------------------------------------------------------------- Train and Evaluate
@@ -336,6 +336,6 @@ def test_data_camera_snapshots_fill_classes():
             at.button(key="cam_add").click().run()
             assert_ok(at)
     assert "mug: 3, pen: 3" in texts(at)
-    root = Path(at.session_state["settings"]["data_root"])
+    root = Path(at.session_state["lab"].settings["data_root"])
     assert sorted(p.name for p in root.iterdir()) == ["mug", "pen"]
     assert metrics(at)["Classes"] == "2"

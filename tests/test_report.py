@@ -171,6 +171,72 @@ def test_demo_sized_report_stays_small(tmp_path_factory):
     assert_self_contained(html)
 
 
+
+# ---------------------------------------------------------------- escaping and the template
+
+HOSTILE = "<script>alert(1)</script>\"&'"
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&amp;&#39;"     # as Jinja2 autoescape writes it
+
+
+def rename_class(run: Run, old: str, new: str) -> None:
+    """Rename a class in a finished run's stored files (a folder name cannot hold '/')."""
+    run.write_json("classes.json", [new if c == old else c for c in run.classes])
+    metrics = run.read_json("test_metrics.json")
+    metrics["classes"] = [new if c == old else c for c in metrics["classes"]]
+    for row in metrics["per_class"]:
+        row["cls"] = new if row["cls"] == old else row["cls"]
+    run.write_json("test_metrics.json", metrics)
+    frame = R.E.load_predictions(run).replace({"true": {old: new}, "predicted": {old: new}})
+    frame.rename(columns={f"p_{old}": f"p_{new}"}).to_csv(run.file("test_predictions.csv"), index=False)
+
+
+def test_hostile_class_run_name_and_message_are_escaped(copied):
+    """A class, a run name, a status message and a file name holding markup and quotes show as
+    text in every section of both reports: no raw <script> from data anywhere."""
+    rename_class(copied, "plain", HOSTILE)
+    copied.write_json("config.json", dict(copied.read_json("config.json"), name=HOSTILE))
+    copied.write_json("status.json", dict(copied.read_json("status.json"), message=HOSTILE))
+    copied.write_json("skipped.json", [[f"bad{HOSTILE}.png", HOSTILE]])
+    html = R.run_report(copied)
+    assert_self_contained(html)                        # no <script at all
+    assert HOSTILE not in html and "alert(1)</script>" not in html
+    for shown in (f'<p class="meta">{ESCAPED} · finished</p>',      # subtitle: the run's name
+                  f"<p>Status: {ESCAPED}</p>", f"<td>bad{ESCAPED}.png</td><td>{ESCAPED}</td>",
+                  f"<td>{ESCAPED}</td>",                                # data, metrics, config tables
+                  f"<th>{ESCAPED}</th>", f"<td><b>{ESCAPED}</b></td>",  # confusion matrix
+                  f"<h3>{ESCAPED}</h3>", f"<figcaption>{ESCAPED}</figcaption>",  # ranked, samples
+                  f"true: {ESCAPED}"):                                  # misclassified captions
+        assert shown in html, shown
+    assert all(f'<section id="{sid}">' in html for sid in R.RUN_SECTIONS)
+
+    sweep = R.sweep_report(HOSTILE, [copied])
+    assert_self_contained(sweep)
+    assert HOSTILE not in sweep
+    for shown in (f"<title>Sweep {ESCAPED}</title>", f'<article id="run-0"><h3>{ESCAPED}</h3>',
+                  f"</code> · {ESCAPED}</p>", f"<td>{ESCAPED}</td>"):
+        assert shown in sweep, shown
+
+
+def test_reports_render_the_shipped_template(tmp_path, monkeypatch):
+    env = R._env()
+    assert env.autoescape is True
+    page = env.get_template(R.TEMPLATE)
+    assert page.filename == str(paths.ASSETS / "templates" / "report.html.j2")
+    # an edited copy of the templates changes the report: the page comes from that file, not code
+    shutil.copytree(R.TEMPLATES, tmp_path / "templates")
+    edited = tmp_path / "templates" / R.TEMPLATE
+    edited.write_text(edited.read_text(encoding="utf-8").replace("Finetune Lab report", "Edited"),
+                      encoding="utf-8")
+    monkeypatch.setattr(R, "TEMPLATES", tmp_path / "templates")
+    R._env.cache_clear()
+    try:
+        html = R.sweep_report("none", [])
+    finally:
+        R._env.cache_clear()        # the next report loads the shipped templates again
+    assert "<footer>Edited · generated" in html and "Finetune Lab report" not in html
+    assert '<section id="summary">\n<h2>Summary</h2>\n<p class="note">This sweep has no runs.</p>' in html
+
+
 # ---------------------------------------------------------------- sweep report
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,7 @@ def test_predict_with_a_run_uploads_and_folder(run, tmp_path):
     assert "5 images found." in texts(at)
     at.button(key="pred_all").click().run()
     assert_ok(at)
-    _, frame = at.session_state["pred_frame"]      # (what it was computed for, the table)
+    _, frame = at.session_state["lab"].page["pred_frame"]      # (what it was computed for, the table)
     assert len(frame) == 5
     rows = frame.set_index("file")
     assert isinstance(rows.loc["bad.jpg", "error"], str)

@@ -93,10 +93,10 @@ def test_five_sessions_train_on_the_demo_data_at_once(caplog, monkeypatch):
         st_logger.addHandler(caplog.handler)
     sessions = [session(page=None) for _ in range(5)]
     for i, at in enumerate(sessions):
-        at.session_state["image_size_default"] = True
-        settings = dict(at.session_state["settings"])
+        at.session_state["lab"].image_size_chosen = True
+        settings = dict(at.session_state["lab"].settings)
         settings.update(epochs=2, image_size=64, seed=i, device="cpu")
-        at.session_state["settings"] = settings
+        at.session_state["lab"].settings = settings
     barrier = threading.Barrier(len(sessions))
     # Each AppTest compiles pages itself (a server shares one locked script cache). CPython
     # 3.11.7's ast.parse is not safe in parallel threads (gh-106905: "AST constructor recursion
@@ -134,11 +134,11 @@ def test_five_sessions_train_on_the_demo_data_at_once(caplog, monkeypatch):
         assert not errors, "\n".join(errors)
         for at in sessions:
             assert_ok(at)
-        ids = [at.session_state["run_id"] for at in sessions]
+        ids = [at.session_state["lab"].current_run for at in sessions]
         assert len(set(ids)) == 5 and len(list_runs()) == 5
         for at, run_id in zip(sessions, ids):
             run = get_run(run_id)
-            assert run.owner == at.session_state["owner"]
+            assert run.owner == at.session_state["lab"].owner
             cfg = run.config
             assert (cfg.data_root, cfg.freeze, cfg.epochs, cfg.image_size) == (
                 "assets/demo/fashion_mnist", "head", 2, 64)
@@ -155,7 +155,7 @@ def test_five_sessions_train_on_the_demo_data_at_once(caplog, monkeypatch):
             assert "Test accuracy (best epoch)" in [m.label for m in at.metric]
             labels = at.selectbox(key="run_pick").options
             assert len(labels) == 5 and sum(label.startswith("👤 ") for label in labels) == 1
-        assert len({at.session_state["owner"] for at in sessions}) == 5
+        assert len({at.session_state["lab"].owner for at in sessions}) == 5
     finally:
         st_logger.removeHandler(caplog.handler)
     assert config.get_option is ORIGINAL_GET_OPTION, "a parallel AppTest run left its config patch behind"

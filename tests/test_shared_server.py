@@ -88,7 +88,7 @@ def teacher(page: str | None = None) -> AppTest:
 def start(at: AppTest) -> str:
     next(b for b in at.button if "Start training" in b.label).click().run()
     assert_ok(at)
-    return at.session_state["run_id"]
+    return at.session_state["lab"].current_run
 
 
 def picker_ids(at: AppTest, key: str = "run_pick") -> set[str]:
@@ -149,21 +149,23 @@ def test_students_see_and_manage_only_their_own_runs(classroom, shared_set):
     wait_state(long_id, ("running",) + ENDED, timeout=90)
     short_id = start(b)
     assert "ahead of it in the lab's queue" in texts(b)       # B sees its place and a start time
-    assert R.get_run(long_id).owner == a.session_state["owner"] != b.session_state["owner"]
+    assert R.get_run(long_id).owner == a.session_state["lab"].owner != b.session_state["lab"].owner
     for at, own in ((a, long_id), (b, short_id)):
         at.run()
         assert_ok(at)
         assert picker_ids(at) == {own}
         assert "manage_all" not in keys(at, "checkbox")
     # B forges A's run id as its current run: the pages fall back to B's own run
-    b.session_state["run_id"] = long_id
+    b.session_state["lab"].current_run = long_id
     b.run()
     assert_ok(b)
     assert b.selectbox(key="run_pick").value == short_id
     with pytest.raises(access.AccessError):
-        access.check_manage(access.User(b.session_state["owner"]), R.get_run(long_id))
+        access.check_manage(access.User(b.session_state["lab"].owner), R.get_run(long_id))
 
     t = teacher(TRAIN)
+    assert "run_pick" not in keys(t, "selectbox")           # "Only my runs" is on by default
+    t.toggle(key="run_pick_mine").set_value(False).run()
     assert picker_ids(t) == {long_id, short_id}
     t.selectbox(key="run_pick").set_value(long_id).run()
     assert_ok(t)
@@ -309,8 +311,8 @@ def test_zip_uploads_land_in_my_folder_within_my_quota(classroom):
     at.radio(key="data_source").set_value("zip").run()
     at.file_uploader(key="zip_upload").upload("set.zip", class_zip(), "application/zip").run()
     assert_ok(at)
-    owner = at.session_state["owner"]
-    root = Path(at.session_state["settings"]["data_root"])
+    owner = at.session_state["lab"].owner
+    root = Path(at.session_state["lab"].settings["data_root"])
     assert root.parent == paths.datasets_dir() / "users" / owner
     assert any("My uploads (1," in e.label for e in at.expander)
     other = student(page=DATA)
@@ -320,7 +322,7 @@ def test_zip_uploads_land_in_my_folder_within_my_quota(classroom):
                                                  "application/zip").run()
     assert_ok(other)
     assert "would unpack to more than 1.0 MB" in errors(other)
-    assert not any((paths.datasets_dir() / "users" / other.session_state["owner"]).iterdir())
+    assert not any((paths.datasets_dir() / "users" / other.session_state["lab"].owner).iterdir())
 
 
 # ---------------------------------------------------------------- presets
@@ -354,7 +356,7 @@ def test_a_student_saving_a_preset_leaves_the_teachers_alone(classroom):
     assert_ok(at)
     assert teachers.read_text() == before
     assert "for you only" in texts(at)
-    owner = at.session_state["owner"]
+    owner = at.session_state["lab"].owner
     assert (presets.user_dir(owner) / "lab-3.json").exists()
 
 

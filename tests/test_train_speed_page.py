@@ -30,7 +30,7 @@ def test_panel_states_the_cache_and_its_memory(image_folder):
     assert "MB in memory" in texts(at)
     at.number_input(key="w_aug_views").set_value(3).run()
     assert_ok(at)
-    assert at.session_state["settings"]["aug_views"] == 3
+    assert at.session_state["lab"].settings["aug_views"] == 3
 
 
 def test_live_augmentation_says_why_nothing_is_cached(image_folder):
@@ -42,7 +42,7 @@ def test_time_budget_shows_a_plan_before_start(image_folder):
     at = train_page(image_folder(classes=3, per_class=12, size=40), freeze="top_k")
     at.number_input(key="w_budget_min").set_value(2.0).run()
     assert_ok(at)
-    assert at.session_state["settings"]["time_budget_s"] == 120
+    assert at.session_state["lab"].settings["time_budget_s"] == 120
     assert "Plan for 2 minutes" in texts(at)
     plan = [t.value for t in at.table if "trains" in t.value.columns]
     assert plan and list(plan[0].index)[0] == "head"
@@ -54,12 +54,12 @@ def test_learning_rate_test_draws_a_chart_and_applies_only_on_click(image_folder
     button(at, "Suggest a learning rate").click().run()
     assert_ok(at)
     assert len(charts(at)) == before + 1
-    assert at.session_state["settings"]["lr"] == 1e-2          # nothing applied yet
+    assert at.session_state["lab"].settings["lr"] == 1e-2          # nothing applied yet
     use = button(at, "Use ")
     suggested = float(use.label.split()[-1])
     use.click().run()
     assert_ok(at)
-    assert at.session_state["settings"]["lr"] == suggested
+    assert at.session_state["lab"].settings["lr"] == suggested
     assert at.number_input(key="w_lr").value == suggested
 
 

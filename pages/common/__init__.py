@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import threading
 from pathlib import Path
 
 import altair as alt
@@ -15,9 +16,11 @@ from core import access, paths
 from core.config import RANGES, RunConfig, validate_config
 from core.store import ACTIVE_STATES, Run, delete_run, get_run, list_runs
 from core.worker import MANAGER
+from pages.common import state
+from pages.common.state import lab
 
 PAGES = {
-    "home": "streamlit_app.py",
+    "home": "pages/0_Home.py",
     "data": "pages/1_Data.py",
     "model": "pages/2_Model.py",
     "train": "pages/3_Train.py",
@@ -38,7 +41,9 @@ def link(page: str, label: str, icon: str | None = None, where=st) -> None:
 
 
 def setup(title: str) -> dict:
-    """Page config, session defaults and the sidebar summary. Returns the session's settings."""
+    """Page config, session defaults and the sidebar. Returns the session's settings (the draft
+    run configuration). A page ends with `finish()` (or `stop()`), which redraws the sidebar's
+    summary with the choices the page just made."""
     try:
         st.set_page_config(page_title=f"{title} · Finetune Lab", page_icon="🧪", layout="wide")
     except st.errors.StreamlitAPIException:
@@ -46,11 +51,31 @@ def setup(title: str) -> dict:
     if problem := paths.write_problem():
         st.error(problem)
         st.stop()
-    settings = st.session_state.setdefault("settings", default_settings())
+    settings = lab().settings
     for key, value in default_settings().items():     # settings added since this session began
         settings.setdefault(key, value)
-    sidebar_summary(settings)
+    with st.sidebar:
+        sign_in()
+        _page.summary = st.empty()
+    finish()
     return settings
+
+
+_page = threading.local()      # this script run's sidebar slot (each session reruns in its own thread)
+
+
+def finish() -> None:
+    """(Re)draw the sidebar summary, once the page has applied this run's choices."""
+    slot = getattr(_page, "summary", None)
+    if slot is not None:
+        with slot.container():
+            sidebar_summary(lab().settings)
+
+
+def stop():
+    """st.stop(), after bringing the sidebar summary up to date."""
+    finish()
+    st.stop()
 
 
 def default_settings() -> dict:
@@ -65,17 +90,15 @@ def run_config(settings: dict) -> RunConfig:
 
 
 def sidebar_summary(settings: dict) -> None:
-    with st.sidebar:
-        sign_in()
-        st.caption("**Current choices**")
-        st.caption(f"Data: {settings.get('data_label', settings['data_root'])}")
-        st.caption(f"Model: `{settings['arch']}` · {settings['freeze'].replace('_', '-')}"
-                   + (f" {settings['top_k']}" if settings["freeze"] == "top_k" else ""))
-        active = [r for r in my_runs()[:200] if r.status().get("state") in ACTIVE_STATES]
-        running = [r for r in active if r.status().get("state") != "queued"]
-        if active:
-            now = running[0].config.name or running[0].id if running else "starting"
-            st.caption(f"Training: {now} · {len(active) - len(running)} queued — see Train or Experiments")
+    st.caption("**Current choices**")
+    st.caption(f"Data: {settings.get('data_label', settings['data_root'])}")
+    st.caption(f"Model: `{settings['arch']}` · {settings['freeze'].replace('_', '-')}"
+               + (f" {settings['top_k']}" if settings["freeze"] == "top_k" else ""))
+    active = [r for r in my_runs()[:200] if r.status().get("state") in ACTIVE_STATES]
+    running = [r for r in active if r.status().get("state") != "queued"]
+    if active:
+        now = running[0].config.name or running[0].id if running else "starting"
+        st.caption(f"Training: {now} · {len(active) - len(running)} queued — see Train or Experiments")
 
 
 # ---------------------------------------------------------------- settings widgets
@@ -111,9 +134,10 @@ def thumbnail(path: str, size: int = 96):
 
 def session_owner() -> str:
     """Who this browser is: a stable anonymous id from its cookie (else this session's)."""
-    if "owner" not in st.session_state:
-        st.session_state["owner"] = browser_id(st.context.cookies.get(XSRF_COOKIE, "")) or secrets.token_hex(4)
-    return st.session_state["owner"]
+    state = lab()
+    if not state.owner:
+        state.owner = browser_id(st.context.cookies.get(XSRF_COOKIE, "")) or secrets.token_hex(4)
+    return state.owner
 
 
 XSRF_COOKIE = "_streamlit_xsrf"
@@ -149,7 +173,7 @@ def user() -> access.User:
     """This browser's identity and role (see core.access)."""
     token = admin_token()
     if token:
-        admin = st.session_state.get("admin_signed_in") == hashlib.sha256(token.encode()).hexdigest()
+        admin = lab().admin_key == hashlib.sha256(token.encode()).hexdigest()
     else:
         admin = access.local_only(st.get_option("server.address"))
     return access.User(session_owner(), admin=admin)
@@ -163,14 +187,14 @@ def sign_in() -> None:
     if user().admin:
         st.caption("🔑 Signed in as teacher (admin)")
         if st.button("Sign out", key="admin_sign_out"):
-            st.session_state.pop("admin_signed_in", None)
+            lab().admin_key = ""
             st.rerun()
         return
     with st.expander("🔑 Teacher sign-in"):
         given = st.text_input("Teacher token", type="password", key="admin_token_input")
         if st.button("Sign in", key="admin_sign_in", disabled=not given):
             if access.token_matches(given, token):
-                st.session_state["admin_signed_in"] = hashlib.sha256(token.encode()).hexdigest()
+                lab().admin_key = hashlib.sha256(token.encode()).hexdigest()
                 st.session_state.pop("admin_token_input", None)
                 st.rerun()
             st.error("That is not the teacher token.")
@@ -219,7 +243,7 @@ def submit(cfg: RunConfig) -> Run:
     cfg, note = access.capped(cfg, who, rules)
     run = MANAGER.submit(cfg, owner=who.id, **student_limits())
     if note:
-        st.session_state["run_note"] = note
+        lab().note("run_note", note)
     return run
 
 
@@ -232,7 +256,7 @@ def queue_sweep(configs: list[RunConfig]) -> list[Run]:
     notes = [access.capped(cfg, who, rules)[1] for cfg in configs]
     runs = sweeps.queue(configs, owner=who.id, **student_limits())
     if any(notes):
-        st.session_state["run_note"] = next(n for n in notes if n)
+        lab().note("run_note", next(n for n in notes if n))
     return runs
 
 
@@ -252,13 +276,15 @@ def save_zip(data: bytes, name: str) -> Path:
 
 
 def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = "run_pick"):
-    """A run selector; defaults to the run this session started last. Students see their own
-    runs; the admin sees everyone's (theirs marked 👤) and can hide the others."""
+    """A run selector showing the session's current run (the one last started, resumed or picked
+    on any page); picking another makes that one current everywhere. Students see their own
+    runs; the admin sees everyone's with "Only my runs" on by default."""
     runs = my_runs()
     if only_with_checkpoint:
         runs = [r for r in runs if r.checkpoint.exists()]
     admin = user().admin
-    if admin and st.session_state.get(f"{key}_mine"):
+    mine_only = admin and st.session_state.setdefault(f"{key}_mine", True)
+    if mine_only:
         runs = [r for r in runs if mine(r)]
     if not runs:
         if admin:
@@ -266,20 +292,23 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
         return None
     ids = [r.id for r in runs]
     labels = {r.id: ("👤 " if mine(r) and admin else "") + r.label() for r in runs}
-    if st.session_state.get(key) not in ids:
-        current = st.session_state.get("run_id")
-        st.session_state[key] = current if current in ids else ids[0]
-    else:   # re-assigning makes Streamlit send the fresh labels (a run's state changes)
-        st.session_state[key] = st.session_state[key]
-    if not admin:
-        chosen = st.selectbox(label, ids, format_func=labels.get, key=key)
-    else:
-        pick, toggle = st.columns([5, 1], vertical_alignment="bottom")
-        chosen = pick.selectbox(label, ids, format_func=labels.get, key=key,
-                                help="👤 marks the runs this browser started; as the teacher you see everyone's.")
+    current = lab().current_run
+    st.session_state[key] = current if current in ids else ids[0]
+    if current and current not in ids:
+        st.caption(f"Your current run {current} isn't listed here"
+                   + (" (no checkpoint yet)" if only_with_checkpoint else "") + f"; showing {ids[0]}.")
+    where = st
+    if admin:
+        where, toggle = st.columns([5, 1], vertical_alignment="bottom")
         toggle.toggle("Only my runs", key=f"{key}_mine")
-    st.session_state["run_id"] = chosen
+    chosen = where.selectbox(label, ids, format_func=labels.get, key=key, on_change=_follow, args=(key,),
+                             help="👤 marks the runs this browser started." if admin else None)
     return get_run(chosen)
+
+
+def _follow(key: str) -> None:
+    """The run picked on one page becomes the current run of every page."""
+    lab().current_run = st.session_state[key]
 
 
 def run_actions(run: Run, active: bool) -> None:
@@ -309,7 +338,7 @@ def resume_run(run_id: str) -> None:
         MANAGER.check_room(run.owner, limits.get("max_queued"))
         MANAGER.resume(run, owner=run.owner, limit_s=limits.get("limit_s"))
     except (ValueError, FileNotFoundError, access.AccessError) as err:
-        st.session_state["run_error"] = str(err)
+        lab().note("run_error", str(err))
 
 
 def remove_run(run_id: str) -> None:
@@ -317,9 +346,9 @@ def remove_run(run_id: str) -> None:
         run = open_run(run_id)
         access.check_manage(user(), run)
         delete_run(run)
-        st.session_state.pop("run_id", None)
+        lab().current_run = None
     except (ValueError, FileNotFoundError, access.AccessError) as err:
-        st.session_state["run_error"] = str(err)
+        lab().note("run_error", str(err))
 
 
 def runs_frame(limit: int = 50) -> pd.DataFrame:
@@ -425,7 +454,7 @@ def presets_panel(settings: dict) -> None:
                     use_preset(settings, P.parse_preset(blob))
                 except P.PresetError as err:
                     st.error(str(err))
-            if note := st.session_state.pop("preset_note", None):
+            if note := lab().take("preset_note"):
                 st.success(note)
         with save:
             name = st.text_input("Name", key="preset_name", placeholder="Lab 3: head-only vs full")
@@ -458,14 +487,9 @@ def use_preset(settings: dict, preset: dict) -> None:
     settings.update(P.apply_preset(settings, preset))
     if "data_root" in preset["settings"]:
         settings["data_label"] = f"From preset: {settings['data_root']}"
-    if "image_size" in preset["settings"]:     # Train's first visit must not swap in its device default
-        st.session_state["image_size_default"] = True
-    for key in [k for k in st.session_state if str(k).startswith(("w_", "aug_on_", "aug_v_"))]:
-        del st.session_state[key]
-    for key in ("aug_applied", "aug_preset"):
-        st.session_state.pop(key, None)
-    st.session_state["preset_note"] = (f"Loaded “{preset['name']}”: {len(preset['settings'])} settings. "
-                                       + preset["description"])
+    state.reset(settings)      # widgets redraw with the preset's values
+    lab().note("preset_note", f"Loaded “{preset['name']}”: {len(preset['settings'])} settings. "
+               + preset["description"])
     st.rerun()
 
 
@@ -475,8 +499,8 @@ def report_button(key: str, subject: str, build, filename: str, caption: str, di
     stored = f"report_path:{subject}"
     if st.button("Build HTML report", key=f"build_{key}", disabled=disabled):
         with st.spinner("Writing the report…"):
-            st.session_state[stored] = str(build())
-    path = Path(st.session_state.get(stored, ""))
-    if stored in st.session_state and path.exists():
+            lab().page[stored] = str(build())
+    path = Path(lab().page.get(stored, ""))
+    if stored in lab().page and path.exists():
         st.download_button("report.html", path.read_bytes(), filename, "text/html", key=f"{key}_download")
         st.caption(caption)

@@ -81,11 +81,11 @@ def lr_panel(settings: dict) -> None:
         def progress(done, total, message):
             bar.progress(min(1.0, done / max(total, 1)), text=message)
         try:
-            st.session_state["lr_test"] = (key, suggest_lr(cfg, progress=progress))
+            common.lab().page["lr_test"] = (key, suggest_lr(cfg, progress=progress))
         except Exception as err:  # noqa: BLE001 - shown as a sentence, the page goes on
-            st.session_state["lr_test"] = (key, dict(error=str(err)))
+            common.lab().page["lr_test"] = (key, dict(error=str(err)))
         bar.empty()
-    found = st.session_state.get("lr_test")
+    found = common.lab().page.get("lr_test")
     if not found or found[0] != key:
         st.caption("Different freeze depths need different rates: run the test after choosing the depth.")
         return

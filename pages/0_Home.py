@@ -1,0 +1,145 @@
+"""Home: what the app does, where this user is in the flow, the Quick demo, presets, runs."""
+import streamlit as st
+
+from core import access, paths
+from pages import common
+
+
+def home():
+    settings = common.setup("Home")
+    st.title("🧪 Finetune Lab")
+    st.markdown(
+        "Finetune Lab teaches a network that already knows ImageNet's 1000 classes to recognise "
+        "**your** classes, from a folder or zip of labelled images, without writing code. "
+        "You choose the backbone, how much of it to freeze and how to train, and watch it learn "
+        "on the CPU or a GPU. Then you study what it learned: accuracy, confusion matrix, its best "
+        "and worst images, feature maps and attributions, and a one-click report to hand in.")
+    if common.lab().take("quick_demo_done"):
+        st.switch_page(common.PAGES["evaluate"])
+    quick_demo(settings)
+    checklist(settings)
+    common.presets_panel(settings)
+    runs = common.my_runs()
+    if runs:
+        st.subheader("Runs" if common.user().admin else "My runs")
+        st.dataframe(common.runs_frame(), hide_index=True, width="stretch", column_config={
+            "best_val_acc": st.column_config.NumberColumn("best val acc", format="percent"),
+            "test_acc": st.column_config.NumberColumn("test acc", format="percent")})
+    st.caption(f"Runs and uploads are stored in `{common.data_dir_hint()}`.")
+    admin_panel()
+
+
+def checklist(settings):
+    """Where the session is in the flow, with a link to each step."""
+    mine = [r for r in common.my_runs() if common.mine(r)]
+    finished = [r for r in mine if r.status().get("state") == "finished"]
+    demo = settings["data_root"] == common.default_settings()["data_root"]
+    steps = [
+        ("data", "1. Data", settings.get("data_label", settings["data_root"])
+         + (" (the built-in default; drop your own images on the Data page)" if demo else ""), True),
+        ("model", "2. Model", f"`{settings['arch']}`, {settings['freeze'].replace('_', '-')}", True),
+        ("train", "3. Train", f"{len(mine)} run(s) started in this session", bool(mine)),
+        ("evaluate", "4. Evaluate", f"{len(finished)} finished", bool(finished)),
+        ("inspect", "5. Inspect", "feature maps, filters, sparsity, attributions", bool(finished)),
+    ]
+    st.subheader("Your progress")
+    for page, label, detail, done in steps:
+        left, right = st.columns([1, 4])
+        common.link(page, label, "✅" if done else "⬜", where=left)
+        right.markdown(detail)
+
+
+def start_quick_demo():
+    """The embedded default, end to end: demo data, bundled MobileNetV2, head-only training on
+    cached features. The session's settings go back to those defaults."""
+    settings = common.default_settings()
+    common.state.reset(settings)
+    cfg = common.run_config(dict(settings, name="Quick demo"))
+    try:
+        run = common.submit(cfg)
+    except ValueError as err:          # this student's queue is full
+        common.lab().note("quick_demo_error", str(err))
+        return
+    common.lab().current_run = common.lab().quick_demo = run.id
+
+
+def quick_demo(settings):
+    box = st.container(border=True)
+    box.markdown("**New here?** One click trains the built-in example: 1,000 Fashion-MNIST images, the "
+                 "MobileNetV2 that ships with the app, only its last layer trained. It takes about a "
+                 "minute on a laptop CPU and opens the results when done.")
+    box.button("▶️ Quick demo", type="primary", on_click=start_quick_demo, key="quick_demo_button")
+    if error := common.lab().take("quick_demo_error"):
+        box.error(error)
+    run_id = common.lab().quick_demo
+    if run_id:
+        with box:
+            quick_demo_progress(run_id)
+
+
+@st.fragment(run_every=1)
+def quick_demo_progress(run_id: str):
+    try:
+        run = common.open_run(run_id)
+    except FileNotFoundError:
+        common.lab().quick_demo = None
+        return
+    status = run.status()
+    state = status.get("state")
+    if state in common.ACTIVE_STATES:
+        steps = status.get("steps") or 0
+        st.progress(min(1.0, (status.get("step") or 0) / steps) if steps else 0.0,
+                    text=status.get("message", "Starting…"))
+        if state == "queued" and (place := common.queue_place(run_id)):
+            st.caption(place)
+        return
+    common.lab().quick_demo = None
+    if state == "finished":
+        st.success(f"Done: test accuracy {status.get('test_acc', float('nan')):.1%}. Opening the results…")
+        common.lab().note("quick_demo_done", "yes")
+    else:
+        common.lab().note("quick_demo_error", f"The demo run {state}: {status.get('message', '')}")
+    st.rerun(scope="app")
+
+
+@st.cache_data(ttl=60, show_spinner="Measuring the data directory…")
+def disk_usage() -> dict:
+    return access.disk_usage()      # walks every file: at most once a minute
+
+
+def admin_panel():
+    """The teacher's controls: who is admin, what students may do, disk use and clean-up."""
+    who = common.user()
+    if not who.admin:
+        st.caption("You are a student on this server: you see your own runs, uploads and presets.")
+        return
+    with st.expander("🔑 Teacher (admin) settings"):
+        st.caption(access.role_note(common.admin_token(), st.get_option("server.address")))
+        rules = common.policy()
+        with st.form("policy_form"):
+            folders = st.checkbox("Students may open server folders (below the roots)", rules.server_folders)
+            roots = st.text_area("Extra roots students may read (one folder per line)", "\n".join(rules.roots),
+                                 help=f"Always allowed: {paths.shared_dir()} and the shipped demo.")
+            c = st.columns(3)
+            values = dict(
+                max_queued=c[0].number_input("Runs a student may queue", *access.LIMITS["max_queued"], rules.max_queued),
+                max_epochs=c[1].number_input("Epoch cap per student run (0 = none)", *access.LIMITS["max_epochs"], rules.max_epochs),
+                max_minutes=c[2].number_input("Minutes cap per student run (0 = none)", *access.LIMITS["max_minutes"], rules.max_minutes),
+                upload_mb=c[0].number_input("MB per upload (unpacked)", *access.LIMITS["upload_mb"], rules.upload_mb),
+                user_mb=c[1].number_input("MB per student (all uploads)", *access.LIMITS["user_mb"], rules.user_mb),
+                total_mb=c[2].number_input("MB for the whole data directory (0 = none)", *access.LIMITS["total_mb"], rules.total_mb),
+                keep_days=c[0].number_input("Clean-up: uploads older than (days)", *access.LIMITS["keep_days"], rules.keep_days))
+            if st.form_submit_button("Save settings"):
+                access.save_policy(access.Policy(server_folders=folders, roots=roots.splitlines(), **values))
+                st.success("Saved: they apply to the next action of every student.")
+        usage = disk_usage()
+        cap = f" of {rules.total_mb:,} MB" if rules.total_mb else ""
+        st.caption(f"Data directory: {usage['total'] / 2**20:,.0f} MB{cap} used ("
+                   + ", ".join(f"{k} {v / 2**20:,.0f} MB" for k, v in sorted(usage["parts"].items()))
+                   + f"); {usage['free'] / 2**30:,.1f} GB free on the disk.")
+        if st.button(f"Delete uploads older than {rules.keep_days} days", key="clean_up"):
+            st.success(f"Deleted {access.clean_up(rules.keep_days)} upload(s).")
+
+
+home()
+common.finish()
