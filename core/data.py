@@ -801,6 +801,16 @@ def build_transform(image_size: int, mean, std, augment: dict | None = None):
     return v2.Compose(steps)
 
 
+def preview_augmentations(images, image_size: int, augment: dict, seed: int, copies: int = 4) -> list[np.ndarray]:
+    """`copies` augmented versions of each decoded image, as uint8 HWC arrays. Drawn from a
+    private random stream, so a run training meanwhile gets the same numbers as without it."""
+    from core import rng
+    tf = build_transform(image_size, (0, 0, 0), (1, 1, 1), augment)
+    with rng.Stream(seed).active():
+        return [(tf(img).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8")
+                for img in images if img is not None for _ in range(copies)]
+
+
 def dataset_stats(images) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 CHW images, in one streaming pass: each image's
     (count, mean, M2) is merged into the running totals with the pairwise formula

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core import rng
 from core.device import autocast
 from core.hooks import eval_mode, hooked
 
@@ -262,7 +263,8 @@ def bytes_per_image(backbone: nn.Module, split: Split, image_size: int) -> int:
 
 @torch.inference_mode()
 def compute(backbone: nn.Module, split: Split | None, images, transform, device, views: int = 1,
-            batch_size: int = 64, progress=None, disk: Path | None = None, precision: str | None = None) -> Store:
+            batch_size: int = 64, progress=None, disk: Path | None = None, precision: str | None = None,
+            stream: rng.Stream | None = None) -> Store:
     """`views` passes over `images` (through `transform`, random when it augments): the prefix
     output at `split`, or the whole backbone's pooled features when `split` is None. Row
     v * len(images) + i holds view v of image i. `progress(done, total)` may raise to stop; a
@@ -274,7 +276,8 @@ def compute(backbone: nn.Module, split: Split | None, images, transform, device,
         with eval_mode(backbone):
             for view in range(views):
                 for start in range(0, n, batch_size):
-                    batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
+                    with rng.active(stream):      # augmented views draw the run's own numbers
+                        batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
                     batch = batch.to(device, memory_format=torch.channels_last)
                     with autocast(device, precision):
                         out = backbone(batch) if split is None else prefix_output(backbone, split, batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from core import data as D
 from core import distributed as dist
 from core import paths
 from core import prefix as P
+from core import rng
 from core.hooks import eval_mode
 from core.backbones import apply_freeze, build_model, freeze_norm_stats, native_input_size
 from core.device import autocast, choose_precision, describe, grad_scaler, pick_device, precision_key, set_cpu_threads
@@ -217,34 +219,46 @@ def _scheduler(cfg: RunConfig, optimizer, epochs: int):
 
 
 def run_epoch(model, batches, criterion, optimizer, scaler, device, report, epoch, total_epochs,
-              n_batches, precision: str | None = None):
-    """One pass over `batches`; trains when `optimizer` is given. Returns (mean loss, accuracy)."""
+              n_batches, precision: str | None = None, stream: rng.Stream | None = None):
+    """One pass over `batches`; trains when `optimizer` is given. Returns (mean loss, accuracy).
+    Each step (its augmentations and dropout) draws from the run's own random `stream`."""
     training = optimizer is not None
     total_loss, correct, seen = 0.0, 0, 0
+    with rng.active(stream):       # a DataLoader draws its workers' seed as iteration starts
+        batches = iter(batches)
     with torch.set_grad_enabled(training):
-        for step, (x, y) in enumerate(batches, 1):
-            x = x.to(device, non_blocking=True)
-            if x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.as_tensor(y, device=device)
-            with autocast(device, precision):
-                logits = model(x)
-                loss = criterion(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise Diverged()
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
+        for step in itertools.count(1):
+            with rng.active(stream):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                loss, hits, n = train_step(model, batch, criterion, optimizer, scaler, device, precision)
+            total_loss, correct, seen = total_loss + loss * n, correct + hits, seen + n
             report(message=f"Epoch {epoch}/{total_epochs} · {'train' if training else 'val'}",
                    phase="train" if training else "val", epoch=epoch, epochs=total_epochs,
                    step=step, steps=n_batches)
     total_loss, correct, seen = dist.sum_all(total_loss, correct, seen)
     return (total_loss / seen, correct / seen) if seen else (float("nan"), float("nan"))
+
+
+def train_step(model, batch, criterion, optimizer, scaler, device, precision) -> tuple[float, int, int]:
+    """One batch forward (and backward, with an optimizer): (mean loss, correct, images)."""
+    x, y = batch
+    x = x.to(device, non_blocking=True)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.as_tensor(y, device=device)
+    with autocast(device, precision):
+        logits = model(x)
+        loss = criterion(logits.float(), y)
+    if not torch.isfinite(loss):
+        raise Diverged()
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.item(), (logits.argmax(1) == y).sum().item(), len(y)
 
 
 def save_checkpoint(model: nn.Module, run: Run, name: str = "best.safetensors") -> None:
@@ -383,13 +397,15 @@ def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = No
         return train_logreg(run, cfg, classes, data)
     report("preparing", force=True, message="Building the model", phase="model")
     weights = "random" if cfg.freeze == "scratch" else cfg.weights
-    model = build_model(cfg.arch, len(classes), weights, cfg.weights_file, cfg.head, cfg.hidden,
-                        cfg.dropout)
+    stream = rng.Stream(cfg.seed)      # the run's own random numbers, whatever else the process draws
+    with stream.active():
+        model = build_model(cfg.arch, len(classes), weights, cfg.weights_file, cfg.head, cfg.hidden,
+                            cfg.dropout)
     model.to(device, memory_format=torch.channels_last)
     mean, std = normalization(run, cfg, model, data["train"][0])
     weight = class_weights(cfg, data["train"][1], len(classes), device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    loop = Loop(run, cfg, report, model, data, criterion, device, mean, std)
+    loop = Loop(run, cfg, report, model, data, criterion, device, mean, std, stream)
     try:
         loop.phases = phases_for(run, cfg, loop, resumed, started)
         if resumed:
@@ -440,8 +456,9 @@ def class_weights(cfg: RunConfig, labels, n_classes: int, device) -> torch.Tenso
 class Loop:
     """The epochs of every phase, with the state a resume needs between them."""
 
-    def __init__(self, run, cfg, report, model, data, criterion, device, mean, std):
+    def __init__(self, run, cfg, report, model, data, criterion, device, mean, std, stream=None):
         self.run, self.cfg, self.report, self.model, self.data = run, cfg, report, model, data
+        self.stream = stream or rng.Stream(cfg.seed)
         self.criterion, self.device, self.mean, self.std = criterion, device, mean, std
         self.eval_tf = D.build_transform(cfg.image_size, mean, std)
         self.train_tf = D.build_transform(cfg.image_size, mean, std, cfg.augment)
@@ -526,7 +543,8 @@ class Loop:
                             phase="features", step=done, steps=total_)
             disk = paths.home() / "cache" / f"{self.run.id}-{what.split()[-1]}-{name}.npy" if on_disk else None
             cache[name] = P.compute(backbone, split, self.data[name][0], tf, self.device, v,
-                                    progress=progress, disk=disk, precision=self.infer_precision())
+                                    progress=progress, disk=disk, precision=self.infer_precision(),
+                                    stream=self.stream)
         self.run.set_status("preparing", cache=dict(what=what, views=views, mb=round(total / 2**20, 1),
                                                     where=where))
         return cache
@@ -682,11 +700,11 @@ class Loop:
         freeze_norm_stats(self.model)
         train_loss, train_acc = run_epoch(step_model, self.batches("train", cache, per_rank), self.criterion,
                                           optimizer, self.scaler, self.device, self.report, epoch,
-                                          cfg.epochs, n_train, precision)
+                                          cfg.epochs, n_train, precision, self.stream)
         step_model.eval()
         val_loss, val_acc = run_epoch(step_model, self.batches("val", cache, val_batch), self.criterion,
                                       None, self.scaler, self.device, self.report, epoch, cfg.epochs, n_val,
-                                      precision)
+                                      precision, self.stream)
         if scheduler:
             scheduler.step()
         score = val_acc if self.data["val"][1] else -train_loss

@@ -3,7 +3,6 @@ import random
 
 import pandas as pd
 import streamlit as st
-import torch
 import timm  # the package first: two sessions entering timm's import cycle at different modules
 #              (timm.data here, timm via core elsewhere) got a half-initialised module
 
@@ -101,12 +100,8 @@ def preview(settings):
     if st.button("🎲 Re-roll", key="aug_reroll"):
         common.lab().page["aug_seed"] = seed = seed + 1
     picks = random.Random(seed).sample(scan.items, min(4, len(scan.items)))
-    torch.manual_seed(seed)
-    tf = D.build_transform(settings["image_size"], (0, 0, 0), (1, 1, 1), settings["augment"])
     images, _ = D.decode_images(scan.root, picks, settings["image_size"])
-    tiles = [(tf(img).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8")
-             for img in images if img is not None for _ in range(4)]
-    st.image(tiles, width=96)
+    st.image(D.preview_augmentations(images, settings["image_size"], settings["augment"], seed), width=96)
 
 
 common.presets_panel(settings)

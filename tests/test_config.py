@@ -27,3 +27,32 @@ def test_the_config_module_is_the_single_source_of_ranges_and_choices():
     assert store.RunConfig is config.RunConfig
     assert "lr" in config.RANGES and "optimizer" in config.CHOICES
     assert validate_config({"scheduler": "none"}).scheduler == "none"
+
+
+def test_an_augmentation_preview_meanwhile_leaves_a_runs_metrics_alone(tiny_config):
+    """Issue 15: the preview on Train used to seed torch's global generator, which a background
+    run's augmentations and dropout share: same seed, different metrics while it was open."""
+    import threading
+
+    import core
+    from core import data as D
+    cfg = tiny_config(freeze="full", epochs=2, dropout=0.3, augment={"hflip": True, "rotation": 30.0},
+                      cache_features=False)
+    quiet = core.train(cfg).epochs()
+    scan = D.scan_folder(cfg.data_root)
+    images, _ = D.decode_images(scan.root, scan.items[:2], 32)
+    stop, previews = threading.Event(), []
+
+    def preview():
+        while not stop.is_set():
+            previews.append(D.preview_augmentations(images, 32, {"rotation": 90.0}, seed=len(previews)))
+    thread = threading.Thread(target=preview)
+    thread.start()
+    try:
+        busy = core.train(cfg).epochs()
+    finally:
+        stop.set()
+        thread.join()
+    assert len(previews) > 5
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    assert [[row[k] for k in keys] for row in busy] == [[row[k] for k in keys] for row in quiet]
