@@ -116,7 +116,8 @@ def token_matches(given: str, token: str) -> bool:
 
 def role_note(token: str, address: str | None) -> str:
     if token:
-        return "A teacher token is set: sign in with it to manage every run, upload and preset."
+        return ("You signed in with the teacher token: you see and manage every run, upload and "
+                "preset; students see only their own.")
     if local_only(address):
         return "Only this computer can reach the app, so you are its admin."
     return ("No teacher token is set and the app accepts connections from other computers, so "

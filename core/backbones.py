@@ -22,6 +22,8 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
+from core import rng
+
 if TYPE_CHECKING:           # annotations only: model code needs no run storage at import
     from core.store import Run
 
@@ -198,8 +200,9 @@ def create_backbone(arch: str, weights: str = "auto", weights_file: str | None =
     if weights == "auto":
         weights = default_weights(arch)
     if weights == "random":
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    if weights in ("hub", "hub-cache"):
+        with rng.exclusive():
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    if weights in ("hub", "hub-cache"):      # not exclusive: a download may take minutes
         cached = hub_cached_file(arch) if weights == "hub-cache" else None
         overlay = dict(file=cached) if cached else None
         return timm.create_model(arch, pretrained=True, num_classes=num_classes,
@@ -207,7 +210,8 @@ def create_backbone(arch: str, weights: str = "auto", weights_file: str | None =
     path = bundled_file(arch) if weights == "bundled" else weights_file
     if path is None:
         raise WeightsError(f"No {weights} weights available for {arch}.")
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    with rng.exclusive():
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     load_weights_file(model, path)
     return model
 
@@ -307,7 +311,8 @@ def _match_by_position(state: dict, model: nn.Module) -> dict | None:
 def build_model(arch: str, num_classes: int, weights: str = "auto", weights_file: str | None = None,
                 head: str = "linear", hidden: int = 128, dropout: float = 0.0) -> FineTuneModel:
     backbone = create_backbone(arch, weights, weights_file, num_classes=0)
-    return FineTuneModel(backbone, make_head(backbone.num_features, num_classes, head, hidden, dropout))
+    with rng.exclusive():
+        return FineTuneModel(backbone, make_head(backbone.num_features, num_classes, head, hidden, dropout))
 
 
 # ---------------------------------------------------------------- freezing

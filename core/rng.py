@@ -42,3 +42,11 @@ class Stream:
 def active(stream: Stream | None):
     """`stream.active()`, or nothing to do when there is no stream."""
     return stream.active() if stream is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def exclusive():
+    """Hold the generator for a draw of the global stream (a model's random init on a page), so
+    it never lands inside a run's step and takes that run's numbers."""
+    with _LOCK:
+        yield

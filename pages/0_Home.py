@@ -25,7 +25,8 @@ def home():
         st.dataframe(common.runs_frame(), hide_index=True, width="stretch", column_config={
             "best_val_acc": st.column_config.NumberColumn("best val acc", format="percent"),
             "test_acc": st.column_config.NumberColumn("test acc", format="percent")})
-    st.caption(f"Runs and uploads are stored in `{common.data_dir_hint()}`.")
+    if common.user().admin:          # students needn't learn the server's paths
+        st.caption(f"Runs and uploads are stored in `{common.data_dir_hint()}`.")
     admin_panel()
 
 

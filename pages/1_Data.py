@@ -197,8 +197,9 @@ else:
     typed = st.text_input("Folder path on the server", key="w_typed_path", placeholder="/data/flowers")
     common.lab().page["typed_path"] = typed
     if not common.user().admin:
-        st.caption("Folders you may open: " + ", ".join(
-            f"`{r}`" for r in access.roots(common.policy())) + " (shared by the teacher).")
+        allowed = access.roots(common.policy()) + [access.uploads_dir(common.user())]
+        st.caption("Folders you may open (the teacher's shared sets, the demo, your own uploads): "
+                   + ", ".join(f"`{r}`" for r in allowed))
     if typed:
         try:
             use_folder(common.server_folder(typed), f"Folder: {typed}")

@@ -1,4 +1,5 @@
 """Model: backbone, where its weights come from, how deep to freeze, and the new head."""
+import copy
 import hashlib
 
 import pandas as pd
@@ -9,6 +10,7 @@ import torch
 from core import backbones as B
 from core import access
 from core.config import FREEZE_MODES
+from core.paths import resolve_data_root
 from pages import common
 from pages.common.teaching import explain
 
@@ -24,11 +26,21 @@ def sources(arch: str) -> list[B.WeightSource]:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Reading the architecture…")
-def skeleton(arch: str, head: str, hidden: int) -> B.FineTuneModel:
+def skeleton(arch: str, head: str, hidden: int, classes: int = 10) -> B.FineTuneModel:
     """Parameters on the meta device: shapes without memory, so even VGG is instant."""
     with torch.device("meta"):
         backbone = timm.create_model(arch, pretrained=False, num_classes=0)
-        return B.FineTuneModel(backbone, B.make_head(backbone.num_features, 10, head, hidden))
+        return B.FineTuneModel(backbone, B.make_head(backbone.num_features, classes, head, hidden))
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def class_count(root: str) -> int:
+    """How many classes the chosen data set has (the new head's size); 10 if it can't be read."""
+    from core import data as D
+    try:
+        return len(D.scan_folder(root, check=False).classes)
+    except (D.DataError, OSError):
+        return 10
 
 
 choices = list(B.CATALOG) + [OTHER]
@@ -109,7 +121,8 @@ if head == "mlp":
     common.bind(cols[0].number_input, "hidden", "Hidden units", settings, **common.limits("hidden"), step=8)
 common.bind(cols[1].slider, "dropout", "Dropout", settings, **common.limits("dropout"), step=0.05)
 
-model = skeleton(arch, head, settings["hidden"])
+classes = class_count(str(resolve_data_root(settings["data_root"])))
+model = copy.deepcopy(skeleton(arch, head, settings["hidden"], classes))   # the cached one is shared by every session
 B.apply_freeze(model, mode, settings["top_k"])
 rows = pd.DataFrame(B.parameter_table(model))
 total, trainable = rows["params"].sum(), rows["trainable"].sum()

@@ -80,7 +80,7 @@ with tabs[0]:
                             on_select="rerun", key="cm_chart")
     chosen = (event.selection.get("cell") or [None])[0] if event else None
     if chosen:
-        common.lab().page["cm_true"], common.lab().page["cm_pred"] = chosen["true"], chosen["predicted"]
+        st.session_state["cm_true"], st.session_state["cm_pred"] = chosen["true"], chosen["predicted"]   # the selectboxes below
     c1, c2 = st.columns(2)
     true = c1.selectbox("True class", classes, key="cm_true")
     pred = c2.selectbox("Predicted class", classes, key="cm_pred")

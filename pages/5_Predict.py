@@ -18,7 +18,8 @@ st.title("🔮 Predict")
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model…")
-def run_predictor(run_id: str, _stamp: float) -> P.Predictor:
+def run_predictor(run_id: str, stamp: float) -> P.Predictor:
+    """Keyed by the checkpoint's time too, so a re-trained or resumed run loads its new weights."""
     return P.from_run(common.get_run(run_id))
 
 

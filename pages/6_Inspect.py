@@ -24,8 +24,9 @@ st.title("🔬 Inspect")
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model…")
-def load_model(kind: str, name: str):
-    """(model, class names, image size, mean, std) for a pretrained backbone or a run."""
+def load_model(kind: str, name: str, stamp: float = 0.0):
+    """(model, class names, image size, mean, std) for a pretrained backbone or a run; `stamp`
+    (the run's checkpoint time) is part of the key, so a run that trained on is reloaded."""
     if kind == "run":
         run = common.get_run(name)
         model = load_run_model(run)
@@ -43,14 +44,16 @@ def scan(root: str):
 
 
 def pick_model(label: str, key: str):
-    kinds = {"pretrained": "Pretrained backbone", "run": "A trained run"}
-    kind = st.radio(label, list(kinds), format_func=kinds.get, horizontal=True, key=f"{key}_kind")
+    kinds = {"run": "A trained run", "pretrained": "Pretrained backbone"}
+    trained = any(r.checkpoint.exists() for r in common.my_runs())      # the user's model first
+    kind = st.radio(label, list(kinds), format_func=kinds.get, horizontal=True, key=f"{key}_kind",
+                    index=0 if trained else 1)
     if kind == "run":
         run = common.pick_run("Run", only_with_checkpoint=True, key=f"{key}_run")
         if run is None:
             st.info("No trained run yet.")
             return None
-        return kind, run.id
+        return kind, run.id, run.checkpoint.stat().st_mtime
     arch = st.selectbox("Backbone", list(B.CATALOG), key=f"{key}_arch",
                         index=list(B.CATALOG).index(settings["arch"]) if settings["arch"] in B.CATALOG else 0)
     if B.default_weights(arch) == "random":
@@ -152,9 +155,9 @@ with tabs[2]:
     sparse_key = (choice, other, count, str(root))
     if st.button("Measure sparsity", type="primary", key="ins_measure"):
         try:
-            rows = measure(" ".join(choice), choice)
+            rows = measure(" ".join(map(str, choice[:2])), choice)
             if other:
-                rows += measure(" ".join(other), other)
+                rows += measure(" ".join(map(str, other[:2])), other)
             common.lab().page["sparsity_rows"] = (sparse_key, rows)
         except D.DataError as err:
             st.error(str(err))

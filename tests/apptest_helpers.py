@@ -58,3 +58,36 @@ def quiet_queue(timeout: float):
         if run.status().get("state") in ACTIVE_STATES:
             MANAGER.stop(run.id)
     assert manager_idle(timeout), "a run started by this test did not end"
+
+
+def texts(at: AppTest) -> str:
+    """All markdown-ish text on the page (markdown, captions, titles, alerts), one string."""
+    parts = []
+    for kind in ("markdown", "caption", "title", "subheader", "info", "error", "warning", "success"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def errors(at: AppTest) -> str:
+    return "\n".join(str(e.value) for e in at.error)
+
+
+def keys(at: AppTest, kind: str = "button") -> set[str]:
+    """The keys of the page's widgets of one kind."""
+    return {w.key for w in at.get(kind) if w.key}
+
+
+def start_button(at: AppTest):
+    return next(b for b in at.button if "Start training" in b.label)
+
+
+def wait_state(run_id: str, states=("finished", "failed", "stopped", "interrupted"), timeout: float = 120) -> dict:
+    """Poll a run's status until it is in one of `states`."""
+    import time
+
+    from core.store import get_run
+    end = time.monotonic() + timeout
+    while (status := get_run(run_id).status()).get("state") not in states:
+        assert time.monotonic() < end, f"{run_id} still {status.get('state')}: {status.get('message')}"
+        time.sleep(0.1)
+    return status

@@ -97,6 +97,14 @@ def lab_home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def idle_manager(lab_home):
+    """The background queue is process-wide: no run of another test may be in it, before or
+    after (modules that start runs use it with pytest.mark.usefixtures)."""
+    from apptest_helpers import quiet_queue
+    yield from quiet_queue(180)
+
+
+@pytest.fixture
 def image_folder(tmp_path):
     """Factory image_folder(classes=3, per_class=12, size=40, fmt="png", splits=None, name="data", wrapper=None) -> data set Path.
 
@@ -141,3 +149,31 @@ def tiny_config(image_folder):
         return tiny_run_config(**overrides)
 
     return make
+
+
+# ---------------------------------------------------------------- markers
+
+BROWSER_MODULES = {"test_browser", "test_browser_lab", "test_browser_report"}
+# Modules that drive whole pages (AppTest) or train many small runs: minutes, not seconds.
+SLOW_MODULES = {"test_sessions", "test_pages", "test_home_presets", "test_results_pages",
+                "test_experiments_page", "test_train_speed_page", "test_inspect_page",
+                "test_shared_server", "test_faults", "test_fast_finetune", "test_experiments",
+                "test_training", "test_results", "test_report", "test_cli", "test_inspect"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: drives Chromium through Playwright")
+    config.addinivalue_line("markers", "distributed: starts torchrun processes")
+    config.addinivalue_line("markers", "slow: whole pages (AppTest) or many training runs")
+
+
+def pytest_collection_modifyitems(items):
+    """Markers by module (and torchrun by name), so `-m "not slow"` is the quick subset."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in BROWSER_MODULES:
+            item.add_marker(pytest.mark.browser)
+        if "torchrun" in item.name:
+            item.add_marker(pytest.mark.distributed)
+        if module in SLOW_MODULES or module in BROWSER_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -26,8 +26,10 @@ from core import sweeps as S
 from core import training as T
 from core.backbones import build_model
 from core.evaluate import data_config, evaluate_run, load_predictions
-from core.store import ACTIVE_STATES, Run, list_runs
+from core.store import Run
 from core.worker import MANAGER
+
+pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
 
 def metric_rows(run: Run) -> list[dict]:
@@ -37,23 +39,6 @@ def metric_rows(run: Run) -> list[dict]:
 
 def lrs(run: Run) -> list[float]:
     return [row["lr"] for row in run.epochs()]
-
-
-@pytest.fixture(autouse=True)
-def idle_manager(lab_home):
-    """The background queue is process-wide: no run of another test may be in it, before or after."""
-    def idle(timeout):
-        end = time.monotonic() + timeout
-        while MANAGER.busy() and time.monotonic() < end:
-            time.sleep(0.05)
-        return not MANAGER.busy()
-
-    assert idle(120), "a run from an earlier test is still in the queue"
-    yield
-    for run in list_runs():
-        if run.status().get("state") in ACTIVE_STATES:
-            MANAGER.stop(run.id)
-    assert idle(120), "a run started by this test did not end"
 
 
 @pytest.fixture

@@ -14,24 +14,15 @@ from streamlit.testing.v1 import AppTest
 from apptest_helpers import assert_ok, opened
 
 from core import data as D
-from core.store import ACTIVE_STATES, list_runs
+
 from core.worker import MANAGER
+
+pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
 EXPERIMENTS, TRAIN = "pages/7_Experiments.py", "pages/3_Train.py"
 TIMEOUT = 120
-
-
-@pytest.fixture(autouse=True)
-def idle_manager(lab_home):
-    """The queue is process-wide: nothing of another test in it, before or after."""
-    assert drained(120), "a run from an earlier test is still in the queue"
-    yield
-    for run in list_runs():
-        if run.status().get("state") in ACTIVE_STATES:
-            MANAGER.stop(run.id)
-    assert drained(120), "a run started by this test did not end"
 
 
 def drained(timeout: float) -> bool:

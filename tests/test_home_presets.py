@@ -18,10 +18,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import presets as P
-from apptest_helpers import assert_ok, opened, quiet_queue
+from apptest_helpers import assert_ok, opened, texts
 from core.config import RunConfig
 from core.store import list_runs
 from core.worker import MANAGER
+
+pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
@@ -35,20 +37,9 @@ EXCLUDED = set(P.NOT_SAVED)
 # ---------------------------------------------------------------- helpers
 
 @pytest.fixture
-def idle_manager(lab_home):
-    yield from quiet_queue(180)
-
-
 def go_home(at: AppTest) -> None:
     at.switch_page("pages/0_Home.py").run()
     assert_ok(at)
-
-
-def texts(at: AppTest) -> str:
-    parts = []
-    for kind in ("markdown", "caption", "title", "subheader", "info", "error", "warning", "success"):
-        parts += [str(e.value) for e in getattr(at, kind)]
-    return "\n".join(parts)
 
 
 def changed_settings(data_root: str) -> dict:

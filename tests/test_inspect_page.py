@@ -104,6 +104,7 @@ def test_trained_run_with_comparison_and_attributions(image_folder):
     # sparsity of the run next to a second model (efficientnet_b0, SiLU: "positive")
     at.slider(key="ins_sparse_n").set_value(10)
     at.checkbox(key="ins_compare").check().run()
+    at.radio(key="ins2_kind").set_value("pretrained").run()     # a trained run is offered first
     at.selectbox(key="ins2_arch").set_value("efficientnet_b0").run()
     assert_ok(at)
     at.button(key="ins_measure").click().run()

@@ -18,9 +18,11 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import class_image
 from core import paths
-from apptest_helpers import assert_ok, quiet_queue, use_small_settings
+from apptest_helpers import assert_ok, texts, use_small_settings
 from apptest_helpers import opened as opened_with
 from core.store import list_runs
+
+pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
@@ -32,25 +34,12 @@ TIMEOUT = 60
 
 # ---------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True)
-def idle_manager(lab_home):
-    yield from quiet_queue(120)
-
-
 def app() -> AppTest:
     return AppTest.from_file(ENTRY, default_timeout=TIMEOUT)
 
 
 def opened(page: str | None = None) -> AppTest:
     return opened_with(page, TIMEOUT)
-
-def texts(at: AppTest) -> str:
-    """All markdown-ish text on the page (markdown, captions, titles, alerts), one string."""
-    parts = []
-    for kind in ("markdown", "caption", "title", "subheader", "info", "error", "warning", "success"):
-        parts += [str(e.value) for e in getattr(at, kind)]
-    return "\n".join(parts)
-
 
 def metrics(at: AppTest) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from apptest_helpers import assert_ok, opened
+from apptest_helpers import assert_ok, opened, texts
 
 from conftest import class_folders, class_image, tiny_run_config, train_apart
 from core import paths
@@ -58,13 +58,6 @@ def run(trained_run, lab_home):
     target = paths.runs_dir() / trained_run.name
     shutil.copytree(trained_run, target)
     return get_run(trained_run.name)
-
-
-def texts(at: AppTest) -> str:
-    parts = []
-    for kind in ("markdown", "caption", "title", "info", "error", "warning", "success"):
-        parts += [str(e.value) for e in getattr(at, kind)]
-    return "\n".join(parts)
 
 
 def drilldown_count(at: AppTest) -> tuple[int, str, str]:

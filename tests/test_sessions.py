@@ -9,10 +9,8 @@ queue `core.worker.MANAGER`, as real sessions on one server do).
 from __future__ import annotations
 
 import ast
-
 import logging
 import threading
-import time
 import traceback
 from pathlib import Path
 
@@ -21,9 +19,11 @@ from streamlit import config
 from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.util import patch_config_options
 
-from apptest_helpers import assert_ok, opened, quiet_queue, use_small_settings
+from apptest_helpers import assert_ok, opened, start_button
 from core.store import get_run, list_runs
 from core.worker import MANAGER
+
+pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
@@ -33,54 +33,9 @@ ENDED = ("finished", "failed", "stopped", "interrupted")
 ORIGINAL_GET_OPTION = config.get_option
 
 
-@pytest.fixture(autouse=True)
-def idle_manager(lab_home):
-    yield from quiet_queue(180)
-
-
 def session(page: str | None = TRAIN) -> AppTest:
     """A new browser session: the entry file once (Home), then `page`."""
     return opened(page, TIMEOUT)
-
-
-def texts(at: AppTest) -> str:
-    parts = []
-    for kind in ("markdown", "caption", "title", "info", "error", "warning", "success"):
-        parts += [str(e.value) for e in getattr(at, kind)]
-    return "\n".join(parts)
-
-
-def keys(at: AppTest, kind: str = "button") -> set[str]:
-    return {w.key for w in at.get(kind) if w.key}
-
-
-def start_button(at: AppTest):
-    return next(b for b in at.button if "Start training" in b.label)
-
-
-def small_settings(at: AppTest, data_root: Path, **overrides) -> None:
-    """A one-epoch 32 px test_resnet, set before the first visit to Train."""
-    use_small_settings(at, data_root, **{"image_size": 32, "epochs": 1, **overrides})
-
-
-def show(at: AppTest, run_id: str) -> None:
-    at.selectbox(key="run_pick").set_value(run_id).run()
-    assert_ok(at)
-
-
-def picker_labels(at: AppTest) -> dict[str, str]:
-    """run id -> label as the run picker shows it."""
-    box = at.selectbox(key="run_pick")
-    return {label.split("👤 ")[-1].split(" · ")[0]: label for label in box.options}
-
-
-def wait_state(run_id: str, states: tuple[str, ...], timeout: float) -> dict:
-    end = time.monotonic() + timeout
-    while (status := get_run(run_id).status()).get("state") not in states:
-        assert time.monotonic() < end, f"{run_id} still {status.get('state')}: {status.get('message')}"
-        time.sleep(0.2)
-    return status
-
 
 
 def test_five_sessions_train_on_the_demo_data_at_once(caplog, monkeypatch):
@@ -153,6 +108,9 @@ def test_five_sessions_train_on_the_demo_data_at_once(caplog, monkeypatch):
             assert_ok(at)
             assert at.selectbox(key="run_pick").value == run_id
             assert "Test accuracy (best epoch)" in [m.label for m in at.metric]
+            labels = at.selectbox(key="run_pick").options
+            assert len(labels) == 1 and labels[0].startswith("👤 ")      # "Only my runs" by default
+            at.toggle(key="run_pick_mine").set_value(False).run()
             labels = at.selectbox(key="run_pick").options
             assert len(labels) == 5 and sum(label.startswith("👤 ") for label in labels) == 1
         assert len({at.session_state["lab"].owner for at in sessions}) == 5

@@ -15,21 +15,18 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from apptest_helpers import assert_ok, opened, quiet_queue, use_small_settings
+from apptest_helpers import assert_ok, errors, keys, opened, texts, use_small_settings, wait_state
 from conftest import class_folders, tiny_run_config
 from core import access, paths, presets
 from core import store as R
 from core import training
 from core.worker import MANAGER, QueueFull, RunManager
 
+pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
+
 TOKEN = "teacher-secret-1234"
 TRAIN, DATA, EVALUATE, PREDICT = "pages/3_Train.py", "pages/1_Data.py", "pages/4_Evaluate.py", "pages/5_Predict.py"
 ENDED = ("finished", "failed", "stopped", "interrupted")
-
-
-@pytest.fixture(autouse=True)
-def idle_manager(lab_home):
-    yield from quiet_queue(180)
 
 
 @pytest.fixture
@@ -42,21 +39,6 @@ def classroom(monkeypatch):
 def shared_set():
     """A small data set where the teacher shares data (students may read it)."""
     return class_folders(paths.shared_dir() / "shapes", classes=3, per_class=12, size=40)
-
-
-def texts(at: AppTest) -> str:
-    parts = []
-    for kind in ("markdown", "caption", "title", "info", "error", "warning", "success"):
-        parts += [str(e.value) for e in getattr(at, kind)]
-    return "\n".join(parts)
-
-
-def errors(at: AppTest) -> str:
-    return "\n".join(str(e.value) for e in at.error)
-
-
-def keys(at: AppTest, kind: str = "button") -> set[str]:
-    return {w.key for w in at.get(kind) if w.key}
 
 
 def path_box(at: AppTest):
@@ -75,7 +57,7 @@ def student(data_root: Path | None = None, page: str | None = None, **settings) 
 
 def teacher(page: str | None = None) -> AppTest:
     at = opened(None, 180)
-    at.sidebar.text_input(key="admin_token_input").input(TOKEN).run()
+    at.sidebar.text_input(key="admin_token_input").input(TOKEN)
     at.sidebar.button(key="admin_sign_in").click().run()
     assert_ok(at)
     assert "Signed in as teacher" in "\n".join(c.value for c in at.sidebar.caption)
@@ -93,14 +75,6 @@ def start(at: AppTest) -> str:
 
 def picker_ids(at: AppTest, key: str = "run_pick") -> set[str]:
     return {label.split("👤 ")[-1].split(" · ")[0] for label in at.selectbox(key=key).options}
-
-
-def wait_state(run_id: str, states=ENDED, timeout: float = 120) -> dict:
-    end = time.monotonic() + timeout
-    while (status := R.get_run(run_id).status()).get("state") not in states:
-        assert time.monotonic() < end, f"{run_id} still {status.get('state')}"
-        time.sleep(0.1)
-    return status
 
 
 # ---------------------------------------------------------------- roles
@@ -131,8 +105,8 @@ def test_default_server_is_local_and_shows_no_tracebacks():
 
 def test_a_wrong_token_signs_nobody_in(classroom):
     at = opened(None, 120)
-    at.sidebar.text_input(key="admin_token_input").input("teacher-secret-123").run()
-    at.sidebar.button(key="admin_sign_in").click().run()
+    at.sidebar.text_input(key="admin_token_input").input("teacher-secret-123")
+    at.sidebar.button(key="admin_sign_in").click().run()     # one click submits the typed token
     assert_ok(at)
     assert "not the teacher token" in errors(at)
     assert "You are a student" in texts(at)
@@ -192,6 +166,12 @@ def test_home_lists_only_my_runs_and_shows_the_admin_panel_to_the_teacher(classr
     assert "You are a student" in texts(at)
     t = teacher()
     assert "🔑 Teacher (admin) settings" in [e.label for e in t.expander]
+    again = AppTest.from_file(str(paths.REPO_ROOT / "streamlit_app.py"), default_timeout=60)
+    again.session_state["lab"] = type(t.session_state["lab"])(settings=dict(t.session_state["lab"].settings),
+                                                               owner=t.session_state["lab"].owner)
+    again.run()                      # a reload of the teacher's browser (same cookie id): still the teacher
+    assert_ok(again)
+    assert "Signed in as teacher" in "\n".join(c.value for c in again.sidebar.caption)
     assert theirs.id in t.dataframe[0].value["run"].tolist()
 
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from apptest_helpers import assert_ok, opened, quiet_queue, use_small_settings
+from apptest_helpers import assert_ok, opened, use_small_settings
 from core.store import list_runs
 from test_pages import button, charts, texts, wait_for_state
 
+pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
+
 TRAIN = "pages/3_Train.py"
-
-
-@pytest.fixture(autouse=True)
-def idle_manager(lab_home):
-    yield from quiet_queue(120)
 
 
 def train_page(data_root, **settings):

@@ -96,9 +96,11 @@ def sidebar_summary(settings: dict) -> None:
                + (f" {settings['top_k']}" if settings["freeze"] == "top_k" else ""))
     active = [r for r in my_runs()[:200] if r.status().get("state") in ACTIVE_STATES]
     running = [r for r in active if r.status().get("state") != "queued"]
-    if active:
-        now = running[0].config.name or running[0].id if running else "starting"
-        st.caption(f"Training: {now} · {len(active) - len(running)} queued — see Train or Experiments")
+    if running:
+        now = running[0].config.name or running[0].id
+        st.caption(f"Training: {now} · {len(active) - len(running)} more queued — see Train or Experiments")
+    elif active:
+        st.caption(f"{len(active)} run(s) waiting in the lab's queue — see Train")
 
 
 # ---------------------------------------------------------------- settings widgets
@@ -173,14 +175,25 @@ def user() -> access.User:
     """This browser's identity and role (see core.access)."""
     token = admin_token()
     if token:
-        admin = lab().admin_key == hashlib.sha256(token.encode()).hexdigest()
+        key = _token_key(token)
+        admin = lab().admin_key == key or _TEACHERS.get(session_owner()) == key
     else:
         admin = access.local_only(st.get_option("server.address"))
     return access.User(session_owner(), admin=admin)
 
 
+# Browsers signed in as the teacher, by their cookie id (this server process only), so a reload
+# or a new tab of the teacher's browser stays signed in; a changed token signs everyone out.
+_TEACHERS: dict[str, str] = {}
+
+
+def _token_key(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def sign_in() -> None:
-    """The teacher's sign-in, shown only where a token is set."""
+    """The teacher's sign-in, shown only where a token is set (a form, so typing the token and
+    clicking once is enough)."""
     token = admin_token()
     if not token:
         return
@@ -188,16 +201,17 @@ def sign_in() -> None:
         st.caption("🔑 Signed in as teacher (admin)")
         if st.button("Sign out", key="admin_sign_out"):
             lab().admin_key = ""
+            _TEACHERS.pop(session_owner(), None)
             st.rerun()
         return
     with st.expander("🔑 Teacher sign-in"):
-        given = st.text_input("Teacher token", type="password", key="admin_token_input")
-        if st.button("Sign in", key="admin_sign_in", disabled=not given):
-            if access.token_matches(given, token):
-                lab().admin_key = hashlib.sha256(token.encode()).hexdigest()
-                st.session_state.pop("admin_token_input", None)
-                st.rerun()
-            st.error("That is not the teacher token.")
+        with st.form("admin_sign_in_form", border=False):
+            given = st.text_input("Teacher token", type="password", key="admin_token_input")
+            if st.form_submit_button("Sign in", key="admin_sign_in"):
+                if access.token_matches(given, token):
+                    lab().admin_key = _TEACHERS[session_owner()] = _token_key(token)
+                    st.rerun()
+                st.error("That is not the teacher token.")
 
 
 def policy() -> access.Policy:
@@ -217,6 +231,11 @@ def mine(run: Run) -> bool:
 
 def can_manage(run: Run) -> bool:
     return access.can_manage(user(), run)
+
+
+def owner_name(run: Run) -> str:
+    """Who started a run, as the teacher sees it."""
+    return {"": "library", "cli": "command line"}.get(run.owner, f"student {run.owner}")
 
 
 def open_run(run_id: str) -> Run:
@@ -293,7 +312,8 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
             st.toggle("Only my runs", key=f"{key}_mine")
         return None
     ids = [r.id for r in runs]
-    labels = {r.id: ("👤 " if mine(r) and admin else "") + r.label() for r in runs}
+    labels = {r.id: ("👤 " if mine(r) and admin else "") + r.label() + ("" if mine(r) or not admin else f" · {owner_name(r)}")
+              for r in runs}
     current = lab().current_run
     st.session_state[key] = current if current in ids else ids[0]
     if current and current not in ids:
@@ -358,7 +378,7 @@ def runs_frame(limit: int = 50) -> pd.DataFrame:
     rows = []
     for run in my_runs()[:limit]:
         cfg, status = run.config, run.status()
-        rows.append(dict(run=run.id, model=cfg.arch, freeze=cfg.freeze, epochs=cfg.epochs,
+        rows.append(dict(run=run.id, owner=owner_name(run) if not mine(run) else "me", model=cfg.arch, freeze=cfg.freeze, epochs=cfg.epochs,
                          state=status.get("state"), best_epoch=status.get("best_epoch"),
                          best_val_acc=status.get("best_val_acc"), test_acc=status.get("test_acc")))
     return pd.DataFrame(rows)
@@ -466,6 +486,8 @@ def presets_panel(settings: dict) -> None:
             preset = P.make_preset(settings, name, description, with_data)
             if st.button("Save on this server", key="preset_save", disabled=not name.strip()):
                 save_preset(preset, replace)
+            if note := lab().take("preset_saved"):
+                st.success(note)
             st.download_button("Download preset", json.dumps(preset, indent=1), f"{P.slug(name)}.json",
                                "application/json", key="preset_download", disabled=not name.strip())
 
@@ -480,7 +502,8 @@ def save_preset(preset: dict, replace: bool) -> None:
         st.error(str(err))
         return
     where = "for every user" if who.admin else "for you only"
-    st.success(f"Saved: {path.name} (listed under Preset, {where})")
+    lab().note("preset_saved", f"Saved: {path.name} (listed under Preset, {where})")
+    st.rerun()         # the list of presets, drawn above, must show it
 
 
 def use_preset(settings: dict, preset: dict) -> None:
