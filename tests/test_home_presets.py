@@ -36,7 +36,6 @@ EXCLUDED = set(P.NOT_SAVED)
 
 # ---------------------------------------------------------------- helpers
 
-@pytest.fixture
 def go_home(at: AppTest) -> None:
     at.switch_page("pages/0_Home.py").run()
     assert_ok(at)
