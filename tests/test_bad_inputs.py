@@ -333,6 +333,7 @@ def test_awkward_images_decode_to_rgb_at_training_size(tmp_path):
         np.testing.assert_allclose(tensor[:, 1, 1].numpy(), colour, atol=6, err_msg=item.path)
 
 
+@pytest.mark.slow
 def test_huge_png_decodes_at_training_size_in_one_decode_of_memory(tmp_path):
     """10000×8000 RGB is 240 MB decoded; shrinking before any copy keeps the peak near that
     (converting and rotating first would copy it twice more)."""

@@ -1,6 +1,8 @@
 """core.config: the typed run configuration and the rules between settings (issue 15)."""
 from __future__ import annotations
 
+import pytest
+
 from core import sweeps as S
 from core.config import RunConfig, validate_config
 from core.store import Run
@@ -29,6 +31,7 @@ def test_the_config_module_is_the_single_source_of_ranges_and_choices():
     assert validate_config({"scheduler": "none"}).scheduler == "none"
 
 
+@pytest.mark.slow
 def test_an_augmentation_preview_meanwhile_leaves_a_runs_metrics_alone(tiny_config):
     """Issue 15: the preview on Train used to seed torch's global generator, which a background
     run's augmentations and dropout share: same seed, different metrics while it was open."""

@@ -212,6 +212,7 @@ def test_cli_preset_file_with_bad_split(tmp_path, capsys):
     assert "split is [1, 0, 0]" in err
 
 
+@pytest.mark.slow
 def test_cli_refusal_in_a_real_process_has_no_traceback(cfg_file, lab_home):
     env = dict(os.environ, FINETUNE_LAB_HOME=str(lab_home), HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-m", "core", "train", str(cfg_file), "--set", "lr=abc"],

@@ -1,4 +1,5 @@
 """The speed paths must not change results: CPU bf16 autocast and the caches shared by a sweep."""
+import pytest
 import torch
 
 import core
@@ -17,6 +18,7 @@ def test_bf16_switch(monkeypatch):
     assert "fp32" in dev.describe(torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_training_under_bf16_finishes(monkeypatch, tiny_config, image_folder):
     monkeypatch.setenv("FINETUNE_LAB_CPU_BF16", "1")
     run = core.train(tiny_config(data_root=str(image_folder()), freeze="full", epochs=2))
