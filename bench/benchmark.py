@@ -196,6 +196,53 @@ def bench_memory(n: int):
     record(f"peak memory loading {n:,} images (GB)", peak_gb, "GB", "< 2", peak_gb < 2)
 
 
+def bench_attributions(size: int = 128) -> None:
+    """Grad-CAM, Integrated Gradients and Occlusion for one photo (Inspect's attribution tab),
+    MobileNetV2 with the bundled weights."""
+    import numpy as np
+    from skimage import data as photos
+
+    from core import inspect as I
+    model = build_model("mobilenetv2_100", 10, "bundled").eval()
+    image = np.asarray(D.to_rgb(D.Image.fromarray(photos.chelsea())).resize((size, size)))
+    x = D.build_transform(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
+        torch.from_numpy(image).permute(2, 0, 1).contiguous()).unsqueeze(0)
+    I.attributions(model, x, image, 0, methods=("Grad-CAM",))          # warm-up
+    seconds = {}
+    for method in ("Grad-CAM", "Integrated Gradients", "Occlusion"):
+        start = time.perf_counter()
+        I.attributions(model, x, image, 0, methods=(method,))
+        seconds[method] = time.perf_counter() - start
+        record(f"  attribution {method} ({size} px) (s)", seconds[method], "s")
+    total = sum(seconds.values())
+    record(f"attributions, all three, one {size} px image (s)", total, "s", "<= 5", total <= 5)
+
+
+def bench_stop_latency(rounds: int = 3) -> None:
+    """Stop pressed at a random moment of a full fine-tune's training pass (MobileNetV2, 128 px,
+    batch 32, demo data): seconds until the run reads "stopped". Worst of `rounds`."""
+    import random
+
+    from core.config import RunConfig
+    from core.worker import MANAGER
+    worst = 0.0
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["FINETUNE_LAB_HOME"] = home
+        for i in range(rounds):
+            run = MANAGER.submit(RunConfig(data_root=str(D.demo_dataset()), freeze="full", epochs=3,
+                                           image_size=128, batch_size=32, device="cpu", name=f"stop {i}"))
+            while (run.status().get("phase") != "train" or (run.status().get("step") or 0) < 2):
+                time.sleep(0.05)
+            time.sleep(random.uniform(0, 1.5))
+            pressed = time.perf_counter()
+            MANAGER.stop(run.id)
+            while run.status().get("state") != "stopped":
+                time.sleep(0.01)
+            worst = max(worst, time.perf_counter() - pressed)
+            MANAGER.wait(run.id, 60)
+    record("Stop latency, full fine-tune 128 px, worst of 3 (s)", worst, "s", "<= 1", worst <= 1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -215,6 +262,8 @@ def main():
     bench_demo_cold()
     bench_inference(128, 500 if args.quick else 2000)
     bench_memory(2000 if args.quick else 10_000)
+    bench_attributions()
+    bench_stop_latency()
     import bench_finetune as F     # fast fine-tuning: prefix cache, precision choice, time budget
     F.bench_prefix(record)
     F.bench_precision(record)

@@ -20,6 +20,7 @@ import difflib
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 
 from core import paths
@@ -119,20 +120,33 @@ def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
 # ---------------------------------------------------------------- progress in the terminal
 
 def follow(run: Run, worker: threading.Thread) -> None:
-    """Draw the run's status.json and epochs.jsonl as the app does, until the worker ends."""
+    """Show the run's status.json and epochs.jsonl as the app does, until the worker ends: a bar
+    on a terminal (redrawn only when the status changed), plain lines at most every
+    PLAIN_EVERY seconds otherwise (a log file gets no redrawn bars)."""
     from tqdm import tqdm
-    bar, shown, told = tqdm(total=1, unit="step", dynamic_ncols=True, leave=False), 0, set()
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=1, unit="step", dynamic_ncols=True, leave=False, disable=not tty)
+    shown, told, seen, printed = 0, set(), None, 0.0
     while worker.is_alive():
         shown = show_new_epochs(run, shown, bar)
         status = run.read_json("status.json", {}) or {}
         told = show_speed_notes(status, told, bar)
-        if status.get("steps"):
-            bar.total, bar.n = status["steps"], min(status.get("step") or 0, status["steps"])
-        bar.set_description(status.get("message", "")[:60])
-        bar.refresh()
+        if status.get("updated") != seen:
+            seen = status.get("updated")
+            if tty:
+                if status.get("steps"):
+                    bar.total, bar.n = status["steps"], min(status.get("step") or 0, status["steps"])
+                bar.set_description(status.get("message", "")[:90], refresh=False)
+                bar.refresh()
+            elif time.monotonic() - printed >= PLAIN_EVERY and status.get("message"):
+                print(status["message"], file=sys.stderr, flush=True)
+                printed = time.monotonic()
         worker.join(0.5)
     show_new_epochs(run, shown, bar)
     bar.close()
+
+
+PLAIN_EVERY = 10.0
 
 
 def show_speed_notes(status: dict, told: set, bar) -> set:

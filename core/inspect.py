@@ -201,17 +201,25 @@ def attributions(model: nn.Module, x: torch.Tensor, image: np.ndarray, target: i
     size = x.shape[-1]
     with eval_mode(model):
         x = x.clone().requires_grad_(True)
-        if "Integrated Gradients" in methods:
-            attr = IntegratedGradients(model).attribute(x, target=target, n_steps=32, internal_batch_size=8)
-            out["Integrated Gradients"] = _overlay(image, attr[0].abs().sum(0).detach().cpu().numpy())
+        # fast first (Grad-CAM: one backward pass), so a page can show it while the others run
         if "Grad-CAM" in methods:
             out["Grad-CAM"] = _grad_cam(model, x, image, target, LayerGradCam, LayerAttribution)
-        if "Occlusion" in methods:
-            window = max(4, size // 8)
-            attr = Occlusion(model).attribute(x.detach(), target=target, sliding_window_shapes=(3, window, window),
-                                              strides=(3, window // 2, window // 2), perturbations_per_eval=16)
+        if "Integrated Gradients" in methods:     # all 16 path steps in one batch
+            attr = IntegratedGradients(model).attribute(x, target=target, n_steps=IG_STEPS,
+                                                        internal_batch_size=IG_STEPS)
+            out["Integrated Gradients"] = _overlay(image, attr[0].abs().sum(0).detach().cpu().numpy())
+        if "Occlusion" in methods:                # an 8x8 grid of patches, all in one batch
+            window = max(4, size // OCCLUSION_GRID)
+            with torch.no_grad():
+                attr = Occlusion(model).attribute(x.detach(), target=target, sliding_window_shapes=(3, window, window),
+                                                  strides=(3, window, window),
+                                                  perturbations_per_eval=OCCLUSION_GRID ** 2)
             out["Occlusion"] = _overlay(image, attr[0].sum(0).clamp_min(0).detach().cpu().numpy())
     return out
+
+
+IG_STEPS = 16           # path steps of Integrated Gradients (captum's default is 50)
+OCCLUSION_GRID = 8      # occluded patches per side: the window is the image size / 8
 
 
 def _grad_cam(model, x, image, target, LayerGradCam, LayerAttribution):

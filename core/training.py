@@ -50,9 +50,14 @@ class Reporter:
     def __init__(self, run: Run, stop: threading.Event | None, every: float = 0.5):
         self.run, self.stop, self.every, self._last = run, stop, every, 0.0
 
-    def __call__(self, state="running", force=False, **info):
+    def check(self) -> None:
+        """Raise Stopped if the user pressed Stop (also called between a step's forward and
+        backward passes, so a stop never waits for a whole batch)."""
         if self.stop is not None and self.stop.is_set():
             raise Stopped()
+
+    def __call__(self, state="running", force=False, **info):
+        self.check()
         now = time.monotonic()
         if force or now - self._last >= self.every:
             self._last = now
@@ -226,23 +231,44 @@ def run_epoch(model, batches, criterion, optimizer, scaler, device, report, epoc
     total_loss, correct, seen = 0.0, 0, 0
     with rng.active(stream):       # a DataLoader draws its workers' seed as iteration starts
         batches = iter(batches)
+    started = time.perf_counter()
     with torch.set_grad_enabled(training):
         for step in itertools.count(1):
             with rng.active(stream):
                 batch = next(batches, None)
                 if batch is None:
                     break
-                loss, hits, n = train_step(model, batch, criterion, optimizer, scaler, device, precision)
+                loss, hits, n = train_step(model, batch, criterion, optimizer, scaler, device, precision,
+                                           getattr(report, "check", None))
             total_loss, correct, seen = total_loss + loss * n, correct + hits, seen + n
-            report(message=f"Epoch {epoch}/{total_epochs} · {'train' if training else 'val'}",
-                   phase="train" if training else "val", epoch=epoch, epochs=total_epochs,
-                   step=step, steps=n_batches)
+            report(**step_progress(training, epoch, total_epochs, step, n_batches, seen,
+                                   time.perf_counter() - started, total_loss / seen, correct / seen))
     total_loss, correct, seen = dist.sum_all(total_loss, correct, seen)
     return (total_loss / seen, correct / seen) if seen else (float("nan"), float("nan"))
 
 
-def train_step(model, batch, criterion, optimizer, scaler, device, precision) -> tuple[float, int, int]:
-    """One batch forward (and backward, with an optimizer): (mean loss, correct, images)."""
+def step_progress(training: bool, epoch: int, epochs: int, step: int, steps: int, seen: int,
+                  elapsed: float, loss: float, acc: float) -> dict:
+    """The status of a step as people read it: batch x/y, images per second, time left in this
+    pass, running loss and accuracy (status.json keeps the numbers too)."""
+    speed = seen / max(elapsed, 1e-9)
+    left = elapsed / step * max(steps - step, 0) if steps else 0.0
+    what = "train" if training else "val"
+    message = (f"Epoch {epoch}/{epochs} · {what} batch {step}/{steps} · {speed:,.0f} img/s · "
+               f"{clock(left)} left · loss {loss:.3f} · acc {acc:.0%}")
+    return dict(message=message, phase=what, epoch=epoch, epochs=epochs, step=step, steps=steps,
+                images_per_s=round(speed, 1), seconds_left=round(left, 1), running_loss=loss, running_acc=acc)
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
+
+
+def train_step(model, batch, criterion, optimizer, scaler, device, precision,
+               check=None) -> tuple[float, int, int]:
+    """One batch forward (and backward, with an optimizer): (mean loss, correct, images).
+    `check()` runs between the passes and may raise to stop."""
     x, y = batch
     x = x.to(device, non_blocking=True)
     if x.dim() == 4:
@@ -253,6 +279,8 @@ def train_step(model, batch, criterion, optimizer, scaler, device, precision) ->
         loss = criterion(logits.float(), y)
     if not torch.isfinite(loss):
         raise Diverged()
+    if check is not None:
+        check()
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

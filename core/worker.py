@@ -94,6 +94,12 @@ class RunManager:
         if event:
             event.set()
 
+    def stopping(self, run_id: str) -> bool:
+        """Stop was pressed and the run hasn't ended yet."""
+        with self._lock:
+            event = self._stops.get(run_id)
+        return bool(event and event.is_set())
+
     def knows(self, run_id: str) -> bool:
         with self._lock:
             return run_id in self._stops

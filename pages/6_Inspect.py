@@ -178,21 +178,35 @@ with tabs[3]:
     st.markdown(f"**`{name}`**: {tuple(conv_module.weight.shape)} (each filter normalised to its own range)")
     st.image(I.filter_grid(model), width="stretch")
 
+def show_attribution(col, method: str, result) -> None:
+    if isinstance(result, str):
+        col.info(f"{method}: {result}")
+    else:
+        col.image(result, caption=method, width="stretch")
+
+
 with tabs[4]:
     target = st.selectbox("Target class", range(len(classes)), index=predicted,
                           format_func=lambda i: f"{classes[i]} ({probs[i]:.0%})", key="ins_target")
     attr_key = (choice, source, hash(image.tobytes()), int(target))
-    if st.button("Compute attributions", type="primary", key="ins_attr"):
-        with st.spinner("Integrated Gradients, Grad-CAM and Occlusion…"):
-            common.lab().page["attr"] = (attr_key, I.attributions(model, x, image, int(target)))
+    methods = ("Grad-CAM", "Integrated Gradients", "Occlusion")     # the fast one first
     stored_key, maps = common.lab().page.get("attr", (None, None))
-    if maps and stored_key == attr_key:
-        cols = st.columns(len(maps) + 1)
+    if stored_key != attr_key:
+        maps = None
+    clicked = st.button("Compute attributions", type="primary", key="ins_attr")
+    if clicked or maps:
+        cols = st.columns(len(methods) + 1)
         cols[0].image(image, caption="input", width="stretch")
-        for col, (method, result) in zip(cols[1:], maps.items()):
-            if isinstance(result, str):
-                col.info(f"{method}: {result}")
-            else:
-                col.image(result, caption=method, width="stretch")
+        slots = dict(zip(methods, cols[1:]))
+    if clicked:
+        maps = {}
+        for method in methods:        # each map appears as soon as it is done
+            with slots[method], st.spinner(f"{method}…"):
+                maps.update(I.attributions(model, x, image, int(target), methods=(method,)))
+            show_attribution(slots[method], method, maps[method])
+        common.lab().page["attr"] = (attr_key, maps)
+    elif maps:
+        for method, result in maps.items():
+            show_attribution(slots[method], method, result)
 
 common.finish()

@@ -104,8 +104,8 @@ def test_new_user_flow(server, browser, image_folder, tmp_path):
         expect(page.get_by_text("Every layer adapts")).to_be_visible()
 
         # ---------------------------------------------------------------- Train: start, watch, stop
-        go_to(page, "Train")
-        epochs = page.get_by_label("Epochs")
+        go_to(page, "Train", heading="🏋️ Train")  # not "What to train" on Model
+        epochs = page.get_by_label("Epochs", exact=True)    # not "Two-phase: head-only epochs first"
         if not epochs.is_visible():       # collapsed once a run exists (the Quick demo's)
             page.get_by_test_id("stExpander").filter(has_text="Training settings").locator("summary").click()
         expect(epochs).to_be_visible()

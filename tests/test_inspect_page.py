@@ -78,7 +78,7 @@ def test_default_pretrained_model_on_demo_data():
     assert_ok(at)
     assert len(images(at)) == before + 4              # input + three overlays
     captions = [img.proto.imgs[0].caption for img in images(at)[before:]]
-    assert captions == ["input", "Integrated Gradients", "Grad-CAM", "Occlusion"]
+    assert captions == ["input", "Grad-CAM", "Integrated Gradients", "Occlusion"]
     assert len(charts(at)) == 1                        # the sparsity chart stays
 
 

@@ -61,6 +61,9 @@ def run_actions(run: Run, active: bool) -> None:
     if run.owner != session_owner():
         st.caption("Started by another user (or from the command line); as the teacher you may manage it.")
     cols = st.columns(3)
+    if active and MANAGER.stopping(run.id):
+        cols[0].caption("⏹️ Stopping after this batch…")
+        return
     if active:
         cols[0].button("⏹️ Stop", on_click=stop_run, args=(run.id,), key="stop")
         return
@@ -114,6 +117,7 @@ def stop_run(run_id: str) -> None:
     try:
         if can_manage(open_run(run_id)):
             MANAGER.stop(run_id)
+            st.toast("Stopping after this batch…", icon="⏹️")
     except FileNotFoundError:
         pass
 
