@@ -2,16 +2,11 @@
 This file only builds the navigation; every page, Home included, lives in pages/."""
 import streamlit as st
 
-from pages import common
+loading = st.empty()        # the first visit after a start imports PyTorch and timm: say so at once
+loading.caption("⏳ Loading Finetune Lab (PyTorch, timm)…")
+from pages import common  # noqa: E402 - after the message on purpose
 
-pages = [
-    st.Page(common.PAGES["home"], title="Home", icon="🏠", default=True),
-    st.Page(common.PAGES["data"], title="Data", icon="🖼️"),
-    st.Page(common.PAGES["model"], title="Model", icon="🧠"),
-    st.Page(common.PAGES["train"], title="Train", icon="🏋️"),
-    st.Page(common.PAGES["evaluate"], title="Evaluate", icon="📊"),
-    st.Page(common.PAGES["predict"], title="Predict", icon="🔮"),
-    st.Page(common.PAGES["inspect"], title="Inspect", icon="🔬"),
-    st.Page(common.PAGES["experiments"], title="Experiments", icon="🧪"),
-]
-st.navigation(pages).run()
+loading.empty()
+pages = [st.Page(common.PAGES[key], title=title, icon=icon, default=key == "home")
+         for key, (title, icon) in common.NAV.items()]
+st.navigation(pages, position="hidden").run()      # the sidebar's links are the app's own (common.nav_links)

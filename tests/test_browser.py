@@ -116,7 +116,7 @@ def settle(page, timeout: float = 60_000) -> None:
 
 
 def sidebar_link(page, name: str):
-    return page.get_by_test_id("stSidebarNav").get_by_role("link", name=re.compile(name))
+    return page.get_by_test_id("stSidebar").get_by_test_id("stPageLink").get_by_role("link", name=re.compile(name))
 
 
 def metric_value(page, label: str):
@@ -128,7 +128,7 @@ NAV = ["Home", "Data", "Model", "Train", "Evaluate", "Predict", "Inspect", "Expe
 
 
 def nav_names(page) -> list[str]:
-    links = page.get_by_test_id("stSidebarNav").get_by_role("link")
+    links = page.get_by_test_id("stSidebar").get_by_test_id("stPageLink").get_by_role("link")
     expect(links.first).to_be_visible()
     return [re.sub(r"[^\w ]", "", name).strip() for name in links.all_inner_texts()]
 
@@ -286,3 +286,20 @@ def test_sweep_in_browser(server, browser, image_folder):
     finally:
         page.close()
     assert "Traceback" not in log_path.read_text()
+
+
+def test_a_deep_link_on_a_fresh_server_shows_the_apps_own_navigation(server, browser):
+    """Opened first by a bookmark (before any session ran the entry file's st.navigation), a
+    page still shows the app's sidebar: Home ... Experiments, not Streamlit's "streamlit app"."""
+    base, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(base + "/Train")
+        expect(page.get_by_role("heading", name=re.compile("Train"))).to_be_visible()
+        settle(page)
+        assert nav_names(page) == NAV
+        expect(page.get_by_text("streamlit app")).to_have_count(0)
+        sidebar_link(page, "Home").click()
+        expect(page.get_by_role("heading", name="Finetune Lab")).to_be_visible()
+    finally:
+        page.close()

@@ -3,7 +3,7 @@ driven by Playwright; the server and browser fixtures come from tests/test_brows
 
 Home -> Quick demo (Home shows its progress, then opens Evaluate by itself) -> Data (upload a zip
 of generated class folders) -> Model (full fine-tune, so epochs take long enough to stop one) ->
-Train (6 epochs, 64 px, batch 8): the live view updates by itself; Stop -> "stopped" shows without
+Train (4 epochs, 64 px, batch 8): the live view updates by itself; Stop -> "stopped" shows without
 a reload; Resume -> queued/preparing/running, then finished, again without a reload -> Evaluate,
 Inspect and Predict each open on THIS run, not on the Quick demo's.
 
@@ -25,11 +25,32 @@ from test_browser import (app_page, browser, expect, go_to, metric_value, screen
 
 QUICK_DEMO_TIMEOUT_MS = 240_000
 RUN_TIMEOUT_MS = 240_000
-EPOCHS = 6
+EPOCHS = 4
 # "<id> · <name or arch> · <state> ..." (the teacher's labels start with "👤 ")
 RUN_ID = re.compile(r"(\d{8}-\d{9}-\S+)\s+·")
 # the live view's first line: "<icon> **<state>** — <message>"
 STATE_LINE = re.compile(r"(queued|preparing|running|stopped|finished|failed|interrupted)\s+—")
+
+
+def watch(page, done, fail_on=(), timeout_ms: float = RUN_TIMEOUT_MS) -> list[str]:
+    """Poll the Train page's live view, without touching the page, until done(state line) is
+    true; returns the distinct state lines seen, in order. Fails if a line contains a word of
+    fail_on first, or on the timeout."""
+    seen: list[str] = []
+    end = time.monotonic() + timeout_ms / 1000
+    while time.monotonic() < end:
+        try:
+            text = state_line(page).inner_text(timeout=2_000)
+        except Exception:        # none at the moment (redrawn in between)
+            text = ""
+        if text and (not seen or seen[-1] != text):
+            seen.append(text)
+        if text and done(text):
+            return seen
+        if any(word in text for word in fail_on):
+            pytest.fail(f"the live view showed {text!r} too early: {seen}")
+        page.wait_for_timeout(250)
+    pytest.fail(f"the live view did not get there in {timeout_ms / 1000:.0f} s: {seen}")
 
 
 def run_id_of(label: str) -> str:
@@ -58,8 +79,13 @@ def select_slider_to(page, label: str, value: str, key: str = "ArrowLeft") -> No
     settle(page)
 
 
+def main(page):
+    """The page itself, without the sidebar (whose queue line reads "... 0 more queued — ...")."""
+    return page.get_by_test_id("stMain")
+
+
 def state_line(page):
-    return page.get_by_text(STATE_LINE).first
+    return main(page).get_by_text(STATE_LINE).first
 
 
 def test_new_user_flow(server, browser, image_folder, tmp_path):
@@ -122,29 +148,18 @@ def test_new_user_flow(server, browser, image_folder, tmp_path):
         run_id = run_id_of(show_run.input_value())
         assert run_id != demo_id
 
-        # the live view follows the run by itself: its state line changes, epochs appear
-        seen: list[str] = []
-        table = page.get_by_test_id("stDataFrame")
+        # the live view follows the run by itself: its state line changes, a finished epoch shows
+        table = main(page).get_by_test_id("stDataFrame")
         stop = page.get_by_role("button", name=re.compile("Stop"))
-        end = time.monotonic() + RUN_TIMEOUT_MS / 1000
-        while time.monotonic() < end:
-            try:
-                text = state_line(page).inner_text(timeout=2_000)
-            except Exception:        # redrawn in between
-                text = ""
-            if text and (not seen or seen[-1] != text):
-                seen.append(text)
-            if "finished" in text or "failed" in text:
-                pytest.fail(f"the run ended before Stop could be pressed: {seen}")
-            if table.count() and stop.count() and re.search(r"Epoch \d+/", text):
-                break
-            page.wait_for_timeout(250)
-        else:
-            pytest.fail(f"no finished epoch showed up in the live view: {seen}")
+        seen = watch(page, lambda text: bool(table.count() and stop.count() and re.search(r"Epoch \d+/", text)),
+                     fail_on=("finished", "failed"))
         assert len(seen) >= 2, f"the live view did not update by itself: {seen}"
         screenshot(page, "flow_train_running.png")
+        no_reload()
+        clicked = time.monotonic()
         stop.click()
-        expect(page.get_by_text(re.compile(r"stopped\s+—"))).to_be_visible(timeout=15_000)
+        expect(main(page).get_by_text(re.compile(r"stopped\s+—"))).to_be_visible(timeout=20_000)
+        stop_s = time.monotonic() - clicked
         resume = page.get_by_role("button", name=re.compile("Resume"))
         expect(resume).to_be_visible(timeout=15_000)
         expect(show_run).to_have_value(re.compile(re.escape(run_id) + r".*· stopped"), timeout=15_000)
@@ -154,8 +169,9 @@ def test_new_user_flow(server, browser, image_folder, tmp_path):
 
         # ---------------------------------------------------------------- Resume: runs again, finishes
         resume.click()
-        expect(page.get_by_text(re.compile(r"(queued|preparing|running)\s+—")).first).to_be_visible(timeout=15_000)
-        expect(page.get_by_text(re.compile(r"finished\s+—\s+Finished"))).to_be_visible(timeout=RUN_TIMEOUT_MS)
+        resumed = watch(page, lambda text: bool(re.search(r"finished\s+—\s+Finished", text)), fail_on=("failed",))
+        assert any(re.search(r"(queued|preparing|running)\s+—", t) for t in resumed), \
+            f"after Resume the live view never showed the run queued, preparing or running: {resumed}"
         expect(metric_value(page, "Test accuracy (best epoch)")).to_have_text(re.compile(r"^\d+\.\d%$"))
         expect(show_run).to_have_value(re.compile(re.escape(run_id) + r".*· finished"), timeout=15_000)
         settle(page)
@@ -186,4 +202,4 @@ def test_new_user_flow(server, browser, image_folder, tmp_path):
         screenshot(page, "flow_predict.png")
         no_reload()
     print(f"\nQuick demo {demo_done - started:.0f} s; whole flow {time.monotonic() - started:.0f} s; "
-          f"live view states seen: {seen}")
+          f"Stop -> 'stopped' in {stop_s:.1f} s;\nlive view before Stop: {seen}\nafter Resume: {resumed}")

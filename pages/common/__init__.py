@@ -26,6 +26,22 @@ PAGES = {
     "inspect": "pages/6_Inspect.py",
     "experiments": "pages/7_Experiments.py",
 }
+# (title, icon) per page: the navigation the entry file builds and the sidebar's own links
+NAV = {"home": ("Home", "🏠"), "data": ("Data", "🖼️"), "model": ("Model", "🧠"), "train": ("Train", "🏋️"),
+       "evaluate": ("Evaluate", "📊"), "predict": ("Predict", "🔮"), "inspect": ("Inspect", "🔬"),
+       "experiments": ("Experiments", "🧪")}
+
+
+def nav_links() -> None:
+    """The app's own page links in the sidebar. Streamlit's automatic list is off
+    (client.showSidebarNavigation): before any session has run st.navigation it would list the
+    pages/ folder with the entry file as "streamlit app", so a page opened first by a deep link
+    would show a different navigation."""
+    for page, (title, icon) in NAV.items():
+        try:
+            st.page_link(PAGES[page], label=title, icon=icon)
+        except st.errors.StreamlitPageNotFoundError:
+            return      # a page run alone as the main script (AppTest) knows no other pages
 
 
 def link(page: str, label: str, icon: str | None = None, where=st) -> None:
@@ -52,6 +68,7 @@ def setup(title: str) -> dict:
     for key, value in default_settings().items():     # settings added since this session began
         settings.setdefault(key, value)
     with st.sidebar:
+        nav_links()
         sign_in()
         _page.summary = st.empty()
     finish()
