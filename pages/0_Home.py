@@ -46,7 +46,7 @@ def checklist(settings):
     st.subheader("Your progress")
     for page, label, detail, done in steps:
         left, right = st.columns([1, 4])
-        common.link(page, label, "✅" if done else "⬜", where=left)
+        common.link(page, label, ":material/check_box:" if done else ":material/check_box_outline_blank:", where=left)
         right.markdown(detail)
 
 

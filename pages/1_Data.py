@@ -243,8 +243,8 @@ with st.expander("Sample images per class", expanded=True):
     for label, name in enumerate(result.classes):
         picks = [it for it in result.items if it.label == label][:per_class]
         st.markdown(f"**{name}**")
-        st.image([common.thumbnail(str(Path(result.root) / it.path)) for it in picks], width=72,
-                 caption=[Path(it.path).name[:12] for it in picks])
+        common.image_grid([common.thumbnail(str(Path(result.root) / it.path)) for it in picks],
+                          [Path(it.path).name for it in picks], per_row=per_class)
 
 if result.skipped:
     with st.expander(f"Skipped files ({len(result.skipped)})"):

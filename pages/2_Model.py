@@ -63,7 +63,7 @@ if arch != settings["arch"]:
 
 st.subheader("Pretrained weights")
 available = sources(arch)
-st.dataframe(pd.DataFrame([dict(source=s.label, available="✅" if s.available else "❌", detail=s.detail)
+st.dataframe(pd.DataFrame([dict(source=s.label, available="yes" if s.available else "no", detail=s.detail)
                            for s in available]), hide_index=True, width="stretch")
 usable = [s.kind for s in available if s.available]
 labels = {s.kind: s.label for s in available}

@@ -210,7 +210,8 @@ def live(run):
     state = status.get("state", "?")
     active = state in ACTIVE_STATES
     head, actions = st.columns([3, 2])
-    icon = {"finished": "✅", "failed": "❌", "stopped": "⏹️", "interrupted": "⚠️"}.get(state, "⏳")
+    icon = {"finished": ":material/check_circle:", "failed": ":material/error:", "stopped": ":material/stop_circle:",
+            "interrupted": ":material/warning:"}.get(state, ":material/hourglass_top:")
     head.markdown(f"{icon} **{state}** — {status.get('message', '')}")
     if state == "queued" and (place := common.queue_place(run.id)):
         head.caption(place)

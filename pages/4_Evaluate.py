@@ -50,12 +50,20 @@ st.caption(f"{metrics['n']} {split} images · best epoch's checkpoint")
 explain("validation")
 
 
-def gallery(rows: pd.DataFrame, caption, width: int = 96) -> None:
+def gallery(rows: pd.DataFrame, caption, per_row: int = 8) -> None:
+    """Square tiles in full rows; `caption(row)` may use markdown."""
     if rows.empty:
         st.caption("No images.")
         return
-    st.image([common.thumbnail(str(root / f)) for f in rows["file"]], width=width,
-             caption=[caption(r) for r in rows.to_dict("records")])
+    common.image_grid([common.thumbnail(str(root / f)) for f in rows["file"]],
+                      [caption(r) for r in rows.to_dict("records")], per_row)
+
+
+def misclassified_caption(row: dict) -> str:
+    """The predicted class in bold, then the true class, then the other two of the top 3."""
+    (top, p), *rest = row["top"]
+    return (f"**{top} {p:.0%}** · true: {row['true']}"
+            + "".join(f" · {c} {q:.0%}" for c, q in rest))
 
 
 tabs = st.tabs(["Confusion matrix", "Per class", "Best & worst", "Misclassified", "Curves", "Download & export"])
@@ -98,9 +106,9 @@ with tabs[2]:
     n = st.slider("Images per row", 5, 20, 10, key="rank_n")
     best, worst = E.rank_class(frame, cls, n)
     st.markdown(f"**Most confidently *{cls}*** (probability of {cls})")
-    gallery(best, lambda r: f"{r['p_' + cls]:.0%}")
+    gallery(best, lambda r: f"{r['p_' + cls]:.0%}", per_row=n)
     st.markdown(f"**Least confidently *{cls}***")
-    gallery(worst, lambda r: f"{r['p_' + cls]:.0%}")
+    gallery(worst, lambda r: f"{r['p_' + cls]:.0%}", per_row=n)
 
 with tabs[3]:
     wrong = E.misclassified(frame, 3)
@@ -109,8 +117,7 @@ with tabs[3]:
         wrong = wrong.iloc[::-1]
     limit = st.slider("Show", 4, 100, 24, key="mis_n")
     st.markdown(f"**{len(wrong)} misclassified** of {len(frame)}")
-    gallery(wrong.head(limit), lambda r: f"true: {r['true']} · " + " · ".join(f"{c} {p:.0%}" for c, p in r["top"]),
-            width=120)
+    gallery(wrong.head(limit), misclassified_caption, per_row=6)
 
 with tabs[4]:
     epochs = run.epochs()

@@ -388,9 +388,10 @@ def test_home_intro_checklist_and_presets_panel():
     intro = at.markdown[0].value
     assert "ImageNet" in intro and "without writing code" in intro and "report" in intro
     assert at.button(key="quick_demo_button").label == "▶️ Quick demo"
-    links = at.get("page_link")
+    links = at.main.get("page_link")
     assert [link.label for link in links] == ["1. Data", "2. Model", "3. Train", "4. Evaluate", "5. Inspect"]
-    assert [link.icon for link in links] == ["✅", "✅", "⬜", "⬜", "⬜"]
+    done, todo = ":material/check_box:", ":material/check_box_outline_blank:"
+    assert [link.icon for link in links] == [done, done, todo, todo, todo]
     body = texts(at)
     assert "Fashion-MNIST" in body and "the built-in default" in body
     assert "`mobilenetv2_100`, head" in body and "0 run(s) started in this session" in body
@@ -446,5 +447,5 @@ def test_quick_demo_trains_and_opens_evaluate(idle_manager):
     go_home(at)                                      # back Home: the checklist is all done
     assert_ok(at)
     assert at.title[0].value == "🧪 Finetune Lab"
-    assert [link.icon for link in at.get("page_link")] == ["✅"] * 5
+    assert [link.icon for link in at.main.get("page_link")] == [":material/check_box:"] * 5
     assert "1 run(s) started in this session" in texts(at) and "1 finished" in texts(at)

@@ -101,8 +101,10 @@ def test_page_renders_as_deep_link(page):
 
 def test_home_shows_checklist():
     at = opened()
-    links = [link.label for link in at.get("page_link")]
+    links = [link.label for link in at.main.get("page_link")]
     assert links == ["1. Data", "2. Model", "3. Train", "4. Evaluate", "5. Inspect"]
+    nav = [link.label for link in at.sidebar.get("page_link")]     # the app's own navigation
+    assert nav == ["Home", "Data", "Model", "Train", "Evaluate", "Predict", "Inspect", "Experiments"]
     body = texts(at)
     assert "Fashion-MNIST" in body and "mobilenetv2_100" in body
     assert "0 run(s) started in this session" in body and "0 finished" in body

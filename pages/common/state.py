@@ -21,6 +21,7 @@ class Lab:
     current_run: str | None = None       # the run every page shows: the one last started or picked
     quick_demo: str | None = None        # the Quick demo run Home is following
     image_size_chosen: bool = False      # Train set its device-dependent image size once
+    large_text: bool = False             # the projector switch in the sidebar
     notes: dict = field(default_factory=dict)     # one-shot messages for the next render
     page: dict = field(default_factory=dict)      # what a page keeps between its reruns
 
@@ -44,7 +45,8 @@ def reset(settings: dict) -> None:
     values so every widget redraws from the new settings."""
     old = lab()
     st.session_state[KEY] = Lab(settings=settings, owner=old.owner, admin_key=old.admin_key,
-                                current_run=old.current_run, image_size_chosen=True)
+                                current_run=old.current_run, image_size_chosen=True,
+                                large_text=old.large_text)
     forget_widgets()
 
 
