@@ -9,7 +9,8 @@ import torch
 
 from core import backbones as B
 from core import access
-from core.config import FREEZE_MODES
+from core.budget import depth_lr
+from core.config import FREEZE_MODES, RunConfig
 from core.paths import resolve_data_root
 from pages import common
 from pages.common.teaching import explain
@@ -41,6 +42,24 @@ def class_count(root: str) -> int:
         return len(D.scan_folder(root, check=False).classes)
     except (D.DataError, OSError):
         return 10
+
+
+def learning_rate_for_depth(settings: dict, mode: str, n_blocks: int) -> None:
+    """Adam/AdamW's learning rate follows the freezing depth (1e-3 for a head, down to 3e-4 when
+    every layer trains), unless the user chose a rate themselves; the page says so."""
+    if settings["optimizer"] not in ("adam", "adamw") or common.lab().page.get("lr_from_preset"):
+        return       # SGD wants other rates; a preset's rate (a seed report's) is kept as given
+    share = {"head": 0.0, "top_k": settings["top_k"] / max(n_blocks, 1), "full": 1.0, "scratch": 0.0}[mode]
+    suggested = float(f"{depth_lr(share):.1e}")
+    page = common.lab().page
+    if settings["lr"] in (page.get("lr_by_depth"), RunConfig().lr) and settings["lr"] != suggested:
+        settings["lr"] = suggested
+        st.session_state.pop("w_lr", None)
+    page["lr_by_depth"] = suggested
+    if settings["lr"] == suggested:
+        st.caption(f"Learning rate set to {suggested:.1e} for this depth: the more layers train, the "
+                   "smaller the rate, so the pretrained features aren't wrecked. Change it on Train "
+                   "(or let *Suggest a learning rate* measure one).")
 
 
 choices = list(B.CATALOG) + [OTHER]
@@ -111,6 +130,7 @@ st.caption({"head": "Only the new head learns; the backbone's features are compu
             "top_k": "The top blocks adapt to your images; lower blocks keep their generic features.",
             "full": "Every layer adapts. Slowest, and needs more data to avoid over-fitting.",
             "scratch": "Random weights: shows what pretraining is worth."}[mode])
+learning_rate_for_depth(settings, mode, n_blocks)
 explain("freezing")
 
 head = common.bind(st.radio, "head", "Head", settings, options=["linear", "mlp"],

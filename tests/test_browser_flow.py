@@ -12,6 +12,7 @@ runs `playwright install`.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 import zipfile
@@ -155,6 +156,11 @@ def walk_through(page, image_folder, tmp_path, started):
     expect(show_run).not_to_have_value(re.compile(re.escape(demo_id)), timeout=60_000)
     run_id = run_id_of(show_run.input_value())
     assert run_id != demo_id
+    # what the page shows is what the run got (the server's FINETUNE_LAB_HOME is below tmp_path)
+    config = json.loads((tmp_path / "server_home" / "runs" / run_id / "config.json").read_text())
+    got = {k: config[k] for k in ("freeze", "epochs", "image_size", "batch_size")}
+    assert got == dict(freeze="full", epochs=EPOCHS, image_size=64, batch_size=8), got
+    assert "shapes" in config["data_root"], config["data_root"]
 
     # the live view follows the run by itself: its state line changes, a finished epoch shows
     table = main(page).get_by_test_id("stDataFrame")

@@ -330,3 +330,18 @@ def test_data_camera_snapshots_fill_classes():
     root = Path(at.session_state["lab"].settings["data_root"])
     assert sorted(p.name for p in root.iterdir()) == ["mug", "pen"]
     assert metrics(at)["Classes"] == "2"
+
+
+def test_model_page_sets_the_learning_rate_for_the_depth():
+    """Issue 16: switching to a full fine-tune no longer keeps the head's 1e-3; a rate the user
+    (or a preset) chose is kept."""
+    at = opened(MODEL)
+    at.radio(key="w_freeze").set_value("full").run()
+    assert_ok(at)
+    assert at.session_state["lab"].settings["lr"] == 3e-4
+    assert "Learning rate set to 3.0e-04" in texts(at)
+    at.radio(key="w_freeze").set_value("head").run()
+    assert at.session_state["lab"].settings["lr"] == 1e-3
+    at.session_state["lab"].settings["lr"] = 0.005          # the user's own choice (Train page)
+    at.radio(key="w_freeze").set_value("full").run()
+    assert at.session_state["lab"].settings["lr"] == 0.005

@@ -190,6 +190,7 @@ def use_preset(settings: dict, preset: dict) -> None:
     if "data_root" in preset["settings"]:
         settings["data_label"] = f"From preset: {settings['data_root']}"
     state.reset(settings)      # widgets redraw with the preset's values
+    lab().page["lr_from_preset"] = "lr" in preset["settings"]
     lab().note("preset_note", f"Loaded “{preset['name']}”: {len(preset['settings'])} settings. "
                + preset["description"])
     st.rerun()
