@@ -33,7 +33,7 @@ CATALOG = {
     "tf_efficientnet_lite0": "EfficientNet-Lite0 (4.7M; bundled offline weights)",
     "tf_efficientnet_lite1": "EfficientNet-Lite1 (5.4M; bundled offline weights)",
     "tf_efficientnet_lite2": "EfficientNet-Lite2 (6.1M; bundled offline weights)",
-    "resnet18": "ResNet-18 (11.7M), the seed reports' workhorse",
+    "resnet18": "ResNet-18 (11.7M), the model most seed reports use",
     "resnet50": "ResNet-50 (25.6M)",
     "resnet101": "ResNet-101 (44.5M)",
     "vgg16_bn": "VGG-16 with batch norm (138M, slow on CPU)",

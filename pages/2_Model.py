@@ -149,7 +149,8 @@ total, trainable = rows["params"].sum(), rows["trainable"].sum()
 m1, m2, m3 = st.columns(3)
 m1.metric("Parameters", f"{total / 1e6:.2f} M")
 m2.metric("Trainable", f"{trainable / 1e6:.3f} M", f"{trainable / total:.1%} of all", delta_color="off")
-m3.metric("Blocks (timm groups)", n_blocks)
+m3.metric("Blocks", n_blocks, help="The backbone's stages as timm groups them for freezing: "
+          "the stem, then each stage from generic (edges) to specific (object parts).")
 st.dataframe(rows, hide_index=True, width="stretch",
              column_config={"params": st.column_config.NumberColumn("parameters", format="%d"),
                             "trainable": st.column_config.ProgressColumn(

@@ -120,13 +120,14 @@ with tabs[1]:
     name, _ = I.first_conv(model)
     n1 = st.select_slider("Channels", [8, 16, 32, 64], 16, key="ins_nconv")
     left, right = st.columns(2)
-    left.markdown(f"**`{name}` output** (before the nonlinearity)")
+    left.markdown(f"**First convolution's output** (layer `{name}`), before the nonlinearity")
     left.image(I.channel_grid(conv, n1), width="stretch")
     if act is None:
         right.info("No separate activation follows the first conv before the first stage "
                    "(e.g. ConvNeXt's stem or a ViT patch embedding), so there is no 'after' view.")
     else:
-        right.markdown(f"**after `{act_name}`**")
+        right.markdown(f"**After the nonlinearity** (layer `{act_name}`): negative values become 0 "
+                       "(ReLU) or small, so many maps go dark")
         right.image(I.channel_grid(act, n1), width="stretch")
 
 with tabs[2]:

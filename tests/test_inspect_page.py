@@ -63,7 +63,7 @@ def test_default_pretrained_model_on_demo_data():
     assert len(images(at)) == 1 + stages + 2 + 1
     assert not charts(at)
     names = "\n".join(m.value for m in at.markdown)
-    assert "`conv_stem` output" in names and "after `bn1.act`" in names
+    assert "(layer `conv_stem`)" in names and "(layer `bn1.act`)" in names
 
     at.slider(key="ins_sparse_n").set_value(10)
     at.button(key="ins_measure").click().run()

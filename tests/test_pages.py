@@ -203,7 +203,7 @@ def test_model_top_k_shows_slider():
     at.radio(key="w_freeze").set_value("top_k").run()
     assert_ok(at)
     slider = at.slider(key="w_top_k")
-    assert slider.value == 1 and slider.max == int(metrics(at)["Blocks (timm groups)"])
+    assert slider.value == 1 and slider.max == int(metrics(at)["Blocks"])
     assert metrics(at)["Trainable"] != trainable_head
     slider.set_value(3).run()
     assert_ok(at)
