@@ -423,13 +423,20 @@ def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = No
     if cfg.baseline == "logreg":
         from core.baselines import train_logreg
         return train_logreg(run, cfg, classes, data)
-    report("preparing", force=True, message="Building the model", phase="model")
     weights = "random" if cfg.freeze == "scratch" else cfg.weights
+    source = {"random": "random weights", "file": "your weights file", "hub": "a download from the hub",
+              "hub-cache": "the hub cache"}.get(weights, f"{weights} weights")
+    report("preparing", force=True, message=f"Building {cfg.arch} with {source} (step 1 of 3: model)",
+           phase="model", step=0, steps=3)
     stream = rng.Stream(cfg.seed)      # the run's own random numbers, whatever else the process draws
     with stream.active():
         model = build_model(cfg.arch, len(classes), weights, cfg.weights_file, cfg.head, cfg.hidden,
                             cfg.dropout)
+    report("preparing", force=True, message=f"Moving the model to {device.type} (step 2 of 3: model)",
+           phase="model", step=1, steps=3)
     model.to(device, memory_format=torch.channels_last)
+    report("preparing", force=True, message="Normalisation and loss (step 3 of 3: model)",
+           phase="model", step=2, steps=3)
     mean, std = normalization(run, cfg, model, data["train"][0])
     weight = class_weights(cfg, data["train"][1], len(classes), device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)

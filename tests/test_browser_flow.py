@@ -69,13 +69,17 @@ def make_zip(folder, path):
 
 
 def select_slider_to(page, label: str, value: str, key: str = "ArrowLeft") -> None:
+    """Move a select slider with the keyboard, one step per script run: key presses 200 ms apart
+    on the Train page after the Quick demo lose the later steps (the slider shows 64 px, the run
+    gets 96 px), so each press waits for its rerun."""
     thumb = page.get_by_test_id("stSlider").filter(has_text=label).get_by_role("slider")
-    thumb.focus()
     for _ in range(8):
         if thumb.get_attribute("aria-valuetext") == value:
             break
+        thumb.focus()
         thumb.press(key)
-        page.wait_for_timeout(200)
+        page.wait_for_timeout(700)
+        settle(page)
     expect(thumb).to_have_attribute("aria-valuetext", value)
     settle(page)
 
