@@ -204,7 +204,9 @@ if run is None:
     common.stop()
 
 
-@st.fragment(run_every=1 if run.status().get("state") in ACTIVE_STATES else 2)   # a Resume, a CLI run or a restart shows within seconds
+# An ended run is not polled: a fragment rerunning while the user moves a slider elsewhere on the
+# page lost that change (the run then trained with the old value). Resume and Stop rerun the page.
+@st.fragment(run_every=1 if run.status().get("state") in ACTIVE_STATES else None)
 def live(run):
     status = run.status()
     state = status.get("state", "?")

@@ -3,7 +3,7 @@ driven by Playwright; the server and browser fixtures come from tests/test_brows
 
 Home -> Quick demo (Home shows its progress, then opens Evaluate by itself) -> Data (upload a zip
 of generated class folders) -> Model (full fine-tune, so epochs take long enough to stop one) ->
-Train (4 epochs, 64 px, batch 8): the live view updates by itself; Stop -> "stopped" shows without
+Train (6 epochs, 64 px, batch 8): the live view updates by itself; Stop -> "stopped" shows without
 a reload; Resume -> queued/preparing/running, then finished, again without a reload -> Evaluate,
 Inspect and Predict each open on THIS run, not on the Quick demo's.
 
@@ -26,7 +26,7 @@ from test_browser import (ARTIFACTS, app_page, browser, expect, go_to, metric_va
 
 QUICK_DEMO_TIMEOUT_MS = 240_000
 RUN_TIMEOUT_MS = 240_000
-EPOCHS = 4
+EPOCHS = 6
 # "<id> · <name or arch> · <state> ..." (the teacher's labels start with "👤 ")
 RUN_ID = re.compile(r"(\d{8}-\d{9}-\S+)\s+·")
 # the live view's first line: "<icon> **<state>** — <message>"
