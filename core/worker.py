@@ -11,7 +11,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core import store
@@ -34,6 +34,7 @@ class _Job:
     owner: str
     seq: int
     limit_s: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 class RunManager:
@@ -67,9 +68,10 @@ class RunManager:
 
     def resume(self, run: Run, owner: str | None = None, limit_s: float | None = None) -> None:
         """Queue a stopped or interrupted run to go on from its last finished epoch."""
+        self.wait(run.id, timeout=10)     # Stop was just pressed: its job is still tidying up
         if not run.resumable():
             raise ValueError("This run has no saved epoch to resume from, or it already finished.")
-        if run.busy():
+        if self.knows(run.id) or run.busy():
             raise ValueError("Another process is still training this run (perhaps paused): stop "
                              "that process first, then resume.")
         run.set_status("queued", message="Waiting for the device (resume)")
@@ -78,7 +80,7 @@ class RunManager:
     def _enqueue(self, job: _Job) -> None:
         with self._lock:
             job.seq = next(self._seq)
-            self._stops[job.run.id] = threading.Event()
+            self._stops[job.run.id] = job.stop
             store.hold(job.run.id)
             self._waiting.setdefault(job.owner, deque()).append(job)
             self._ready.notify()
@@ -161,11 +163,12 @@ class RunManager:
             finally:
                 with self._lock:
                     self._current = None
-                    self._stops.pop(job.run.id, None)
-                    store.release(job.run.id)
+                    if self._stops.get(job.run.id) is job.stop:      # not a newer job's (a Resume)
+                        self._stops.pop(job.run.id)
+                        store.release(job.run.id)
 
     def _train(self, job: _Job) -> None:
-        event = self._stops[job.run.id]
+        event = job.stop
         if event.is_set():
             job.run.set_status("stopped", message="Stopped before it started")
             return

@@ -204,9 +204,6 @@ if run is None:
     common.stop()
 
 
-# An ended run is not polled: a fragment rerunning while the user moves a slider elsewhere on the
-# page lost that change (the run then trained with the old value). Resume and Stop rerun the page.
-@st.fragment(run_every=1 if run.status().get("state") in ACTIVE_STATES else None)
 def live(run):
     status = run.status()
     state = status.get("state", "?")
@@ -246,6 +243,23 @@ def live(run):
     common.lab().page["live_was_active"] = active
 
 
-live(run)
+
+# Two fragments, not one whose run_every changes: a fragment first drawn without polling did not
+# start polling when a rerun gave it run_every (after Resume the page said "queued" while the run
+# trained). An ended run is not polled at all: a fragment rerunning while the user moved a slider
+# elsewhere on the page swallowed that change (the run then trained with the old value).
+@st.fragment(run_every=1)
+def live_polling(run):
+    live(run)
+
+
+@st.fragment
+def live_still(run):
+    live(run)
+    if run.status().get("state") in ACTIVE_STATES:
+        st.rerun(scope="app")      # Resume (a button inside this fragment) reruns only the fragment
+
+
+(live_polling if run.status().get("state") in ACTIVE_STATES else live_still)(run)
 
 common.finish()

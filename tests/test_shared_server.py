@@ -540,3 +540,19 @@ def test_an_unknown_or_hostile_arch_creates_no_folder(tmp_path):
             MANAGER.submit(R.RunConfig(data_root=str(tmp_path), arch=arch))
     assert {p for p in tmp_path.rglob("*")} - before <= {paths.home(), paths.runs_dir()}
     assert R.list_runs() == []
+
+
+def test_resume_pressed_right_after_stop_trains_on(tiny_config):
+    """The browser walk pressed Resume as soon as the page read "stopped", while the stopped
+    job was still tidying up: the run stayed "queued" for good (the old job's clean-up took the
+    new job's place). Now Resume waits for it and the run finishes."""
+    run = MANAGER.submit(tiny_config(freeze="full", epochs=6, image_size=64, batch_size=4), owner="me")
+    while len(run.epochs()) < 1:
+        time.sleep(0.01)
+    MANAGER.stop(run.id)
+    while run.status().get("state") != "stopped":
+        pass
+    MANAGER.resume(run, owner="me")
+    assert MANAGER.wait(run.id, timeout=120)
+    assert run.status()["state"] == "finished"
+    assert [row["epoch"] for row in run.epochs()] == [1, 2, 3, 4, 5, 6]
