@@ -29,7 +29,6 @@ except ImportError:          # Windows: no OS lock, one trainer per run is then 
     fcntl = None
 
 ACTIVE_STATES = ("queued", "preparing", "running")
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class RunBusy(RuntimeError):

@@ -37,10 +37,10 @@ NAV = {"home": ("Home", ":material/home:"), "data": ("Data", ":material/photo_li
 def large_text() -> None:
     """A switch for teaching with a projector: everything a quarter larger (Streamlit sizes in
     rem, so the root font size scales the whole page)."""
-    state = lab()
-    st.session_state.setdefault("w_large_text", state.large_text)
-    state.large_text = st.toggle("Large text (projector)", key="w_large_text")
-    if state.large_text:
+    lab_state = lab()
+    st.session_state.setdefault("w_large_text", lab_state.large_text)
+    lab_state.large_text = st.toggle("Large text (projector)", key="w_large_text")
+    if lab_state.large_text:
         st.html("<style>html { font-size: 20px; }</style>")
 
 
@@ -83,8 +83,7 @@ def setup(title: str) -> dict:
         nav_links()
         large_text()
         sign_in()
-        _page.summary = st.empty()
-    finish()
+        _page.summary = st.empty()     # filled by finish() (or stop()) once the page is drawn
     return settings
 
 

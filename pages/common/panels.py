@@ -25,17 +25,19 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
     runs = my_runs()
     if only_with_checkpoint:
         runs = [r for r in runs if r.checkpoint.exists()]
-    admin = user().admin
+    who = user()
+    admin = who.admin
     mine_only = admin and st.session_state.setdefault(f"{key}_mine", True)
     if mine_only:
-        runs = [r for r in runs if mine(r)]
+        runs = [r for r in runs if mine(r, who)]
     if not runs:
         if admin:
             st.toggle("Only my runs", key=f"{key}_mine")
         return None
     ids = [r.id for r in runs]
-    labels = {r.id: ("👤 " if mine(r) and admin else "") + r.label() + ("" if mine(r) or not admin else f" · {owner_name(r)}")
-              for r in runs}
+    own = {r.id for r in runs if mine(r, who)}
+    labels = {r.id: ("👤 " if r.id in own and admin else "") + r.label()
+              + ("" if r.id in own or not admin else f" · {owner_name(r)}") for r in runs}
     current = lab().current_run
     st.session_state[key] = current if current in ids else ids[0]
     if current and current not in ids:
@@ -96,9 +98,10 @@ def remove_run(run_id: str) -> None:
 def runs_frame(limit: int = 50) -> pd.DataFrame:
     """One row per run, newest first: the overview after a restart."""
     rows = []
+    who = user()
     for run in my_runs()[:limit]:
         cfg, status = run.config, run.status()
-        rows.append(dict(run=run.id, owner=owner_name(run) if not mine(run) else "me", model=cfg.arch, freeze=cfg.freeze, epochs=cfg.epochs,
+        rows.append(dict(run=run.id, owner=owner_name(run) if not mine(run, who) else "me", model=cfg.arch, freeze=cfg.freeze, epochs=cfg.epochs,
                          state=status.get("state"), best_epoch=status.get("best_epoch"),
                          best_val_acc=status.get("best_val_acc"), test_acc=status.get("test_acc")))
     return pd.DataFrame(rows)
