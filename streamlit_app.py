@@ -2,11 +2,15 @@
 This file only builds the navigation; every page, Home included, lives in pages/."""
 import streamlit as st
 
+from pages import NAV, PAGES
+
+# The navigation goes first: until the browser has it, a page opened by a deep link shows
+# nothing at all, not even the loading line below.
+pages = [st.Page(PAGES[key], title=title, icon=icon, default=key == "home") for key, (title, icon) in NAV.items()]
+chosen = st.navigation(pages, position="hidden")      # the sidebar's links are the app's own (common.nav_links)
 loading = st.empty()        # the first visit after a start imports PyTorch and timm: say so at once
 loading.caption("⏳ Loading Finetune Lab (PyTorch, timm)…")
-from pages import common  # noqa: E402 - after the message on purpose
+from pages import common  # noqa: E402,F401 - after the message on purpose
 
 loading.empty()
-pages = [st.Page(common.PAGES[key], title=title, icon=icon, default=key == "home")
-         for key, (title, icon) in common.NAV.items()]
-st.navigation(pages, position="hidden").run()      # the sidebar's links are the app's own (common.nav_links)
+chosen.run()

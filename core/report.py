@@ -259,9 +259,10 @@ def sparsity_figure(rows: list[dict]) -> Figure:
 
 # ---------------------------------------------------------------- one run
 
-def run_report(run: Run, include_inspection: bool = True, split: str = "test") -> str:
+def run_report(run: Run, include_inspection: bool = True, split: str = "test", progress=None) -> str:
     """The whole report of `run` as one HTML string; `split` picks the stored predictions
-    (test or val) that the metrics and galleries show."""
+    (test or val) that the metrics and galleries show. `progress(text, fraction)` hears of each
+    section before it is built (the network's inspection is the slow one)."""
     cfg, status, classes = run.config, run.status(), run.classes
     splits = run.read_json("splits.json", {}) or {}
     thumbs = Thumbnails(splits.get("root", "."))
@@ -269,25 +270,39 @@ def run_report(run: Run, include_inspection: bool = True, split: str = "test") -
     frame = E.load_predictions(run, split) if metrics else None
     epochs = run.epochs()
     missing = _note(f"No stored {split} predictions: open the run on the Evaluate page once.")
-    bodies = {
-        "summary": _summary(run, status, metrics, split),
-        "data": _data(run, splits, classes, thumbs),
-        "config": _config(run, status),
-        "curves": {"chart": figure_uri(curves_figure(epochs))} if epochs else _note("No finished epoch."),
-        "epochs": _epochs(epochs) if epochs else _note("No finished epoch."),
-        "metrics": _metrics(metrics, split) if metrics else missing,
-        "confusion": _confusion(metrics) if metrics else missing,
-        "ranked": _ranked(frame, classes, thumbs) if frame is not None else missing,
-        "misclassified": _misclassified(frame, thumbs) if frame is not None else missing,
-        "inspection": _inspection_or_note(run, splits, split, include_inspection),
+    sections = {
+        "summary": lambda: _summary(run, status, metrics, split),
+        "data": lambda: _data(run, splits, classes, thumbs),
+        "config": lambda: _config(run, status),
+        "curves": lambda: {"chart": figure_uri(curves_figure(epochs))} if epochs else _note("No finished epoch."),
+        "epochs": lambda: _epochs(epochs) if epochs else _note("No finished epoch."),
+        "metrics": lambda: _metrics(metrics, split) if metrics else missing,
+        "confusion": lambda: _confusion(metrics) if metrics else missing,
+        "ranked": lambda: _ranked(frame, classes, thumbs) if frame is not None else missing,
+        "misclassified": lambda: _misclassified(frame, thumbs) if frame is not None else missing,
+        "inspection": lambda: _inspection_or_note(run, splits, split, include_inspection),
     }
+    bodies = {}
+    for i, (name, build) in enumerate(sections.items()):
+        if progress:
+            progress(f"Report: {SECTION_TITLES.get(name, name)}…", i / len(sections))
+        bodies[name] = build()
+    if progress:
+        progress("Report: writing the file…", 1.0)
     return _render("run", f"Run {run.id}", f"{cfg.name or cfg.arch} · {status.get('state', '?')}", bodies)
 
 
-def save_run_report(run: Run, split: str = "test", include_inspection: bool = True) -> Path:
+SECTION_TITLES = {"summary": "summary", "data": "data set and sample images", "config": "settings",
+                  "curves": "training curves", "epochs": "epoch table", "metrics": "metrics",
+                  "confusion": "confusion matrix", "ranked": "best and worst images per class",
+                  "misclassified": "misclassified images",
+                  "inspection": "looking inside the network (feature maps, filters, sparsity)"}
+
+
+def save_run_report(run: Run, split: str = "test", include_inspection: bool = True, progress=None) -> Path:
     """Write the report into the run folder (report.html for the test split) and return its path."""
     path = run.file("report.html" if split == "test" else f"report-{split}.html")
-    paths.atomic_write_text(path, run_report(run, include_inspection, split))
+    paths.atomic_write_text(path, run_report(run, include_inspection, split, progress))
     return path
 
 

@@ -1,11 +1,16 @@
 """Home: what the app does, where this user is in the flow, the Quick demo, presets, runs."""
 import streamlit as st
 
+from pages import show_loading
+
+loading = show_loading()      # the imports below take seconds on a server's first visit
+
 from core import access, paths
 from pages import common
 
 
 def home():
+    loading.empty()
     settings = common.setup("Home")
     st.title("🧪 Finetune Lab")
     st.markdown(

@@ -1,15 +1,22 @@
 """Data: choose a data set, see what is in it, and decide how to split it."""
+import streamlit as st
+
+from pages import show_loading
+
+loading = show_loading()      # the imports below take seconds on a server's first visit
+
 import secrets
 from pathlib import Path
 
 import altair as alt
 import pandas as pd
-import streamlit as st
 
 from core import data as D
 from core import downloads
 from core import access, paths
 from pages import common
+
+loading.empty()
 
 settings = common.setup("Data")
 st.title("🖼️ Data")

@@ -1,9 +1,14 @@
 """Model: backbone, where its weights come from, how deep to freeze, and the new head."""
+import streamlit as st
+
+from pages import show_loading
+
+loading = show_loading()      # the imports below take seconds on a server's first visit
+
 import copy
 import hashlib
 
 import pandas as pd
-import streamlit as st
 import timm
 import torch
 
@@ -14,6 +19,8 @@ from core.config import FREEZE_MODES, RunConfig
 from core.paths import resolve_data_root
 from pages import common
 from pages.common.teaching import explain
+
+loading.empty()
 
 settings = common.setup("Model")
 st.title("🧠 Model")

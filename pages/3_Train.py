@@ -1,8 +1,13 @@
 """Train: optimiser settings, start/stop, and the live view of a run."""
+import streamlit as st
+
+from pages import show_loading
+
+loading = show_loading()      # the imports below take seconds on a server's first visit
+
 import random
 
 import pandas as pd
-import streamlit as st
 import timm  # the package first: two sessions entering timm's import cycle at different modules
 #              (timm.data here, timm via core elsewhere) got a half-initialised module
 
@@ -15,6 +20,8 @@ from core.training import resolve_data_root, uses_feature_cache
 from pages import common
 from pages.common.speed import lr_panel, run_speed_info, speed_panel
 from pages.common.teaching import explain
+
+loading.empty()
 
 settings = common.setup("Train")
 st.title("🏋️ Train")

@@ -1,17 +1,24 @@
 """Evaluate: metrics, confusion matrix with drill-down, best/worst images per class,
 misclassified images with top-3, curves, downloads and export of a run's best checkpoint."""
+import streamlit as st
+
+from pages import show_loading
+
+loading = show_loading()      # the imports below take seconds on a server's first visit
+
 import json
 from pathlib import Path
 
 import altair as alt
 import pandas as pd
-import streamlit as st
 
 from core import evaluate as E
 from core.export import export_onnx, export_run
 from core.report import save_run_report
 from pages import common
 from pages.common.teaching import explain
+
+loading.empty()
 
 common.setup("Evaluate")
 st.title("📊 Evaluate")
@@ -136,7 +143,7 @@ with tabs[5]:
     c2.download_button("Metrics (JSON)", json.dumps(metrics, indent=1).encode(),
                        f"{run.id}-{split}-metrics.json", "application/json")
     st.markdown("**Report**: everything above in one HTML file, images embedded.")
-    common.report_button("report", f"{run.id}:{split}", lambda: save_run_report(run, split),
+    common.report_button("report", f"{run.id}:{split}", lambda progress: save_run_report(run, split, progress=progress),
                          f"{run.id}-{split}-report.html",
                          "Opens offline in any browser (nothing is loaded from the internet); "
                          "print it to PDF from the browser.")

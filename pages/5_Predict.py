@@ -1,17 +1,24 @@
 """Predict: classify dropped images with a trained run, an exported model, or a pretrained
 backbone's original ImageNet head; batch-predict a folder or zip to CSV."""
+import streamlit as st
+
+from pages import show_loading
+
+loading = show_loading()      # the imports below take seconds on a server's first visit
+
 import io
 import tempfile
 from pathlib import Path
 
 import altair as alt
 import pandas as pd
-import streamlit as st
 
 from core import backbones as B
 from core import data as D
 from core import predict as P
 from pages import common
+
+loading.empty()
 
 common.setup("Predict")
 st.title("🔮 Predict")

@@ -1,5 +1,11 @@
 """Inspect: what a network's layers do — feature maps, the first conv before/after its
 nonlinearity, activation sparsity, first-layer filters and attribution maps."""
+import streamlit as st
+
+from pages import show_loading
+
+loading = show_loading()      # the imports below take seconds on a server's first visit
+
 import io
 import random
 from pathlib import Path
@@ -7,7 +13,6 @@ from pathlib import Path
 import altair as alt
 import numpy as np
 import pandas as pd
-import streamlit as st
 import timm
 import torch
 
@@ -18,6 +23,8 @@ from core import paths
 from core.evaluate import load_run_model, run_normalization
 from pages import common
 from pages.common.teaching import explain
+
+loading.empty()
 
 settings = common.setup("Inspect")
 st.title("🔬 Inspect")

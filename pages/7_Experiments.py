@@ -1,9 +1,14 @@
 """Experiments: vary one or two settings of the current configuration, queue every combination,
 and compare the runs in a results table and overlaid curves."""
 
+import streamlit as st
+
+from pages import show_loading
+
+loading = show_loading()      # the imports below take seconds on a server's first visit
+
 import altair as alt
 import pandas as pd
-import streamlit as st
 
 from core import backbones as B
 from core import sweeps as S
@@ -12,6 +17,8 @@ from core.report import save_sweep_report
 from core.config import CHOICES, FREEZE_MODES, setting_problems
 from core.store import ACTIVE_STATES
 from pages import common
+
+loading.empty()
 
 settings = common.setup("Experiments")
 st.title("🧪 Experiments")
@@ -141,7 +148,7 @@ if rows:
         color=alt.Color("run:N", title=None), tooltip=["run", "epoch", metric]), width="stretch")
 
 st.subheader("Report")
-common.report_button("sweep_report", f"sweep:{chosen}", lambda: save_sweep_report(chosen, runs),
+common.report_button("sweep_report", f"sweep:{chosen}", lambda _progress: save_sweep_report(chosen, runs),
                      f"sweep-{chosen}-report.html",
                      "The results table, the curves and each run's metrics in one HTML file: opens "
                      "offline in any browser and prints to PDF.", disabled=not runs)

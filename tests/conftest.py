@@ -153,7 +153,7 @@ def tiny_config(image_folder):
 
 # ---------------------------------------------------------------- markers
 
-BROWSER_MODULES = {"test_browser", "test_browser_lab", "test_browser_report"}
+BROWSER_MODULES = {"test_browser", "test_browser_lab", "test_browser_report", "test_browser_flow"}
 # Modules that drive whole pages (AppTest) or train many small runs: minutes, not seconds.
 SLOW_MODULES = {"test_sessions", "test_pages", "test_home_presets", "test_results_pages",
                 "test_experiments_page", "test_train_speed_page", "test_inspect_page",

@@ -16,22 +16,7 @@ from pages.common.ownership import *  # noqa: F401,F403 - the pages call these a
 from pages.common.panels import *  # noqa: F401,F403
 from pages.common.widgets import *  # noqa: F401,F403
 
-PAGES = {
-    "home": "pages/0_Home.py",
-    "data": "pages/1_Data.py",
-    "model": "pages/2_Model.py",
-    "train": "pages/3_Train.py",
-    "evaluate": "pages/4_Evaluate.py",
-    "predict": "pages/5_Predict.py",
-    "inspect": "pages/6_Inspect.py",
-    "experiments": "pages/7_Experiments.py",
-}
-# (title, icon) per page: the navigation the entry file builds and the sidebar's own links
-# Material icons: they render on machines without an emoji font (a projector laptop often has none).
-NAV = {"home": ("Home", ":material/home:"), "data": ("Data", ":material/photo_library:"),
-       "model": ("Model", ":material/neurology:"), "train": ("Train", ":material/model_training:"),
-       "evaluate": ("Evaluate", ":material/analytics:"), "predict": ("Predict", ":material/online_prediction:"),
-       "inspect": ("Inspect", ":material/biotech:"), "experiments": ("Experiments", ":material/science:")}
+from pages import NAV, PAGES  # noqa: E402,F401 - the table lives where the entry file can read it cheaply
 
 
 def large_text() -> None:

@@ -199,12 +199,14 @@ def use_preset(settings: dict, preset: dict) -> None:
     st.rerun()
 
 def report_button(key: str, subject: str, build, filename: str, caption: str, disabled: bool = False) -> None:
-    """Build an HTML report of `subject` (a run and split, a sweep) on click (`build()` returns its
-    path), then offer it for download."""
+    """Build an HTML report of `subject` (a run and split, a sweep) on click (`build(progress)`
+    returns its path; progress(text, fraction) names each section as it starts), then offer it
+    for download."""
     stored = f"report_path:{subject}"
     if st.button("Build HTML report", key=f"build_{key}", disabled=disabled):
-        with st.spinner("Writing the report…"):
-            lab().page[stored] = str(build())
+        bar = st.progress(0.0, text="Writing the report…")
+        lab().page[stored] = str(build(lambda text, fraction: bar.progress(min(fraction, 1.0), text=text)))
+        bar.empty()
     path = Path(lab().page.get(stored, ""))
     if stored in lab().page and path.exists():
         st.download_button("report.html", path.read_bytes(), filename, "text/html", key=f"{key}_download")
