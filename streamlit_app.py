@@ -9,7 +9,7 @@ from pages import NAV, PAGES
 pages = [st.Page(PAGES[key], title=title, icon=icon, default=key == "home") for key, (title, icon) in NAV.items()]
 chosen = st.navigation(pages, position="hidden")      # the sidebar's links are the app's own (common.nav_links)
 loading = st.empty()        # the first visit after a start imports PyTorch and timm: say so at once
-loading.caption("⏳ Loading Finetune Lab (PyTorch, timm)…")
+loading.caption(":material/hourglass_top: Loading Finetune Lab (PyTorch, timm)…")
 from pages import common  # noqa: E402,F401 - after the message on purpose
 
 loading.empty()

@@ -264,6 +264,8 @@ def main():
     bench_memory(2000 if args.quick else 10_000)
     bench_attributions()
     bench_stop_latency()
+    import bench_ui               # first paint in a real browser (skipped without chromium)
+    bench_ui.bench_first_paint(record)
     import bench_finetune as F     # fast fine-tuning: prefix cache, precision choice, time budget
     F.bench_prefix(record)
     F.bench_precision(record)

@@ -12,7 +12,7 @@ from pages import common
 def home():
     loading.empty()
     settings = common.setup("Home")
-    st.title("🧪 Finetune Lab")
+    st.title("Finetune Lab")
     st.markdown(
         "Finetune Lab teaches a network that already knows ImageNet's 1000 classes to recognise "
         "**your** classes, from a folder or zip of labelled images, without writing code. "
@@ -119,7 +119,7 @@ def admin_panel():
     if not who.admin:
         st.caption("You are a student on this server: you see your own runs, uploads and presets.")
         return
-    with st.expander("🔑 Teacher (admin) settings"):
+    with st.expander(":material/key: Teacher (admin) settings"):
         st.caption(access.role_note(common.admin_token(), st.get_option("server.address")))
         rules = common.policy()
         with st.form("policy_form"):

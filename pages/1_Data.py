@@ -19,7 +19,7 @@ from pages import common
 loading.empty()
 
 settings = common.setup("Data")
-st.title("🖼️ Data")
+st.title("Data")
 
 SOURCES = {
     "demo": "Built-in demo (Fashion-MNIST, 10 classes)",
@@ -88,7 +88,7 @@ def my_uploads() -> None:
     who, rules = common.user(), common.policy()
     rows = access.my_uploads(who)
     used = sum(size for _, size, _ in rows)
-    with st.expander(f"📁 My uploads ({len(rows)}, {used / 2**20:,.1f} MB"
+    with st.expander(f":material/folder: My uploads ({len(rows)}, {used / 2**20:,.1f} MB"
                      + ("" if who.admin else f" of {rules.user_mb:,} MB") + ")"):
         if not rows:
             st.caption("Nothing uploaded yet.")
@@ -289,6 +289,6 @@ for split, n in D.leaked_counts(groups).items():
     if n:
         st.warning(f"{n} images appear in both train and {split} (identical files): {split} accuracy "
                    "will be optimistic (leakage). Remove the copies, or keep them in one split.")
-common.link("model", "Next: choose a model", "➡️")
+common.link("model", "Next: choose a model", ":material/arrow_forward:")
 
 common.finish()

@@ -23,7 +23,7 @@ from pages.common.teaching import explain
 loading.empty()
 
 settings = common.setup("Model")
-st.title("🧠 Model")
+st.title("Model")
 
 OTHER = "Other timm model…"
 
@@ -162,6 +162,6 @@ st.dataframe(rows, hide_index=True, width="stretch",
              column_config={"params": st.column_config.NumberColumn("parameters", format="%d"),
                             "trainable": st.column_config.ProgressColumn(
                                 "trainable", format="%d", min_value=0, max_value=int(rows["params"].max()))})
-common.link("train", "Next: train", "➡️")
+common.link("train", "Next: train", ":material/arrow_forward:")
 
 common.finish()

@@ -24,7 +24,7 @@ from pages.common.teaching import explain
 loading.empty()
 
 settings = common.setup("Train")
-st.title("🏋️ Train")
+st.title("Train")
 device = pick_device()
 if not common.lab().image_size_chosen:     # smaller images on CPU keep demos quick
     common.lab().image_size_chosen = True
@@ -63,7 +63,7 @@ def class_weight_option(settings):
                  "class counts as much as a common one. Helps when classes are very unequal.")
     common.bind(st.checkbox, "class_weights", "Class-weighted loss", settings, help=help_text)
     if ratio >= 3 and not settings["class_weights"]:
-        st.caption(f"⚖️ The largest class has {ratio:.0f}× the images of the smallest: consider the "
+        st.caption(f":material/balance: The largest class has {ratio:.0f}× the images of the smallest: consider the "
                    "class-weighted loss, and judge the result by per-class recall, not accuracy alone.")
 
 
@@ -104,7 +104,7 @@ def preview(settings):
         st.error(str(err))
         return
     seed = common.lab().page.setdefault("aug_seed", 0)
-    if st.button("🎲 Re-roll", key="aug_reroll"):
+    if st.button("Re-roll", icon=":material/casino:", key="aug_reroll"):
         common.lab().page["aug_seed"] = seed = seed + 1
     picks = random.Random(seed).sample(scan.items, min(4, len(scan.items)))
     images, _ = D.decode_images(scan.root, picks, settings["image_size"])
@@ -176,7 +176,7 @@ if cfg.phase1_epochs and cfg.freeze not in ("head", "scratch"):
                "curves mark the switch.")
 if cfg.freeze == "head":
     if uses_feature_cache(cfg):
-        st.caption("⚡ Backbone frozen: its features are computed once (per augmented view) and cached, "
+        st.caption(":material/bolt: Backbone frozen: its features are computed once (per augmented view) and cached, "
                    "so each epoch trains only the head (a fraction of a second).")
     else:
         st.caption("Augmentation runs live, so the feature cache is off: every epoch runs the frozen "
@@ -230,7 +230,7 @@ def live(run):
         m[0].metric("Test accuracy (best epoch)", f"{status['test_acc']:.1%}")
         m[1].metric("Best epoch", status.get("best_epoch", "–"))
         m[2].metric("Best val accuracy", f"{status.get('best_val_acc', float('nan')):.1%}")
-        common.link("evaluate", "See the confusion matrix", "📊", where=m[3])
+        common.link("evaluate", "See the confusion matrix", ":material/analytics:", where=m[3])
     steps, step = status.get("steps") or 0, status.get("step") or 0
     if active and steps:
         epoch, epochs = status.get("epoch") or 0, status.get("epochs") or 0

@@ -21,12 +21,12 @@ from pages.common.teaching import explain
 loading.empty()
 
 common.setup("Evaluate")
-st.title("📊 Evaluate")
+st.title("Evaluate")
 
 run = common.pick_run("Run", only_with_checkpoint=True, key="eval_run_pick")
 if run is None:
     st.info("No trained run yet: train one on the Train page (a run keeps its best epoch).")
-    common.link("train", "Go to Train", "🏋️")
+    common.link("train", "Go to Train", ":material/model_training:")
     common.stop()
 
 split = st.radio("Split", ["test", "val"], horizontal=True, key="eval_split",

@@ -21,7 +21,7 @@ from pages import common
 loading.empty()
 
 common.setup("Predict")
-st.title("🔮 Predict")
+st.title("Predict")
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model…")

@@ -27,7 +27,7 @@ from pages.common.teaching import explain
 loading.empty()
 
 settings = common.setup("Inspect")
-st.title("🔬 Inspect")
+st.title("Inspect")
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model…")

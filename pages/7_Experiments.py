@@ -21,7 +21,7 @@ from pages import common
 loading.empty()
 
 settings = common.setup("Experiments")
-st.title("🧪 Experiments")
+st.title("Experiments")
 st.caption(f"Base configuration: the current choices — data **{settings.get('data_label')}**, model "
            f"**`{settings['arch']}`** ({settings['freeze']}), {settings['optimizer']} lr {settings['lr']:g}, "
            f"{settings['epochs']} epochs. Change them on the Data, Model and Train pages.")

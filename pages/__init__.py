@@ -27,5 +27,5 @@ def show_loading():
     as its own script (Streamlit's pages/ mode) without the entry file's message."""
     import streamlit as st
     slot = st.empty()
-    slot.caption("⏳ Loading Finetune Lab (PyTorch, timm)…")
+    slot.caption(":material/hourglass_top: Loading Finetune Lab (PyTorch, timm)…")
     return slot

@@ -149,7 +149,7 @@ def screenshot(page, name: str) -> None:
 def go_to(page, name: str, heading: str | None = None) -> None:
     """Open a page by its sidebar link (same session) and wait for its run to finish."""
     sidebar_link(page, name).click()
-    expect(page.get_by_role("heading", name=heading or name)).to_be_visible()
+    expect(page.get_by_role("heading", name=heading or name, exact=True)).to_be_visible()
     settle(page)
 
 
@@ -254,7 +254,7 @@ def test_show_run_label_follows_the_run_state(server, browser, image_folder):
         # a reload is a new Streamlit session, but the same browser: the run is still its own
         page.reload()
         settle(page)
-        expect(page.get_by_role("combobox", name="Show run")).to_have_value(re.compile(r"^👤 .*· finished"))
+        expect(page.get_by_role("combobox", name="Show run")).to_have_value(re.compile(r"^★ .*· finished"))
         expect(page.get_by_role("button", name=re.compile("Delete"))).to_be_visible()
         expect(page.get_by_text("Started in another browser")).to_have_count(0)
     finally:

@@ -88,7 +88,7 @@ class Walk:
     def slow(self) -> list[dict]:
         return [r for r in self.rows if r["first_feedback_s"] is None and r["done_s"] > FEEDBACK_LIMIT_S
                 or (r["first_feedback_s"] or 0) > FEEDBACK_LIMIT_S]
-# "<id> · <name or arch> · <state> ..." (the teacher's labels start with "👤 ")
+# "<id> · <name or arch> · <state> ..." (the teacher's labels start with "★ ")
 RUN_ID = re.compile(r"(\d{8}-\d{9}-\S+)\s+·")
 # the live view's first line: "<icon> **<state>** — <message>"
 STATE_LINE = re.compile(r"(queued|preparing|running|stopped|finished|failed|interrupted)\s+—")
@@ -227,7 +227,7 @@ def walk_through(page, walk: Walk, image_folder, tmp_path, started):
         settle(page)
 
     # ---------------------------------------------------------------- Train: head-only first
-    go_to(page, "Train", heading="🏋️ Train")  # not "What to train" on Model
+    go_to(page, "Train")
     set_epochs(page, 2)
     select_slider_to(page, "Image size", "64")
     select_slider_to(page, "Batch size", "8")
@@ -244,7 +244,7 @@ def walk_through(page, walk: Walk, image_folder, tmp_path, started):
         settle(page)
 
     # ---------------------------------------------------------------- Train: start, watch, stop
-    go_to(page, "Train", heading="🏋️ Train")
+    go_to(page, "Train")
     set_epochs(page, EPOCHS)
     run_id = start_run(page, walk, "Train: Start (full fine-tune)", after=head_id)
     assert run_id not in (demo_id, head_id)

@@ -384,7 +384,7 @@ def popover_text(at: AppTest, title: str) -> str:
 
 def test_home_intro_checklist_and_presets_panel():
     at = opened()
-    assert at.title[0].value == "🧪 Finetune Lab"
+    assert at.title[0].value == "Finetune Lab"
     intro = at.markdown[0].value
     assert "ImageNet" in intro and "without writing code" in intro and "report" in intro
     assert at.button(key="quick_demo_button").label == "▶️ Quick demo"
@@ -436,7 +436,7 @@ def test_quick_demo_trains_and_opens_evaluate(idle_manager):
 
     at.run()
     assert_ok(at)
-    assert at.title[0].value == "📊 Evaluate", [t.value for t in at.title]
+    assert at.title[0].value == "Evaluate", [t.value for t in at.title]
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Accuracy"] == f"{status['test_acc']:.1%}"
     assert "150 test images" in texts(at)
@@ -446,6 +446,6 @@ def test_quick_demo_trains_and_opens_evaluate(idle_manager):
 
     go_home(at)                                      # back Home: the checklist is all done
     assert_ok(at)
-    assert at.title[0].value == "🧪 Finetune Lab"
+    assert at.title[0].value == "Finetune Lab"
     assert [link.icon for link in at.main.get("page_link")] == [":material/check_box:"] * 5
     assert "1 run(s) started in this session" in texts(at) and "1 finished" in texts(at)

@@ -109,10 +109,10 @@ def test_five_sessions_train_on_the_demo_data_at_once(caplog, monkeypatch):
             assert at.selectbox(key="run_pick").value == run_id
             assert "Test accuracy (best epoch)" in [m.label for m in at.metric]
             labels = at.selectbox(key="run_pick").options
-            assert len(labels) == 1 and labels[0].startswith("👤 ")      # "Only my runs" by default
+            assert len(labels) == 1 and labels[0].startswith("★ ")      # "Only my runs" by default
             at.toggle(key="run_pick_mine").set_value(False).run()
             labels = at.selectbox(key="run_pick").options
-            assert len(labels) == 5 and sum(label.startswith("👤 ") for label in labels) == 1
+            assert len(labels) == 5 and sum(label.startswith("★ ") for label in labels) == 1
         assert len({at.session_state["lab"].owner for at in sessions}) == 5
     finally:
         st_logger.removeHandler(caplog.handler)

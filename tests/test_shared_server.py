@@ -74,7 +74,7 @@ def start(at: AppTest) -> str:
 
 
 def picker_ids(at: AppTest, key: str = "run_pick") -> set[str]:
-    return {label.split("👤 ")[-1].split(" · ")[0] for label in at.selectbox(key=key).options}
+    return {label.split("★ ")[-1].split(" · ")[0] for label in at.selectbox(key=key).options}
 
 
 # ---------------------------------------------------------------- roles
@@ -165,7 +165,7 @@ def test_home_lists_only_my_runs_and_shows_the_admin_panel_to_the_teacher(classr
     assert theirs.id not in str(at.dataframe) if at.dataframe else True
     assert "You are a student" in texts(at)
     t = teacher()
-    assert "🔑 Teacher (admin) settings" in [e.label for e in t.expander]
+    assert ":material/key: Teacher (admin) settings" in [e.label for e in t.expander]
     again = AppTest.from_file(str(paths.REPO_ROOT / "streamlit_app.py"), default_timeout=60)
     again.session_state["lab"] = type(t.session_state["lab"])(settings=dict(t.session_state["lab"].settings),
                                                                owner=t.session_state["lab"].owner)

@@ -55,7 +55,7 @@ def setup(title: str) -> dict:
     run configuration). A page ends with `finish()` (or `stop()`), which redraws the sidebar's
     summary with the choices the page just made."""
     try:
-        st.set_page_config(page_title=f"{title} · Finetune Lab", page_icon="🧪", layout="wide")
+        st.set_page_config(page_title=f"{title} · Finetune Lab", page_icon=":material/science:", layout="wide")
     except st.errors.StreamlitAPIException:
         pass     # already set by the entry file in this run
     if problem := paths.write_problem():

@@ -72,13 +72,13 @@ def sign_in() -> None:
     if not token:
         return
     if user().admin:
-        st.caption("🔑 Signed in as teacher (admin)")
+        st.caption(":material/key: Signed in as teacher (admin)")
         if st.button("Sign out", key="admin_sign_out"):
             lab().admin_key = ""
             _TEACHERS.pop(session_owner(), None)
             st.rerun()
         return
-    with st.expander("🔑 Teacher sign-in"):
+    with st.expander(":material/key: Teacher sign-in"):
         with st.form("admin_sign_in_form", border=False):
             given = st.text_input("Teacher token", type="password", key="admin_token_input")
             if st.form_submit_button("Sign in", key="admin_sign_in"):

@@ -36,7 +36,7 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
         return None
     ids = [r.id for r in runs]
     own = {r.id for r in runs if mine(r, who)}
-    labels = {r.id: ("👤 " if r.id in own and admin else "") + r.label()
+    labels = {r.id: ("★ " if r.id in own and admin else "") + r.label()
               + ("" if r.id in own or not admin else f" · {owner_name(r)}") for r in runs}
     current = lab().current_run
     st.session_state[key] = current if current in ids else ids[0]
@@ -48,7 +48,7 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
         where, toggle = st.columns([5, 1], vertical_alignment="bottom")
         toggle.toggle("Only my runs", key=f"{key}_mine")
     chosen = where.selectbox(label, ids, format_func=labels.get, key=key, on_change=_follow, args=(key,),
-                             help="👤 marks the runs this browser started." if admin else None)
+                             help="★ marks the runs this browser started." if admin else None)
     return get_run(chosen)
 
 def _follow(key: str) -> None:
@@ -64,15 +64,15 @@ def run_actions(run: Run, active: bool) -> None:
         st.caption("Started by another user (or from the command line); as the teacher you may manage it.")
     cols = st.columns(3)
     if active and MANAGER.stopping(run.id):
-        cols[0].caption("⏹️ Stopping after this batch…")
+        cols[0].caption(":material/hourglass_top: Stopping after this batch…")
         return
     if active:
-        cols[0].button("⏹️ Stop", on_click=stop_run, args=(run.id,), key="stop")
+        cols[0].button("Stop", icon=":material/stop_circle:", on_click=stop_run, args=(run.id,), key="stop")
         return
     if run.resumable():
-        cols[0].button("⏯️ Resume", on_click=resume_run, args=(run.id,), key="resume",
+        cols[0].button("Resume", icon=":material/play_arrow:", on_click=resume_run, args=(run.id,), key="resume",
                        help="Go on from the last finished epoch, with its optimiser state.")
-    with cols[1].popover("🗑️ Delete"):
+    with cols[1].popover("Delete", icon=":material/delete:"):
         st.caption("Deletes the run folder: checkpoint, metrics and curves.")
         st.button("Delete for good", on_click=remove_run, args=(run.id,), key="delete", type="primary")
 
@@ -120,13 +120,13 @@ def stop_run(run_id: str) -> None:
     try:
         if can_manage(open_run(run_id)):
             MANAGER.stop(run_id)
-            st.toast("Stopping after this batch…", icon="⏹️")
+            st.toast("Stopping after this batch…", icon=":material/stop_circle:")
     except FileNotFoundError:
         pass
 
 def command_line(cfg: RunConfig, axes: dict | None = None) -> None:
     """The exact command (and its config file) that runs the current settings without the browser."""
-    with st.expander("💻 Run from the command line"):
+    with st.expander(":material/terminal: Run from the command line"):
         st.download_button("Download config.json", json.dumps(cfg.to_dict(), indent=1), "config.json",
                            "application/json", key="cli_config")
         grid = "".join(f" --grid {axis}={','.join(map(str, values))}" for axis, values in (axes or {}).items())
@@ -139,7 +139,7 @@ def command_line(cfg: RunConfig, axes: dict | None = None) -> None:
 def presets_panel(settings: dict) -> None:
     """Load a shipped, saved or uploaded preset; save the current settings as one."""
     from core import presets as P
-    with st.expander("📦 Presets: load or save a set of settings"):
+    with st.expander(":material/inventory_2: Presets: load or save a set of settings"):
         st.caption("A preset is a small JSON file of settings. A teacher saves one and hands it out; "
                    "every student who loads it starts from the same configuration.")
         load, save = st.columns(2)

@@ -26,7 +26,7 @@ PREVIEW_FIELDS = ("data_root", "split", "split_seed", "max_per_class", "arch", "
 
 def speed_panel(settings: dict) -> None:
     """Time budget, augmented views to cache, and what the run will cache and plan."""
-    st.markdown("**⚡ Speed on this machine**")
+    st.markdown(":material/bolt: **Speed on this machine**")
     c = st.columns([1, 1, 2])
     if "w_budget_min" not in st.session_state:
         st.session_state["w_budget_min"] = settings.get("time_budget_s", 0) / 60
@@ -48,7 +48,7 @@ def speed_panel(settings: dict) -> None:
     c[2].caption(preview["cache"])
     if not settings["time_budget_s"]:
         c[2].caption("For the most accuracy in a few minutes on a laptop, load the preset *Best accuracy "
-                     "in 5 minutes* (📦 Presets above), or set *Train for*.")
+                     "in 5 minutes* (*Presets* above), or set *Train for*.")
     if settings["time_budget_s"] and settings["freeze"] == "scratch":
         st.caption("From scratch, the budget only stops training in time: nothing pretrained to plan around.")
     elif settings["time_budget_s"]:
@@ -72,7 +72,7 @@ def lr_panel(settings: dict) -> None:
     """The learning-rate range test: a chart and a suggestion, applied only on a click."""
     cfg = RunConfig.from_dict(settings)
     key = (cfg.data_root, cfg.arch, cfg.freeze, cfg.top_k, cfg.image_size, cfg.optimizer, cfg.weights)
-    if st.button("📈 Suggest a learning rate", key="lr_test_go",
+    if st.button("Suggest a learning rate", icon=":material/show_chart:", key="lr_test_go",
                  help="Trains a copy of the model for a few dozen small steps while the learning rate "
                       "grows from 1e-6 to 1, and watches the loss. Uses the same caches as training."):
         bar = st.progress(0.0, text="Starting the learning-rate test…")
@@ -130,6 +130,6 @@ def run_speed_info(run) -> None:
         st.caption(" · ".join(parts))
     plan = run.read_json("plan.json")
     if plan:
-        with st.expander(f"⏱️ Plan for a {plan['budget_s'] / 60:g}-minute budget", expanded=False):
+        with st.expander(f":material/timer: Plan for a {plan['budget_s'] / 60:g}-minute budget", expanded=False):
             st.table(_plan_frame(B.describe_plan(B.phases_from(plan["phases"]))))
             st.caption(" ".join(plan.get("notes", [])))

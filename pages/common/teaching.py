@@ -64,6 +64,6 @@ def explain(topic: str, inside_expander: bool = False) -> None:
     """Collapsed until clicked. Streamlit forbids an expander inside an expander, so within one
     the explanation opens as a popover."""
     title, text = TOPICS[topic]
-    box = st.popover(f"🎓 {title}") if inside_expander else st.expander(f"🎓 {title}")
+    box = st.popover(title, icon=":material/school:") if inside_expander else st.expander(title, icon=":material/school:")
     with box:
         st.markdown(text)
