@@ -70,6 +70,9 @@ class DataScan:
     items: list[Item]
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
     presplit: bool = False
+    # Images that must land in one split (near-duplicates the dataset doctor found), from the
+    # folder's hidden SAME_SPLIT_FILE: a copy in train and one in test would flatter the test score.
+    together: list[list[str]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         per_label = Counter(item.label for item in self.items)
@@ -191,7 +194,19 @@ def scan_folder(folder: str | os.PathLike, check: bool = True) -> DataScan:
     if not items:
         raise DataError("The class folders hold no readable images "
                         f"({len(skipped)} file(s) skipped; see the list of skipped files).")
-    return DataScan(str(root), classes, items, skipped, presplit=bool(split_dirs))
+    return DataScan(str(root), classes, items, skipped, presplit=bool(split_dirs), together=read_together(root))
+
+
+SAME_SPLIT_FILE = ".same-split.json"
+
+
+def read_together(root: Path) -> list[list[str]]:
+    """The groups of SAME_SPLIT_FILE (relative paths), or none when it is missing or unreadable."""
+    try:
+        groups = json.loads((Path(root) / SAME_SPLIT_FILE).read_text())
+        return [[str(p) for p in group] for group in groups if isinstance(group, list) and len(group) > 1]
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 def _class_files(root: Path, sources: dict) -> dict[str, list[tuple[Path, str | None]]]:
@@ -260,7 +275,24 @@ def split_items(scan: DataScan, ratios=(0.7, 0.15, 0.15), seed: int = 0,
         result["test"] += given["test"] + pool[n_val:n_val + n_test]
         train = pool[n_val + n_test:]
         result["train"] += train[:max_per_class] if max_per_class else train
-    return result
+    return keep_together(result, scan.together) if scan.together and not scan.presplit else result
+
+
+def keep_together(splits: dict[str, list[Item]], groups: list[list[str]]) -> dict[str, list[Item]]:
+    """Move each group's members into one split: train when any member is there (so nothing of
+    it is tested), else the split of its first member."""
+    where = {it.path: split for split, items in splits.items() for it in items}
+    target = {}
+    for group in groups:
+        placed = [where[p] for p in group if p in where]
+        if placed:
+            to = "train" if "train" in placed else placed[0]
+            target.update({p: to for p in group if p in where})
+    out = {s: [] for s in splits}
+    for split, items in splits.items():
+        for it in items:
+            out[target.get(it.path, split)].append(it)
+    return out
 
 
 def _share(n: int, frac: float, minimum: int) -> int:

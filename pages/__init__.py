@@ -5,6 +5,7 @@ visible loading message, at once. Streamlit's pages/ discovery skips __init__.py
 PAGES = {
     "home": "pages/0_Home.py",
     "data": "pages/1_Data.py",
+    "doctor": "pages/8_Doctor.py",
     "model": "pages/2_Model.py",
     "train": "pages/3_Train.py",
     "evaluate": "pages/4_Evaluate.py",
@@ -15,6 +16,7 @@ PAGES = {
 # (title, icon) per page: the navigation the entry file builds and the sidebar's own links
 # Material icons: they render on machines without an emoji font (a projector laptop often has none).
 NAV = {"home": ("Home", ":material/home:"), "data": ("Data", ":material/photo_library:"),
+       "doctor": ("Doctor", ":material/health_and_safety:"),
        "model": ("Model", ":material/neurology:"), "train": ("Train", ":material/model_training:"),
        "evaluate": ("Evaluate", ":material/analytics:"), "predict": ("Predict", ":material/online_prediction:"),
        "inspect": ("Inspect", ":material/biotech:"), "experiments": ("Experiments", ":material/science:")}

@@ -124,7 +124,7 @@ def metric_value(page, label: str):
         has=page.get_by_test_id("stMetricLabel").filter(has_text=label)).get_by_test_id("stMetricValue")
 
 
-NAV = ["Home", "Data", "Model", "Train", "Evaluate", "Predict", "Inspect", "Experiments"]
+NAV = ["Home", "Data", "Doctor", "Model", "Train", "Evaluate", "Predict", "Inspect", "Experiments"]
 
 
 def nav_names(page) -> list[str]:

@@ -28,7 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
 PAGES = ["pages/1_Data.py", "pages/2_Model.py", "pages/3_Train.py", "pages/4_Evaluate.py"]
 DATA, MODEL, TRAIN, EVALUATE = PAGES
-ALL_PAGES = ["pages/0_Home.py"] + PAGES + ["pages/5_Predict.py", "pages/6_Inspect.py", "pages/7_Experiments.py"]
+ALL_PAGES = ["pages/0_Home.py"] + PAGES + ["pages/5_Predict.py", "pages/6_Inspect.py", "pages/7_Experiments.py",
+                                            "pages/8_Doctor.py"]
 TIMEOUT = 60
 
 
@@ -104,7 +105,7 @@ def test_home_shows_checklist():
     links = [link.label for link in at.main.get("page_link")]
     assert links == ["1. Data", "2. Model", "3. Train", "4. Evaluate", "5. Inspect"]
     nav = [link.label for link in at.sidebar.get("page_link")]     # the app's own navigation
-    assert nav == ["Home", "Data", "Model", "Train", "Evaluate", "Predict", "Inspect", "Experiments"]
+    assert nav == ["Home", "Data", "Doctor", "Model", "Train", "Evaluate", "Predict", "Inspect", "Experiments"]
     body = texts(at)
     assert "Fashion-MNIST" in body and "mobilenetv2_100" in body
     assert "0 run(s) started in this session" in body and "0 finished" in body

@@ -2,6 +2,15 @@
 import streamlit as st
 
 TOPICS = {
+    "doctor": ("How does the doctor find wrong labels?", """
+Each image is turned into a list of numbers by the pretrained backbone (its **embedding**). A
+simple classifier learns the classes from those numbers five times, each time without a fifth of
+the images, so every image is judged by a classifier that never saw it. When that classifier is
+sure an image belongs to another class than its folder says, the image is flagged (the
+**cleanlab** library's *confident learning*). It is a hint, not a verdict: look at each image
+before you fix it. **Near-duplicates** are images whose embeddings point the same way (cosine
+0.97 or more); **outliers** are far from all their neighbours.
+"""),
     "freezing": ("What does freezing do?", """
 A pretrained network already knows how to see: its early blocks find edges and textures, its
 later blocks find object parts. **Freezing** a block means its weights are not changed by training.
@@ -56,6 +65,23 @@ Early layers respond to edges and colours found almost everywhere, so many units
 layers respond to specific object parts, so for a given image most of them stay silent: the
 percentage of non-zero activations usually falls with depth. Networks with smooth activations (GELU,
 SiLU) have few exact zeros; the app then reports the share of positive values instead.
+"""),
+    "sanity": ("Can I trust a heat map?", """
+A heat map is supposed to show what **the model** used. Some methods mostly redraw the picture's
+edges, whatever the network learnt, and still look convincing. The sanity check (Adebayo et al.,
+2018) tests this by breaking the model on purpose and drawing the map again:
+
+- **Top block randomised**: the last block and the head get fresh random weights.
+- **All weights randomised**: the whole network is random; it knows nothing any more.
+- **Head fit to shuffled labels**: a new head learns from training images with their labels mixed
+  up, so it knows nothing about the classes.
+
+The number is how similar the new map is to the real one (1 = identical, 0 = unrelated). A map
+that barely changes when the network is random can't be explaining the network: don't trust it.
+
+**Average Grad-CAM per class**: averaged over many test images, the heat should sit where the
+objects are. Heat on the edges or background of every image of a class means the model may
+recognise that class by its background (a *shortcut*), e.g. "wolf" by the snow.
 """),
 }
 

@@ -1,0 +1,196 @@
+"""Dataset doctor: likely label errors, duplicates, outliers and odd images in the current data
+set, each with a one-click fix that goes into a new copy (the user's files are never changed)."""
+import streamlit as st
+
+from pages import show_loading
+
+loading = show_loading()      # the imports below take seconds on a server's first visit
+
+import threading
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+
+from core import access, paths
+from core import doctor
+from core import embeddings as EM
+from core.data import DataError
+from pages import common
+from pages.common.teaching import explain
+
+loading.empty()
+
+settings = common.setup("Doctor")
+st.title("Dataset doctor")
+st.caption("One check of the current data set, from what the pretrained backbone sees in each image: "
+           "labels that look wrong, copies, images unlike the rest. Fixes are written to a new copy; "
+           "your own files are never changed.")
+explain("doctor")
+if message := common.lab().take("doctor"):
+    st.success(message, icon=":material/check_circle:")
+
+root = Path(settings["data_root"])
+root = root if root.is_absolute() else paths.REPO_ROOT / root
+if problem := access.run_data_problem(common.user(), str(root), common.policy()):
+    st.error(f"{problem} Pick another data set on the Data page.")
+    common.stop()
+st.markdown(f"Data set: **{settings.get('data_label') or root.name}**")
+if origin := doctor.fixed_from(root):
+    st.info(f"This is a fixed copy: {len(origin['excluded'])} image(s) left out and {len(origin['moved'])} "
+            f"moved to another class; {origin['kept_together']} group(s) kept in one split.")
+
+state = common.lab().page.setdefault("doctor", {})
+fixes = state.setdefault("fixes", {"exclude": set(), "move": {}, "together": False})
+
+
+def run_audit() -> None:
+    bar = st.progress(0.0, text="Starting…")
+    stop = threading.Event()
+    try:
+        result = doctor.audit(root, progress=lambda text, f: bar.progress(min(f, 1.0), text=text), stop=stop)
+    except (DataError, EM.Cancelled) as err:
+        bar.empty()
+        st.error(str(err))
+        return
+    bar.empty()
+    state.update(root=str(root), result=result)
+    fixes.update(exclude=set(), move={}, together=False)
+
+
+if st.button("Audit this data set", type="primary", icon=":material/health_and_safety:", key="doctor_go"):
+    run_audit()
+result: doctor.Audit | None = state.get("result")
+if result is None or state.get("root") != str(root):
+    if last := doctor.saved(root):
+        st.caption(f"Last audit of this folder: {len(last['findings'])} finding(s). Audit again to see them "
+                   "with pictures and fix them.")
+    st.caption("About a minute for 2,000 images on a 2-core laptop the first time; seconds afterwards "
+               "(the embeddings are kept).")
+    common.stop()
+
+st.subheader("Verdict")
+for line in result.verdicts:
+    (st.success if line.startswith("No problems") else st.warning)(line, icon=":material/stethoscope:")
+
+image = lambda rel: str(Path(result.root) / rel)   # noqa: E731
+
+
+def fix_buttons(col, row, key: str) -> None:
+    """Exclude / move toggles under one image; a second click takes the choice back."""
+    path = row["path"]
+    excluded, moved = path in fixes["exclude"], fixes["move"].get(path)
+    if col.button("Keep it" if excluded else "Exclude", key=f"x_{key}", icon=":material/block:", width="stretch"):
+        fixes["exclude"].symmetric_difference_update({path})
+        fixes["move"].pop(path, None)
+        st.rerun()
+    if row.get("suggested"):
+        label = "Undo move" if moved else f"Move to {row['suggested']}"
+        if col.button(label, key=f"m_{key}", icon=":material/drive_file_move:", width="stretch"):
+            if moved:
+                fixes["move"].pop(path)
+            else:
+                fixes["move"][path] = row["suggested"]
+                fixes["exclude"].discard(path)
+            st.rerun()
+
+
+def gallery(rows: pd.DataFrame, caption, key: str, per_row: int = 6) -> None:
+    shown = rows.head(st.session_state.get(f"n_{key}", 24))
+    for start in range(0, len(shown), per_row):
+        for col, (i, row) in zip(st.columns(per_row), shown.iloc[start:start + per_row].iterrows()):
+            col.image(common.thumbnail(image(row["path"]), 128), width="stretch")
+            col.caption(caption(row))
+            fix_buttons(col, row, f"{key}_{i}")
+    if len(rows) > len(shown):
+        st.caption(f"{len(rows) - len(shown)} more.")
+        if st.button("Show more", key=f"more_{key}"):
+            st.session_state[f"n_{key}"] = len(shown) + 24
+            st.rerun()
+
+
+labels, props = result.of("label"), result.findings[result.findings["issue"].isin(
+    ["outlier", "dark", "bright", "blurry", "tiny", "aspect"])]
+dups = result.findings[result.findings["issue"].isin(["exact duplicate", "near duplicate"])]
+tabs = st.tabs([f"Label errors ({len(labels)})", f"Duplicates ({len(result.groups)} groups)",
+                f"Outliers and odd images ({props['path'].nunique()})", "Class balance", "Embedding map"])
+
+with tabs[0]:
+    if labels.empty:
+        st.success("No image looks like it belongs to another class.")
+    else:
+        st.caption("Most suspicious first. *looks like* is the class the check predicts, with its confidence.")
+        c1, c2 = st.columns(2)
+        if c1.button(f"Move all {len(labels)} to the suggested class", key="move_all", icon=":material/done_all:"):
+            fixes["move"].update(dict(zip(labels["path"], labels["suggested"])))
+            fixes["exclude"].difference_update(labels["path"])
+        if c2.button(f"Exclude all {len(labels)}", key="exclude_all", icon=":material/block:"):
+            fixes["exclude"].update(labels["path"])
+            for path in labels["path"]:
+                fixes["move"].pop(path, None)
+        gallery(labels, lambda r: f"{Path(r['path']).name}: labelled **{r['label']}**, looks like "
+                                  f"**{r['suggested']}** ({r['score']:.0%})", "label")
+
+with tabs[1]:
+    if not result.groups:
+        st.success("No copies or near-identical images.")
+    else:
+        crossing = [g for g in result.groups if len({result.split_of.get(p) for p in g}) > 1]
+        st.caption(f"{len(crossing)} group(s) would be split across train, validation and test with the "
+                   "current split: the model would be tested on pictures it trained on.")
+        fixes["together"] = st.toggle("Keep each group in one split (in the fixed copy)", value=fixes["together"],
+                                      key="together")
+        for n, group in enumerate(result.groups[:30]):
+            kinds = set(dups[dups["path"].isin(group)]["issue"])
+            st.markdown(f"**Group {n + 1}** · {' and '.join(sorted(kinds))} · splits: "
+                        + ", ".join(f"{Path(p).name} → {result.split_of.get(p, '?')}" for p in group))
+            rows = pd.DataFrame([{"path": p, "suggested": ""} for p in group])
+            gallery(rows, lambda r: r["path"], f"dup{n}", per_row=max(4, len(group)))
+
+with tabs[2]:
+    if props.empty:
+        st.success("No outliers, and no image much darker, brighter, blurrier or smaller than the rest.")
+    else:
+        for issue in ("outlier", "dark", "bright", "blurry", "tiny", "aspect"):
+            found = props[props["issue"] == issue]
+            if len(found):
+                st.markdown(f"**{doctor.ISSUES[issue].capitalize()}** ({len(found)})")
+                gallery(found, lambda r: f"{Path(r['path']).name} · {r['label']} · {r['detail']}", issue)
+
+with tabs[3]:
+    counts = pd.DataFrame({"class": list(result.counts), "images": list(result.counts.values())})
+    st.altair_chart(alt.Chart(counts, title="Images per class").mark_bar().encode(
+        x="images:Q", y=alt.Y("class:N", sort="-x"), tooltip=["class", "images"]), width="stretch")
+
+with tabs[4]:
+    from pages.common import maps
+    flags = {p: i for p, i in zip(result.findings["path"], result.findings["issue"])}
+    maps.dataset_map(result.root, result.items, result.classes, flags=flags)
+
+# ---------------------------------------------------------------- the fixed copy
+st.subheader("Fix")
+n_ex, n_mv = len(fixes["exclude"]), len(fixes["move"])
+groups = result.groups if fixes["together"] else []
+st.markdown(f"Chosen: **{n_ex}** to leave out, **{n_mv}** to move, **{len(groups)}** group(s) to keep in one split.")
+if st.button("Save a fixed copy and use it", type="primary", icon=":material/save:", key="write_fixed",
+             disabled=not (n_ex or n_mv or groups)):
+    base = access.uploads_dir(common.user())
+    name = f"{Path(result.root).name}-fixed"
+    dest = base / name
+    n = 2
+    while dest.exists():
+        dest, n = base / f"{name}-{n}", n + 1
+    with st.spinner("Writing the fixed copy (hard links where possible)…"):
+        try:
+            written = doctor.write_fixed_copy(result, dest, exclude=fixes["exclude"], move=fixes["move"],
+                                              together=groups)
+        except OSError as err:
+            st.error(f"Could not write the copy: {err}")
+            common.stop()
+    settings["data_root"], settings["data_label"] = str(written), f"Fixed copy: {written.name}"
+    state.clear()
+    common.lab().note("doctor", f"Now using the fixed copy {written.name}. Train again and compare with the earlier run.")
+    st.rerun()
+common.link("train", "Next: train on it", ":material/arrow_forward:")
+
+common.finish()
