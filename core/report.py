@@ -41,7 +41,8 @@ from core import sweeps as S
 from core.store import Run
 
 RUN_SECTIONS = {
-    "summary": "Summary", "data": "Data", "config": "Configuration", "curves": "Training curves",
+    "summary": "Summary", "data": "Data", "doctor": "Dataset doctor", "config": "Configuration",
+    "curves": "Training curves",
     "epochs": "Epochs", "metrics": "Metrics", "confusion": "Confusion matrix",
     "ranked": "Best and worst images per class", "misclassified": "Misclassified images",
     "inspection": "Inside the network",
@@ -273,6 +274,7 @@ def run_report(run: Run, include_inspection: bool = True, split: str = "test", p
     sections = {
         "summary": lambda: _summary(run, status, metrics, split),
         "data": lambda: _data(run, splits, classes, thumbs),
+        "doctor": lambda: _doctor(run, thumbs),
         "config": lambda: _config(run, status),
         "curves": lambda: {"chart": figure_uri(curves_figure(epochs))} if epochs else _note("No finished epoch."),
         "epochs": lambda: _epochs(epochs) if epochs else _note("No finished epoch."),
@@ -292,7 +294,8 @@ def run_report(run: Run, include_inspection: bool = True, split: str = "test", p
     return _render("run", f"Run {run.id}", f"{cfg.name or cfg.arch} · {status.get('state', '?')}", bodies)
 
 
-SECTION_TITLES = {"summary": "summary", "data": "data set and sample images", "config": "settings",
+SECTION_TITLES = {"summary": "summary", "data": "data set and sample images", "doctor": "dataset doctor",
+                  "config": "settings",
                   "curves": "training curves", "epochs": "epoch table", "metrics": "metrics",
                   "confusion": "confusion matrix", "ranked": "best and worst images per class",
                   "misclassified": "misclassified images",
@@ -304,6 +307,30 @@ def save_run_report(run: Run, split: str = "test", include_inspection: bool = Tr
     path = run.file("report.html" if split == "test" else f"report-{split}.html")
     paths.atomic_write_text(path, run_report(run, include_inspection, split, progress))
     return path
+
+
+def _doctor(run: Run, thumbs: "Thumbnails") -> dict:
+    """The last audit of the run's data folder (the Doctor page or `python -m core doctor`), and
+    what a fixed copy changed."""
+    from core import doctor
+    root = paths.resolve_data_root(run.config.data_root)
+    audit, fixed = doctor.saved(root), doctor.fixed_from(root)
+    if not audit and not fixed:
+        return _note("This data set was not audited (Doctor page, or python -m core doctor FOLDER).")
+    body = {"fixed": fixed and (f"This data set is a fixed copy of {fixed['from']}: {len(fixed['excluded'])} "
+                                f"image(s) left out, {len(fixed['moved'])} moved to another class, "
+                                f"{fixed['kept_together']} group(s) kept in one split.")}
+    if audit:
+        rows = audit["findings"]
+        labels = [r for r in rows if r["issue"] == "label"][:MISCLASSIFIED]
+        body.update(
+            verdicts=audit["verdicts"], flagged=len({r["path"] for r in rows}), total=sum(audit["counts"].values()),
+            pictures=[(thumbs(r["path"]), r["path"], [f"labelled {r['label']}", f"looks like {r['suggested']}",
+                                                      pct(r["score"])]) for r in labels],
+            table=_table(["file", "issue", "label", "suggested", "score", "detail"],
+                         [[r["path"], r["issue"], r["label"], r["suggested"] or "", num(r["score"], ".3f"),
+                           r["detail"]] for r in rows[:200]], numeric={4}))
+    return body
 
 
 def _summary(run: Run, status: dict, metrics: dict | None, split: str) -> dict:

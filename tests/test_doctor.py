@@ -126,3 +126,15 @@ def test_doctor_page_audits_and_writes_a_fixed_copy(planted):
     assert new_root != str(root) and "fixed" in new_root
     assert any("fixed copy" in s.value for s in at.success), [s.value for s in at.success]
     assert (root / next(iter(moved))).exists(), "the original folder was changed"
+
+
+def test_the_run_report_shows_the_audit(planted, tmp_path):
+    from conftest import tiny_run_config, train_apart
+    from core import report as R
+    root, moved = planted
+    audit(root)
+    run = train_apart(tiny_run_config(root, epochs=1), tmp_path)
+    html = R.run_report(run, include_inspection=False)
+    assert '<section id="doctor">' in html and "look mislabelled" in html
+    for path in moved:
+        assert path in html
