@@ -95,12 +95,20 @@ def fix_buttons(col, row, key: str) -> None:
             st.rerun()
 
 
+def chosen(path: str) -> str:
+    if path in fixes["exclude"]:
+        return " · :red[**left out**]"
+    if path in fixes["move"]:
+        return f" · :green[**→ {fixes['move'][path]}**]"
+    return ""
+
+
 def gallery(rows: pd.DataFrame, caption, key: str, per_row: int = 6) -> None:
     shown = rows.head(st.session_state.get(f"n_{key}", 24))
     for start in range(0, len(shown), per_row):
         for col, (i, row) in zip(st.columns(per_row), shown.iloc[start:start + per_row].iterrows()):
             col.image(common.thumbnail(image(row["path"]), 128), width="stretch")
-            col.caption(caption(row))
+            col.caption(caption(row) + chosen(row["path"]))
             fix_buttons(col, row, f"{key}_{i}")
     if len(rows) > len(shown):
         st.caption(f"{len(rows) - len(shown)} more.")

@@ -169,6 +169,8 @@ def test_new_user_flow(server, browser, image_folder, tmp_path):
 
 
 def set_epochs(page, epochs: int) -> None:
+    # the page first measures the model on a few images (a spinner) before it shows the settings
+    expect(page.get_by_role("button", name=re.compile("Start training"))).to_be_visible(timeout=120_000)
     box = page.get_by_label("Epochs", exact=True)    # not "Two-phase: head-only epochs first"
     if not box.is_visible():       # collapsed once a run exists (the Quick demo's)
         page.get_by_test_id("stExpander").filter(has_text="Training settings").locator("summary").click()

