@@ -11,6 +11,7 @@
     python -m core predict RUN_ID photo.jpg folder/ --out predictions.csv
     python -m core sweep demo.json --grid lr=1e-3,1e-2 --grid optimizer=sgd,adamw
     python -m core export RUN_ID --onnx
+    python -m core doctor FOLDER --out doctor.csv    # audit a data set: label errors, duplicates, ...
 """
 from __future__ import annotations
 
@@ -333,15 +334,52 @@ def cmd_lr(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from core.backbones import load_run_model
-    from core.export import export_onnx, export_run
+    """Each format is checked on the run's test images as soon as it is written; status 1 when
+    one of them does not agree with the trained model."""
+    from core.export_check import check_line, export_checked
     run = get_run(args.run)
     out = Path(args.out or run.file("export"))
-    weights, info = export_run(run, out)
-    print(f"written: {weights}, {info}")
-    if args.onnx:
-        onnx = export_onnx(load_run_model(run), run.config.image_size, out / "model.onnx")
-        print(f"written: {onnx}" if onnx else "ONNX export is not available for this model")
+    flagged = False
+    for kind in ("safetensors", "onnx") if args.onnx else ("safetensors",):
+        try:
+            result = export_checked(run, kind, out)
+        except RuntimeError as err:           # the ONNX exporter can't handle this architecture
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        script = "predict.py" if kind == "safetensors" else "predict_onnx.py"
+        print(f"written: {out / result['file']}" + (f", {out / 'model.json'}" if kind == "safetensors" else "")
+              + f", {out / script}")
+        print(f"  {'ok' if result['ok'] else 'FLAGGED'}: {check_line(result)}")
+        flagged = flagged or not result["ok"]
+    return 1 if flagged else 0
+
+
+def cmd_doctor(args) -> int:
+    """One row per flagged image (path relative to FOLDER, issue, given label, suggested label,
+    score), the verdicts, and the same rows as CSV with --out."""
+    from core import doctor
+    from core.data import DataError
+    last = [""]
+
+    def progress(text, fraction):
+        step = " ".join(text.split()[:2])      # one line per step, not per batch
+        if not args.quiet and (step != last[0] or fraction >= 1):
+            last[0] = step
+            print(f"  {text}", flush=True)
+    try:
+        result = doctor.audit(args.folder, arch=args.arch, progress=progress)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    frame = result.findings
+    if len(frame):
+        print(frame[["path", "issue", "label", "suggested", "score"]].to_string(index=False))
+    print(f"{len(result.items)} images, {len(result.classes)} classes, {frame['path'].nunique()} flagged:")
+    for line in result.verdicts:
+        print(f"- {line}")
+    if args.out:
+        Path(args.out).write_text(doctor.findings_csv(result))
+        print(f"written: {args.out}")
     return 0
 
 
@@ -368,17 +406,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", default="predictions.csv")
-    p = sub.add_parser("export", help="safetensors + JSON (and ONNX) of a run's best checkpoint")
+    p = sub.add_parser("export", help="safetensors + JSON + predict.py (and ONNX) of a run's best checkpoint, "
+                                     "each checked on the run's test images")
     p.add_argument("run")
     p.add_argument("--out")
     p.add_argument("--onnx", action="store_true")
+    p = sub.add_parser("doctor", help="audit a data set: likely label errors, duplicates, outliers, odd images")
+    p.add_argument("folder")
+    p.add_argument("--out", help="also write the flagged images as CSV")
+    p.add_argument("--arch", default="mobilenetv2_100", help="backbone whose embeddings are used")
+    p.add_argument("--quiet", action="store_true")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = {"config": cmd_config, "train": cmd_train, "resume": cmd_resume, "evaluate": cmd_evaluate,
-               "predict": cmd_predict, "sweep": cmd_sweep, "export": cmd_export, "lr": cmd_lr}[args.command]
+               "predict": cmd_predict, "sweep": cmd_sweep, "export": cmd_export, "lr": cmd_lr,
+               "doctor": cmd_doctor}[args.command]
     if args.command != "config" and (problem := paths.write_problem()):
         print(f"error: {problem}", file=sys.stderr)
         return 2
