@@ -196,25 +196,35 @@ def attributions(model: nn.Module, x: torch.Tensor, image: np.ndarray, target: i
                  methods=("Integrated Gradients", "Grad-CAM", "Occlusion")) -> dict:
     """Overlays (HxWx3 uint8) per method, or a string saying why a method is unavailable.
     `x` is the normalised input (1, 3, H, W); `image` the same picture as uint8 HxWx3."""
-    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
+    maps = attribution_maps(model, x, target, methods)
+    return {method: heat if isinstance(heat, str) else _overlay(image, heat) for method, heat in maps.items()}
+
+
+def attribution_maps(model: nn.Module, x: torch.Tensor, target: int,
+                     methods=("Integrated Gradients", "Grad-CAM", "Occlusion")) -> dict:
+    """The raw heat maps behind `attributions`: a float (H, W) array per method at the input's
+    size (larger = more important), or a string saying why a method is unavailable."""
+    from captum.attr import IntegratedGradients, Occlusion
     out = {}
     size = x.shape[-1]
     with eval_mode(model):
         x = x.clone().requires_grad_(True)
         # fast first (Grad-CAM: one backward pass), so a page can show it while the others run
         if "Grad-CAM" in methods:
-            out["Grad-CAM"] = _grad_cam(model, x, image, target, LayerGradCam, LayerAttribution)
+            out["Grad-CAM"] = grad_cam_maps(model, x, target)
+            if not isinstance(out["Grad-CAM"], str):
+                out["Grad-CAM"] = out["Grad-CAM"][0]
         if "Integrated Gradients" in methods:     # all 16 path steps in one batch
             attr = IntegratedGradients(model).attribute(x, target=target, n_steps=IG_STEPS,
                                                         internal_batch_size=IG_STEPS)
-            out["Integrated Gradients"] = _overlay(image, attr[0].abs().sum(0).detach().cpu().numpy())
+            out["Integrated Gradients"] = attr[0].abs().sum(0).detach().cpu().numpy()
         if "Occlusion" in methods:                # an 8x8 grid of patches, all in one batch
             window = max(4, size // OCCLUSION_GRID)
             with torch.no_grad():
                 attr = Occlusion(model).attribute(x.detach(), target=target, sliding_window_shapes=(3, window, window),
                                                   strides=(3, window, window),
                                                   perturbations_per_eval=OCCLUSION_GRID ** 2)
-            out["Occlusion"] = _overlay(image, attr[0].sum(0).clamp_min(0).detach().cpu().numpy())
+            out["Occlusion"] = attr[0].sum(0).clamp_min(0).detach().cpu().numpy()
     return out
 
 
@@ -222,7 +232,13 @@ IG_STEPS = 16           # path steps of Integrated Gradients (captum's default i
 OCCLUSION_GRID = 8      # occluded patches per side: the window is the image size / 8
 
 
-def _grad_cam(model, x, image, target, LayerGradCam, LayerAttribution):
+GRAD_CAM_UNAVAILABLE = ("Grad-CAM needs a spatial feature map; this model's last stage outputs tokens "
+                        "(a transformer), so use Integrated Gradients or Occlusion.")
+
+
+def grad_cam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
+    """The last stage (timm's feature_info), or None when its output for `x` is not a
+    (B, C, H, W) map."""
     backbone = backbone_of(model)
     prefix = "backbone." if backbone is not model else ""
     layer = model.get_submodule(prefix + backbone.feature_info[-1]["module"])
@@ -231,12 +247,20 @@ def _grad_cam(model, x, image, target, LayerGradCam, LayerAttribution):
     def on_layer(_m, _i, out):      # a hook that returns something would replace the output
         probe["dim"] = out.dim() if torch.is_tensor(out) else 0
 
-    with hooked([(layer, on_layer)]):
-        with torch.no_grad():
-            model(x.detach())
-    if probe.get("dim") != 4:
-        return ("Grad-CAM needs a spatial feature map; this model's last stage outputs tokens "
-                "(a transformer), so use Integrated Gradients or Occlusion.")
-    cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
-    cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
-    return _overlay(image, cam[0, 0].detach().cpu().numpy())
+    with eval_mode(model), hooked([(layer, on_layer)]), torch.no_grad():
+        model(x[:1].detach())
+    return layer if probe.get("dim") == 4 else None
+
+
+def grad_cam_maps(model: nn.Module, x: torch.Tensor, target, layer: nn.Module | None = None):
+    """Grad-CAM of the last stage for a batch: (B, H, W) float array at the input's size, or the
+    string GRAD_CAM_UNAVAILABLE. `target` is one class index or one per image."""
+    from captum.attr import LayerAttribution, LayerGradCam
+    layer = layer or grad_cam_layer(model, x)
+    if layer is None:
+        return GRAD_CAM_UNAVAILABLE
+    with eval_mode(model):
+        x = x.clone().requires_grad_(True)
+        cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+        cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    return cam[:, 0].detach().float().cpu().numpy()

@@ -20,6 +20,7 @@ from core import backbones as B
 from core import data as D
 from core import inspect as I
 from core import paths
+from core import sanity as S
 from core.evaluate import load_run_model, run_normalization
 from pages import common
 from pages.common.teaching import explain
@@ -193,6 +194,72 @@ def show_attribution(col, method: str, result) -> None:
         col.image(result, caption=method, width="stretch")
 
 
+VERDICT_ICONS = {"ok": ":green[:material/check_circle:]", "flagged": ":orange[:material/warning:]",
+                 "unavailable": ":material/info:"}
+
+
+def show_sanity(rows: list[dict], picture: np.ndarray) -> None:
+    """Verdicts, a bar chart of the similarities and the randomised maps next to the real ones."""
+    for verdict in S.verdicts(rows):
+        st.markdown(f"{VERDICT_ICONS[verdict['status']]} {verdict['text']}")
+    scored = pd.DataFrame([dict(method=r["method"], check=r["label"], similarity=r["spearman"])
+                           for r in rows if r["spearman"] is not None and r["check"] != "original"])
+    if not scored.empty:
+        bars = alt.Chart(scored).mark_bar().encode(
+            x=alt.X("method:N", title=None, axis=alt.Axis(labelAngle=0)),
+            xOffset=alt.XOffset("check:N", sort=list(S.CHECKS.values())),
+            y=alt.Y("similarity:Q", scale=alt.Scale(domain=[-1, 1]), title="similarity to the real map"),
+            color=alt.Color("check:N", sort=list(S.CHECKS.values()), title="model"),
+            tooltip=["method", "check", alt.Tooltip("similarity:Q", format=".2f")])
+        limit = alt.Chart(pd.DataFrame({"y": [S.SIMILAR]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
+        st.altair_chart((bars + limit).properties(height=220), width="stretch")
+        st.caption(f"Spearman rank correlation of the absolute maps; above the dashed line ({S.SIMILAR}) "
+                   "after randomising, a map did not really change.")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        st.markdown(f"**{method}**")
+        cols = st.columns(len(S.CHECKS))
+        for col, row in zip(cols, [r for r in rows if r["method"] == method]):
+            if row["map"] is None:
+                col.caption(f"{row['label']}: {row['note']}")
+                continue
+            score = ("" if row["check"] == "original"
+                     else f" · similarity {row['spearman']:.2f}, SSIM {row['ssim']:.2f}")
+            col.image(S.heat_image(row["map"], picture), caption=row["label"] + score, width="stretch")
+
+
+def show_class_averages(run) -> None:
+    c1, c2 = st.columns(2)
+    per_class = c1.select_slider("Test images per class (at most)", [10, 25, 50, 100, "all"], 25,
+                                 key="ins_avg_n")
+    aim = c2.radio("Explain", ["label", "predicted"], horizontal=True, key="ins_avg_target",
+                   format_func={"label": "each image's true class", "predicted": "the predicted class"}.get)
+    avg_key = (choice, per_class, aim)
+    if st.button("Average Grad-CAM per class", icon=":material/grid_view:", key="ins_avg"):
+        bar = st.progress(0.0, text="Decoding the test images…")
+        images, labels = S.run_test_images(run, None if per_class == "all" else int(per_class),
+                                           progress=lambda d, t: bar.progress(
+                                               d / max(t, 1) / 2, text=f"Decoding test images ({d} of {t})"))
+        try:
+            heat = S.class_average_gradcam(model, images, labels, transform, aim,
+                                           progress=lambda d, t: bar.progress(
+                                               0.5 + d / max(t, 1) / 2, text=f"Grad-CAM ({d} of {t} images)"))
+            common.lab().page["class_cam"] = (avg_key, heat, S.class_mean_images(images, labels, size),
+                                              {c: labels.count(c) for c in heat})
+        except ValueError as err:            # a transformer: no spatial map to average
+            st.info(str(err), icon=":material/info:")
+        bar.empty()
+        if not images:
+            st.warning("None of the run's test images can be read: was the data set moved or deleted?")
+    stored = common.lab().page.get("class_cam")
+    if stored and stored[0] == avg_key:
+        _, heat, means, counts = stored
+        common.image_grid([S.heat_image(heat[c], means[c]) for c in heat],
+                          [f"**{classes[c]}** ({counts[c]} images)" for c in heat], per_row=5)
+        st.caption("Each map is the average heat over a class's test images, on the class's average "
+                   "picture. Heat on the borders or background of a class (not where the object is) "
+                   "means the model may recognise the class by its background: a shortcut.")
+
+
 with tabs[4]:
     target = st.selectbox("Target class", range(len(classes)), index=predicted,
                           format_func=lambda i: f"{classes[i]} ({probs[i]:.0%})", key="ins_target")
@@ -216,5 +283,29 @@ with tabs[4]:
     elif maps:
         for method, result in maps.items():
             show_attribution(slots[method], method, result)
+
+    st.markdown("#### Do these maps depend on the model?")
+    explain("sanity")
+    if st.button("Check these maps (sanity check)", icon=":material/fact_check:", key="ins_sanity"):
+        bar = st.progress(0.0, text="Starting…")
+        features = None
+        if choice[0] == "run":            # the label test refits the head on the run's own images
+            features = S.run_training_features(common.get_run(choice[1]), model, mean, std, progress=lambda d, t:
+                                               bar.progress(d / max(t, 1), text="Computing training features "
+                                                            f"for the shuffled-label head ({d} of {t} images)"))
+        rows = S.sanity_check(model, x, int(target), methods, train_features=features,
+                              progress=lambda d, t, text: bar.progress(d / max(t, 1), text=text))
+        bar.empty()
+        common.lab().page["sanity"] = (attr_key, rows)
+    stored_key, rows = common.lab().page.get("sanity", (None, None))
+    if rows and stored_key == attr_key:
+        show_sanity(rows, image)
+
+    st.markdown("#### Average Grad-CAM per class (test images)")
+    if choice[0] != "run":
+        st.info("Only for a trained run: a pretrained backbone has no test images here. Pick "
+                "*A trained run* at the top.", icon=":material/info:")
+    else:
+        show_class_averages(common.get_run(choice[1]))
 
 common.finish()
