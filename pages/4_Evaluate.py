@@ -13,9 +13,10 @@ import altair as alt
 import pandas as pd
 
 from core import evaluate as E
-from core.export import export_onnx, export_run
+from core import export_check as XC
 from core.report import save_run_report
 from pages import common
+from pages.common import maps
 from pages.common.teaching import explain
 
 loading.empty()
@@ -73,7 +74,8 @@ def misclassified_caption(row: dict) -> str:
             + "".join(f" · {c} {q:.0%}" for c, q in rest))
 
 
-tabs = st.tabs(["Confusion matrix", "Per class", "Best & worst", "Misclassified", "Curves", "Download & export"])
+tabs = st.tabs(["Confusion matrix", "Per class", "Best & worst", "Misclassified", "Curves", "Download & export",
+                "Embedding map"])
 
 with tabs[0]:
     normalise = st.toggle("Row-normalised (share of each true class)", key="cm_norm")
@@ -147,24 +149,55 @@ with tabs[5]:
                          f"{run.id}-{split}-report.html",
                          "Opens offline in any browser (nothing is loaded from the internet); "
                          "print it to PDF from the browser.")
-    st.markdown("**Export the model**: `model.safetensors` + `model.json`, loadable by "
-                "`core.predict.from_export` (and by plain timm for a linear head, see the README).")
+    st.markdown("**Export the model**: `model.safetensors` + `model.json` (loadable by "
+                "`core.predict.from_export`, and by plain timm for a linear head) with a standalone "
+                "`predict.py` that preprocesses images exactly as this app does. Each export is run on "
+                "the run's test images right away and compared with the trained model.")
+    export_dir = run.file("export")
+    mime = {".json": "application/json", ".py": "text/x-python"}
+
+    def follow(bar):
+        return lambda text, fraction: bar.progress(min(fraction, 1.0), text=text)
+
+    def write_and_check(kind: str) -> None:
+        bar = st.progress(0.0, text="Writing…")
+        try:
+            XC.export_checked(run, kind, export_dir, progress=follow(bar))
+        except RuntimeError as err:          # an architecture the ONNX exporter can't handle
+            st.warning(str(err), icon=":material/warning:")
+        bar.empty()
+
+    def offer(kind: str, names: list[str]) -> None:
+        """The check's verdict, then the downloads; a flagged export only behind a checkbox."""
+        check = XC.load_checks(export_dir, run).get(kind)
+        if check is None:                    # written by the CLI or before the checkpoint moved on
+            bar = st.progress(0.0, text="Checking the export…")
+            check = XC.check_export(run, kind, export_dir / XC.FILES[kind], progress=follow(bar))
+            bar.empty()
+        if check["ok"]:
+            st.success(f"**{check['file']}** {XC.check_line(check)}", icon=":material/verified:")
+        else:
+            st.warning(f"**{check['file']}** {XC.check_line(check)}. Re-export it, or download it "
+                       "knowing it does not behave like the trained model.", icon=":material/report:")
+            if not st.checkbox("Download anyway", key=f"export_anyway_{kind}"):
+                return
+        for column, name in zip(st.columns(len(names)), names):
+            if (export_dir / name).exists():
+                column.download_button(name, (export_dir / name).read_bytes(), name,
+                                       mime.get(Path(name).suffix, "application/octet-stream"))
+
     if st.button("Prepare export", key="export"):
-        with st.spinner("Writing the export…"):
-            common.lab().page["export_paths"] = [str(p) for p in export_run(run, run.file("export"))]
-    if run.file("export/model.json").exists():
-        w, j = run.file("export/model.safetensors"), run.file("export/model.json")
-        c1, c2, c3 = st.columns(3)
-        c1.download_button("model.safetensors", w.read_bytes(), "model.safetensors")
-        c2.download_button("model.json", j.read_bytes(), "model.json", "application/json")
-        if c3.button("Also export ONNX", key="onnx"):
-            try:
-                with st.spinner("Exporting to ONNX…"):
-                    model = E.load_run_model(run)
-                    export_onnx(model, run.config.image_size, run.file("export/model.onnx"))
-            except RuntimeError as err:
-                st.warning(str(err))
-        if run.file("export/model.onnx").exists():
-            c3.download_button("model.onnx", run.file("export/model.onnx").read_bytes(), "model.onnx")
+        write_and_check("safetensors")
+    if (export_dir / "model.json").exists() and (export_dir / "model.safetensors").exists():
+        offer("safetensors", ["model.safetensors", "model.json", "predict.py"])
+        if st.button("Also export ONNX", key="onnx"):
+            write_and_check("onnx")
+        if (export_dir / "model.onnx").exists():
+            offer("onnx", ["model.onnx", "predict_onnx.py"])
+
+with tabs[6]:
+    st.caption("Each dot is an image; dots close together are images the network finds alike. "
+               "Before fine-tuning, classes often overlap; after it, each class should form its own group.")
+    maps.before_after_maps(run)
 
 common.finish()
