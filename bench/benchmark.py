@@ -266,11 +266,17 @@ def main():
     bench_stop_latency()
     import bench_ui               # first paint in a real browser (skipped without chromium)
     bench_ui.bench_first_paint(record)
+    import bench_trust_export, bench_trust_map, bench_trust_sanity    # issue 17's checks
+    bench_trust_export.bench_export_check(record)
+    bench_trust_map.bench_embedding_map(record)
+    bench_trust_sanity.bench_sanity(record)
     import bench_finetune as F     # fast fine-tuning: prefix cache, precision choice, time budget
     F.bench_prefix(record)
     F.bench_precision(record)
     if not args.quick:
         F.bench_budget(record, data=args.data, budget=args.budget)
+        import bench_doctor          # the dataset doctor: injected label noise, audit times
+        bench_doctor.bench_doctor(record)
     Path(args.json).write_text(json.dumps(dict(device=describe(torch.device("cpu")), quick=args.quick,
                                                results=RESULTS), indent=1))
     failed = [r["name"] for r in RESULTS if r["status"] == "FAIL"]

@@ -391,3 +391,38 @@ def _class_colours(n: int) -> list:
     from matplotlib import colormaps
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
+
+
+# ---------------------------------------------------------------- kept with the run, for its report
+
+MAP_COLUMNS = ["x", "y", "path", "class", "predicted", "misclassified", "flag"]
+
+
+def save_run_maps(run, frames) -> None:
+    """The before/after frames (without thumbnails) in the run folder, so the HTML report can
+    draw them; written atomically, each with its title and note."""
+    import json
+
+    from core import paths
+    folder = run.file("maps")
+    folder.mkdir(exist_ok=True)
+    for name, frame in zip(("before", "after"), frames):
+        keep = frame[[c for c in MAP_COLUMNS if c in frame]]
+        paths.atomic_write_text(folder / f"{name}.csv", keep.to_csv(index=False))
+        paths.atomic_write_text(folder / f"{name}.json", json.dumps({k: str(v) for k, v in frame.attrs.items()}))
+
+
+def load_run_maps(run) -> list[pd.DataFrame] | None:
+    """The frames save_run_maps kept, or None."""
+    import json
+    frames = []
+    for name in ("before", "after"):
+        try:
+            frame = pd.read_csv(run.file(f"maps/{name}.csv"), keep_default_na=False, dtype=str)
+            frame["x"], frame["y"] = (pd.to_numeric(frame[c], errors="coerce") for c in ("x", "y"))
+            frame["misclassified"] = frame["misclassified"] == "True"
+            frame.attrs.update(json.loads(run.file(f"maps/{name}.json").read_text()))
+        except (OSError, ValueError):
+            return None
+        frames.append(frame)
+    return frames

@@ -45,7 +45,7 @@ RUN_SECTIONS = {
     "curves": "Training curves",
     "epochs": "Epochs", "metrics": "Metrics", "confusion": "Confusion matrix",
     "ranked": "Best and worst images per class", "misclassified": "Misclassified images",
-    "inspection": "Inside the network",
+    "map": "Embedding map", "inspection": "Inside the network",
 }
 SWEEP_SECTIONS = {"summary": "Summary", "config": "Shared configuration", "results": "Results",
                   "curves": "Curves", "runs": "Runs"}
@@ -282,6 +282,7 @@ def run_report(run: Run, include_inspection: bool = True, split: str = "test", p
         "confusion": lambda: _confusion(metrics) if metrics else missing,
         "ranked": lambda: _ranked(frame, classes, thumbs) if frame is not None else missing,
         "misclassified": lambda: _misclassified(frame, thumbs) if frame is not None else missing,
+        "map": lambda: _map(run),
         "inspection": lambda: _inspection_or_note(run, splits, split, include_inspection),
     }
     bodies = {}
@@ -298,7 +299,7 @@ SECTION_TITLES = {"summary": "summary", "data": "data set and sample images", "d
                   "config": "settings",
                   "curves": "training curves", "epochs": "epoch table", "metrics": "metrics",
                   "confusion": "confusion matrix", "ranked": "best and worst images per class",
-                  "misclassified": "misclassified images",
+                  "misclassified": "misclassified images", "map": "embedding map",
                   "inspection": "looking inside the network (feature maps, filters, sparsity)"}
 
 
@@ -307,6 +308,16 @@ def save_run_report(run: Run, split: str = "test", include_inspection: bool = Tr
     path = run.file("report.html" if split == "test" else f"report-{split}.html")
     paths.atomic_write_text(path, run_report(run, include_inspection, split, progress))
     return path
+
+
+def _map(run: Run) -> dict:
+    """The before/after embedding map, when it was computed on the Evaluate page."""
+    from core import embedding_map as M
+    frames = M.load_run_maps(run)
+    if not frames:
+        return _note("Not computed: Evaluate → Embedding map → Compute the maps, then build the report again.")
+    return {"charts": [(figure_uri(M.map_figure(f, f.attrs.get("title", name))), f.attrs.get("note", ""))
+                       for f, name in zip(frames, ("before", "after"))]}
 
 
 def _doctor(run: Run, thumbs: "Thumbnails") -> dict:

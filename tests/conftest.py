@@ -153,12 +153,13 @@ def tiny_config(image_folder):
 
 # ---------------------------------------------------------------- markers
 
-BROWSER_MODULES = {"test_browser", "test_browser_lab", "test_browser_report", "test_browser_flow"}
+BROWSER_MODULES = {"test_browser", "test_browser_lab", "test_browser_report", "test_browser_flow",
+                   "test_browser_trust"}
 # Modules that drive whole pages (AppTest) or train many small runs: minutes, not seconds.
 SLOW_MODULES = {"test_sessions", "test_pages", "test_home_presets", "test_results_pages",
                 "test_experiments_page", "test_train_speed_page", "test_inspect_page",
                 "test_shared_server", "test_faults", "test_fast_finetune", "test_experiments",
-                "test_training", "test_results", "test_report", "test_cli", "test_inspect"}
+                "test_training", "test_results", "test_report", "test_cli", "test_inspect", "test_doctor"}
 
 
 def pytest_configure(config):

@@ -229,3 +229,22 @@ def test_dataset_map_component(image_folder):
     assert_ok(at)
     assert "dataset_map_chart" in {chart.key for chart in at.get("vega_lite_chart")}
     assert any("Ringed points" in c.value for c in at.caption)
+
+
+def test_maps_kept_with_the_run_appear_in_its_report(tmp_path):
+    """Frames saved by the Evaluate tab come back equal (thumbnails aside) and the report draws them."""
+    from conftest import class_folders, tiny_run_config, train_apart
+    from core import embedding_map as M
+    from core import report as R
+    run = train_apart(tiny_run_config(class_folders(tmp_path / "d", 3, 10), freeze="full", epochs=1), tmp_path)
+    frames = M.run_map_frames(run, "pca")
+    assert "Not computed" in R.run_report(run, include_inspection=False)
+    M.save_run_maps(run, frames)
+    loaded = M.load_run_maps(run)
+    for saved, back in zip(frames, loaded):
+        assert back["path"].tolist() == saved["path"].tolist()
+        assert back["misclassified"].tolist() == saved["misclassified"].tolist()
+        assert (back["flag"] == "").all() and abs(back["x"] - saved["x"]).max() < 1e-6
+        assert back.attrs["title"] == saved.attrs["title"]
+    html = R.run_report(run, include_inspection=False)
+    assert '<section id="map">' in html and "Not computed" not in html

@@ -144,6 +144,7 @@ def before_after_maps(run) -> None:
         for old in [k for k in store if not k.startswith(f"{run.id}:")]:   # one run's maps are enough memory
             del store[old]
         store[ident] = frames
+        M.save_run_maps(run, frames)          # for the run's HTML report
     if ident not in store:
         st.caption("Press *Compute the maps*: a few seconds for a small data set, about a minute for 2,000 images.")
         return
