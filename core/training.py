@@ -749,11 +749,13 @@ class Loop:
             save_checkpoint(self.model, self.run)
         row = dict(epoch=epoch, phase=phase, lr=lr, train_loss=train_loss, train_acc=train_acc,
                    val_loss=val_loss, val_acc=val_acc, seconds=time.perf_counter() - start, best=improved)
-        # The resume state carries the epoch's row, so a kill between the two writes loses nothing.
+        # The row first, so a run killed once its resume state is on disk always shows the epoch;
+        # killed in between, Resume drops the row (keep_epochs) and trains that epoch again. The
+        # resume state carries the row too, for a row lost to a full disk.
+        self.record(row)
         save_resume_state(self.run, self.model, optimizer, scheduler, self.scaler,
                           dict(epoch=epoch, phase_index=index, best=self.best, since_best=self.since_best,
                                row=row))
-        self.record(row)
         self.report(force=True, message=f"Epoch {epoch}/{cfg.epochs} done", epoch=epoch,
                     epochs=cfg.epochs, phase="train", step=n_train, steps=n_train)
 

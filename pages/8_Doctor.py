@@ -182,6 +182,17 @@ groups = result.groups if fixes["together"] else []
 st.markdown(f"Chosen: **{n_ex}** to leave out, **{n_mv}** to move, **{len(groups)}** group(s) to keep in one split.")
 if st.button("Save a fixed copy and use it", type="primary", icon=":material/save:", key="write_fixed",
              disabled=not (n_ex or n_mv or groups)):
+    try:        # a copy counts against the user's upload quota like an upload (hard links too)
+        room = access.upload_allowance(common.user(), common.policy())
+    except access.AccessError as err:
+        st.error(str(err))
+        common.stop()
+    kept = [it.path for it in result.items if it.path not in fixes["exclude"]]
+    needed = sum((Path(result.root) / p).stat().st_size for p in kept if (Path(result.root) / p).exists())
+    if needed > room:
+        st.error(f"The fixed copy needs {needed / 2**20:,.0f} MB; your allowance has {room / 2**20:,.0f} MB left. "
+                 "Delete old uploads on the Data page first.")
+        common.stop()
     base = access.uploads_dir(common.user())
     name = f"{Path(result.root).name}-fixed"
     dest = base / name

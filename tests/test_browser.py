@@ -121,7 +121,8 @@ def sidebar_link(page, name: str):
 
 def metric_value(page, label: str):
     return page.get_by_test_id("stMetric").filter(
-        has=page.get_by_test_id("stMetricLabel").filter(has_text=label)).get_by_test_id("stMetricValue")
+        has=page.get_by_test_id("stMetricLabel").filter(has_text=re.compile(rf"^{re.escape(label)}$"))
+    ).get_by_test_id("stMetricValue")
 
 
 NAV = ["Home", "Data", "Doctor", "Model", "Train", "Evaluate", "Predict", "Inspect", "Experiments"]

@@ -83,7 +83,7 @@ def test_evaluate_shows_metrics_tabs_and_drilldown(run):
     stored = run.read_json("test_metrics.json")
     assert labels["Accuracy"] == f"{stored['accuracy']:.1%}"
     assert labels["mAP"] == f"{stored['mAP']:.1%}"
-    assert len(at.tabs) == 6
+    assert len(at.tabs) == 7
     assert [t.label for t in at.tabs][:2] == ["Confusion matrix", "Per class"]
     # AppTest renders every tab's contents: the per-class table, galleries, download buttons
     assert any(d.value.shape[0] == 3 for d in at.dataframe)
