@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Callable
@@ -74,7 +75,7 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
 def _write_cache(path: Path, known: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = list(known)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")   # sessions may write at once
     with paths.removed_on_error(tmp):
         safetensors.torch.save_file({"vectors": torch.from_numpy(np.stack([known[k] for k in keys]))},
                                     str(tmp), metadata={"keys": json.dumps(keys)})

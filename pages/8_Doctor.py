@@ -6,7 +6,6 @@ from pages import show_loading
 
 loading = show_loading()      # the imports below take seconds on a server's first visit
 
-import threading
 from pathlib import Path
 
 import altair as alt
@@ -46,15 +45,15 @@ fixes = state.setdefault("fixes", {"exclude": set(), "move": {}, "together": Fal
 
 def run_audit() -> None:
     bar = st.progress(0.0, text="Starting…")
-    stop = threading.Event()
-    try:
-        result = doctor.audit(root, progress=lambda text, f: bar.progress(min(f, 1.0), text=text), stop=stop)
+    try:      # a click elsewhere on the page interrupts it (at the next progress update)
+        result = doctor.audit(root, progress=lambda text, f: bar.progress(min(f, 1.0), text=text))
     except (DataError, EM.Cancelled) as err:
         bar.empty()
         st.error(str(err))
         return
     bar.empty()
-    state.update(root=str(root), result=result)
+    result.vectors = None       # 10 MB for 2,000 images per session; the map reads the disk cache
+    state.update(root=str(root), result=result, shown={})
     fixes.update(exclude=set(), move={}, together=False)
 
 
@@ -73,7 +72,9 @@ st.subheader("Verdict")
 for line in result.verdicts:
     (st.success if line.startswith("No problems") else st.warning)(line, icon=":material/stethoscope:")
 
-image = lambda rel: str(Path(result.root) / rel)   # noqa: E731
+def image(rel: str) -> str:
+    return str(Path(result.root) / rel)
+
 
 
 def fix_buttons(col, row, key: str) -> None:
@@ -104,7 +105,8 @@ def chosen(path: str) -> str:
 
 
 def gallery(rows: pd.DataFrame, caption, key: str, per_row: int = 6) -> None:
-    shown = rows.head(st.session_state.get(f"n_{key}", 24))
+    counts = state.setdefault("shown", {})
+    shown = rows.head(counts.get(key, 24))
     for start in range(0, len(shown), per_row):
         for col, (i, row) in zip(st.columns(per_row), shown.iloc[start:start + per_row].iterrows()):
             col.image(common.thumbnail(image(row["path"]), 128), width="stretch")
@@ -113,7 +115,7 @@ def gallery(rows: pd.DataFrame, caption, key: str, per_row: int = 6) -> None:
     if len(rows) > len(shown):
         st.caption(f"{len(rows) - len(shown)} more.")
         if st.button("Show more", key=f"more_{key}"):
-            st.session_state[f"n_{key}"] = len(shown) + 24
+            counts[key] = len(shown) + 24
             st.rerun()
 
 
