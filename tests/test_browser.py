@@ -148,9 +148,18 @@ def screenshot(page, name: str) -> None:
 
 
 def go_to(page, name: str, heading: str | None = None) -> None:
-    """Open a page by its sidebar link (same session) and wait for its run to finish."""
-    sidebar_link(page, name).click()
-    expect(page.get_by_role("heading", name=heading or name, exact=True)).to_be_visible()
+    """Open a page by its sidebar link (same session) and wait for its run to finish. A click
+    that lands while the page reruns on its own (a run just ended) can be lost, as a user's
+    would be: then click again, as a user would."""
+    target = page.get_by_role("heading", name=heading or name, exact=True)
+    for attempt in range(3):
+        sidebar_link(page, name).click()
+        try:
+            expect(target).to_be_visible(timeout=20_000)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
     settle(page)
 
 
