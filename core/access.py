@@ -57,11 +57,14 @@ class Policy:
     user_mb: int = 8192               # all of one student's uploads
     total_mb: int = 65536             # everything in the data directory; uploads stop beyond it
     keep_days: int = 30               # "Clean up" deletes uploads not touched for this long
+    slots: int = 0                    # runs training at once on a CPU-only machine (0 = automatic)
+    runs_per_gpu: int = 1             # runs sharing one GPU (small runs leave a GPU half idle)
+    ray_address: str = ""             # a Ray cluster's dashboard address: runs go there as Ray jobs
 
 
 LIMITS = {"max_queued": (1, 100), "max_epochs": (0, 500), "max_minutes": (0, 7 * 24 * 60),
           "upload_mb": (1, 10 ** 6), "user_mb": (1, 10 ** 7), "total_mb": (0, 10 ** 8),
-          "keep_days": (1, 3650)}
+          "keep_days": (1, 3650), "slots": (0, 64), "runs_per_gpu": (1, 16)}
 
 
 def policy_path() -> Path:
@@ -87,12 +90,22 @@ def checked_policy(data: dict) -> Policy:
             policy.server_folders = bool(value)
         elif f.name == "roots":
             policy.roots = [str(r) for r in value if str(r).strip()][:50]
+        elif f.name == "ray_address":
+            policy.ray_address = ray_address(value)
         else:
             low, high = LIMITS[f.name]
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{f.name} must be a whole number from {low} to {high}.")
             setattr(policy, f.name, value)
     return policy
+
+
+def ray_address(value) -> str:
+    """A Ray dashboard address (http://host:8265) or nothing; anything else is refused."""
+    text = str(value or "").strip()
+    if text and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?/?", text):
+        raise ValueError("The Ray address must look like http://head-machine:8265 (the dashboard).")
+    return text.rstrip("/")
 
 
 def save_policy(policy: Policy) -> None:

@@ -12,6 +12,7 @@
     python -m core sweep demo.json --grid lr=1e-3,1e-2 --grid optimizer=sgd,adamw
     python -m core export RUN_ID --onnx
     python -m core doctor FOLDER --out doctor.csv    # audit a data set: label errors, duplicates, ...
+    python -m core queue                             # the lab's slots, runs training and waiting
 """
 from __future__ import annotations
 
@@ -383,6 +384,31 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def cmd_job(args) -> int:
+    """One run of the lab's queue in its own process (the executor starts this; not for people)."""
+    from core.jobs import run_job
+    return run_job(args.run, resume=args.resume, limit_s=args.limit_s)
+
+
+def cmd_queue(args) -> int:
+    """The lab's queue as the pages show it; with --serve, this process starts queued runs (a
+    server-less executor, e.g. on a head machine while no browser is open)."""
+    from core.worker import MANAGER
+    if args.serve:
+        MANAGER.start()
+        print("serving the queue (Ctrl+C ends this; running runs go on)", flush=True)
+        while True:
+            time.sleep(3600)
+    view = MANAGER.overview()
+    print(f"{view['launcher']} executor, {len(view['slots'])} slot(s): "
+          + ", ".join(slot.label() for slot in view["slots"]))
+    for job in view["running"]:
+        print(f"training  {job.run_id}  {job.owner or '-'}  slot {job.slot} {job.device} on {job.host}")
+    for job in view["waiting"]:
+        print(f"waiting   {job.run_id}  {job.owner or '-'}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m core", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -399,6 +425,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="go on from a stopped or interrupted run's last epoch")
     p.add_argument("run")
     p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("job", help="train one queued run in this process (started by the app's executor)")
+    p.add_argument("run")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--limit-s", type=float, default=None)
+    p = sub.add_parser("queue", help="show the lab's queue and slots; --serve starts queued runs")
+    p.add_argument("--serve", action="store_true")
     p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
     p.add_argument("run")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -423,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = {"config": cmd_config, "train": cmd_train, "resume": cmd_resume, "evaluate": cmd_evaluate,
                "predict": cmd_predict, "sweep": cmd_sweep, "export": cmd_export, "lr": cmd_lr,
-               "doctor": cmd_doctor}[args.command]
+               "doctor": cmd_doctor, "job": cmd_job, "queue": cmd_queue}[args.command]
     if args.command != "config" and (problem := paths.write_problem()):
         print(f"error: {problem}", file=sys.stderr)
         return 2

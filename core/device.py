@@ -189,5 +189,9 @@ def grad_scaler(device: torch.device):
 def set_cpu_threads() -> None:
     """Process-wide, so called once by whoever trains. Processes that torchrun starts on one
     machine share its cores instead of each taking all of them."""
+    slot = os.environ.get("FINETUNE_LAB_THREADS", "")      # the executor's slot size
+    if slot.isdigit() and int(slot) > 0:
+        torch.set_num_threads(int(slot))
+        return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

@@ -15,12 +15,13 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from core import paths
+from core import paths, runqueue
 from core.config import ConfigError, RunConfig, arch_problems
 
 try:
@@ -29,6 +30,8 @@ except ImportError:          # Windows: no OS lock, one trainer per run is then 
     fcntl = None
 
 ACTIVE_STATES = ("queued", "preparing", "running")
+STOP_FILE = "stop.request"        # Stop, across processes: the trainer polls for this file
+HOST = socket.gethostname()
 
 
 class RunBusy(RuntimeError):
@@ -154,10 +157,23 @@ class Run:
         return (state in ("stopped", "interrupted", "failed") and self.file("last_state.pt").exists()
                 and (done < self.config.epochs or not self.file("test_metrics.json").exists()))
 
+    # stop requests
+    def request_stop(self) -> None:
+        self.file(STOP_FILE).touch()
+
+    def stop_requested(self) -> bool:
+        return self.file(STOP_FILE).exists()
+
+    def clear_stop(self) -> None:
+        self.file(STOP_FILE).unlink(missing_ok=True)
+
     # status
     def set_status(self, state: str, **info) -> None:
+        """`pid` and `host` default to this process's: whoever trains the run writes them."""
         status = self.read_json("status.json", {}) or {}
-        status.update(info, state=state, pid=os.getpid(), updated=time.time())
+        status.update(info)
+        status.update(state=state, updated=time.time(), pid=info.get("pid", os.getpid()),
+                      host=info.get("host", HOST))
         self.write_json("status.json", status)
 
     def status(self) -> dict:
@@ -170,6 +186,10 @@ class Run:
         return status
 
     def _alive(self, status: dict) -> bool:
+        if status.get("state") == "queued" and runqueue.has(self.id):
+            return True          # waiting in the lab's queue on disk, whichever server wrote it
+        if status.get("host", HOST) != HOST:     # a Ray worker on another machine: its heartbeat
+            return time.time() - status.get("updated", 0) < STALE_AFTER_S
         if status.get("pid") == os.getpid():
             return held(self.id)
         try:

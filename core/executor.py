@@ -1,0 +1,258 @@
+"""Runs leave the web server: a dispatcher thread in each server process takes runs from the
+queue on disk (core.runqueue) in fair order and starts each as its own OS process
+(`python -m core job RUN_ID`) on a free slot of this machine (core.slots), or as a Ray job when
+a Ray address is configured. A process that dies (kill -9, the OOM killer, SIGBUS, a segfault)
+ends its own run with one sentence; the slot is freed and the next run starts.
+
+The run folder stays the contract: the child writes status.json and epochs.jsonl as the CLI does;
+this module only writes the queue records and, when a child died without saying so, its status.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from core import paths, runqueue, slots
+from core.runqueue import Job
+from core.store import ACTIVE_STATES, HOST, Run, get_run
+
+log = logging.getLogger(__name__)
+TICK_S = 0.25
+KILL_AFTER_S = 30.0      # a Stop the child has not honoured by then ends it by force
+NICE = 10
+SLOTS_TTL_S = 3.0
+
+SIGNAL_SENTENCES = {
+    signal.SIGKILL: ("The training process was killed (signal 9), most often by the system when "
+                     "the machine ran out of memory: try a smaller batch size or image size, or "
+                     "freeze more of the model. Finished epochs are kept; Resume goes on."),
+    signal.SIGBUS: ("The training process crashed reading a memory-mapped file (SIGBUS), which "
+                    "usually means the disk filled up: free some space, then Resume."),
+    signal.SIGSEGV: ("The training process crashed in native code (segmentation fault). Finished "
+                     "epochs are kept; Resume goes on, or try another backbone."),
+    signal.SIGTERM: "The training process was ended from outside (SIGTERM). Resume goes on.",
+}
+
+
+def death_sentence(code: int | None, log_tail: str = "") -> str:
+    """One sentence for a training process that ended without recording how."""
+    if code is None:
+        return ("The process training this run ended while no server watched it (server "
+                "restart?). Finished epochs and the best checkpoint are kept; Resume goes on.")
+    if code < 0:
+        try:
+            sig = signal.Signals(-code)
+        except ValueError:
+            return f"The training process ended on signal {-code}. Resume goes on."
+        return SIGNAL_SENTENCES.get(sig, f"The training process ended on {sig.name}. Resume goes on.")
+    last = log_tail.strip().splitlines()[-1:] or [""]
+    return f"The training process exited with status {code}: {last[0][:300]}".rstrip(": ")
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    try:        # a zombie (exited, not yet reaped by its parent) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# ---------------------------------------------------------------- launchers
+
+class LocalLauncher:
+    """Child processes on this machine, one per free slot."""
+    name = "local"
+
+    def __init__(self, plan=None):
+        self._plan = plan or (lambda: slots.plan())
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._slots: tuple[float, list] = (0.0, [])
+
+    def slots(self) -> list[slots.Slot]:
+        """Re-read at most every few seconds: the teacher may change the number on Home."""
+        when, known = self._slots
+        if time.monotonic() - when > SLOTS_TTL_S or not known:
+            self._slots = (time.monotonic(), self._plan())
+        return self._slots[1]
+
+    def start(self, job: Job, slot: slots.Slot, run: Run) -> Job:
+        env = dict(os.environ, **slot.env, **slots.thread_env(slot.threads),
+                   FINETUNE_LAB_NICE=str(NICE), PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "core", "job", job.run_id] + _job_args(job)
+        with open(run.file("train.log"), "ab") as out:
+            # a session of its own: Ctrl+C on the server (or its crash) leaves the run training
+            proc = subprocess.Popen(cmd, cwd=paths.REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[job.run_id] = proc
+        job.pid = proc.pid
+        return job
+
+    def poll(self, job: Job) -> tuple[bool, int | None]:
+        """(ended, exit code); a child of another (dead) server reads as ended with code None."""
+        proc = self.procs.get(job.run_id)
+        if proc is not None:
+            code = proc.poll()
+            if code is not None:
+                self.procs.pop(job.run_id, None)
+            return code is not None, code
+        return not pid_alive(job.pid), None
+
+    def mine(self, job: Job) -> bool:
+        return job.run_id in self.procs
+
+    def kill(self, job: Job) -> None:
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except (OSError, TypeError):
+            pass
+
+
+def _job_args(job: Job) -> list[str]:
+    args = ["--resume"] if job.resume else []
+    return args + (["--limit-s", f"{job.limit_s:g}"] if job.limit_s else [])
+
+
+# ---------------------------------------------------------------- the dispatcher
+
+class Executor:
+    """Fills free slots from the queue; reaps, and explains, processes that ended."""
+
+    def __init__(self, launcher=None):
+        self.launcher = launcher or LocalLauncher()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping: dict[str, float] = {}
+
+    def ensure_started(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="finetune-lab-dispatcher",
+                                                daemon=True)
+                self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the dispatcher must outlive any one bad record
+                log.exception("dispatcher tick failed")
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        self.reap()
+        self.fill()
+
+    # ------------------------------------------------------------ starting
+    def fill(self) -> None:
+        with runqueue.locked():
+            while (slot := self._free_slot()) is not None:
+                job = runqueue.take_next()
+                if job is None:
+                    return
+                self._launch(job, slot)
+
+    def _free_slot(self) -> slots.Slot | None:
+        taken = {j.slot for j in runqueue.running()
+                 if j.launcher == self.launcher.name and j.host == HOST}
+        return next((s for s in self.launcher.slots() if s.index not in taken), None)
+
+    def _launch(self, job: Job, slot: slots.Slot) -> None:
+        job.slot, job.device, job.host = slot.index, slot.device, HOST
+        job.spawner, job.launcher, job.started = os.getpid(), self.launcher.name, time.time()
+        runqueue.update_running(job)        # the slot is taken before the process exists
+        try:
+            run = get_run(job.run_id)
+        except FileNotFoundError:           # deleted while it waited
+            runqueue.done(job.run_id)
+            return
+        if run.stop_requested():
+            run.set_status("stopped", message="Stopped before it started")
+            runqueue.done(job.run_id)
+            return
+        try:
+            job = self.launcher.start(job, slot, run)
+        except Exception as err:  # noqa: BLE001 - can't start (no Ray room, bad env): say so
+            runqueue.done(job.run_id)
+            _safe_status(run, "failed", message=f"The run could not be started: {err}")
+            return
+        runqueue.update_running(job)
+        where = f"{slot.label()} on {HOST}" if self.launcher.name == "local" else f"Ray ({slot.device})"
+        _safe_status(run, "preparing", message=f"Starting on {where}", pid=job.pid or os.getpid(),
+                     slot=slot.index, device=slot.device, where=where, launcher=self.launcher.name)
+
+    # ------------------------------------------------------------ ending
+    def reap(self) -> None:
+        for job in runqueue.running():
+            if job.launcher != self.launcher.name or (job.launcher == "local" and job.host != HOST):
+                continue
+            if job.pid is None:
+                if time.time() - (job.started or 0) > 60 and not pid_alive(job.spawner):
+                    runqueue.done(job.run_id)        # its server died before starting it
+                continue
+            if not self.launcher.mine(job) and pid_alive(job.spawner) and job.spawner != os.getpid():
+                continue        # another live server started it and will reap it
+            ended, code = self.launcher.poll(job)
+            if ended:
+                self._finish(job, code)
+            else:
+                self._enforce_stop(job)
+
+    def _finish(self, job: Job, code: int | None) -> None:
+        runqueue.done(job.run_id)
+        forced = self._stopping.pop(job.run_id, None) is not None
+        self._wake.set()                  # a slot is free: fill it now, not at the next tick
+        try:
+            run = get_run(job.run_id)
+        except FileNotFoundError:
+            return
+        raw = run.read_json("status.json", {}) or {}
+        if raw.get("state") in ACTIVE_STATES:     # the child died without recording its end
+            if forced:
+                _safe_status(run, "stopped", message="Stopped: the training process did not answer "
+                             "Stop in time and was ended. Resume goes on from the last finished epoch.")
+            else:
+                _safe_status(run, "interrupted", message=death_sentence(code, _tail(run)))
+        run.clear_stop()
+
+    def _enforce_stop(self, job: Job) -> None:
+        """A child that ignores its stop file (stuck in native code) is ended after a grace time."""
+        try:
+            run = get_run(job.run_id)
+        except FileNotFoundError:
+            return
+        if not run.stop_requested():
+            return
+        first = self._stopping.setdefault(job.run_id, time.monotonic())
+        if time.monotonic() - first > KILL_AFTER_S:
+            self.launcher.kill(job)
+
+
+def _tail(run: Run, lines: int = 5) -> str:
+    try:
+        data = run.file("train.log").read_bytes()[-4000:]
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def _safe_status(run: Run, state: str, **info) -> None:
+    try:
+        run.set_status(state, **info)
+    except OSError:
+        log.exception("run %s: status can't be written", run.id)

@@ -1,0 +1,58 @@
+"""One queued run, trained in its own process: `python -m core job RUN_ID` (what the executor
+starts, locally or as a Ray job). The same training as `python -m core train/resume`; Stop arrives
+as the run folder's stop file (or SIGTERM, which Ray's stop_job sends) and becomes the loop's stop
+event, checked every batch."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from core import store
+
+POLL_S = 0.1
+
+
+def run_job(run_id: str, resume: bool = False, limit_s: float | None = None) -> int:
+    """Train the run; 0 when it ended in any recorded state (finished, stopped, failed), 3 when
+    another process holds it."""
+    _lower_priority()
+    run = store.get_run(run_id)
+    store.hold(run.id)          # our own pid in status.json means "alive" in this process
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ended = threading.Event()
+    threading.Thread(target=_watch_stop_file, args=(run, stop, ended), daemon=True).start()
+    fired = threading.Event()
+    timer = threading.Timer(limit_s, lambda: (fired.set(), stop.set())) if limit_s else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    from core.training import train_run
+    try:
+        train_run(run, stop=stop, resume=resume)
+    except store.RunBusy:
+        return 3
+    finally:
+        ended.set()
+        if timer:
+            timer.cancel()
+    if fired.is_set() and run.status().get("state") == "stopped":
+        run.set_status("stopped", message=f"Stopped at the teacher's limit of {limit_s / 60:g} "
+                       "minutes. The best checkpoint is kept; Resume goes on from the last finished epoch.")
+    return 0
+
+
+def _watch_stop_file(run: store.Run, stop: threading.Event, ended: threading.Event) -> None:
+    while not ended.wait(POLL_S):
+        if run.stop_requested():
+            stop.set()
+            return
+
+
+def _lower_priority() -> None:
+    """Pages stay responsive: training yields the CPU to the web server."""
+    try:
+        os.nice(int(os.environ.get("FINETUNE_LAB_NICE", "0")))
+    except (OSError, ValueError, AttributeError):
+        pass
