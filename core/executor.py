@@ -111,6 +111,17 @@ class LocalLauncher:
     def mine(self, job: Job) -> bool:
         return job.run_id in self.procs
 
+    def collect(self) -> None:
+        """Reap children whose queue record is gone (a test changed FINETUNE_LAB_HOME, someone
+        deleted the queue folder): no zombie is left, and their runs read as interrupted."""
+        known = {job.run_id for job in runqueue.running()}
+        for run_id, proc in list(self.procs.items()):
+            if run_id not in known and proc.poll() is not None:
+                self.procs.pop(run_id, None)
+
+    def started(self, job: Job) -> bool:
+        return job.pid is not None
+
     def kill(self, job: Job) -> None:
         try:
             os.killpg(job.pid, signal.SIGKILL)
@@ -134,9 +145,12 @@ class Executor:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping: dict[str, float] = {}
+        self._closed = threading.Event()
 
     def ensure_started(self) -> None:
         with self._lock:
+            if self._closed.is_set():
+                return
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="finetune-lab-dispatcher",
                                                 daemon=True)
@@ -145,8 +159,15 @@ class Executor:
     def wake(self) -> None:
         self._wake.set()
 
+    def close(self, timeout: float = 5.0) -> None:
+        """End the dispatcher thread (runs it started go on training; another server reaps them)."""
+        self._closed.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def _loop(self) -> None:
-        while True:
+        while not self._closed.is_set():
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - the dispatcher must outlive any one bad record
@@ -193,15 +214,17 @@ class Executor:
             return
         runqueue.update_running(job)
         where = f"{slot.label()} on {HOST}" if self.launcher.name == "local" else f"Ray ({slot.device})"
-        _safe_status(run, "preparing", message=f"Starting on {where}", pid=job.pid or os.getpid(),
-                     slot=slot.index, device=slot.device, where=where, launcher=self.launcher.name)
+        _safe_status(run, "preparing", message=f"Starting on {where}", pid=job.pid or 0,
+                     slot=slot.index, where=where, launcher=self.launcher.name,
+                     slot_started=job.started)
 
     # ------------------------------------------------------------ ending
     def reap(self) -> None:
+        self.launcher.collect()
         for job in runqueue.running():
             if job.launcher != self.launcher.name or (job.launcher == "local" and job.host != HOST):
                 continue
-            if job.pid is None:
+            if not self.launcher.started(job):
                 if time.time() - (job.started or 0) > 60 and not pid_alive(job.spawner):
                     runqueue.done(job.run_id)        # its server died before starting it
                 continue

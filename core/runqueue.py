@@ -40,6 +40,7 @@ class Job:
     pid: int | None = None
     spawner: int | None = None      # pid of the server process that started it (it reaps it)
     launcher: str = "local"
+    handle: str = ""                # the Ray job's submission id
     started: float | None = None
 
     @classmethod

@@ -188,7 +188,7 @@ class Run:
     def _alive(self, status: dict) -> bool:
         if status.get("state") == "queued" and runqueue.has(self.id):
             return True          # waiting in the lab's queue on disk, whichever server wrote it
-        if status.get("host", HOST) != HOST:     # a Ray worker on another machine: its heartbeat
+        if status.get("host", HOST) != HOST or not status.get("pid"):   # Ray: trust the heartbeat
             return time.time() - status.get("updated", 0) < STALE_AFTER_S
         if status.get("pid") == os.getpid():
             return held(self.id)

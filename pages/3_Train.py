@@ -221,6 +221,8 @@ def live(run):
     head.markdown(f"{icon} **{state}** — {status.get('message', '')}")
     if state == "queued" and (place := common.queue_place(run.id)):
         head.caption(place)
+    elif active and status.get("where"):
+        head.caption(f":material/dns: Training in its own process on {status['where']}")
     with actions:
         common.run_actions(run, active)
     if error := common.lab().take("run_error"):

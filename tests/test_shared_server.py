@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import threading
 import time
 import zipfile
@@ -342,53 +343,80 @@ def test_a_student_saving_a_preset_leaves_the_teachers_alone(classroom):
 
 # ---------------------------------------------------------------- the queue
 
-class FakeTraining:
-    """train_run stand-in: records the order, waits for the test's go (or a stop)."""
+class FakeLauncher:
+    """A launcher that starts nothing: it records the order runs start in, and each "process"
+    ends (finished) when the test says go. One slot, like a small laptop."""
+    name = "local"
 
     def __init__(self):
+        from core import slots
         self.order: list[str] = []
-        self.go = threading.Event()
+        self.go = False
+        self._slots = slots.plan(setting=1, n_cores=1, n_gpus=0, mps=False)
 
-    def __call__(self, run, stop=None, resume=False):
+    def slots(self):
+        return self._slots
+
+    def start(self, job, slot, run):
         self.order.append(run.config.name)
-        while not (self.go.is_set() or stop.is_set()):
-            time.sleep(0.01)
-        run.set_status("stopped" if stop.is_set() and not self.go.is_set() else "finished")
-        return run.status()
+        job.pid = os.getpid()
+        return job
+
+    def started(self, job):
+        return job.pid is not None
+
+    def mine(self, job):
+        return True
+
+    def collect(self):
+        pass
+
+    def poll(self, job):
+        if self.go:
+            R.get_run(job.run_id).set_status("finished", message="done")
+        return self.go, 0 if self.go else None
+
+    def kill(self, job):
+        pass
 
 
-def test_runs_of_many_users_interleave(monkeypatch, tmp_path):
+def fake_manager():
+    from core.executor import Executor
+    launcher = FakeLauncher()
+    manager = RunManager(Executor(launcher))
+    manager.start = lambda: None          # the test drives the dispatcher with tick()
+    return manager, launcher
+
+
+def test_runs_of_many_users_interleave(tmp_path):
     """Alice queues four runs, then Bob and Carol one each: they start A1, B1, C1, A2, ... and
     each user sees their place and an estimated start."""
-    fake = FakeTraining()
-    monkeypatch.setattr(training, "train_run", fake)
-    manager = RunManager()
+    manager, fake = fake_manager()
     submitted = {}
     cfg = tiny_run_config(tmp_path, epochs=2)
     for owner, name in [("alice", "A1"), ("alice", "A2"), ("alice", "A3"), ("alice", "A4"),
                         ("bob", "B1"), ("carol", "C1")]:
         cfg.name = name
         submitted[name] = manager.submit(cfg, owner=owner)
-    while not fake.order:
-        time.sleep(0.01)
+    manager.executor.tick()
+    assert fake.order == ["A1"]
     place, eta = manager.place(submitted["C1"].id)
     assert place == 2 and eta > 0          # A1 trains, B1 is next, then C1
     assert manager.place(submitted["A1"].id) is None      # training, not waiting
-    fake.go.set()
-    for run in submitted.values():
-        assert manager.wait(run.id, timeout=30)
+    fake.go = True
+    for _ in range(20):
+        manager.executor.tick()
+    assert not manager.busy()
     assert fake.order == ["A1", "B1", "C1", "A2", "A3", "A4"]
 
 
 def test_a_student_can_queue_only_so_many(monkeypatch, tmp_path):
-    fake = FakeTraining()
-    monkeypatch.setattr(training, "train_run", fake)
-    manager = RunManager()
+    manager, fake = fake_manager()
     cfg = tiny_run_config(tmp_path)
-    runs = [manager.submit(cfg, owner="alice", max_queued=2)]
-    while not fake.order:                                  # the first one trains...
-        time.sleep(0.01)
-    runs += [manager.submit(cfg, owner="alice", max_queued=2) for _ in range(2)]   # ...two wait
+    manager.submit(cfg, owner="alice", max_queued=2)
+    manager.executor.tick()                                 # the first one trains...
+    for _ in range(2):
+        manager.submit(cfg, owner="alice", max_queued=2)   # ...two wait
     before = len(R.list_runs())
     with pytest.raises(QueueFull, match="allows 2 at a time"):
         manager.submit(cfg, owner="alice", max_queued=2)
@@ -398,19 +426,17 @@ def test_a_student_can_queue_only_so_many(monkeypatch, tmp_path):
     monkeypatch.setattr(sweeps, "MANAGER", manager)
     with pytest.raises(QueueFull):
         sweeps.queue([cfg, cfg], owner="alice", max_queued=2)
-    fake.go.set()
-    for run in runs:
-        assert manager.wait(run.id, timeout=30)
+    for run in R.list_runs():
+        manager.stop(run.id)
 
 
-def test_the_teachers_minute_cap_stops_a_student_run(monkeypatch, tmp_path):
-    fake = FakeTraining()
-    monkeypatch.setattr(training, "train_run", fake)
+def test_the_teachers_minute_cap_stops_a_student_run(tiny_config):
+    """A real training process, stopped by its time cap (the clock starts with the process)."""
     manager = RunManager()
-    run = manager.submit(tiny_run_config(tmp_path), owner="alice", limit_s=0.3)
-    assert manager.wait(run.id, timeout=30)
+    run = manager.submit(tiny_config(freeze="full", epochs=400), owner="alice", limit_s=3)
+    assert manager.wait(run.id, timeout=120)
     status = run.status()
-    assert status["state"] == "stopped" and "teacher's limit" in status["message"]
+    assert status["state"] == "stopped" and "teacher's limit" in status["message"], status
 
 
 def test_the_teachers_epoch_cap(classroom):

@@ -61,6 +61,7 @@ def setup(title: str) -> dict:
     if problem := paths.write_problem():
         st.error(problem)
         st.stop()
+    MANAGER.start()      # after a server restart, the queue on disk trains again
     settings = lab().settings
     for key, value in default_settings().items():     # settings added since this session began
         settings.setdefault(key, value)
@@ -107,11 +108,20 @@ def sidebar_summary(settings: dict) -> None:
                + (f" {settings['top_k']}" if settings["freeze"] == "top_k" else ""))
     active = [r for r in my_runs()[:200] if r.status().get("state") in ACTIVE_STATES]
     running = [r for r in active if r.status().get("state") != "queued"]
-    if running:
-        now = running[0].config.name or running[0].id
-        st.caption(f"Training: {now} · {len(active) - len(running)} more queued — see Train or Experiments")
-    elif active:
-        st.caption(f"{len(active)} run(s) waiting in the lab's queue — see Train")
+    for run in running[:3]:
+        st.caption(f"Training: {run.config.name or run.id} · {run.status().get('where', 'starting')}")
+    if len(active) > len(running):
+        st.caption(f"{len(active) - len(running)} of your run(s) waiting — see Train")
+    st.caption(queue_line())
+
+
+def queue_line() -> str:
+    """The lab's executor in one line: slots in use and runs waiting, everyone's."""
+    view = MANAGER.overview()
+    devices = sorted({slot.device for slot in view["slots"]})
+    where = "Ray cluster" if view["launcher"] == "ray" else ", ".join(devices)
+    return (f":material/dns: Lab: {len(view['running'])} of {len(view['slots'])} slot(s) training "
+            f"({where}) · {len(view['waiting'])} waiting")
 
 
 # ---------------------------------------------------------------- settings widgets
