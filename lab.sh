@@ -23,13 +23,14 @@ if ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then apt_install python3-ven
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-stamp="$VENV/.installed-$(cat requirements.txt requirements-offline.txt tests/requirements.txt | cksum | cut -d' ' -f1)-$MODE"
+stamp="$VENV/.installed-$(cat requirements.txt requirements-offline.txt tests/requirements.txt requirements-cluster.txt | cksum | cut -d' ' -f1)-$MODE"
 if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements.txt
   python -m pip install -q --no-deps -r requirements-offline.txt
   if [ "$MODE" = test ]; then
     python -m pip install -q -r tests/requirements.txt
+    python -m pip install -q -r requirements-cluster.txt    # so the Ray integration test runs
     apt_install chromium
   fi
   touch "$stamp"

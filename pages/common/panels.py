@@ -116,6 +116,29 @@ def queue_place(run_id: str) -> str | None:
     return (f"{ahead} run(s) ahead of it in the lab's queue (runs of different users take turns); "
             f"it should start in about {minutes} min (a rough estimate from this server's past runs).")
 
+def queue_panel() -> None:
+    """The lab's queue: what trains where, and what waits in which order. Students see their own
+    runs by name and others' only as a count of places."""
+    view, who = MANAGER.overview(), user()
+    rows = []
+    for job in view["running"]:
+        rows.append(dict(state="training", run=_queue_name(job, who), where=f"slot {job.slot} · {job.device} · {job.host}"))
+    for place, job in enumerate(view["waiting"], 1):
+        rows.append(dict(state=f"waiting #{place}", run=_queue_name(job, who), where=""))
+    if not rows:
+        return
+    st.subheader("The lab's queue")
+    st.caption(f"{len(view['running'])} of {len(view['slots'])} slot(s) training; runs of different "
+               "users take turns.")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+def _queue_name(job, who) -> str:
+    if job.owner == who.id:
+        return f"{job.run_id} · me"
+    if who.admin:
+        return f"{job.run_id} · " + {"": "library", "cli": "command line"}.get(job.owner, f"student {job.owner}")
+    return "another user's run"
+
 def stop_run(run_id: str) -> None:
     try:
         if can_manage(open_run(run_id)):
