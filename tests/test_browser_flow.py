@@ -109,7 +109,7 @@ def watch(page, done, fail_on=(), timeout_ms: float = RUN_TIMEOUT_MS) -> list[st
             seen.append(text)
         if text and done(text):
             return seen
-        if any(word in text for word in fail_on):
+        if any(word in text for word in fail_on) and stale_gone(page, text):
             pytest.fail(f"the live view showed {text!r} too early: {seen}")
         page.wait_for_timeout(250)
     pytest.fail(f"the live view did not get there in {timeout_ms / 1000:.0f} s: {seen}")
@@ -148,6 +148,16 @@ def select_slider_to(page, label: str, value: str, key: str = "ArrowLeft") -> No
 def main(page):
     """The page itself, without the sidebar (whose queue line reads "... 0 more queued — ...")."""
     return page.get_by_test_id("stMain")
+
+
+def stale_gone(page, text: str) -> bool:
+    """Still showing `text` after a moment: a rerun in progress keeps the previous run's line on
+    screen until the new one is drawn, and that is not the new run's state."""
+    page.wait_for_timeout(2_000)
+    try:
+        return state_line(page).inner_text(timeout=2_000) == text
+    except Exception:
+        return False
 
 
 def state_line(page):
