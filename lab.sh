@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Finetune Lab set-up and launch. Usage:
-#   ./lab.sh          install everything, then start the app (http://localhost:8501)
+#   ./lab.sh          install everything, then start the app for you alone (local mode:
+#                     http://localhost:8501, you are its admin, nobody signs in)
+#   ./lab.sh serve    start it for a class: open to the network, everyone signs in (class
+#                     accounts, the teacher token printed here, or a school sign-in provider)
 #   ./lab.sh test     install everything (plus test tools), then run the whole test suite
 # Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
@@ -37,7 +40,10 @@ if [ ! -f "$stamp" ]; then
 fi
 
 case "$MODE" in
-  start) exec streamlit run streamlit_app.py --browser.gatherUsageStats false "${@:2}" ;;
+  start) FINETUNE_LAB_LOCAL=1 exec streamlit run streamlit_app.py --browser.gatherUsageStats false "${@:2}" ;;
+  serve) unset FINETUNE_LAB_LOCAL
+         python -m core token
+         exec streamlit run streamlit_app.py --browser.gatherUsageStats false --server.address 0.0.0.0 "${@:2}" ;;
   test)  exec python -m pytest -q tests "${@:2}" ;;
-  *) echo "usage: ./lab.sh [start|test]"; exit 2 ;;
+  *) echo "usage: ./lab.sh [start|serve|test]"; exit 2 ;;
 esac

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FINETUNE_LAB_LOCAL", "1")      # the pages as the one local user sees them
 
 from conftest import class_folders, tiny_run_config  # noqa: E402
 
@@ -139,9 +140,13 @@ def bench_pages_while_training(n: int = 20) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--pages-only", action="store_true")
     parser.add_argument("--json", default=str(ROOT / "bench" / "executor.json"))
     args = parser.parse_args()
     data = class_folders(Path(tempfile.mkdtemp(prefix="bench-data-")), 3, 24, 64)
+    if args.pages_only:
+        bench_pages_while_training()
+        return
     one = bench_throughput(1, data)
     two = bench_throughput(2, data)
     record("2 slots vs 1: speed-up", two / one, "x")

@@ -1,14 +1,18 @@
 """Who may do what on a shared lab server.
 
-Two roles. The *admin* (the teacher) is whoever gives the token set by the person who started the
-server (`FINETUNE_LAB_ADMIN_TOKEN`, or `admin_token` in Streamlit's secrets); with no token set
-and the server bound to localhost, the single local user is the admin. Everyone else is a
-*student*: they see and manage only their own runs, uploads and presets, open server folders only
-below the allowed roots, and stay within the admin's quotas and caps (the `Policy`, kept in
-`policy.json` in the data directory and edited on the Home page).
+Two roles. In *local mode* (`FINETUNE_LAB_LOCAL=1`, what `./lab.sh` starts: one person on their
+own computer) that person is the admin. On a class server, everyone signs in (core.accounts:
+class accounts, the teacher token, or an OpenID provider through `st.login`): the *admin* (the
+teacher) is whoever signs in with the long teacher token (`FINETUNE_LAB_ADMIN_TOKEN`,
+`admin_token` in Streamlit's secrets, or the one `python -m core token` keeps in the data
+directory), a class account made a teacher, or a provider's user whose e-mail is on the teacher
+list (`FINETUNE_LAB_TEACHER_EMAILS`). Nobody is anything because of the address they connect from.
+Everyone else is a *student*: they see and manage only their own runs, uploads and presets, open
+server folders only below the allowed roots, and stay within the admin's quotas and caps (the
+`Policy`, kept in `policy.json` in the data directory and edited on the Home page).
 
-A user's id is a short hex hash (of the browser's cookie token): it names folders, so it is
-checked to be one before it is used in a path.
+A user's id is the account's name (or a hash of a provider's subject): it names folders, so it
+is checked to be one before it is used in a path. It is not a secret.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from pathlib import Path
 from core import paths
 
 TOKEN_ENV = "FINETUNE_LAB_ADMIN_TOKEN"
-LOCAL_ADDRESSES = ("localhost", "127.0.0.1", "::1")
+LOCAL_ENV = "FINETUNE_LAB_LOCAL"
+TEACHERS_ENV = "FINETUNE_LAB_TEACHER_EMAILS"
 MB = 1024 ** 2
 
 
@@ -115,26 +120,53 @@ def save_policy(policy: Policy) -> None:
 # ---------------------------------------------------------------- roles
 
 def configured_token(secret: str | None = None) -> str:
-    """The admin token: the environment variable wins over Streamlit's secret."""
-    return os.environ.get(TOKEN_ENV, "") or (secret or "")
+    """The admin token: the environment variable, else Streamlit's secret, else the token file
+    `python -m core token` wrote in the data directory. A short one is no token at all."""
+    token = (os.environ.get(TOKEN_ENV, "") or (secret or "") or _token_file()).strip()
+    from core.accounts import token_problem
+    return "" if token_problem(token) else token
 
 
-def local_only(address: str | None) -> bool:
-    return (address or "").strip("[]") in LOCAL_ADDRESSES
+def _token_file() -> str:
+    try:
+        return (paths.home() / "accounts" / "teacher-token").read_text().strip()
+    except OSError:
+        return ""
+
+
+def make_token_file() -> str:
+    """The data directory's teacher token, made (random, 0600) the first time."""
+    from core.accounts import new_token
+    if existing := _token_file():
+        return existing
+    path = paths.home() / "accounts" / "teacher-token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "w") as f:
+        f.write(new_token())
+    return _token_file()
+
+
+def local_mode() -> bool:
+    """One person on their own computer: they are the admin, nobody signs in. Explicit only:
+    never guessed from the address the server listens on (a proxy may be in front)."""
+    return os.environ.get(LOCAL_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def teacher_emails() -> set[str]:
+    return {e.strip().lower() for e in os.environ.get(TEACHERS_ENV, "").split(",") if e.strip()}
 
 
 def token_matches(given: str, token: str) -> bool:
     return bool(token) and hmac.compare_digest(given.encode(), token.encode())
 
 
-def role_note(token: str, address: str | None) -> str:
-    if token:
-        return ("You signed in with the teacher token: you see and manage every run, upload and "
-                "preset; students see only their own.")
-    if local_only(address):
-        return "Only this computer can reach the app, so you are its admin."
-    return ("No teacher token is set and the app accepts connections from other computers, so "
-            "nobody is admin: everyone is a student. Restart it with FINETUNE_LAB_ADMIN_TOKEN set.")
+def role_note(token: str, address: str | None = None) -> str:
+    if local_mode():
+        return ("Local mode (FINETUNE_LAB_LOCAL=1): you are this computer's only user and its admin. "
+                "To serve a class, start it with `./lab.sh serve`: everyone then signs in.")
+    return ("You are signed in as the teacher: you see and manage every run, upload and preset; "
+            "students sign in with their class accounts (or the school's sign-in) and see only their own.")
 
 
 # ---------------------------------------------------------------- runs

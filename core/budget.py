@@ -236,8 +236,34 @@ def estimate(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def phases_from(rows: list[dict]) -> list[Phase]:
-    return [Phase(**row) for row in rows]
+def phases_from(rows) -> list[Phase]:
+    """A saved plan read back (plan.json, which anyone with the folder can edit): checked like a
+    config, ValueError with one sentence for the first problem."""
+    if not isinstance(rows, list) or not rows or len(rows) > 20:
+        raise ValueError("plan.json is damaged (no phases): delete it, or start a new run.")
+    return [_checked_phase(i, row) for i, row in enumerate(rows, 1)]
+
+
+def _checked_phase(i: int, row) -> Phase:
+    where = f"plan.json, phase {i}"
+    if not isinstance(row, dict) or set(row) - set(Phase.__dataclass_fields__):
+        raise ValueError(f"{where}: not a phase (unknown fields).")
+    try:
+        phase = Phase(**row)
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}.") from None
+    numbers = {"epochs": (phase.epochs, 1, 10_000), "top_k": (phase.top_k, 1, 1_000)}
+    for name, (value, low, high) in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{where}: {name} must be a whole number from {low} to {high}, got {value!r}.")
+    for name in ("lr", "backbone_lr_mult"):
+        value = getattr(phase, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value <= 10 or value != value):
+            raise ValueError(f"{where}: {name} must be a number above 0 and at most 10, got {value!r}.")
+    if phase.freeze not in ("head", "top_k", "full", "scratch"):
+        raise ValueError(f"{where}: freeze must be head, top_k, full or scratch, got {phase.freeze!r}.")
+    return phase
 
 
 def describe_plan(phases: list[Phase]) -> list[dict]:

@@ -20,6 +20,7 @@ import argparse
 import ast
 import difflib
 import json
+import os
 import sys
 import threading
 import time
@@ -264,7 +265,8 @@ def cmd_predict(args) -> int:
         p = Path(name)
         files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS) if p.is_dir() else [p]
     frame = P.predict_files(P.from_run(get_run(args.run)), files)
-    frame.to_csv(args.out, index=False)
+    from core.tables import csv_safe
+    csv_safe(frame).to_csv(args.out, index=False)
     for row in frame.head(20).itertuples():
         print(f"{row.file}: {getattr(row, 'predicted', None) or getattr(row, 'error', '')}"
               + (f" ({row.confidence:.3f})" if hasattr(row, "confidence") and row.confidence == row.confidence else ""))
@@ -409,6 +411,30 @@ def cmd_queue(args) -> int:
     return 0
 
 
+def cmd_token(args) -> int:
+    """The teacher token of a class server: the environment's (not printed), or one made once and
+    kept (0600) in the data directory, printed for the teacher's own terminal."""
+    from core import access
+    if os.environ.get(access.TOKEN_ENV) and access.configured_token():
+        print("The teacher token is the one in FINETUNE_LAB_ADMIN_TOKEN.")
+        return 0
+    token = access.configured_token() or access.make_token_file()
+    print(f"Teacher token (sign in at /lab/sign-in, 'Teacher token'; kept in "
+          f"{paths.home() / 'accounts' / 'teacher-token'}):\n  {token}")
+    return 0
+
+
+def cmd_accounts(args) -> int:
+    """Class accounts from the command line: a class of names (or a count) with join codes."""
+    from core import accounts
+    names = int(args.names[0]) if len(args.names) == 1 and args.names[0].isdigit() else args.names
+    rows = accounts.create_class(args.klass, names, role="teacher" if args.teacher else "student")
+    print("account,name,join code")
+    for account, code in rows:
+        print(f"{account.id},{account.name},{code}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m core", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -429,6 +455,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--limit-s", type=float, default=None)
+    p = sub.add_parser("token", help="print (making it once) the teacher token of a class server")
+    p = sub.add_parser("accounts", help="create class accounts: CLASS NAME [NAME ...] or CLASS COUNT")
+    p.add_argument("klass", metavar="CLASS")
+    p.add_argument("names", nargs="+")
+    p.add_argument("--teacher", action="store_true", help="the accounts are teachers (admins)")
     p = sub.add_parser("queue", help="show the lab's queue and slots; --serve starts queued runs")
     p.add_argument("--serve", action="store_true")
     p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
@@ -455,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = {"config": cmd_config, "train": cmd_train, "resume": cmd_resume, "evaluate": cmd_evaluate,
                "predict": cmd_predict, "sweep": cmd_sweep, "export": cmd_export, "lr": cmd_lr,
-               "doctor": cmd_doctor, "job": cmd_job, "queue": cmd_queue}[args.command]
+               "doctor": cmd_doctor, "job": cmd_job, "queue": cmd_queue,
+               "token": cmd_token, "accounts": cmd_accounts}[args.command]
     if args.command != "config" and (problem := paths.write_problem()):
         print(f"error: {problem}", file=sys.stderr)
         return 2

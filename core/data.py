@@ -280,14 +280,25 @@ def split_items(scan: DataScan, ratios=(0.7, 0.15, 0.15), seed: int = 0,
 
 def keep_together(splits: dict[str, list[Item]], groups: list[list[str]]) -> dict[str, list[Item]]:
     """Move each group's members into one split: train when any member is there (so nothing of
-    it is tested), else the split of its first member."""
+    it is tested), else the split of its first member. A group whose move would leave
+    validation or test empty (600 copies of one picture) stays spread: an empty test split
+    would make the run end with no score at all."""
     where = {it.path: split for split, items in splits.items() for it in items}
+    counts = {s: len(items) for s, items in splits.items()}
     target = {}
-    for group in groups:
+    for group in sorted(groups, key=len):
         placed = [where[p] for p in group if p in where]
-        if placed:
-            to = "train" if "train" in placed else placed[0]
-            target.update({p: to for p in group if p in where})
+        if not placed:
+            continue
+        to = "train" if "train" in placed else placed[0]
+        leaving = {s: sum(1 for p in placed if p != to and s == p) for s in counts}
+        if any(counts[s] and counts[s] - leaving[s] <= 0 for s in ("val", "test")):
+            continue
+        for p in group:
+            if p in where:
+                counts[where[p]] -= 1
+                counts[to] += 1
+                target[p] = to
     out = {s: [] for s in splits}
     for split, items in splits.items():
         for it in items:

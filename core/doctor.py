@@ -47,6 +47,7 @@ ISSUES = {   # issue -> what it means, in a few words (the page's gallery titles
     "aspect": "extreme aspect ratio",
 }
 NEAR_DUPLICATE_COSINE = 0.97     # L2-normalised pooled features; re-encoded or re-framed copies score above
+NEAR_TOP_K = 10                 # near-duplicates kept per image (a group still links up through them)
 NEAR_FACTOR = 0.2                # ...and a fifth of the data set's median nearest-neighbour distance
 OUTLIER_MADS = 5.0               # a neighbour distance this many robust deviations above the median
 DARK, BRIGHT = 0.08, 0.94        # mean intensity in [0, 1]...
@@ -192,23 +193,39 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 
 def near_pairs(vectors: np.ndarray, ok: np.ndarray, threshold: float = NEAR_DUPLICATE_COSINE,
-               chunk: int = 1024) -> list[tuple[int, int, float]]:
+               chunk: int = 1024, top_k: int = NEAR_TOP_K) -> list[tuple[int, int, float]]:
     """(i, j, cosine) for i < j that are near-duplicates: cosine above `threshold`, and also far
     closer than images of this data set usually are to their nearest neighbour (NEAR_FACTOR of
-    the median distance), so a set of look-alike pictures isn't one big group. In chunks, so
-    10,000 images stay in memory."""
+    the median distance), so a set of look-alike pictures isn't one big group. In blocks of rows,
+    keeping each image's `top_k` most similar others only: memory grows with the number of
+    images, not with the number of look-alike pairs (20,000 blank scans would be 200 million)."""
     index = np.flatnonzero(ok)
     x = _normalised(vectors[index]).astype(np.float32)
-    candidates, nearest = [], np.ones(len(x), np.float32)
-    for start in range(0, len(x), chunk):
+    n = len(x)
+    k = min(top_k, n - 1)
+    nearest = np.ones(n, np.float32)
+    rows_i, rows_j, cosines = [], [], []
+    for start in range(0, n, chunk):
         sims = x[start:start + chunk] @ x.T
-        sims[np.arange(len(sims)), start + np.arange(len(sims))] = -1.0       # not itself
+        own = np.arange(len(sims))
+        sims[own, start + own] = -1.0       # not itself
         nearest[start:start + len(sims)] = 1.0 - sims.max(axis=1)
-        for a, b in zip(*np.nonzero(sims >= threshold)):
-            if start + a < b:
-                candidates.append((start + a, int(b), float(sims[a, b])))
-    limit = max(1.0 - threshold, 0.0) if len(x) < 3 else min(1.0 - threshold, NEAR_FACTOR * float(np.median(nearest)))
-    return [(int(index[i]), int(index[j]), cos) for i, j, cos in candidates if 1.0 - cos <= limit + 1e-6]
+        if k < 1:
+            continue
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(sims, top, axis=1)
+        keep = values >= threshold
+        rows_i.append(np.broadcast_to((start + own)[:, None], top.shape)[keep].astype(np.int64))
+        rows_j.append(top[keep].astype(np.int64))
+        cosines.append(values[keep])
+    if not rows_i or not sum(len(r) for r in rows_i):
+        return []
+    i, j, cos = np.concatenate(rows_i), np.concatenate(rows_j), np.concatenate(cosines)
+    low, high = np.minimum(i, j), np.maximum(i, j)
+    _, first = np.unique(low * n + high, return_index=True)      # (a, b) and (b, a) once
+    limit = max(1.0 - threshold, 0.0) if n < 3 else min(1.0 - threshold, NEAR_FACTOR * float(np.median(nearest)))
+    return [(int(index[low[f]]), int(index[high[f]]), float(cos[f])) for f in first
+            if 1.0 - cos[f] <= limit + 1e-6]
 
 
 def _grouped(n: int, pairs) -> list[list[int]]:
@@ -244,7 +261,8 @@ def duplicates(scan: D.DataScan, vectors: np.ndarray, ok: np.ndarray) -> tuple[l
         for i in group:
             item = scan.items[i]
             kind = "exact duplicate" if i in exact_set else "near duplicate"
-            others = ", ".join(n for n in names if n != item.path)[:200]
+            others = ", ".join([n for n in names[:11] if n != item.path][:10])[:200]
+            others += f" and {len(names) - 11} more" if len(names) > 11 else ""
             rows.append(dict(path=item.path, issue=kind, label=scan.classes[item.label], suggested="",
                              score=1.0 if kind == "exact duplicate" else round(best.get(i, 1.0), 3),
                              detail=f"same as {others}"))
@@ -334,6 +352,9 @@ def verdicts(result: Audit) -> list[str]:
     """One line per problem found: how many images, and what to do."""
     out = []
     n = len(result.items)
+    if sum(1 for c in result.counts.values() if c) < 2:
+        out.append("Can't train: a classifier needs at least two classes (one folder of images per "
+                   "class), and this data set has one.")
     labels = result.of("label")
     if len(labels):
         out.append(f"{len(labels)} image(s) ({len(labels) / n:.1%}) look mislabelled: check each one below, "
@@ -420,7 +441,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def findings_csv(result: Audit) -> str:
-    return result.findings.to_csv(index=False)
+    from core.tables import to_csv
+    return to_csv(result.findings)
 
 
 # ---------------------------------------------------------------- the last audit of a folder, kept on disk

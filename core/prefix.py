@@ -24,6 +24,7 @@ from torch import nn
 
 from core import rng
 from core.device import autocast
+from core import estimate as E
 from core.hooks import eval_mode, hooked
 
 
@@ -226,12 +227,19 @@ class Store:
         else:
             disk.parent.mkdir(parents=True, exist_ok=True)
             dtype = np.float16 if half_ok else np.float32      # numpy has no bf16
+            need = n * math.prod(shape) * np.dtype(dtype).itemsize
+            E.check_disk(need, disk.parent, "The frozen-layer cache", "lower the image size or the "
+                         "augmented views, or free space in the data directory.")
             self.data = np.lib.format.open_memmap(disk, mode="w+", dtype=dtype, shape=(n, *shape))
+            _reserve(disk, self)
         self.disk = disk
 
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
+
+    def __del__(self):
+        self.close()
 
     def put(self, start: int, values: torch.Tensor) -> None:
         values = values.detach().float().cpu()
@@ -252,6 +260,21 @@ class Store:
             self.data = None       # drop the memory map before its file goes
             with contextlib.suppress(OSError):
                 self.disk.unlink()
+
+
+def _reserve(path: Path, store: "Store") -> None:
+    """Give the memory-mapped file real blocks now: a sparse file on a disk that fills up later
+    kills the process with SIGBUS on the first write past the free space, which no handler
+    catches; allocating up front fails here, with a sentence, instead."""
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except AttributeError:      # no posix_fallocate (macOS): the free-space check above must do
+        pass
+    except OSError as err:
+        store.close()
+        raise E.ResourceError("The frozen-layer cache can't be written: the disk is full. Lower the "
+                              "image size or the augmented views, or free space.") from err
 
 
 def bytes_per_image(backbone: nn.Module, split: Split, image_size: int) -> int:

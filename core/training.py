@@ -23,6 +23,7 @@ from torch import nn
 from core import budget as B
 from core import data as D
 from core import distributed as dist
+from core import estimate as E
 from core import paths
 from core import prefix as P
 from core import rng
@@ -80,6 +81,10 @@ def uses_feature_cache(cfg: RunConfig) -> bool:
 
 
 
+DECODED_ASPECT = 1.4     # decoded images keep their aspect: the long side is often 4/3 of the short
+TRAINED_SHARE = {"head": 0.0, "top_k": 0.5, "full": 1.0, "scratch": 1.0}   # of the network that backpropagates
+
+
 def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
     """Scan, split, decode once. Returns (classes, {split: (images, labels, files)})."""
     report("preparing", force=True, message="Scanning the data set", phase="scan")
@@ -87,6 +92,9 @@ def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
     splits = D.split_items(scan, cfg.split, cfg.split_seed, cfg.max_per_class)
     if not splits["train"]:
         raise D.DataError("The training split is empty.")
+    n_images = sum(len(items) for items in splits.values())
+    E.check_memory(int(n_images * 3 * cfg.image_size ** 2 * DECODED_ASPECT), f"Decoding {n_images:,} images at "
+                   f"{cfg.image_size} px", "use a smaller image size, or fewer images per class.")
     run.write_json("classes.json", scan.classes)
     run.write_json("splits.json", dict(root=scan.root, **{s: [(it.path, it.label) for it in items]
                                                           for s, items in splits.items()}))
@@ -435,6 +443,7 @@ def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = No
     report("preparing", force=True, message=f"Moving the model to {device.type} (step 2 of 3: model)",
            phase="model", step=1, steps=3)
     model.to(device, memory_format=torch.channels_last)
+    E.check_training(model, cfg.arch, cfg.image_size, cfg.batch_size, TRAINED_SHARE.get(cfg.freeze, 1.0), device)
     report("preparing", force=True, message="Normalisation and loss (step 3 of 3: model)",
            phase="model", step=2, steps=3)
     mean, std = normalization(run, cfg, model, data["train"][0])

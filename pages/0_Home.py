@@ -129,7 +129,7 @@ def admin_panel():
         st.caption("You are a student on this server: you see your own runs, uploads and presets.")
         return
     with st.expander(":material/key: Teacher (admin) settings"):
-        st.caption(access.role_note(common.admin_token(), st.get_option("server.address")))
+        st.caption(access.role_note(common.admin_token()))
         rules = common.policy()
         with st.form("policy_form"):
             folders = st.checkbox("Students may open server folders (below the roots)", rules.server_folders)
@@ -168,6 +168,40 @@ def admin_panel():
                    + f"); {usage['free'] / 2**30:,.1f} GB free on the disk.")
         if st.button(f"Delete uploads older than {rules.keep_days} days", key="clean_up"):
             st.success(f"Deleted {access.clean_up(rules.keep_days)} upload(s).")
+        class_accounts()
+
+
+def class_accounts():
+    """The teacher makes a class's accounts and prints their one-time join codes."""
+    from core import accounts
+    st.markdown("**Class accounts** — students sign in at `/lab/sign-in` with their account name and the "
+                "join code, then choose a password. Codes are shown once: print or download them now.")
+    with st.form("class_form"):
+        c = st.columns([2, 3, 1])
+        klass = c[0].text_input("Class", placeholder="Lab 3")
+        names = c[1].text_area("Student names, one per line (or leave empty and give a count)", height=68)
+        count = c[2].number_input("Count", 0, 500, 0)
+        if st.form_submit_button("Create accounts"):
+            try:
+                made = accounts.create_class(klass or "class", names.splitlines() if names.strip() else int(count))
+                common.lab().page["join_codes"] = [(a.id, a.name, code) for a, code in made]
+            except accounts.AccountError as err:
+                st.error(str(err))
+    if codes := common.lab().page.get("join_codes"):
+        sheet = common.join_sheet(codes)
+        st.dataframe(sheet, hide_index=True)
+        st.download_button("Join codes (CSV)", common.csv_text(sheet), "join-codes.csv", "text/csv", key="codes_csv")
+    existing = accounts.list_accounts()
+    if existing:
+        with st.popover(f"{len(existing)} account(s): new join code or delete"):
+            who = st.selectbox("Account", [a.id for a in existing], key="account_pick")
+            left, right = st.columns(2)
+            if left.button("New join code", key="account_reset"):
+                common.lab().page["join_codes"] = [(who, accounts.get(who).name, accounts.reset_code(who))]
+                st.rerun()
+            if right.button("Delete account", key="account_delete"):
+                accounts.delete_account(who)
+                st.rerun()
 
 
 home()

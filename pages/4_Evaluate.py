@@ -140,7 +140,7 @@ with tabs[4]:
 
 with tabs[5]:
     c1, c2 = st.columns(2)
-    c1.download_button("Predictions (CSV)", frame.to_csv(index=False).encode(),
+    c1.download_button("Predictions (CSV)", common.csv_text(frame).encode(),
                        f"{run.id}-{split}-predictions.csv", "text/csv")
     c2.download_button("Metrics (JSON)", json.dumps(metrics, indent=1).encode(),
                        f"{run.id}-{split}-metrics.json", "application/json")

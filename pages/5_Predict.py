@@ -141,6 +141,6 @@ with tab_batch:
         if frame is not None and stored_key == batch_key:
             st.dataframe(frame[[c for c in ("file", "predicted", "confidence", "error") if c in frame]],
                          hide_index=True, width="stretch")
-            st.download_button("Download CSV", frame.to_csv(index=False).encode(), "predictions.csv", "text/csv")
+            st.download_button("Download CSV", common.csv_text(frame).encode(), "predictions.csv", "text/csv")
 
 common.finish()

@@ -125,7 +125,7 @@ def results(runs):
         "test_acc": st.column_config.NumberColumn("test acc", **pct),
         "s_per_epoch": st.column_config.NumberColumn("s/epoch", format="%.2f"),
         "lr": st.column_config.NumberColumn("lr", format="%.0e")})
-    st.download_button("Results (CSV)", frame.to_csv(index=False).encode(), "results.csv", "text/csv",
+    st.download_button("Results (CSV)", common.csv_text(frame).encode(), "results.csv", "text/csv",
                        key="results_csv")
     if common.lab().page.get("sweep_was_active") and not active:
         common.lab().page["sweep_was_active"] = False

@@ -28,6 +28,9 @@ if str(REPO_ROOT) not in sys.path:
 
 # Before anything imports huggingface_hub (it reads this once, at import time).
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Most tests are the one local user (local mode, what ./lab.sh starts); the class-server tests
+# (test_shared_server, test_browser_identity) switch it off and sign people in.
+os.environ.setdefault("FINETUNE_LAB_LOCAL", "1")
 # Tests compare numbers to 1e-5 across code paths: run them in fp32 even on CPUs where the app
 # would pick bf16 autocast (bench/ measures that).
 os.environ.setdefault("FINETUNE_LAB_CPU_BF16", "0")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from apptest_helpers import assert_ok, errors, keys, opened, texts, use_small_settings, wait_state
+from apptest_helpers import ENTRY, assert_ok, errors, keys, opened, texts, use_small_settings, wait_state
 from conftest import class_folders, tiny_run_config
 from core import access, paths, presets
 from core import store as R
@@ -25,15 +25,36 @@ from core.worker import MANAGER, QueueFull, RunManager
 
 pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
-TOKEN = "teacher-secret-1234"
+TOKEN = "teacher-secret-" + "0123456789abcdefghij"
 TRAIN, DATA, EVALUATE, PREDICT = "pages/3_Train.py", "pages/1_Data.py", "pages/4_Evaluate.py", "pages/5_Predict.py"
 ENDED = ("finished", "failed", "stopped", "interrupted")
 
 
 @pytest.fixture
 def classroom(monkeypatch):
-    """A server with a teacher token: every session is a student until it signs in."""
+    """A class server: no local mode, a teacher token; every session signs in (a class account
+    per student() call, the token for teacher())."""
+    monkeypatch.delenv(access.LOCAL_ENV, raising=False)
     monkeypatch.setenv(access.TOKEN_ENV, TOKEN)
+
+
+_STUDENTS = iter(range(10 ** 6))
+
+
+def signed_in(claims: dict) -> AppTest:
+    """A session whose st.user holds these claims, as the sign-in cookie would (AppTest.user)."""
+    at = AppTest.from_file(ENTRY, default_timeout=180)
+    at.user = dict(claims, is_logged_in=True)
+    at.run()
+    assert_ok(at)
+    return at
+
+
+def new_account() -> dict:
+    from core import accounts
+    (account, code), = accounts.create_class("lab", [f"student {next(_STUDENTS)}"])
+    accounts.sign_in(account.id, code, new_password="correct horse")
+    return accounts.account_claims(accounts.get(account.id))
 
 
 @pytest.fixture
@@ -47,7 +68,7 @@ def path_box(at: AppTest):
 
 
 def student(data_root: Path | None = None, page: str | None = None, **settings) -> AppTest:
-    at = opened(None, 180)
+    at = signed_in(new_account())
     if data_root is not None:
         use_small_settings(at, data_root, **{"image_size": 32, "epochs": 1, **settings})
     if page:
@@ -57,11 +78,9 @@ def student(data_root: Path | None = None, page: str | None = None, **settings) 
 
 
 def teacher(page: str | None = None) -> AppTest:
-    at = opened(None, 180)
-    at.sidebar.text_input(key="admin_token_input").input(TOKEN)
-    at.sidebar.button(key="admin_sign_in").click().run()
-    assert_ok(at)
-    assert "Signed in as teacher" in "\n".join(c.value for c in at.sidebar.caption)
+    from core import accounts
+    at = signed_in(accounts.teacher_claims(TOKEN))
+    assert "teacher)" in "\n".join(c.value for c in at.sidebar.caption)
     if page:
         at.switch_page(page).run()
         assert_ok(at)
@@ -81,37 +100,53 @@ def picker_ids(at: AppTest, key: str = "run_pick") -> set[str]:
 # ---------------------------------------------------------------- roles
 
 def test_who_is_admin(monkeypatch):
-    """No token and bound to localhost: the local user is admin. No token and open to the
-    network: nobody is. A token: whoever gives it (compared in constant time)."""
-    assert access.local_only("localhost") and access.local_only("127.0.0.1") and access.local_only("[::1]")
-    assert not access.local_only("0.0.0.0") and not access.local_only("") and not access.local_only(None)
-    assert "nobody is admin" in access.role_note("", "0.0.0.0")
-    assert "you are its admin" in access.role_note("", "localhost")
+    """Local mode only when asked for; a token must be long; nobody is admin by address."""
+    monkeypatch.delenv(access.LOCAL_ENV, raising=False)
+    assert not access.local_mode()
+    monkeypatch.setenv(access.LOCAL_ENV, "1")
+    assert access.local_mode() and "only user" in access.role_note("")
     monkeypatch.setenv(access.TOKEN_ENV, TOKEN)
     assert access.configured_token("from-secrets") == TOKEN
-    assert access.token_matches(TOKEN, TOKEN) and not access.token_matches("guess", TOKEN)
-    assert not access.token_matches("", "")
+    monkeypatch.setenv(access.TOKEN_ENV, " ")
+    assert access.configured_token("a") == ""              # one space or one letter: no token
     with pytest.raises(ValueError):
         access.User("../../etc")
 
 
 def test_default_server_is_local_and_shows_no_tracebacks():
-    """The shipped config binds to localhost (its one user is the admin) and hides tracebacks
-    from browsers (the server log keeps them)."""
+    """The shipped config binds to localhost and hides tracebacks from browsers (the server log
+    keeps them); being on localhost makes nobody the admin (./lab.sh sets local mode)."""
     import tomllib
     cfg = tomllib.loads((paths.REPO_ROOT / ".streamlit" / "config.toml").read_text())
     assert cfg["server"]["address"] == "localhost"
     assert cfg["client"]["showErrorDetails"] == "none"
+    assert "FINETUNE_LAB_LOCAL=1" in (paths.REPO_ROOT / "lab.sh").read_text()
 
 
-def test_a_wrong_token_signs_nobody_in(classroom):
-    at = opened(None, 120)
-    at.sidebar.text_input(key="admin_token_input").input("teacher-secret-123")
-    at.sidebar.button(key="admin_sign_in").click().run()     # one click submits the typed token
-    assert_ok(at)
-    assert "not the teacher token" in errors(at)
-    assert "You are a student" in texts(at)
-    assert "policy_form" not in str(at.main)
+def test_anonymous_and_forged_sessions_see_only_the_sign_in(classroom):
+    """No sign-in, claims for an account that doesn't exist, another account's name with this
+    one's mac, a teacher claim for an old token: the page asks to sign in and shows nothing else."""
+    from core import accounts
+    mine = new_account()
+    forged = [{}, dict(mine, lab_account="lab-someone-else"), {"lab_account": "lab-x", "lab_mac": "0" * 64},
+              accounts.teacher_claims(TOKEN + "-old"), {"lab_teacher": "x", "lab_mac": "y"}]
+    for claims in forged:
+        at = AppTest.from_file(ENTRY, default_timeout=180)
+        at.user = dict(claims, is_logged_in=bool(claims))
+        at.run()
+        assert_ok(at)
+        assert "Sign in to use this lab" in texts(at)
+        assert "policy_form" not in str(at.main)
+        assert "Quick demo" not in " ".join(b.label for b in at.button)
+
+
+def test_a_provider_user_is_a_student_unless_on_the_teacher_list(classroom, monkeypatch):
+    claims = {"iss": "http://idp", "sub": "42", "email": "Sam@School.org", "name": "Sam"}
+    at = signed_in(claims)
+    assert "student)" in "\n".join(c.value for c in at.sidebar.caption)
+    monkeypatch.setenv(access.TEACHERS_ENV, "teacher@school.org, sam@school.org")
+    at = signed_in(claims)
+    assert "teacher)" in "\n".join(c.value for c in at.sidebar.caption)
 
 
 def test_students_see_and_manage_only_their_own_runs(classroom, shared_set):
@@ -167,12 +202,15 @@ def test_home_lists_only_my_runs_and_shows_the_admin_panel_to_the_teacher(classr
     assert "You are a student" in texts(at)
     t = teacher()
     assert ":material/key: Teacher (admin) settings" in [e.label for e in t.expander]
-    again = AppTest.from_file(str(paths.REPO_ROOT / "streamlit_app.py"), default_timeout=60)
-    again.session_state["lab"] = type(t.session_state["lab"])(settings=dict(t.session_state["lab"].settings),
-                                                               owner=t.session_state["lab"].owner)
-    again.run()                      # a reload of the teacher's browser (same cookie id): still the teacher
-    assert_ok(again)
-    assert "Signed in as teacher" in "\n".join(c.value for c in again.sidebar.caption)
+    from core import accounts
+    again = signed_in(accounts.teacher_claims(TOKEN))     # a reload: the same signed cookie
+    assert "teacher)" in "\n".join(c.value for c in again.sidebar.caption)
+    copied = AppTest.from_file(ENTRY, default_timeout=60)  # the teacher's session state, no cookie
+    copied.session_state["lab"] = type(t.session_state["lab"])(settings=dict(t.session_state["lab"].settings),
+                                                                owner=t.session_state["lab"].owner)
+    copied.run()
+    assert_ok(copied)
+    assert "Sign in to use this lab" in texts(copied)
     assert theirs.id in t.dataframe[0].value["run"].tolist()
 
 

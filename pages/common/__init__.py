@@ -70,7 +70,21 @@ def setup(title: str) -> dict:
         large_text()
         sign_in()
         _page.summary = st.empty()     # filled by finish() (or stop()) once the page is drawn
+    who = user()
+    lab().owner = who.id          # for display and tests; identity itself is never read from here
+    if who is ANONYMOUS:
+        sign_in_wall()
     return settings
+
+
+def sign_in_wall() -> None:
+    """A class server shows nothing to a browser that has not signed in (or whose sign-in
+    cookie is not one this server made)."""
+    st.title("Finetune Lab")
+    st.info("Sign in to use this lab: with your class account (your teacher has your join code), "
+            "or your school account where the teacher set one up.", icon=":material/lock:")
+    st.link_button("Sign in", "/lab/sign-in", type="primary", icon=":material/login:")
+    st.stop()
 
 
 _page = threading.local()      # this script run's sidebar slot (each session reruns in its own thread)

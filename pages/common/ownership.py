@@ -2,13 +2,11 @@
 user to it: their runs, their uploads, the teacher's caps when queueing."""
 from __future__ import annotations
 
-import hashlib
-import secrets
 from pathlib import Path
 
 import streamlit as st
 
-from core import access
+from core import access, accounts
 from core.config import RunConfig, validate_config
 from core.store import Run, get_run, list_runs
 from core.worker import MANAGER
@@ -16,30 +14,9 @@ from pages.common.state import lab
 
 
 def session_owner() -> str:
-    """Who this browser is: a stable anonymous id from its cookie (else this session's)."""
-    state = lab()
-    if not state.owner:
-        state.owner = browser_id(st.context.cookies.get(XSRF_COOKIE, "")) or secrets.token_hex(4)
-    return state.owner
-
-XSRF_COOKIE = "_streamlit_xsrf"
-
-def browser_id(cookie: str) -> str | None:
-    """A stable, anonymous id of one browser. Streamlit's XSRF cookie holds a random token that
-    the browser keeps across reloads, closed tabs and server restarts (until it quits); each
-    response re-masks it ("2|mask|masked token|time"), so unmask it, then hash it, since the owner
-    is stored in status.json."""
-    parts = cookie.strip("\"'").split("|")
-    if len(parts) != 4 or parts[0] != "2":
-        return None
-    try:
-        mask, masked = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
-    except ValueError:
-        return None
-    if not mask or len(masked) < 8:
-        return None
-    token = bytes(b ^ mask[i % len(mask)] for i, b in enumerate(masked))
-    return hashlib.sha256(token).hexdigest()[:8]
+    """Who this browser session is signed in as (see `user`)."""
+    lab().owner = user().id
+    return lab().owner
 
 def admin_token() -> str:
     try:
@@ -48,44 +25,47 @@ def admin_token() -> str:
         secret = ""
     return access.configured_token(secret)
 
+ANONYMOUS = access.User("anonymous")
+LOCAL = access.User("local", admin=True)
+
 def user() -> access.User:
-    """This browser's identity and role (see core.access)."""
-    token = admin_token()
-    if token:
-        key = _token_key(token)
-        admin = lab().admin_key == key or _TEACHERS.get(session_owner()) == key
-    else:
-        admin = access.local_only(st.get_option("server.address"))
-    return access.User(session_owner(), admin=admin)
+    """This session's identity and role, only ever from the signed, HttpOnly sign-in cookie that
+    the server set (our sign-in form, or st.login's provider), or local mode. Claims that don't
+    check out (a forged or stale cookie, a deleted account, a changed teacher token) are nobody."""
+    if access.local_mode():
+        return LOCAL
+    info = _claims()
+    if not info.get("is_logged_in"):
+        return ANONYMOUS
+    if "lab_account" in info or "lab_teacher" in info:
+        found = accounts.claims_user(info, admin_token())
+        return access.User(found[0], admin=found[1]) if found else ANONYMOUS
+    email = str(info.get("email", "")).lower()
+    return access.User(accounts.provider_user_id(info), admin=bool(email) and email in access.teacher_emails())
 
-# Browsers signed in as the teacher, by their cookie id (this server process only), so a reload
-# or a new tab of the teacher's browser stays signed in; a changed token signs everyone out.
-_TEACHERS: dict[str, str] = {}
+def _claims() -> dict:
+    try:
+        return dict(st.user.to_dict())
+    except Exception:  # noqa: BLE001 - no user info in this context: nobody
+        return {}
 
-def _token_key(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+def display_name() -> str:
+    info, who = _claims(), user()
+    return str(info.get("name") or info.get("email") or who.id)
 
 def sign_in() -> None:
-    """The teacher's sign-in, shown only where a token is set (a form, so typing the token and
-    clicking once is enough)."""
-    token = admin_token()
-    if not token:
+    """Who is signed in, and Sign out; or where to sign in."""
+    who = user()
+    if access.local_mode():
+        st.caption(":material/computer: Local mode: you are this computer's only user")
         return
-    if user().admin:
-        st.caption(":material/key: Signed in as teacher (admin)")
-        if st.button("Sign out", key="admin_sign_out"):
-            lab().admin_key = ""
-            _TEACHERS.pop(session_owner(), None)
-            st.rerun()
+    if who is ANONYMOUS:
+        st.link_button("Sign in", "/lab/sign-in", icon=":material/login:")
         return
-    with st.expander(":material/key: Teacher sign-in"):
-        with st.form("admin_sign_in_form", border=False):
-            given = st.text_input("Teacher token", type="password", key="admin_token_input")
-            if st.form_submit_button("Sign in", key="admin_sign_in"):
-                if access.token_matches(given, token):
-                    lab().admin_key = _TEACHERS[session_owner()] = _token_key(token)
-                    st.rerun()
-                st.error("That is not the teacher token.")
+    role = "teacher" if who.admin else "student"
+    st.caption(f":material/account_circle: Signed in as {display_name()} ({who.id}, {role})")
+    if st.button("Sign out", key="sign_out", icon=":material/logout:"):
+        st.logout()
 
 def policy() -> access.Policy:
     return access.load_policy()

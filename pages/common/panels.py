@@ -116,6 +116,14 @@ def queue_place(run_id: str) -> str | None:
     return (f"{ahead} run(s) ahead of it in the lab's queue (runs of different users take turns); "
             f"it should start in about {minutes} min (a rough estimate from this server's past runs).")
 
+def join_sheet(codes: list[tuple[str, str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(codes, columns=["account", "name", "join code"])
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """CSV whose cells can't run as spreadsheet formulas (a name starting with = + - @)."""
+    from core.tables import to_csv
+    return to_csv(frame)
+
 def queue_panel() -> None:
     """The lab's queue: what trains where, and what waits in which order. Students see their own
     runs by name and others' only as a count of places."""
