@@ -188,13 +188,23 @@ def check_manage(user: User, run) -> None:
 
 
 def capped(cfg, user: User, policy: Policy):
-    """A student's run within the admin's epoch cap; returns (config, sentence or "")."""
-    if user.admin or not policy.max_epochs or cfg.epochs <= policy.max_epochs:
+    """A student's run within the admin's caps; returns (config, sentence or ""). A time budget
+    never outlasts the minute cap, and its plan keeps to the epoch cap."""
+    if user.admin:
         return cfg, ""
-    note = f"Epochs capped at {policy.max_epochs} by the teacher (you asked for {cfg.epochs})."
-    cfg.epochs = policy.max_epochs
-    cfg.phase1_epochs = min(cfg.phase1_epochs, cfg.epochs)
-    return cfg, note
+    notes = []
+    if policy.max_epochs and cfg.epochs > policy.max_epochs:
+        notes.append(f"Epochs capped at {policy.max_epochs} by the teacher (you asked for {cfg.epochs}).")
+        cfg.epochs = policy.max_epochs
+        cfg.phase1_epochs = min(cfg.phase1_epochs, cfg.epochs)
+    if policy.max_epochs and cfg.time_budget_s:
+        cfg.max_epochs = policy.max_epochs
+        notes.append(f"The time budget's plan keeps to the teacher's cap of {policy.max_epochs} epochs.")
+    if policy.max_minutes and cfg.time_budget_s > policy.max_minutes * 60:
+        notes.append(f"Time budget cut to the teacher's limit of {policy.max_minutes} minutes "
+                     f"(you asked for {cfg.time_budget_s / 60:g}).")
+        cfg.time_budget_s = policy.max_minutes * 60
+    return cfg, " ".join(notes)
 
 
 def time_limit_s(user: User, policy: Policy) -> float | None:

@@ -14,7 +14,7 @@ Learning rates follow the depth (`depth_lr`): the more of the backbone trains, t
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import replace, asdict, dataclass
 
 import torch
 from torch import nn
@@ -234,6 +234,17 @@ def total_epochs(phases: list[Phase]) -> int:
 
 def estimate(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def cap_epochs(phases: list[Phase], cap: int) -> list[Phase]:
+    """The plan cut to `cap` epochs in all: later phases lose epochs first (then go)."""
+    out, left = [], cap
+    for phase in phases:
+        if left <= 0:
+            break
+        out.append(replace(phase, epochs=min(phase.epochs, left)))
+        left -= out[-1].epochs
+    return out
 
 
 def phases_from(rows) -> list[Phase]:

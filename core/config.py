@@ -49,6 +49,7 @@ class RunConfig:
     aug_views: int = 0               # augmented views per training image cached through frozen layers
                                      # (0: augmentations run live, so caching is off when augmenting)
     time_budget_s: int = 0           # >0: plan the phases to fit this many seconds (core.budget)
+    max_epochs: int = 0              # the teacher's epoch cap, which a time budget's plan keeps to (0 = none)
     device: str = "auto"
     name: str = ""
     class_weights: bool = False      # weight the loss by 1/class frequency (imbalanced data)
@@ -84,7 +85,7 @@ FREEZE_MODES = {
 # What the app's widgets offer. A preset must fit them, since a page can only show what its widget
 # allows; a command-line config must fit the ranges but may use any batch or image size.
 RANGES = {"lr": (1e-6, 10.0), "weight_decay": (0.0, 1.0), "momentum": (0.0, 0.999),
-          "epochs": (1, 500), "seed": (0, 10**6), "split_seed": (0, 10**6), "step_size": (1, 100),
+          "epochs": (1, 500), "max_epochs": (0, 500), "seed": (0, 10**6), "split_seed": (0, 10**6), "step_size": (1, 100),
           "gamma": (0.01, 1.0), "warmup_epochs": (0, 50), "label_smoothing": (0.0, 0.5),
           "patience": (0, 100), "phase1_epochs": (0, 500), "backbone_lr_mult": (0.001, 10.0),
           "hidden": (8, 4096), "dropout": (0.0, 0.9), "top_k": (1, 1000), "max_per_class": (1, 100_000),

@@ -244,6 +244,7 @@ class Executor:
             run = get_run(job.run_id)
         except FileNotFoundError:
             return
+        _add_used_time(run, job)
         raw = run.read_json("status.json", {}) or {}
         if raw.get("state") in ACTIVE_STATES:     # the child died without recording its end
             if forced:
@@ -264,6 +265,19 @@ class Executor:
         first = self._stopping.setdefault(job.run_id, time.monotonic())
         if time.monotonic() - first > KILL_AFTER_S:
             self.launcher.kill(job)
+
+
+def _add_used_time(run: Run, job: Job) -> None:
+    """Seconds this run has had a slot, over all its starts: a Resume counts against the same
+    minute cap (kept even when the process died without a word)."""
+    if not job.started:
+        return
+    raw = run.read_json("status.json", {}) or {}
+    raw["used_s"] = round(float(raw.get("used_s") or 0) + max(0.0, time.time() - job.started), 1)
+    try:
+        run.write_json("status.json", raw)
+    except OSError:
+        pass
 
 
 def _tail(run: Run, lines: int = 5) -> str:

@@ -38,8 +38,8 @@ def run_job(run_id: str, resume: bool = False, limit_s: float | None = None) -> 
         if timer:
             timer.cancel()
     if fired.is_set() and run.status().get("state") == "stopped":
-        run.set_status("stopped", message=f"Stopped at the teacher's limit of {limit_s / 60:g} "
-                       "minutes. The best checkpoint is kept; Resume goes on from the last finished epoch.")
+        run.set_status("stopped", message="Stopped at the teacher's time limit. The best checkpoint is "
+                       "kept; Resume goes on from the last finished epoch while time is left.")
     return 0
 
 

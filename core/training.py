@@ -480,6 +480,9 @@ def phases_for(run: Run, cfg: RunConfig, loop: "Loop", resumed, started: float) 
     counts = B.Counts(*(len(loop.data[s][1]) for s in ("train", "val", "test")))
     left = cfg.time_budget_s - (time.monotonic() - started)
     phases, notes = B.plan(cfg, loop.model, speeds, counts, left, loop.views())
+    if cfg.max_epochs and B.total_epochs(phases) > cfg.max_epochs:
+        phases = B.cap_epochs(phases, cfg.max_epochs)
+        notes.append(f"Cut to the teacher's cap of {cfg.max_epochs} epochs.")
     apply_freeze(loop.model, "head")
     run.write_json("plan.json", dict(phases=[p.to_dict() for p in phases], notes=notes, speeds=speeds.summary(),
                                      budget_s=cfg.time_budget_s, planned_after_s=round(cfg.time_budget_s - left, 1)))

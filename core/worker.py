@@ -84,6 +84,12 @@ class RunManager:
         if self.knows(run.id) or run.busy():
             raise ValueError("Another process is still training this run (perhaps paused): stop "
                              "that process first, then resume.")
+        if limit_s:        # the minute cap counts every start of the run, not just this one
+            used = float(run.status().get("used_s") or 0)
+            if used >= limit_s - 1:
+                raise ValueError(f"This run has used the teacher's limit of {limit_s / 60:g} minutes; "
+                                 "start a new run instead.")
+            limit_s -= used
         run.set_status("queued", message="Waiting for a free slot (resume)")
         self._enqueue(run, Job(run.id, run.owner if owner is None else owner, True, limit_s))
 

@@ -477,7 +477,7 @@ def test_the_teachers_minute_cap_stops_a_student_run(tiny_config):
     run = manager.submit(tiny_config(freeze="full", epochs=400), owner="alice", limit_s=3)
     assert manager.wait(run.id, timeout=120)
     status = run.status()
-    assert status["state"] == "stopped" and "teacher's limit" in status["message"], status
+    assert status["state"] == "stopped" and "teacher's time limit" in status["message"], status
 
 
 def test_the_teachers_epoch_cap(classroom):

@@ -1,0 +1,143 @@
+"""A hostile class (issue 23): what a careless or crafty student tried, each as a test through
+the library. Identity and cookies are in test_accounts, test_shared_server (pages) and
+test_browser_identity (a real browser); the kill -9 and full-queue cases in test_executor."""
+from __future__ import annotations
+
+import tracemalloc
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from core import access, budget, data as D, doctor, estimate, store, tables
+from core.config import RunConfig
+from core.prefix import Store
+
+# ---------------------------------------------------------------- caps follow the person
+
+
+def test_a_time_budget_keeps_to_the_teachers_caps():
+    student = access.User("lab-alice")
+    rules = access.Policy(max_epochs=1, max_minutes=2)
+    cfg, note = access.capped(RunConfig(time_budget_s=300, epochs=10), student, rules)
+    assert cfg.time_budget_s == 120 and cfg.max_epochs == 1 and cfg.epochs == 1
+    assert "2 minutes" in note and "1 epochs" in note
+    phases = [budget.Phase("head", "head", 8), budget.Phase("fine-tune", "full", 14)]
+    assert [p.epochs for p in budget.cap_epochs(phases, 1)] == [1]
+    assert [p.epochs for p in budget.cap_epochs(phases, 10)] == [8, 2]
+    teacher = access.User("teacher", admin=True)
+    assert access.capped(RunConfig(time_budget_s=300), teacher, rules)[0].time_budget_s == 300
+
+
+def test_resume_counts_against_the_same_minute_cap(tiny_config):
+    from core.worker import RunManager
+    run = store.Run.create(tiny_config(epochs=3))
+    run.set_status("stopped", message="x", used_s=119.5)
+    (run.path / "last_state.pt").write_bytes(b"x")
+    manager = RunManager()
+    manager.start = lambda: None
+    with pytest.raises(ValueError, match="used the teacher's limit of 2 minutes"):
+        manager.resume(run, limit_s=120)
+    run.set_status("stopped", message="x", used_s=60)
+    manager.resume(run, limit_s=120)
+    from core import runqueue
+    assert runqueue.get(run.id).limit_s == pytest.approx(60)
+    manager.stop(run.id)
+
+
+# ---------------------------------------------------------------- estimate before allocating
+
+def test_a_batch_that_cant_fit_is_refused_with_a_sentence(monkeypatch):
+    import timm
+    model = timm.create_model("test_resnet", num_classes=3)
+    monkeypatch.setattr(estimate, "free_memory", lambda: 64 * 2**20)       # 64 MB free
+    with pytest.raises(estimate.ResourceError, match=r"Batch size 256 at 384 px needs about .* try"):
+        estimate.check_training(model, "test_resnet", 384, 256, 1.0, torch.device("cpu"))
+    estimate.check_training(model, "test_resnet", 32, 2, 1.0, torch.device("cpu"))     # fits
+
+
+def test_the_mobilenet_case_from_the_issue_is_refused_on_this_machine():
+    """MobileNetV2, full fine-tune, 384 px, batch 256: measured 230 MB per image, ~59 GB."""
+    import timm
+    model = timm.create_model("mobilenetv2_100", num_classes=10)
+    need = estimate.training_bytes(model, 384, 256, 1.0, "mobilenetv2_100")
+    assert 50 * 2**30 < need < 120 * 2**30
+    if need > estimate.free_memory():
+        with pytest.raises(estimate.ResourceError):
+            estimate.check_training(model, "mobilenetv2_100", 384, 256, 1.0, torch.device("cpu"))
+
+
+def test_a_disk_cache_larger_than_the_free_disk_is_refused_before_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(estimate, "free_disk", lambda where: 20 * 2**20)     # a 20 MB disk
+    target = tmp_path / "cache" / "x.npy"
+    with pytest.raises(estimate.ResourceError, match="disk"):
+        Store(10_000, (64, 16, 16), True, target)                           # 312 MB
+    assert not target.exists()
+    small = Store(10, (4,), True, tmp_path / "cache" / "y.npy")
+    small.put(0, torch.ones(10, 4))
+    assert (tmp_path / "cache" / "y.npy").stat().st_blocks > 0           # real blocks, not sparse
+    small.close()
+    assert not (tmp_path / "cache" / "y.npy").exists()
+
+
+def test_decoding_more_than_memory_holds_is_refused(tiny_config, monkeypatch):
+    from core import training as T
+    monkeypatch.setattr(estimate, "free_memory", lambda: 1000)
+    run = store.Run.create(tiny_config())
+    status = T.train_run(run)
+    assert status["state"] == "failed" and "Decoding" in status["message"] and "memory" in status["message"]
+
+
+def test_near_duplicates_of_20000_look_alikes_stay_small():
+    """20,000 blank scans (all one vector): memory grows with images, not with the 200 million
+    look-alike pairs; the pairs found still join them into groups."""
+    rng = np.random.default_rng(0)
+    vectors = np.ones((20_000, 16), np.float32) + rng.normal(0, 1e-4, (20_000, 16)).astype(np.float32)
+    tracemalloc.start()
+    pairs = doctor.near_pairs(vectors, np.ones(len(vectors), bool))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 * 2**30, f"{peak / 2**20:.0f} MB"
+    assert len(pairs) <= 20_000 * doctor.NEAR_TOP_K
+
+
+# ---------------------------------------------------------------- the smaller items
+
+def test_groups_kept_together_never_empty_val_or_test(tmp_path):
+    items = [D.Item(f"a/{i}.png", 0) for i in range(600)] + [D.Item(f"b/{i}.png", 1) for i in range(20)]
+    splits = {"train": items[:420] + items[600:614], "val": items[420:510] + items[614:617],
+              "test": items[510:600] + items[617:]}
+    groups = [[it.path for it in items[:600]], [items[600].path, items[615].path]]
+    out = D.keep_together(splits, groups)
+    assert all(out[s] for s in ("train", "val", "test")), {s: len(v) for s, v in out.items()}
+    assert items[615] in out["train"]                       # the small group still moved
+
+
+def test_a_one_class_folder_is_not_no_problems(image_folder):
+    result = SimpleNamespace(items=[1] * 12, counts={"only": 12}, groups=[], split_of={},
+                             findings=pd.DataFrame(columns=["issue"]),
+                             of=lambda issue: pd.DataFrame(columns=["issue"]))
+    lines = doctor.verdicts(result)
+    assert lines[0].startswith("Can't train") and not any("No problems" in line for line in lines)
+
+
+@pytest.mark.parametrize("edit, words", [
+    ([{"name": "x", "freeze": "full", "epochs": 2, "lr": -1}], "lr must be"),
+    ([{"name": "x", "freeze": "full", "epochs": "many"}], "epochs must be"),
+    ([{"name": "x", "freeze": "all", "epochs": 2}], "freeze must be"),
+    ([{"name": "x", "freeze": "full", "epochs": 2, "extra": 1}], "unknown fields"),
+    ("not a list", "damaged"),
+])
+def test_an_edited_plan_is_refused_with_a_sentence(edit, words):
+    with pytest.raises(ValueError, match=words):
+        budget.phases_from(edit)
+
+
+def test_csv_cells_cant_become_formulas():
+    frame = pd.DataFrame({"file": ["=HYPERLINK(\"x\")", "ok.png", "+1", "-2", "@SUM(A1)"],
+                          "predicted": ["=cmd", "cat", "dog", "cat", "cat"], "confidence": [0.5] * 5})
+    text = tables.to_csv(frame)
+    assert "'=HYPERLINK" in text and "'=cmd" in text and "'+1" in text and "'@SUM" in text
+    assert "\nok.png,cat,0.5" in text
