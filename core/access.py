@@ -62,6 +62,9 @@ class Policy:
     user_mb: int = 8192               # all of one student's uploads
     total_mb: int = 65536             # everything in the data directory; uploads stop beyond it
     keep_days: int = 30               # "Clean up" deletes uploads not touched for this long
+    max_tasks: int = 2                # page tasks (Doctor audits, LR finder) running at once, each in its own process
+    task_minutes: int = 10            # a page task is stopped after this many minutes
+    cache_mb: int = 4096              # the lab's cache of shared folders' embeddings and audits, trimmed oldest-first
     slots: int = 0                    # runs training at once on a CPU-only machine (0 = automatic)
     runs_per_gpu: int = 1             # runs sharing one GPU (small runs leave a GPU half idle)
     ray_address: str = ""             # a Ray cluster's dashboard address: runs go there as Ray jobs
@@ -69,7 +72,8 @@ class Policy:
 
 LIMITS = {"max_queued": (1, 100), "max_epochs": (0, 500), "max_minutes": (0, 7 * 24 * 60),
           "upload_mb": (1, 10 ** 6), "user_mb": (1, 10 ** 7), "total_mb": (0, 10 ** 8),
-          "keep_days": (1, 3650), "slots": (0, 64), "runs_per_gpu": (1, 16)}
+          "keep_days": (1, 3650), "slots": (0, 64), "runs_per_gpu": (1, 16), "cache_mb": (16, 10 ** 7), "max_tasks": (1, 32),
+          "task_minutes": (1, 24 * 60)}
 
 
 def policy_path() -> Path:
@@ -338,6 +342,11 @@ def clean_up(older_than_days: float, user: User | None = None) -> int:
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
     return removed
+
+
+def trim_lab_cache() -> int:
+    """Keep the lab's cache (what is derived from shared folders) under the teacher's cap."""
+    return paths.trim_lab_cache(load_policy().cache_mb * MB)
 
 
 def disk_usage() -> dict:

@@ -392,6 +392,12 @@ def cmd_job(args) -> int:
     return run_job(args.run, resume=args.resume, limit_s=args.limit_s)
 
 
+def cmd_task(args) -> int:
+    """One page task in its own process (the executor starts this; not for people)."""
+    from core.tasks import run_task
+    return run_task(args.run, limit_s=args.limit_s)
+
+
 def cmd_queue(args) -> int:
     """The lab's queue as the pages show it; with --serve, this process starts queued runs (a
     server-less executor, e.g. on a head machine while no browser is open)."""
@@ -455,6 +461,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--limit-s", type=float, default=None)
+    p = sub.add_parser("task", help="run one queued page task in this process (started by the app's executor)")
+    p.add_argument("run")
+    p.add_argument("--limit-s", type=float, default=None)
+    p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     p = sub.add_parser("token", help="print (making it once) the teacher token of a class server")
     p = sub.add_parser("accounts", help="create class accounts: CLASS NAME [NAME ...] or CLASS COUNT")
     p.add_argument("klass", metavar="CLASS")
@@ -486,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = {"config": cmd_config, "train": cmd_train, "resume": cmd_resume, "evaluate": cmd_evaluate,
                "predict": cmd_predict, "sweep": cmd_sweep, "export": cmd_export, "lr": cmd_lr,
-               "doctor": cmd_doctor, "job": cmd_job, "queue": cmd_queue,
+               "doctor": cmd_doctor, "job": cmd_job, "task": cmd_task, "queue": cmd_queue,
                "token": cmd_token, "accounts": cmd_accounts}[args.command]
     if args.command != "config" and (problem := paths.write_problem()):
         print(f"error: {problem}", file=sys.stderr)

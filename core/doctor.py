@@ -80,7 +80,16 @@ class Audit:
     def to_json(self) -> dict:
         return {"root": self.root, "classes": self.classes, "counts": self.counts,
                 "verdicts": self.verdicts, "groups": self.groups,
-                "findings": self.findings.to_dict(orient="records")}
+                "findings": self.findings.to_dict(orient="records"),
+                "items": [[it.path, it.label, it.split] for it in self.items], "split_of": self.split_of}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Audit":
+        """The audit a worker process saved (no embeddings: the map reads the disk cache)."""
+        findings = pd.DataFrame(data["findings"], columns=["path", "issue", "label", "suggested", "score", "detail"])
+        items = [D.Item(path, int(label), split) for path, label, split in data.get("items", [])]
+        return cls(data["root"], list(data["classes"]), items, findings, [list(g) for g in data["groups"]],
+                   dict(data.get("split_of", {})), dict(data["counts"]), list(data["verdicts"]))
 
 
 def audit(folder: str | os.PathLike, arch: str = DEFAULT_ARCH, weights: str = "auto",
@@ -452,7 +461,7 @@ def saved_path(root: str | os.PathLike) -> Path:
 
     from core import paths
     name = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:20]
-    return paths.home() / "cache" / "doctor" / f"{name}.json"
+    return paths.cache_dir(root, "doctor") / f"{name}.json"
 
 
 def save(result: Audit) -> Path:

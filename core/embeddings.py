@@ -51,7 +51,7 @@ def pretrained(arch: str = DEFAULT_ARCH, weights: str = "auto") -> tuple[torch.n
 
 def cache_file(root: str, arch: str, weights: str, size: int) -> Path:
     name = hashlib.sha1(f"{Path(root).resolve()}|{arch}|{weights}|{size}".encode()).hexdigest()[:20]
-    return paths.home() / "cache" / "embeddings" / f"{name}.safetensors"
+    return paths.cache_dir(root, "embeddings") / f"{name}.safetensors"
 
 
 def _stamp(root: str, rel: str) -> str:
@@ -80,6 +80,8 @@ def _write_cache(path: Path, known: dict[str, np.ndarray]) -> None:
         safetensors.torch.save_file({"vectors": torch.from_numpy(np.stack([known[k] for k in keys]))},
                                     str(tmp), metadata={"keys": json.dumps(keys)})
         tmp.replace(path)
+    from core.access import trim_lab_cache
+    trim_lab_cache()
 
 
 def embed_items(root: str, items: list, arch: str = DEFAULT_ARCH, weights: str = "auto",

@@ -71,10 +71,11 @@ def pid_alive(pid: int | None) -> bool:
 # ---------------------------------------------------------------- launchers
 
 class LocalLauncher:
-    """Child processes on this machine, one per free slot."""
-    name = "local"
+    """Child processes on this machine, one per free slot: `python -m core job RUN_ID` (or
+    `task TASK_ID` for the pages' heavy tasks)."""
 
-    def __init__(self, plan=None):
+    def __init__(self, plan=None, name: str = "local", verb: str = "job"):
+        self.name, self.verb = name, verb
         self._plan = plan or (lambda: slots.plan())
         self.procs: dict[str, subprocess.Popen] = {}
         self._slots: tuple[float, list] = (0.0, [])
@@ -89,7 +90,7 @@ class LocalLauncher:
     def start(self, job: Job, slot: slots.Slot, run: Run) -> Job:
         env = dict(os.environ, **slot.env, **slots.thread_env(slot.threads),
                    FINETUNE_LAB_NICE=str(NICE), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "core", "job", job.run_id] + _job_args(job)
+        cmd = [sys.executable, "-m", "core", self.verb, job.run_id] + _job_args(job)
         with open(run.file("train.log"), "ab") as out:
             # a session of its own: Ctrl+C on the server (or its crash) leaves the run training
             proc = subprocess.Popen(cmd, cwd=paths.REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
@@ -137,15 +138,23 @@ def _job_args(job: Job) -> list[str]:
 # ---------------------------------------------------------------- the dispatcher
 
 class Executor:
-    """Fills free slots from the queue; reaps, and explains, processes that ended."""
+    """Fills free slots from the queue; reaps, and explains, processes that ended. Two pools:
+    training runs on `launcher`'s slots (this machine's, or a Ray cluster's), and the pages'
+    heavy tasks (core.tasks: audits, maps, checks) on a few local task slots of their own, so a
+    Doctor audit never waits behind thirty training runs."""
 
-    def __init__(self, launcher=None):
+    def __init__(self, launcher=None, task_launcher=None):
         self.launcher = launcher or LocalLauncher()
+        self.task_launcher = task_launcher or LocalLauncher(plan=_task_plan, name="task", verb="task")
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping: dict[str, float] = {}
         self._closed = threading.Event()
+
+    @property
+    def pools(self) -> dict[str, object]:
+        return {"run": self.launcher, "task": self.task_launcher}
 
     def ensure_started(self) -> None:
         with self._lock:
@@ -182,23 +191,23 @@ class Executor:
     # ------------------------------------------------------------ starting
     def fill(self) -> None:
         with runqueue.locked():
-            while (slot := self._free_slot()) is not None:
-                job = runqueue.take_next()
-                if job is None:
-                    return
-                self._launch(job, slot)
+            for kind, launcher in self.pools.items():
+                while (slot := self._free_slot(launcher)) is not None:
+                    job = runqueue.take_next(kind=kind)
+                    if job is None:
+                        break
+                    self._launch(job, slot, launcher)
 
-    def _free_slot(self) -> slots.Slot | None:
-        taken = {j.slot for j in runqueue.running()
-                 if j.launcher == self.launcher.name and j.host == HOST}
-        return next((s for s in self.launcher.slots() if s.index not in taken), None)
+    def _free_slot(self, launcher) -> slots.Slot | None:
+        taken = {j.slot for j in runqueue.running() if j.launcher == launcher.name and j.host == HOST}
+        return next((s for s in launcher.slots() if s.index not in taken), None)
 
-    def _launch(self, job: Job, slot: slots.Slot) -> None:
+    def _launch(self, job: Job, slot: slots.Slot, launcher) -> None:
         job.slot, job.device, job.host = slot.index, slot.device, HOST
-        job.spawner, job.launcher, job.started = os.getpid(), self.launcher.name, time.time()
+        job.spawner, job.launcher, job.started = os.getpid(), launcher.name, time.time()
         runqueue.update_running(job)        # the slot is taken before the process exists
         try:
-            run = get_run(job.run_id)
+            run = folder_of(job)
         except FileNotFoundError:           # deleted while it waited
             runqueue.done(job.run_id)
             return
@@ -207,64 +216,84 @@ class Executor:
             runqueue.done(job.run_id)
             return
         try:
-            job = self.launcher.start(job, slot, run)
+            job = launcher.start(job, slot, run)
         except Exception as err:  # noqa: BLE001 - can't start (no Ray room, bad env): say so
             runqueue.done(job.run_id)
-            _safe_status(run, "failed", message=f"The run could not be started: {err}")
+            _safe_status(run, "failed", message=f"It could not be started: {err}")
             return
         runqueue.update_running(job)
-        where = f"{slot.label()} on {HOST}" if self.launcher.name == "local" else f"Ray ({slot.device})"
+        where = f"Ray ({slot.device})" if launcher.name == "ray" else f"{slot.label()} on {HOST}"
         _safe_status(run, "preparing", message=f"Starting on {where}", pid=job.pid or 0,
-                     slot=slot.index, where=where, launcher=self.launcher.name,
-                     slot_started=job.started)
+                     slot=slot.index, where=where, launcher=launcher.name, slot_started=job.started)
 
     # ------------------------------------------------------------ ending
     def reap(self) -> None:
-        self.launcher.collect()
+        for launcher in self.pools.values():
+            launcher.collect()
+        names = {launcher.name: launcher for launcher in self.pools.values()}
         for job in runqueue.running():
-            if job.launcher != self.launcher.name or (job.launcher == "local" and job.host != HOST):
+            launcher = names.get(job.launcher)
+            if launcher is None or (launcher.name != "ray" and job.host != HOST):
                 continue
-            if not self.launcher.started(job):
+            if not launcher.started(job):
                 if time.time() - (job.started or 0) > 60 and not pid_alive(job.spawner):
                     runqueue.done(job.run_id)        # its server died before starting it
                 continue
-            if not self.launcher.mine(job) and pid_alive(job.spawner) and job.spawner != os.getpid():
+            if not launcher.mine(job) and pid_alive(job.spawner) and job.spawner != os.getpid():
                 continue        # another live server started it and will reap it
-            ended, code = self.launcher.poll(job)
+            ended, code = launcher.poll(job)
             if ended:
                 self._finish(job, code)
             else:
-                self._enforce_stop(job)
+                self._enforce_stop(job, launcher)
 
     def _finish(self, job: Job, code: int | None) -> None:
         runqueue.done(job.run_id)
         forced = self._stopping.pop(job.run_id, None) is not None
         self._wake.set()                  # a slot is free: fill it now, not at the next tick
         try:
-            run = get_run(job.run_id)
+            run = folder_of(job)
         except FileNotFoundError:
             return
-        _add_used_time(run, job)
+        if job.kind == "run":
+            _add_used_time(run, job)
         raw = run.read_json("status.json", {}) or {}
         if raw.get("state") in ACTIVE_STATES:     # the child died without recording its end
             if forced:
-                _safe_status(run, "stopped", message="Stopped: the training process did not answer "
-                             "Stop in time and was ended. Resume goes on from the last finished epoch.")
+                _safe_status(run, "stopped", message="Stopped: the process did not answer Stop in time "
+                             "and was ended." + (" Resume goes on from the last finished epoch."
+                                                 if job.kind == "run" else ""))
             else:
                 _safe_status(run, "interrupted", message=death_sentence(code, _tail(run)))
         run.clear_stop()
 
-    def _enforce_stop(self, job: Job) -> None:
+    def _enforce_stop(self, job: Job, launcher) -> None:
         """A child that ignores its stop file (stuck in native code) is ended after a grace time."""
         try:
-            run = get_run(job.run_id)
+            run = folder_of(job)
         except FileNotFoundError:
             return
         if not run.stop_requested():
             return
         first = self._stopping.setdefault(job.run_id, time.monotonic())
         if time.monotonic() - first > KILL_AFTER_S:
-            self.launcher.kill(job)
+            launcher.kill(job)
+
+
+def folder_of(job: Job) -> Run:
+    """The run folder, or the task folder, a queue record stands for."""
+    if job.kind == "task":
+        from core.tasks import get_task
+        return get_task(job.run_id)
+    return get_run(job.run_id)
+
+
+def _task_plan() -> list[slots.Slot]:
+    """Task slots: the teacher's number of page tasks at once (default 2), sharing the cores."""
+    from core.access import load_policy
+    count = max(1, load_policy().max_tasks)
+    return [slots.Slot(i + 1, "cpu", max(1, slots.cores() // count), {"CUDA_VISIBLE_DEVICES": ""})
+            for i in range(count)]
 
 
 def _add_used_time(run: Run, job: Job) -> None:

@@ -47,6 +47,46 @@ def write_problem() -> str | None:
                 "FINETUNE_LAB_HOME at a writable folder and restart the app.")
 
 
+CACHE_DIR = ".lab-cache"      # hidden: data scans skip it
+
+
+def cache_dir(root: str | os.PathLike, kind: str) -> Path:
+    """Where what the app derives from a data folder (embeddings, audits) is kept: inside the
+    upload when the folder is a user's upload, so it counts in that user's quota and goes with
+    the upload; else in the lab's cache, which is trimmed oldest-first (`trim_lab_cache`)."""
+    folder = Path(root).resolve()
+    users = (datasets_dir() / "users").resolve()
+    try:
+        rel = folder.relative_to(users)
+    except ValueError:
+        rel = None
+    if rel is not None and len(rel.parts) >= 2:
+        return users / rel.parts[0] / rel.parts[1] / CACHE_DIR / kind
+    return _sub("cache") / kind
+
+
+def trim_lab_cache(cap_bytes: int) -> int:
+    """Delete the lab cache's least recently used files until it holds at most `cap_bytes`;
+    returns how many went."""
+    files = []
+    for path in _sub("cache").rglob("*"):
+        try:
+            if path.is_file():
+                stat = path.stat()
+                files.append((max(stat.st_atime, stat.st_mtime), stat.st_size, path))
+        except OSError:
+            pass
+    total, removed = sum(size for _, size, _ in files), 0
+    for _, size, path in sorted(files, key=lambda f: f[0]):
+        if total <= cap_bytes:
+            break
+        with contextlib.suppress(OSError):
+            path.unlink()
+            total -= size
+            removed += 1
+    return removed
+
+
 def weights_dir() -> Path:
     return _sub("weights")
 

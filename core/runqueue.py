@@ -27,7 +27,7 @@ except ImportError:       # Windows: one server per data directory is then up to
 
 @dataclass
 class Job:
-    run_id: str
+    run_id: str                     # a run's id, or a page task's (kind "task")
     owner: str = ""
     resume: bool = False
     limit_s: float | None = None
@@ -41,6 +41,7 @@ class Job:
     spawner: int | None = None      # pid of the server process that started it (it reaps it)
     launcher: str = "local"
     handle: str = ""                # the Ray job's submission id
+    kind: str = "run"               # "run" (training) or "task" (a page's heavy job: core.tasks)
     started: float | None = None
 
     @classmethod
@@ -102,12 +103,12 @@ def _save_state(state: dict) -> None:
 
 # ---------------------------------------------------------------- reading (no lock needed)
 
-def waiting() -> list[Job]:
-    return _jobs("waiting")
+def waiting(kind: str | None = None) -> list[Job]:
+    return [j for j in _jobs("waiting") if kind is None or j.kind == kind]
 
 
-def running() -> list[Job]:
-    return _jobs("running")
+def running(kind: str | None = None) -> list[Job]:
+    return [j for j in _jobs("running") if kind is None or j.kind == kind]
 
 
 def get(run_id: str) -> Job | None:
@@ -122,8 +123,8 @@ def has(run_id: str) -> bool:
 def order(jobs: list[Job] | None = None, served: dict | None = None) -> list[Job]:
     """The waiting jobs in the order they will start: repeatedly, the first job of the owner
     served least recently (never served first; ties: who queued first)."""
-    jobs = waiting() if jobs is None else jobs
-    served = _state().get("served", {}) if served is None else served
+    jobs = waiting("run") if jobs is None else jobs
+    served = {k: v for k, v in _state().get("served", {}).items() if ":" not in k} if served is None else served
     queues: dict[str, list[Job]] = {}
     for job in sorted(jobs, key=lambda j: j.seq):
         queues.setdefault(job.owner, []).append(job)
@@ -161,18 +162,20 @@ def remove_waiting(run_id: str) -> bool:
             return False
 
 
-def take_next(skip: set[str] = frozenset()) -> Job | None:
-    """Under the lock (the caller holds it): move the next job in fair order to running/.
-    Jobs in `skip` stay waiting (a launcher has no room for them yet)."""
+def take_next(skip: set[str] = frozenset(), kind: str = "run") -> Job | None:
+    """Under the lock (the caller holds it): move the next job of `kind` in fair order to
+    running/. Jobs in `skip` stay waiting (a launcher has no room for them yet)."""
     state = _state()
-    for job in order(waiting(), state.get("served", {})):
+    served = state.setdefault("served", {})
+    prefix = "" if kind == "run" else f"{kind}:"       # tasks take turns among themselves
+    mine = {k[len(prefix):]: v for k, v in served.items() if (k.startswith(prefix) if prefix else ":" not in k)}
+    for job in order([j for j in waiting() if j.kind == kind], mine):
         if job.run_id in skip:
             continue
         src = _file("waiting", job.run_id)
         if not src.exists():
             continue
-        served = state.setdefault("served", {})
-        served[job.owner] = job.seq
+        served[prefix + job.owner] = job.seq
         _save_state(state)
         _write("running", job)
         src.unlink()

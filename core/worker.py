@@ -127,8 +127,8 @@ class RunManager:
     def busy(self) -> bool:
         return bool(runqueue.waiting() or runqueue.running())
 
-    def waiting_count(self, owner: str) -> int:
-        return sum(job.owner == owner for job in runqueue.waiting())
+    def waiting_count(self, owner: str, kind: str = "run") -> int:
+        return sum(job.owner == owner for job in runqueue.waiting(kind))
 
     def wait(self, run_id: str, timeout: float | None = None) -> bool:
         """Block until `run_id` leaves the queue (tests, notebooks)."""
@@ -139,14 +139,26 @@ class RunManager:
             time.sleep(0.05)
         return not self.knows(run_id)
 
+    def submit_task(self, kind: str, args: dict, owner: str = "", admin: bool = False):
+        """Queue a page's heavy job (core.tasks) on the task slots, within the teacher's task
+        time cap (for students) and one waiting task per student."""
+        from core import tasks
+        rules = _policy()
+        task = tasks.submit(kind, args, owner, limit_s=None if admin else rules.task_minutes * 60.0,
+                            max_waiting=None if admin else 1)
+        self.start()
+        self.executor.wake()
+        return task
+
     def where(self, run_id: str) -> Job | None:
         """The queue's record of a run: its slot, device and host once it trains."""
         return runqueue.get(run_id)
 
     def overview(self) -> dict:
         """What the lab's executor is doing: slots, the runs training and the runs waiting."""
-        return dict(slots=self.executor.launcher.slots(), running=runqueue.running(),
-                    waiting=runqueue.order(), launcher=self.executor.launcher.name)
+        return dict(slots=self.executor.launcher.slots(), running=runqueue.running("run"),
+                    waiting=runqueue.order(), launcher=self.executor.launcher.name,
+                    tasks=runqueue.running("task") + runqueue.waiting("task"))
 
     def place(self, run_id: str) -> tuple[int, float] | None:
         """(runs ahead of it, estimated seconds until it starts) for a waiting run, else None.
@@ -156,7 +168,7 @@ class RunManager:
         if run_id not in ids:
             return None
         ahead = order[:ids.index(run_id)]
-        training = runqueue.running()
+        training = runqueue.running("run")
         work = sum(_expected(job.run_id) for job in ahead)
         now = time.time()
         work += sum(max(0.0, _expected(job.run_id) - (now - (job.started or now))) for job in training)

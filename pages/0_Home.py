@@ -153,6 +153,14 @@ def admin_panel():
                                                help="Small runs leave a GPU half idle: 2-4 per GPU keeps it busy."))
             ray = c[2].text_input("Ray cluster (dashboard address, empty = this machine)", rules.ray_address,
                                   placeholder="http://head-machine:8265")
+            c = st.columns(3)
+            values.update(
+                max_tasks=c[0].number_input("Page tasks at once (audits, LR tests)", *access.LIMITS["max_tasks"], rules.max_tasks,
+                                            help="Each runs in its own process beside the training runs."),
+                task_minutes=c[1].number_input("Minutes cap per student page task", *access.LIMITS["task_minutes"], rules.task_minutes),
+                cache_mb=c[2].number_input("MB for the cache of shared folders", *access.LIMITS["cache_mb"], rules.cache_mb,
+                                           help="Embeddings and audits of shared folders; the oldest go first. "
+                                                "A student's own uploads keep theirs inside the upload (in their quota)."))
             if st.form_submit_button("Save settings"):
                 try:
                     access.save_policy(access.Policy(server_folders=folders, roots=roots.splitlines(),

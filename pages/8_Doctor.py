@@ -13,8 +13,6 @@ import pandas as pd
 
 from core import access, paths
 from core import doctor
-from core import embeddings as EM
-from core.data import DataError
 from pages import common
 from pages.common.teaching import explain
 
@@ -43,29 +41,53 @@ state = common.lab().page.setdefault("doctor", {})
 fixes = state.setdefault("fixes", {"exclude": set(), "move": {}, "together": False})
 
 
-def run_audit() -> None:
-    bar = st.progress(0.0, text="Starting…")
-    try:      # a click elsewhere on the page interrupts it (at the next progress update)
-        result = doctor.audit(root, progress=lambda text, f: bar.progress(min(f, 1.0), text=text))
-    except (DataError, EM.Cancelled) as err:
-        bar.empty()
-        st.error(str(err))
+def start_audit() -> None:
+    """The audit runs as a task in a worker process (core.tasks), never in this page's thread."""
+    who = common.user()
+    try:
+        task = common.MANAGER.submit_task("doctor", {"folder": str(root)}, owner=who.id, admin=who.admin)
+    except ValueError as err:
+        common.lab().note("doctor_error", str(err))
         return
-    bar.empty()
-    result.vectors = None       # 10 MB for 2,000 images per session; the map reads the disk cache
-    state.update(root=str(root), result=result, shown={})
-    fixes.update(exclude=set(), move={}, together=False)
+    state.update(task=task.id, task_root=str(root))
 
 
-if st.button("Audit this data set", type="primary", icon=":material/health_and_safety:", key="doctor_go"):
-    run_audit()
+@st.fragment(run_every=1)
+def audit_progress(task_id: str) -> None:
+    from core import tasks
+    try:
+        task = tasks.get_task(task_id)
+    except FileNotFoundError:
+        state.pop("task", None)
+        return
+    status = task.status()
+    if status.get("state") in common.ACTIVE_STATES:
+        left, right = st.columns([5, 1])
+        left.progress(float(status.get("fraction") or 0.0), text=status.get("message", "Waiting…"))
+        right.button("Stop", key="doctor_stop", icon=":material/stop_circle:", on_click=tasks.stop, args=(task_id,))
+        return
+    state.pop("task", None)
+    if status.get("state") == "finished" and (saved := doctor.saved(state.get("task_root", ""))):
+        state.update(root=state["task_root"], result=doctor.Audit.from_json(saved), shown={})
+        fixes.update(exclude=set(), move={}, together=False)
+    elif status.get("state") != "finished":
+        common.lab().note("doctor_error", f"The audit {status.get('state')}: {status.get('message', '')}")
+    st.rerun(scope="app")
+
+
+st.button("Audit this data set", type="primary", icon=":material/health_and_safety:", key="doctor_go",
+          on_click=start_audit, disabled=bool(state.get("task")))
+if error := common.lab().take("doctor_error"):
+    st.error(error)
+if state.get("task"):
+    audit_progress(state["task"])
 result: doctor.Audit | None = state.get("result")
 if result is None or state.get("root") != str(root):
     if last := doctor.saved(root):
         st.caption(f"Last audit of this folder: {len(last['findings'])} finding(s). Audit again to see them "
                    "with pictures and fix them.")
     st.caption("About a minute for 2,000 images on a 2-core laptop the first time; seconds afterwards "
-               "(the embeddings are kept).")
+               "(the embeddings are kept). It runs in its own process: you can use other pages meanwhile.")
     common.stop()
 
 st.subheader("Verdict")

@@ -111,6 +111,22 @@ def test_command_line_writes_csv(planted, tmp_path, capsys):
     assert cli(["doctor", str(tmp_path / "nowhere")]) == 2
 
 
+def finish_task(at, timeout: float = 180) -> None:
+    """The audit runs in a worker process: wait for it, then run the page again (fragments
+    don't tick in AppTest)."""
+    import time
+
+    from core import tasks
+    task_id = at.session_state["lab"].page["doctor"]["task"]
+    end = time.monotonic() + timeout
+    while tasks.get_task(task_id).status().get("state") in ("queued", "preparing", "running"):
+        assert time.monotonic() < end, tasks.get_task(task_id).status()
+        time.sleep(0.2)
+    assert tasks.get_task(task_id).status()["state"] == "finished", tasks.get_task(task_id).status()
+    at.run()
+    assert_ok(at)
+
+
 def test_doctor_page_audits_and_writes_a_fixed_copy(planted):
     root, moved = planted
     at = opened("pages/8_Doctor.py")
@@ -118,6 +134,7 @@ def test_doctor_page_audits_and_writes_a_fixed_copy(planted):
     at.run()
     at.button(key="doctor_go").click().run()
     assert_ok(at)
+    finish_task(at)
     assert any("mislabelled" in w.value for w in at.warning), [w.value for w in at.warning]
     at.button(key="move_all").click().run()
     at.button(key="write_fixed").click().run()

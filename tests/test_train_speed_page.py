@@ -2,6 +2,8 @@
 learning-rate test with its chart and Use button, and a budget run's plan in the live view."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from apptest_helpers import assert_ok, opened, use_small_settings
@@ -50,7 +52,15 @@ def test_learning_rate_test_draws_a_chart_and_applies_only_on_click(image_folder
     before = len(charts(at))
     button(at, "Suggest a learning rate").click().run()
     assert_ok(at)
-    assert len(charts(at)) == before + 1
+    task_id, _ = at.session_state["lab"].page["lr_task"]        # a task in a worker process
+    from core import tasks
+    end = time.monotonic() + 180
+    while tasks.get_task(task_id).status().get("state") in ("queued", "preparing", "running"):
+        assert time.monotonic() < end, tasks.get_task(task_id).status()
+        time.sleep(0.2)
+    at.run()
+    assert_ok(at)
+    assert len(charts(at)) == before + 1, tasks.get_task(task_id).status()
     assert at.session_state["lab"].settings["lr"] == 1e-2          # nothing applied yet
     use = button(at, "Use ")
     suggested = float(use.label.split()[-1])

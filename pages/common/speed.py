@@ -72,19 +72,12 @@ def lr_panel(settings: dict) -> None:
     """The learning-rate range test: a chart and a suggestion, applied only on a click."""
     cfg = RunConfig.from_dict(settings)
     key = (cfg.data_root, cfg.arch, cfg.freeze, cfg.top_k, cfg.image_size, cfg.optimizer, cfg.weights)
-    if st.button("Suggest a learning rate", icon=":material/show_chart:", key="lr_test_go",
-                 help="Trains a copy of the model for a few dozen small steps while the learning rate "
-                      "grows from 1e-6 to 1, and watches the loss. Uses the same caches as training."):
-        bar = st.progress(0.0, text="Starting the learning-rate test…")
-        from core.lr_find import suggest_lr
-
-        def progress(done, total, message):
-            bar.progress(min(1.0, done / max(total, 1)), text=message)
-        try:
-            common.lab().page["lr_test"] = (key, suggest_lr(cfg, progress=progress))
-        except Exception as err:  # noqa: BLE001 - shown as a sentence, the page goes on
-            common.lab().page["lr_test"] = (key, dict(error=str(err)))
-        bar.empty()
+    st.button("Suggest a learning rate", icon=":material/show_chart:", key="lr_test_go",
+              on_click=_start_lr_test, args=(cfg, key), disabled=bool(common.lab().page.get("lr_task")),
+              help="Trains a copy of the model for a few dozen small steps while the learning rate "
+                   "grows from 1e-6 to 1, and watches the loss. Runs in its own process.")
+    if task := common.lab().page.get("lr_task"):
+        _lr_progress(task)
     found = common.lab().page.get("lr_test")
     if not found or found[0] != key:
         st.caption("Different freeze depths need different rates: run the test after choosing the depth.")
@@ -106,6 +99,41 @@ def lr_panel(settings: dict) -> None:
     if result["suggestion"]:
         st.button(f"Use {result['suggestion']:g}", key="lr_use", on_click=_use_lr,
                   args=(settings, result["suggestion"]))
+
+
+def _start_lr_test(cfg: RunConfig, key: tuple) -> None:
+    """The range test is a task in a worker process (core.tasks), not work for this page's thread."""
+    from core import access
+    who = common.user()
+    problem = access.run_data_problem(who, cfg.data_root, common.policy())
+    try:
+        if problem:
+            raise ValueError(problem)
+        task = common.MANAGER.submit_task("lr", {"config": cfg.to_dict()}, owner=who.id, admin=who.admin)
+    except ValueError as err:
+        common.lab().page["lr_test"] = (key, dict(error=str(err)))
+        return
+    common.lab().page["lr_task"] = (task.id, key)
+
+
+@st.fragment(run_every=1)
+def _lr_progress(task_and_key: tuple) -> None:
+    from core import tasks
+    task_id, key = task_and_key
+    try:
+        task = tasks.get_task(task_id)
+    except FileNotFoundError:
+        common.lab().page.pop("lr_task", None)
+        return
+    status = task.status()
+    if status.get("state") in common.ACTIVE_STATES:
+        st.progress(float(status.get("fraction") or 0.0), text=status.get("message", "Waiting…"))
+        st.button("Stop", key="lr_stop", icon=":material/stop_circle:", on_click=tasks.stop, args=(task_id,))
+        return
+    common.lab().page.pop("lr_task", None)
+    result = task.read_json("result.json") if status.get("state") == "finished" else None
+    common.lab().page["lr_test"] = (key, result or dict(error=status.get("message", status.get("state"))))
+    st.rerun(scope="app")
 
 
 def _use_lr(settings: dict, lr: float) -> None:
