@@ -39,13 +39,19 @@ def free_memory() -> int:
 
 
 def _cgroup_room() -> int:
-    """A container's memory limit minus what it uses (cgroup v2), else no limit."""
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        return (int(limit) - used) if limit != "max" else 1 << 50
-    except (OSError, ValueError):
+    """A container's memory limit minus what it uses (cgroup v2, else v1), else no limit."""
+    for limit_file, used_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                   "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            used = int(Path(used_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit != "max" and int(limit) < 1 << 60:
+            return int(limit) - used
         return 1 << 50
+    return 1 << 50
 
 
 def free_disk(where: Path) -> int:

@@ -256,7 +256,7 @@ class Store:
         return self.data[torch.as_tensor(index, dtype=torch.long)].float()
 
     def close(self) -> None:
-        if self.disk is not None:
+        if getattr(self, "disk", None) is not None:      # __init__ may have refused before setting it
             self.data = None       # drop the memory map before its file goes
             with contextlib.suppress(OSError):
                 self.disk.unlink()

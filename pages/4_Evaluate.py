@@ -162,7 +162,8 @@ with tabs[5]:
     def write_and_check(kind: str) -> None:
         bar = st.progress(0.0, text="Writing…")
         try:
-            XC.export_checked(run, kind, export_dir, progress=follow(bar))
+            common.run_heavy("export check", lambda checked: XC.export_checked(run, kind, export_dir, progress=checked),
+                             follow(bar))
         except RuntimeError as err:          # an architecture the ONNX exporter can't handle
             st.warning(str(err), icon=":material/warning:")
         bar.empty()
@@ -172,8 +173,11 @@ with tabs[5]:
         check = XC.load_checks(export_dir, run).get(kind)
         if check is None:                    # written by the CLI or before the checkpoint moved on
             bar = st.progress(0.0, text="Checking the export…")
-            check = XC.check_export(run, kind, export_dir / XC.FILES[kind], progress=follow(bar))
+            check = common.run_heavy("export check", lambda checked: XC.check_export(
+                run, kind, export_dir / XC.FILES[kind], progress=checked), follow(bar))
             bar.empty()
+            if check is None:                # the server is busy, or the time cap: said above
+                return
         if check["ok"]:
             st.success(f"**{check['file']}** {XC.check_line(check)}", icon=":material/verified:")
         else:

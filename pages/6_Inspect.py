@@ -240,11 +240,12 @@ def show_class_averages(run) -> None:
                                            progress=lambda d, t: bar.progress(
                                                d / max(t, 1) / 2, text=f"Decoding test images ({d} of {t})"))
         try:
-            heat = S.class_average_gradcam(model, images, labels, transform, aim,
-                                           progress=lambda d, t: bar.progress(
-                                               0.5 + d / max(t, 1) / 2, text=f"Grad-CAM ({d} of {t} images)"))
-            common.lab().page["class_cam"] = (avg_key, heat, S.class_mean_images(images, labels, size),
-                                              {c: labels.count(c) for c in heat})
+            heat = common.run_heavy("class-average Grad-CAM", lambda checked: S.class_average_gradcam(
+                model, images, labels, transform, aim, progress=checked),
+                lambda d, t: bar.progress(0.5 + d / max(t, 1) / 2, text=f"Grad-CAM ({d} of {t} images)"))
+            if heat is not None:
+                common.lab().page["class_cam"] = (avg_key, heat, S.class_mean_images(images, labels, size),
+                                                  {c: labels.count(c) for c in heat})
         except ValueError as err:            # a transformer: no spatial map to average
             st.info(str(err), icon=":material/info:")
         bar.empty()
@@ -293,10 +294,12 @@ with tabs[4]:
             features = S.run_training_features(common.get_run(choice[1]), model, mean, std, progress=lambda d, t:
                                                bar.progress(d / max(t, 1), text="Computing training features "
                                                             f"for the shuffled-label head ({d} of {t} images)"))
-        rows = S.sanity_check(model, x, int(target), methods, train_features=features,
-                              progress=lambda d, t, text: bar.progress(d / max(t, 1), text=text))
+        rows = common.run_heavy("sanity check", lambda checked: S.sanity_check(
+            model, x, int(target), methods, train_features=features, progress=checked),
+            lambda d, t, text: bar.progress(d / max(t, 1), text=text))
         bar.empty()
-        common.lab().page["sanity"] = (attr_key, rows)
+        if rows is not None:
+            common.lab().page["sanity"] = (attr_key, rows)
     stored_key, rows = common.lab().page.get("sanity", (None, None))
     if rows and stored_key == attr_key:
         show_sanity(rows, image)

@@ -141,3 +141,75 @@ def test_csv_cells_cant_become_formulas():
     text = tables.to_csv(frame)
     assert "'=HYPERLINK" in text and "'=cmd" in text and "'+1" in text and "'@SUM" in text
     assert "\nok.png,cat,0.5" in text
+
+
+# ---------------------------------------------------------------- a real small disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MB tmpfs (root only, as in CI); skipped where mounting is not allowed."""
+    import subprocess
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_cache_bigger_than_the_disk_is_a_sentence_not_a_sigbus(small_disk, image_folder):
+    """The issue's case: a frozen-prefix cache memory-mapped on a nearly full 20 MB disk died of
+    SIGBUS (exit 135) and left a 157 MB sparse file. Now the training process ends normally with
+    a sentence, and no cache file is left behind."""
+    import json
+    import os
+    import subprocess
+    import sys
+    folder = image_folder(classes=3, per_class=40, size=96)
+    config = small_disk / "cfg.json"
+    cfg = RunConfig(data_root=str(folder), arch="test_resnet", weights="random", image_size=96, epochs=1,
+                    batch_size=8, freeze="top_k", top_k=1, augment={"hflip": True}, aug_views=16,
+                    device="cpu")
+    config.write_text(json.dumps(cfg.to_dict()))
+    env = dict(os.environ, FINETUNE_LAB_HOME=str(small_disk / "home"), FINETUNE_LAB_CACHE_RAM_MB="0.0001")
+    done = subprocess.run([sys.executable, "-m", "core", "train", str(config), "--quiet"], env=env,
+                          cwd=store.paths.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 1), (done.returncode, done.stderr[-2000:])     # not -7 (SIGBUS)
+    run_dir = next((small_disk / "home" / "runs").iterdir())
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "disk" in status["message"], status
+    assert not list((small_disk / "home").rglob("*.npy"))
+
+
+def test_page_jobs_take_one_of_n_slots_and_stop_at_the_time_cap():
+    import time
+
+    from core import gate
+    with gate.slot("map", slots=2), gate.slot("map", slots=2):
+        with pytest.raises(gate.Busy, match="busy with 2"):
+            with gate.slot("map", slots=2, wait_s=0.3):
+                pass
+    with gate.slot("map", slots=2):               # freed again
+        pass
+    with pytest.raises(gate.TimeUp, match="limit"):
+        with gate.slot("sanity check", slots=1, limit_s=0.05) as check:
+            time.sleep(0.1)
+            check()
+
+
+def test_a_students_upload_keeps_its_caches_inside_it(tmp_path):
+    from core import paths
+    upload = paths.datasets_dir() / "users" / "lab-ana" / "photos" / "inner"
+    upload.mkdir(parents=True)
+    assert paths.cache_dir(upload, "embeddings") == (paths.datasets_dir() / "users" / "lab-ana" / "photos"
+                                                     / paths.CACHE_DIR / "embeddings").resolve()
+    shared = paths.cache_dir(tmp_path, "doctor")
+    assert shared == paths.home() / "cache" / "doctor"
+    for i in range(5):
+        (shared.parent / f"f{i}.bin").write_bytes(b"x" * 1000)
+        os_time = 1_000_000 + i
+        import os
+        os.utime(shared.parent / f"f{i}.bin", (os_time, os_time))
+    assert paths.trim_lab_cache(2500) == 3
+    assert sorted(p.name for p in shared.parent.glob("*.bin")) == ["f3.bin", "f4.bin"]     # the newest stay

@@ -1,6 +1,6 @@
 """Several browser sessions on one server, with Streamlit's AppTest (each AppTest instance is its
-own session with its own session_state and owner token; all share the process-wide training
-queue `core.worker.MANAGER`, as real sessions on one server do).
+own session, signed in as its own account; all share the lab's queue, as real sessions on one
+server do).
 
 * (Students and the teacher on one server: tests/test_shared_server.py.)
 * A load test: five sessions each start a small head-only run on the demo data; all finish and
@@ -19,7 +19,7 @@ from streamlit import config
 from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.util import patch_config_options
 
-from apptest_helpers import assert_ok, opened, start_button
+from apptest_helpers import assert_ok, start_button
 from core.store import get_run, list_runs
 from core.worker import MANAGER
 
@@ -33,9 +33,23 @@ ENDED = ("finished", "failed", "stopped", "interrupted")
 ORIGINAL_GET_OPTION = config.get_option
 
 
-def session(page: str | None = TRAIN) -> AppTest:
-    """A new browser session: the entry file once (Home), then `page`."""
-    return opened(page, TIMEOUT)
+def session(claims: dict) -> AppTest:
+    """A new browser session signed in with these claims (as its cookie would hold): the entry
+    file once (Home)."""
+    at = AppTest.from_file(ENTRY, default_timeout=TIMEOUT)
+    at.user = dict(claims, is_logged_in=True)
+    at.run()
+    assert_ok(at)
+    return at
+
+
+def teachers(n: int) -> list[dict]:
+    """n teacher accounts of a class server (each sees everyone's runs, "Only my runs" by default)."""
+    from core import accounts
+    made = accounts.create_class("staff", [f"teacher {i}" for i in range(n)], role="teacher")
+    for account, code in made:
+        accounts.sign_in(account.id, code, new_password="correct horse")
+    return [accounts.account_claims(accounts.get(account.id)) for account, _ in made]
 
 
 def test_five_sessions_train_on_the_demo_data_at_once(caplog, monkeypatch):
@@ -46,7 +60,8 @@ def test_five_sessions_train_on_the_demo_data_at_once(caplog, monkeypatch):
     st_logger = logging.getLogger("streamlit")
     if not st_logger.propagate:          # streamlit's own handler would keep them from caplog
         st_logger.addHandler(caplog.handler)
-    sessions = [session(page=None) for _ in range(5)]
+    monkeypatch.delenv("FINETUNE_LAB_LOCAL", raising=False)      # a class server: five people
+    sessions = [session(claims) for claims in teachers(5)]
     for i, at in enumerate(sessions):
         at.session_state["lab"].image_size_chosen = True
         settings = dict(at.session_state["lab"].settings)
@@ -122,23 +137,3 @@ def test_five_sessions_train_on_the_demo_data_at_once(caplog, monkeypatch):
                 if r.levelno >= logging.ERROR or r.exc_info or "Traceback" in r.getMessage()]
     assert not problems, [f"{r.name}: {r.getMessage()}" for r in problems]
     assert "Traceback" not in caplog.text
-
-
-# ---------------------------------------------------------------- one browser, many sessions
-
-def test_browser_id_is_stable_across_masks_and_anonymous():
-    """The XSRF cookie is re-masked on every response: the same token under two masks is the
-    same browser, another token another; odd cookies give no id (the session's own is used)."""
-    from pages.common import browser_id
-    token = bytes.fromhex("cf4a3351879b49acd5824f7729a8b8aa")
-
-    def cookie(mask: bytes, token: bytes = token) -> str:
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(token))
-        return f"2|{mask.hex()}|{masked.hex()}|1795329908"
-    first = browser_id(cookie(b"\x01\x02\x03\x04"))
-    assert first and first == browser_id(cookie(b"\xaa\xbb\xcc\xdd"))
-    assert first == browser_id(f'"{cookie(b"abcd")}"')               # quoted by some proxies
-    assert browser_id(cookie(b"abcd", bytes(16))) != first
-    assert token.hex() not in first and len(first) == 8
-    for odd in ("", "1|x", "2|zz|00|1", "2||0011223344556677|1", "2|01020304|00|1", "garbage"):
-        assert browser_id(odd) is None, odd

@@ -15,6 +15,7 @@ from core import embedding_map as M
 from core.backbones import WeightsError
 from core.data import DataError
 from core.embeddings import DEFAULT_ARCH, DEFAULT_SIZE, Cancelled
+from pages.common.panels import run_heavy
 from pages.common.state import lab
 from pages.common.widgets import image_grid, thumbnail
 
@@ -135,12 +136,15 @@ def before_after_maps(run) -> None:
                       "then projects them to 2-D."):
         bar, progress = _progress_bar()
         try:
-            frames = M.run_map_frames(run, method, progress=progress)
+            frames = run_heavy("embedding map", lambda checked: M.run_map_frames(run, method, progress=checked),
+                               progress)
         except FAILURES as err:
             bar.empty()
             st.error(f"No map: {err}")
             return
         bar.empty()
+        if frames is None:
+            return
         for old in [k for k in store if not k.startswith(f"{run.id}:")]:   # one run's maps are enough memory
             del store[old]
         store[ident] = frames
@@ -166,12 +170,15 @@ def dataset_map(root, items, classes: list[str], flags=None, key: str = "dataset
     if st.button("Compute the map", key=f"{key}_compute", icon=":material/scatter_plot:"):
         bar, progress = _progress_bar()
         try:
-            frame = M.dataset_frame(str(root), items, classes, method, arch=arch, size=size, progress=progress)
+            frame = run_heavy("embedding map", lambda checked: M.dataset_frame(
+                str(root), items, classes, method, arch=arch, size=size, progress=checked), progress)
         except FAILURES as err:
             bar.empty()
             st.error(f"No map: {err}")
             return
         bar.empty()
+        if frame is None:
+            return
         store.clear()                 # only the latest map: a frame holds thousands of thumbnails
         store[ident] = frame
     if ident not in store:

@@ -13,7 +13,7 @@ from core.config import RunConfig
 from core.store import Run, delete_run, get_run
 from core.worker import MANAGER
 from pages.common import state
-from pages.common.ownership import (can_manage, mine, my_runs, open_run, owner_name, session_owner,
+from pages.common.ownership import (can_manage, mine, my_runs, open_run, owner_name, policy, session_owner,
                                     student_limits, user)
 from pages.common.state import lab
 
@@ -115,6 +115,23 @@ def queue_place(run_id: str) -> str | None:
     minutes = max(1, round(eta / 60))
     return (f"{ahead} run(s) ahead of it in the lab's queue (runs of different users take turns); "
             f"it should start in about {minutes} min (a rough estimate from this server's past runs).")
+
+def run_heavy(what: str, job, progress=None):
+    """`job(progress)` while holding one of the server's page task slots, within the teacher's
+    minute cap for students; `progress(text, fraction)` is checked against the cap on every call.
+    None (and a warning on the page) when the server is busy or the cap was reached."""
+    from core import gate
+    rules, who = policy(), user()
+    try:
+        with gate.slot(what, rules.max_tasks, None if who.admin else rules.task_minutes * 60.0) as check:
+            def checked(*args):
+                check()
+                if progress:
+                    progress(*args)
+            return job(checked)
+    except (gate.Busy, gate.TimeUp) as err:
+        st.warning(str(err), icon=":material/hourglass_top:")
+        return None
 
 def join_sheet(codes: list[tuple[str, str, str]]) -> pd.DataFrame:
     return pd.DataFrame(codes, columns=["account", "name", "join code"])
