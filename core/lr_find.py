@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from core import data as D
+from core import estimate as E
 from core import prefix as P
 from core.backbones import apply_freeze, build_model, freeze_norm_stats
 from core.device import autocast, pick_device
@@ -38,6 +39,7 @@ def suggest_lr(cfg, steps: int = 60, max_images: int = 320, progress=None) -> di
     transform = D.build_transform(cfg.image_size, dc["mean"], dc["std"])
     device = pick_device(cfg.device)
     model.to(device, memory_format=torch.channels_last)
+    E.check_training(model, cfg.arch, cfg.image_size, cfg.batch_size, E.TRAINED_SHARE.get(cfg.freeze, 1.0), device)
     step_model, inputs, trains = _step_model(model, cfg, images, transform, device, say, steps)
     optimizer = make_optimizer(cfg, model, head_only=cfg.freeze == "head", lr=START_LR)
     lrs, losses = _range_test(step_model, inputs, torch.as_tensor(labels), optimizer, model, cfg.batch_size,
@@ -49,6 +51,8 @@ def _sample(cfg, max_images: int):
     scan = D.scan_folder(resolve_data_root(cfg.data_root), check=False)
     train = D.split_items(scan, cfg.split, cfg.split_seed, cfg.max_per_class)["train"]
     items = random.Random(cfg.seed).sample(train, min(max_images, len(train)))
+    E.check_memory(int(len(items) * 3 * cfg.image_size ** 2 * E.DECODED_ASPECT),
+                   f"Decoding {len(items)} images at {cfg.image_size} px", "use a smaller image size.")
     decoded, _ = D.decode_images(scan.root, items, cfg.image_size)
     keep = [i for i, img in enumerate(decoded) if img is not None]
     if not keep:

@@ -81,10 +81,6 @@ def uses_feature_cache(cfg: RunConfig) -> bool:
 
 
 
-DECODED_ASPECT = 1.4     # decoded images keep their aspect: the long side is often 4/3 of the short
-TRAINED_SHARE = {"head": 0.0, "top_k": 0.5, "full": 1.0, "scratch": 1.0}   # of the network that backpropagates
-
-
 def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
     """Scan, split, decode once. Returns (classes, {split: (images, labels, files)})."""
     report("preparing", force=True, message="Scanning the data set", phase="scan")
@@ -93,7 +89,7 @@ def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
     if not splits["train"]:
         raise D.DataError("The training split is empty.")
     n_images = sum(len(items) for items in splits.values())
-    E.check_memory(int(n_images * 3 * cfg.image_size ** 2 * DECODED_ASPECT), f"Decoding {n_images:,} images at "
+    E.check_memory(int(n_images * 3 * cfg.image_size ** 2 * E.DECODED_ASPECT), f"Decoding {n_images:,} images at "
                    f"{cfg.image_size} px", "use a smaller image size, or fewer images per class.")
     run.write_json("classes.json", scan.classes)
     run.write_json("splits.json", dict(root=scan.root, **{s: [(it.path, it.label) for it in items]
@@ -443,7 +439,7 @@ def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = No
     report("preparing", force=True, message=f"Moving the model to {device.type} (step 2 of 3: model)",
            phase="model", step=1, steps=3)
     model.to(device, memory_format=torch.channels_last)
-    E.check_training(model, cfg.arch, cfg.image_size, cfg.batch_size, TRAINED_SHARE.get(cfg.freeze, 1.0), device)
+    E.check_training(model, cfg.arch, cfg.image_size, cfg.batch_size, E.TRAINED_SHARE.get(cfg.freeze, 1.0), device)
     report("preparing", force=True, message="Normalisation and loss (step 3 of 3: model)",
            phase="model", step=2, steps=3)
     mean, std = normalization(run, cfg, model, data["train"][0])

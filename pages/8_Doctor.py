@@ -177,7 +177,7 @@ with tabs[1]:
             st.markdown(f"**Group {n + 1}** · {' and '.join(sorted(kinds))} · splits: "
                         + ", ".join(f"{Path(p).name} → {result.split_of.get(p, '?')}" for p in group))
             rows = pd.DataFrame([{"path": p, "suggested": ""} for p in group])
-            gallery(rows, lambda r: r["path"], f"dup{n}", per_row=max(4, len(group)))
+            gallery(rows, lambda r: r["path"], f"dup{n}", per_row=min(8, max(4, len(group))))   # wraps: a 600-copy group is rows of 8
 
 with tabs[2]:
     if props.empty:

@@ -4,6 +4,7 @@ test_browser_identity (a real browser); the kill -9 and full-queue cases in test
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -213,3 +214,45 @@ def test_a_students_upload_keeps_its_caches_inside_it(tmp_path):
         os.utime(shared.parent / f"f{i}.bin", (os_time, os_time))
     assert paths.trim_lab_cache(2500) == 3
     assert sorted(p.name for p in shared.parent.glob("*.bin")) == ["f3.bin", "f4.bin"]     # the newest stay
+
+
+def test_under_a_memory_cap_a_run_too_big_for_it_is_refused(image_folder, tmp_path):
+    """A training process in a memory cgroup of 1.5 GB (root only; skipped elsewhere): settings
+    whose step needs more are refused with a sentence before the first batch, instead of the
+    OOM killer ending the process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    import timm
+    group = Path("/sys/fs/cgroup/memory") / f"flab-{uuid.uuid4().hex[:8]}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(1536 * 2**20))
+    except OSError:
+        pytest.skip("making a memory cgroup needs root and cgroup v1's memory controller")
+    try:
+        cfg = RunConfig(data_root=str(image_folder(classes=3, per_class=8, size=64)), arch="test_resnet",
+                        weights="random", image_size=512, batch_size=512, epochs=1, freeze="full", device="cpu")
+        need = estimate.training_bytes(timm.create_model("test_resnet", num_classes=3), 512, 512, 1.0, "probe")
+        assert need > 2 * 2**30, need                   # far above the cap, and the test needs no more RAM than that
+        config = tmp_path / "cfg.json"
+        config.write_text(json.dumps(cfg.to_dict()))
+        home = tmp_path / "home"
+        env = dict(os.environ, FINETUNE_LAB_HOME=str(home))
+        done = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"', sys.executable,
+                               "-m", "core", "train", str(config), "--quiet"],
+                              env=env, cwd=store.paths.REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode in (0, 1), (done.returncode, done.stderr[-2000:])    # not -9
+        status = json.loads(next((home / "runs").iterdir()).joinpath("status.json").read_text())
+        assert status["state"] == "failed" and "of memory but the machine has" in status["message"], status
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                import time
+                time.sleep(0.1)
