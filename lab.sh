@@ -44,6 +44,6 @@ case "$MODE" in
   serve) unset FINETUNE_LAB_LOCAL
          python -m core token
          exec streamlit run streamlit_app.py --browser.gatherUsageStats false --server.address 0.0.0.0 "${@:2}" ;;
-  test)  exec python -m pytest -q tests "${@:2}" ;;
+  test)  python -m ruff check . && exec python -m pytest -q tests "${@:2}" ;;
   *) echo "usage: ./lab.sh [start|serve|test]"; exit 2 ;;
 esac

@@ -101,7 +101,7 @@ def bench_precision(record=None, size: int = 128, batch: int = 16, repeats: int 
     for arch in ("mobilenetv2_100", "tf_efficientnet_lite0", "resnet18"):
         model = build_model(arch, 10, "random").to(memory_format=torch.channels_last).train()
 
-        def step(precision):
+        def step(precision, model=model):
             with DEV.autocast(device, precision):
                 loss = nn.functional.cross_entropy(model(x).float(), y)
             loss.backward()

@@ -266,7 +266,9 @@ def main():
     bench_stop_latency()
     import bench_ui               # first paint in a real browser (skipped without chromium)
     bench_ui.bench_first_paint(record)
-    import bench_trust_export, bench_trust_map, bench_trust_sanity    # issue 17's checks
+    import bench_trust_export
+    import bench_trust_map
+    import bench_trust_sanity    # issue 17's checks
     bench_trust_export.bench_export_check(record)
     bench_trust_map.bench_embedding_map(record)
     bench_trust_sanity.bench_sanity(record)

@@ -79,7 +79,7 @@ def block_chain(backbone: nn.Module, image_size: int) -> list[tuple[str, nn.Modu
 def _random_inside(modules) -> str | None:
     """The first layer below the cut that behaves randomly (or keeps statistics) in training."""
     for top in modules:
-        for name, m in top.named_modules():
+        for m in top.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
                 return f"dropout ({type(m).__name__})"
             if getattr(m, "drop_prob", 0) and float(m.drop_prob) > 0:

@@ -581,7 +581,7 @@ class Loop:
         what = f"block {split.cut_name}" if split else "the backbone's features"
         cache = {}
         for name, tf, v in (("train", train_tf, views), ("val", self.eval_tf, 1)):
-            def progress(done, total_, name=name):
+            def progress(done, total_, name=name, v=v):
                 self.report("preparing", message=f"Caching {what} ({name}, {v} view(s) per image)",
                             phase="features", step=done, steps=total_)
             disk = paths.home() / "cache" / f"{self.run.id}-{what.split()[-1]}-{name}.npy" if on_disk else None

@@ -265,7 +265,7 @@ def test_unusable_images_are_skipped_with_clear_reasons(tmp_path, monkeypatch):
 def test_truncated_jpeg_passes_the_header_check_and_fails_cleanly_at_decode(tmp_path):
     root = tmp_path / "data"
     rng = np.random.default_rng(0)
-    for label, cls in enumerate(["a", "b"]):
+    for cls in ["a", "b"]:
         (root / cls).mkdir(parents=True)
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / cls / "full.jpg")
     whole = (root / "a" / "full.jpg").read_bytes()

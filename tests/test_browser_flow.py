@@ -103,7 +103,7 @@ def watch(page, done, fail_on=(), timeout_ms: float = RUN_TIMEOUT_MS) -> list[st
     while time.monotonic() < end:
         try:
             text = state_line(page).inner_text(timeout=2_000)
-        except Exception:        # none at the moment (redrawn in between)
+        except Exception:  # noqa: BLE001 - Playwright's timeout: no state line at the moment (redrawn)
             text = ""
         if text and (not seen or seen[-1] != text):
             seen.append(text)
@@ -156,7 +156,7 @@ def stale_gone(page, text: str) -> bool:
     page.wait_for_timeout(2_000)
     try:
         return state_line(page).inner_text(timeout=2_000) == text
-    except Exception:
+    except Exception:  # noqa: BLE001 - Playwright's timeout: the line is being redrawn
         return False
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from apptest_helpers import ENTRY, assert_ok, errors, keys, opened, texts, use_small_settings, wait_state
+from apptest_helpers import ENTRY, assert_ok, errors, keys, texts, use_small_settings, wait_state
 from conftest import class_folders, tiny_run_config
 from core import access, paths, presets
 from core import store as R

@@ -13,6 +13,7 @@ from core.worker import MANAGER  # noqa: F401
 from pages.common import state  # noqa: F401
 from pages.common.state import lab
 from pages.common.ownership import *  # noqa: F401,F403 - the pages call these as common.X
+from pages.common.ownership import ANONYMOUS, my_runs, sign_in, user
 from pages.common.panels import *  # noqa: F401,F403
 from pages.common.widgets import *  # noqa: F401,F403
 

@@ -63,7 +63,9 @@ def sign_in() -> None:
         st.link_button("Sign in", "/lab/sign-in", icon=":material/login:")
         return
     role = "teacher" if who.admin else "student"
-    st.caption(f":material/account_circle: Signed in as {display_name()} ({who.id}, {role})")
+    name = display_name()
+    st.caption(f":material/account_circle: Signed in as {name} (" + ("" if name.lower() == who.id else f"{who.id}, ")
+               + f"{role})")
     if st.button("Sign out", key="sign_out", icon=":material/logout:"):
         st.logout()
 
