@@ -134,6 +134,20 @@ def test_huge_learning_rate_does_not_raise(tiny_config, freeze):
         assert "NaN" in status["message"]
 
 
+@pytest.mark.parametrize("freeze", ["head", "full"])
+def test_a_nan_loss_stops_the_run_with_a_sentence(tiny_config, freeze, monkeypatch):
+    """The guard itself: a loss that turns NaN (as a far too high learning rate makes it) ends
+    the run as failed with the sentence, never as finished (it fails if the guard is removed)."""
+    class NaNLoss(T.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            return super().forward(logits, target) * float("nan")
+    monkeypatch.setattr(T.nn, "CrossEntropyLoss", NaNLoss)
+    run = Run.create(tiny_config(freeze=freeze, epochs=2))
+    status = T.train_run(run)
+    assert status["state"] == "failed", status
+    assert "NaN" in status["message"] and "learning rate" in status["message"]
+
+
 def test_folder_without_class_folders_fails_clearly(tiny_config, tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
