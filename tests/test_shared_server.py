@@ -603,11 +603,14 @@ def test_resume_pressed_right_after_stop_trains_on(tiny_config):
     job was still tidying up: the run stayed "queued" for good (the old job's clean-up took the
     new job's place). Now Resume waits for it and the run finishes."""
     run = MANAGER.submit(tiny_config(freeze="full", epochs=6, image_size=64, batch_size=4), owner="me")
+    end = time.monotonic() + 120
     while len(run.epochs()) < 1:
+        assert time.monotonic() < end, run.status()
         time.sleep(0.01)
     MANAGER.stop(run.id)
     while run.status().get("state") != "stopped":
-        pass
+        assert time.monotonic() < end, run.status()
+        time.sleep(0.005)
     MANAGER.resume(run, owner="me")
     assert MANAGER.wait(run.id, timeout=120)
     assert run.status()["state"] == "finished"
