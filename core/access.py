@@ -141,14 +141,7 @@ def _token_file() -> str:
 def make_token_file() -> str:
     """The data directory's teacher token, made (random, 0600) the first time."""
     from core.accounts import new_token
-    if existing := _token_file():
-        return existing
-    path = paths.home() / "accounts" / "teacher-token"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "w") as f:
-        f.write(new_token())
-    return _token_file()
+    return paths.private_once(paths.home() / "accounts" / "teacher-token", new_token)
 
 
 def local_mode() -> bool:

@@ -9,7 +9,7 @@ Account ids appear in paths and run folders; they are names, not secrets.
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import re
 import secrets
@@ -20,11 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from core import paths
-
-try:
-    import fcntl
-except ImportError:
-    fcntl = None
 
 MIN_PASSWORD = 8
 MIN_TOKEN = 24                    # a teacher token shorter than this is refused
@@ -58,6 +53,15 @@ def _hasher():
     return PasswordHasher()
 
 
+_DUMMY: list[str] = []
+
+
+def _dummy_hash() -> str:
+    if not _DUMMY:
+        _DUMMY.append(_hasher().hash(secrets.token_hex(16)))
+    return _DUMMY[0]
+
+
 def _verify(hashed: str, given: str) -> bool:
     from argon2.exceptions import InvalidHashError, VerificationError
     if not hashed:
@@ -76,24 +80,32 @@ def _path() -> Path:
     return folder / "accounts.json"
 
 
-@contextlib.contextmanager
 def _locked():
-    handle = open(_path().with_suffix(".lock"), "a+")
-    try:
-        if fcntl:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        handle.close()
+    return paths.locked(_path().with_suffix(".lock"))
 
 
-def _load() -> dict[str, Account]:
-    try:
-        data = json.loads(_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+def _load(fresh: bool = False) -> dict[str, Account]:
+    """The accounts; `fresh` (under the lock, before a write) bypasses the cache."""
     fields = Account.__dataclass_fields__
-    return {k: Account(**{f: v for f, v in a.items() if f in fields}) for k, a in data.get("accounts", {}).items()}
+    return {k: Account(**{f: v for f, v in a.items() if f in fields}) for k, a in _raw(fresh).items()}
+
+
+_RAW: dict = {}
+
+
+def _raw(fresh: bool = False) -> dict:
+    """accounts.json as stored, re-read only when the file changed: every page run asks who is
+    signed in several times."""
+    path = _path()
+    try:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if fresh or _RAW.get("key") != key:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            _RAW.update(key=key, accounts=dict(data.get("accounts", {})))
+        return _RAW["accounts"]
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _save(accounts: dict[str, Account]) -> None:
@@ -136,7 +148,7 @@ def create_class(klass: str, names: list[str] | int, role: str = "student") -> l
         raise AccountError("At most 500 accounts at once.")
     made = []
     with _locked():
-        accounts = _load()
+        accounts = _load(fresh=True)
         for name in names:
             base = f"{klass_slug}-{slug(name) or 'student'}"[:36]
             account_id, n = base, 2
@@ -153,7 +165,7 @@ def create_class(klass: str, names: list[str] | int, role: str = "student") -> l
 def reset_code(account_id: str) -> str:
     """A new join code for a student who forgot the password; the old password stops working."""
     with _locked():
-        accounts = _load()
+        accounts = _load(fresh=True)
         account = accounts.get(account_id)
         if account is None:
             raise AccountError(f"No account {account_id}.")
@@ -165,7 +177,7 @@ def reset_code(account_id: str) -> str:
 
 def delete_account(account_id: str) -> None:
     with _locked():
-        accounts = _load()
+        accounts = _load(fresh=True)
         accounts.pop(account_id, None)
         _save(accounts)
 
@@ -218,8 +230,10 @@ def sign_in(account_id: str, secret: str, client: str = "", new_password: str = 
     keys = (f"account:{account_id}", f"client:{client}")
     LIMITER.check(*keys)
     with _locked():
-        accounts = _load()
+        accounts = _load(fresh=True)
         account = accounts.get(account_id)
+        if account is None:
+            _verify(_dummy_hash(), secret)       # as slow as a real check: timing tells no names
         if account and account.join_hash and _verify(account.join_hash, secret.strip().upper()):
             if len(new_password) < MIN_PASSWORD:
                 raise AccountError(f"First sign-in: choose a password of at least {MIN_PASSWORD} characters.")
@@ -248,23 +262,12 @@ def teacher_sign_in(given: str, token: str, client: str = "") -> None:
 def lab_secret() -> bytes:
     """A random key kept in the data directory (0600): it signs the sign-in cookie (as
     Streamlit's cookie secret) and the claims below, so a restart signs nobody out."""
-    path = paths.home() / "accounts" / "secret"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError):
-        pass
-    key = secrets.token_bytes(32)
-    tmp = path.with_name(f".secret.{secrets.token_hex(4)}")
-    fd = __import__("os").open(tmp, 0o101 | 0o1000, 0o600)      # O_WRONLY|O_CREAT|O_TRUNC
-    with open(fd, "w") as f:
-        f.write(key.hex())
-    try:
-        __import__("os").link(tmp, path)       # the first writer wins; others read its key
-    except FileExistsError:
-        pass
-    tmp.unlink(missing_ok=True)
-    return bytes.fromhex(path.read_text().strip())
+    return _secret_at(paths.home() / "accounts" / "secret")
+
+
+@functools.lru_cache(maxsize=8)
+def _secret_at(path: Path) -> bytes:      # read once per data directory, not per page run
+    return bytes.fromhex(paths.private_once(path, lambda: secrets.token_hex(32)))
 
 
 def _mac(kind: str, value: str) -> str:

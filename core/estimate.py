@@ -8,7 +8,6 @@ scaled by the image area) and kept in the data directory, like the precision tri
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -176,9 +175,3 @@ def _device_free(device) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         return free
     return free_memory()
-
-
-def lab_cap_bytes() -> int:
-    """A teacher's per-run memory cap (FINETUNE_LAB_RUN_MEMORY_MB), else none."""
-    value = os.environ.get("FINETUNE_LAB_RUN_MEMORY_MB", "")
-    return int(float(value) * 2**20) if value.strip() else 1 << 50

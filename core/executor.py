@@ -76,21 +76,13 @@ class LocalLauncher:
 
     def __init__(self, plan=None, name: str = "local", verb: str = "job"):
         self.name, self.verb = name, verb
-        self._plan = plan or (lambda: slots.plan())
+        self.slots = slots.Cached(plan or slots.plan, SLOTS_TTL_S)    # the teacher may change them on Home
         self.procs: dict[str, subprocess.Popen] = {}
-        self._slots: tuple[float, list] = (0.0, [])
-
-    def slots(self) -> list[slots.Slot]:
-        """Re-read at most every few seconds: the teacher may change the number on Home."""
-        when, known = self._slots
-        if time.monotonic() - when > SLOTS_TTL_S or not known:
-            self._slots = (time.monotonic(), self._plan())
-        return self._slots[1]
 
     def start(self, job: Job, slot: slots.Slot, run: Run) -> Job:
         env = dict(os.environ, **slot.env, **slots.thread_env(slot.threads),
                    FINETUNE_LAB_NICE=str(NICE), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "core", self.verb, job.run_id] + _job_args(job)
+        cmd = [sys.executable, "-m", "core", self.verb, job.run_id] + job_args(job)
         with open(run.file("train.log"), "ab") as out:
             # a session of its own: Ctrl+C on the server (or its crash) leaves the run training
             proc = subprocess.Popen(cmd, cwd=paths.REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
@@ -130,7 +122,8 @@ class LocalLauncher:
             pass
 
 
-def _job_args(job: Job) -> list[str]:
+def job_args(job: Job) -> list[str]:
+    """The entry point's flags for a queue record (local processes and Ray jobs alike)."""
     args = ["--resume"] if job.resume else []
     return args + (["--limit-s", f"{job.limit_s:g}"] if job.limit_s else [])
 

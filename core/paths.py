@@ -6,6 +6,11 @@ import os
 import threading
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT / "assets"
 DEMO_DATA = ASSETS / "demo" / "fashion_mnist"
@@ -85,6 +90,36 @@ def trim_lab_cache(cap_bytes: int) -> int:
             total -= size
             removed += 1
     return removed
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive OS lock on `path` for the block (freed if its holder dies): the queue and the
+    accounts file change only under one. Windows has no flock: one server per data directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        if fcntl:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()
+
+
+def private_once(path: Path, make) -> str:
+    """The text of a secret file readable only by its owner (0600), written with `make()` the
+    first time; when two processes race, the first one's text wins."""
+    with contextlib.suppress(OSError):
+        if text := path.read_text().strip():
+            return text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "w") as f:
+            f.write(make())
+    except FileExistsError:
+        pass
+    return path.read_text().strip()
 
 
 def weights_dir() -> Path:

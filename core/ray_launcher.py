@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import time
 
 from core import paths, slots
 from core.runqueue import Job
@@ -40,17 +39,11 @@ class RayLauncher:
         self.client = JobSubmissionClient(self.address)
         self.cpus = cpus_per_run or int(os.environ.get("FINETUNE_LAB_RAY_CPUS", "1") or 1)
         self.per_gpu = max(1, runs_per_gpu)
-        self._capacity: tuple[float, list] = (0.0, [])
+        self.slots = slots.Cached(self._measure, CAPACITY_TTL_S)
 
     # ------------------------------------------------------------ room
-    def slots(self) -> list[slots.Slot]:
-        """One slot per GPU in the cluster (k per GPU), else one per `cpus` CPUs."""
-        when, known = self._capacity
-        if time.monotonic() - when > CAPACITY_TTL_S or not known:
-            self._capacity = (time.monotonic(), self._measure())
-        return self._capacity[1]
-
     def _measure(self) -> list[slots.Slot]:
+        """One slot per GPU in the cluster (k per GPU), else one per `cpus` CPUs."""
         from ray.util.state import list_nodes
         try:
             nodes = [n for n in list_nodes(address=self.address, timeout=10) if n.state == "ALIVE"]
@@ -64,9 +57,8 @@ class RayLauncher:
 
     # ------------------------------------------------------------ jobs
     def start(self, job: Job, slot: slots.Slot, run: Run) -> Job:
-        args = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "core", "job", job.run_id]
-                        + (["--resume"] if job.resume else [])
-                        + (["--limit-s", f"{job.limit_s:g}"] if job.limit_s else []))
+        from core.executor import job_args
+        args = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "core", "job", job.run_id, *job_args(job)])
         gpus = 1 / self.per_gpu if slot.device == "ray-gpu" else 0
         job.handle = self.client.submit_job(
             entrypoint=f"cd {shlex.quote(str(paths.REPO_ROOT))} && {args}",

@@ -10,18 +10,12 @@ Imports nothing heavy: the run store asks it whether a 'queued' run is still in 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from core import paths
-
-try:
-    import fcntl
-except ImportError:       # Windows: one server per data directory is then up to the user
-    fcntl = None
 
 
 @dataclass
@@ -56,16 +50,9 @@ def root() -> Path:
     return path
 
 
-@contextlib.contextmanager
 def locked():
     """Every change to the queue happens under this OS lock (freed if its holder dies)."""
-    handle = open(root() / ".lock", "a+")
-    try:
-        if fcntl:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        handle.close()
+    return paths.locked(root() / ".lock")
 
 
 def _file(kind: str, run_id: str) -> Path:

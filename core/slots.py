@@ -23,6 +23,20 @@ class Slot:
         return f"slot {self.index} · {self.device} · {self.threads} thread(s)"
 
 
+class Cached:
+    """`plan()` re-read at most every `ttl` seconds: the slots a dispatcher asks for on every tick
+    change only when the teacher (or the cluster) changes them."""
+
+    def __init__(self, plan, ttl: float):
+        self.plan, self.ttl, self._when, self._known = plan, ttl, 0.0, []
+
+    def __call__(self) -> list:
+        import time
+        if time.monotonic() - self._when > self.ttl or not self._known:
+            self._when, self._known = time.monotonic(), self.plan()
+        return self._known
+
+
 def cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

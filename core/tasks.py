@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import signal
 import threading
 import time
 from pathlib import Path
@@ -71,28 +70,16 @@ def stop(task_id: str) -> None:
 
 def run_task(task_id: str, limit_s: float | None = None) -> int:
     """`python -m core task ID`: run it, record finished / stopped / failed with one sentence."""
-    from core.jobs import _lower_priority
-    _lower_priority()
+    from core.jobs import child_of_the_queue
     task = get_task(task_id)
-    store.hold(task.id)
     spec = task.read_json("task.json", {}) or {}
-    stop_event, ended, timed_out = threading.Event(), threading.Event(), threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
-    threading.Thread(target=_watch, args=(task, stop_event, ended), daemon=True).start()
-    timer = threading.Timer(limit_s, lambda: (timed_out.set(), stop_event.set())) if limit_s else None
-    if timer:
-        timer.daemon = True
-        timer.start()
-    try:
-        task.set_status("running", message="Starting", fraction=0.0)
-        KINDS[spec.get("kind")](task, dict(spec.get("args") or {}), _progress(task, stop_event), stop_event)
-        task.set_status("finished", message="Done", fraction=1.0)
-    except Exception as err:  # noqa: BLE001 - every ending gets a sentence in the task folder
-        task.set_status(*_ending(err, stop_event, timed_out, limit_s))
-    finally:
-        ended.set()
-        if timer:
-            timer.cancel()
+    with child_of_the_queue(task, limit_s) as (stop_event, timed_out):
+        try:
+            task.set_status("running", message="Starting", fraction=0.0)
+            KINDS[spec.get("kind")](task, dict(spec.get("args") or {}), _progress(task, stop_event), stop_event)
+            task.set_status("finished", message="Done", fraction=1.0)
+        except Exception as err:  # noqa: BLE001 - every ending gets a sentence in the task folder
+            task.set_status(*_ending(err, stop_event, timed_out, limit_s))
     return 0
 
 
@@ -105,13 +92,6 @@ def _ending(err: Exception, stop_event, timed_out, limit_s) -> tuple[str, str]:
     if isinstance(err, (ValueError, OSError, KeyError)):
         return "failed", str(err) or type(err).__name__
     return "failed", f"Unexpected error: {type(err).__name__}: {err}"
-
-
-def _watch(task: store.Run, stop_event: threading.Event, ended: threading.Event) -> None:
-    while not ended.wait(0.1):
-        if task.stop_requested():
-            stop_event.set()
-            return
 
 
 def _progress(task: store.Run, stop_event: threading.Event):

@@ -16,6 +16,7 @@ from core import paths, runqueue, slots
 from core.executor import Executor, LocalLauncher, death_sentence
 from core.store import ACTIVE_STATES, Run
 from core.worker import RunManager
+from test_faults import wait_for
 
 TIMEOUT = 180
 
@@ -31,15 +32,6 @@ def manager(plan=two_slots) -> RunManager:
     made = RunManager(Executor(LocalLauncher(plan=plan)))
     MADE.append(made)
     return made
-
-
-def wait_for(condition, timeout: float = TIMEOUT, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(autouse=True)

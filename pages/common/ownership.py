@@ -15,8 +15,7 @@ from pages.common.state import lab
 
 def session_owner() -> str:
     """Who this browser session is signed in as (see `user`)."""
-    lab().owner = user().id
-    return lab().owner
+    return user().id
 
 def admin_token() -> str:
     try:

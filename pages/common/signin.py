@@ -65,7 +65,7 @@ async def sign_in_page(request):
 def _check(form, client: str) -> dict:
     kind = form.get("kind", "")
     if kind == "teacher":
-        token = access.configured_token(_secret_token())
+        token = _admin_token()
         accounts.teacher_sign_in(str(form.get("token", "")), token, client)
         return accounts.teacher_claims(token)
     account = accounts.sign_in(str(form.get("account", "")), str(form.get("secret", "")), client,
@@ -73,12 +73,9 @@ def _check(form, client: str) -> dict:
     return accounts.account_claims(account)
 
 
-def _secret_token() -> str:
-    try:
-        import streamlit as st
-        return str(st.secrets.get("admin_token", ""))
-    except Exception:  # noqa: BLE001
-        return ""
+def _admin_token() -> str:
+    from pages.common.ownership import admin_token
+    return admin_token()
 
 
 def _provider_login(provider: str) -> str:
@@ -90,7 +87,7 @@ def _provider_login(provider: str) -> str:
 def _form(message: str) -> str:
     buttons = "".join(f'<p><a class="button" href="/lab/sign-in?provider={html.escape(p)}">Sign in with '
                       f'{html.escape("your school account" if p == "default" else p)}</a></p>' for p in providers())
-    teacher = "" if not access.configured_token(_secret_token()) else """
+    teacher = "" if not _admin_token() else """
 <details><summary>Teacher token</summary>
 <form method="post"><input type="hidden" name="kind" value="teacher">
 <label>Teacher token <input name="token" type="password" autocomplete="off" required></label>

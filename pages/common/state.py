@@ -16,8 +16,7 @@ KEY = "lab"
 @dataclass
 class Lab:
     settings: dict                       # the draft run configuration (RunConfig fields) + data_label
-    owner: str = ""                      # this browser (core.access user id)
-    admin_key: str = ""                  # set while signed in as the teacher
+    owner: str = ""                      # the signed-in user's id, for display (identity is user())
     current_run: str | None = None       # the run every page shows: the one last started or picked
     quick_demo: str | None = None        # the Quick demo run Home is following
     image_size_chosen: bool = False      # Train set its device-dependent image size once
@@ -44,7 +43,7 @@ def reset(settings: dict) -> None:
     """Start over with `settings`: keep who this browser is, forget the rest, and drop widget
     values so every widget redraws from the new settings."""
     old = lab()
-    st.session_state[KEY] = Lab(settings=settings, owner=old.owner, admin_key=old.admin_key,
+    st.session_state[KEY] = Lab(settings=settings, owner=old.owner,
                                 current_run=old.current_run, image_size_chosen=True,
                                 large_text=old.large_text)
     forget_widgets()
