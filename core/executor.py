@@ -241,9 +241,16 @@ class Executor:
                 self._enforce_stop(job, launcher)
 
     def _finish(self, job: Job, code: int | None) -> None:
-        runqueue.done(job.run_id)
+        """Record how it ended, then free its slot: whoever waits for the queue record to go
+        finds the run folder already final (status, used time, no stop file)."""
         forced = self._stopping.pop(job.run_id, None) is not None
-        self._wake.set()                  # a slot is free: fill it now, not at the next tick
+        try:
+            self._record_end(job, code, forced)
+        finally:
+            runqueue.done(job.run_id)
+            self._wake.set()                  # a slot is free: fill it now, not at the next tick
+
+    def _record_end(self, job: Job, code: int | None, forced: bool) -> None:
         try:
             run = folder_of(job)
         except FileNotFoundError:

@@ -419,6 +419,7 @@ class FakeLauncher:
 
 def fake_manager():
     from core.executor import Executor
+    MANAGER.close()       # the lab's own dispatcher would take these runs too, as a second server would
     launcher = FakeLauncher()
     manager = RunManager(Executor(launcher))
     manager.start = lambda: None          # the test drives the dispatcher with tick()
