@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core import data as D  # noqa: E402
-from core import doctor  # noqa: E402
+from core.data import folders
+from core.trust import doctor  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets" / "eurosat_rgb"
 
@@ -29,7 +29,7 @@ SHARED = ROOT.parent / "shared" / "datasets" / "eurosat_rgb"
 def noisy_copy(src: str, dest: Path, rate: float, seed: int = 0) -> set[str]:
     """Hard-link `src`'s images into `dest` with `rate` of them moved to another (random) class
     folder; returns the moved files' paths relative to `dest`."""
-    scan = D.scan_folder(src)
+    scan = folders.scan_folder(src)
     rng = random.Random(seed)
     flip = set(rng.sample(range(len(scan.items)), round(rate * len(scan.items))))
     moved = set()
@@ -75,7 +75,7 @@ def measure(record, data: str, name: str, rate: float = 0.05) -> dict:
 
 
 def bench_doctor(record, data: str | None = None, rate: float = 0.05) -> None:
-    sets = [(data, Path(data).name)] if data else [(str(D.demo_dataset()), "demo")] + \
+    sets = [(data, Path(data).name)] if data else [(str(folders.demo_dataset()), "demo")] + \
         ([(str(SHARED), "EuroSAT")] if SHARED.is_dir() else [])
     for folder, name in sets:
         measure(record, folder, name, rate)

@@ -10,21 +10,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from core import data as D  # noqa: E402
-from core.backbones import build_model  # noqa: E402
-from core.evaluate import data_config, predict_probs, summarize  # noqa: E402
+from core.data import folders
+from core.data import images as imaging
+from core.data import transforms
+from core.models.backbones import build_model  # noqa: E402
+from core.models.backbones import data_config
+from core.results.evaluate import predict_probs, summarize
 
 
 def main(n: int = 2000, size: int = 128):
-    scan = D.scan_folder(D.demo_dataset())
+    scan = folders.scan_folder(folders.demo_dataset())
     items = (scan.items * (n // len(scan.items) + 1))[:n]
     t0 = time.perf_counter()
-    images, _ = D.decode_images(scan.root, items, size)
+    images, _ = imaging.decode_images(scan.root, items, size)
     t1 = time.perf_counter()
     model = build_model("mobilenetv2_100", len(scan.classes), "auto").eval()
     model.to(memory_format=torch.channels_last)
     dc = data_config(model, size)
-    probs = predict_probs(model, images, D.build_transform(size, dc["mean"], dc["std"]), torch.device("cpu"))
+    probs = predict_probs(model, images, transforms.build_transform(size, dc["mean"], dc["std"]), torch.device("cpu"))
     t2 = time.perf_counter()
     summarize(probs, [it.label for it in items], scan.classes)
     t3 = time.perf_counter()

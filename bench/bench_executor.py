@@ -40,9 +40,9 @@ def fresh_home() -> Path:
 
 
 def manager(n_slots: int):
-    from core import slots
-    from core.executor import Executor, LocalLauncher
-    from core.worker import RunManager
+    from core.serve import slots
+    from core.serve.executor import Executor, LocalLauncher
+    from core.serve.worker import RunManager
     return RunManager(Executor(LocalLauncher(plan=lambda: slots.plan(setting=n_slots))))
 
 
@@ -111,7 +111,7 @@ def bench_pages_while_training(n: int = 20) -> None:
     """Home and Train reruns (AppTest, in this process, as in the server) idle vs while a full
     fine-tune of MobileNetV2 at 160 px trains in its own process; and this process's memory."""
     from core.config import RunConfig
-    from core.data import demo_dataset
+    from core.data.folders import demo_dataset
     fresh_home()
     idle = {page: page_times(page, n) for page in ("pages/0_Home.py", "pages/3_Train.py")}
     m = manager(1)

@@ -26,12 +26,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from core import data as D  # noqa: E402
-from core import device as DEV  # noqa: E402
-from core import prefix as P  # noqa: E402
-from core.backbones import apply_freeze, build_model, freeze_norm_stats  # noqa: E402
-from core.distributed import train_order  # noqa: E402
-from core.training import feature_batches, loader, run_epoch  # noqa: E402
+from core.data import folders
+from core.data import images as imaging
+from core.data import transforms
+from core import device as devices  # noqa: E402
+from core.models import prefix  # noqa: E402
+from core.models.backbones import apply_freeze, build_model, freeze_norm_stats  # noqa: E402
+from core.train.distributed import train_order  # noqa: E402
+from core.train.steps import feature_batches, loader, run_epoch  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 
@@ -50,9 +52,9 @@ def _no_report(*_a, **_k):
 
 
 def _demo(size: int, n: int):
-    scan = D.scan_folder(D.demo_dataset())
+    scan = folders.scan_folder(folders.demo_dataset())
     items = (scan.items * (n // len(scan.items) + 1))[:n]
-    images, _ = D.decode_images(scan.root, items, size)
+    images, _ = imaging.decode_images(scan.root, items, size)
     return images, [it.label for it in items], len(scan.classes)
 
 
@@ -62,15 +64,15 @@ def bench_prefix(record=None, size: int = 160, n: int = 512, rounds: int = 3) ->
     images, labels, classes = _demo(size, n)
     model = build_model("mobilenetv2_100", classes, "auto").to(memory_format=torch.channels_last)
     apply_freeze(model, "top_k", 2)
-    split = P.find_split(model.backbone, size)
-    tf = D.build_transform(size, (0.5,) * 3, (0.5,) * 3)
+    split = prefix.find_split(model.backbone, size)
+    tf = transforms.build_transform(size, (0.5,) * 3, (0.5,) * 3)
     device, criterion = torch.device("cpu"), nn.CrossEntropyLoss()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     start = time.perf_counter()
-    store = P.compute(model.backbone, split, images, tf, device)
+    store = prefix.compute(model.backbone, split, images, tf, device)
     build = time.perf_counter() - start
-    suffix = P.SuffixModel(model, split)
+    suffix = prefix.SuffixModel(model, split)
 
     def epoch(cached: bool) -> float:
         net = suffix if cached else model
@@ -102,15 +104,15 @@ def bench_precision(record=None, size: int = 128, batch: int = 16, repeats: int 
         model = build_model(arch, 10, "random").to(memory_format=torch.channels_last).train()
 
         def step(precision, model=model):
-            with DEV.autocast(device, precision):
+            with devices.autocast(device, precision):
                 loss = nn.functional.cross_entropy(model(x).float(), y)
             loss.backward()
             model.zero_grad(set_to_none=True)
 
         step("fp32"), step("bf16")
-        times = {p: min(DEV._timed(step, p) for _ in range(repeats)) for p in ("fp32", "bf16")}
-        DEV._CHOSEN.clear()
-        chosen = DEV.choose_precision(device, f"bench|{arch}", step)["precision"]
+        times = {p: min(devices._timed(step, p) for _ in range(repeats)) for p in ("fp32", "bf16")}
+        devices._CHOSEN.clear()
+        chosen = devices.choose_precision(device, f"bench|{arch}", step)["precision"]
         ratio = min(times.values()) / times[chosen]
         _record(record, f"precision {arch}: fp32 {times['fp32']:.2f} s, bf16 {times['bf16']:.2f} s/step; chose {chosen}",
                 ratio, "ratio", ">= 0.95", ratio >= 0.95)
@@ -120,9 +122,9 @@ def bench_budget(record=None, data: str | None = None, budget: int = 300) -> dic
     """The shipped "Best accuracy in 5 minutes" preset vs a 10-epoch full fine-tune (AdamW 3e-4,
     cosine, same augmentation, same split and seed), each timed from a cold start of the run."""
     from core import train
-    from core.presets import parse_preset
+    from core.serve.presets import parse_preset
     from core.config import RunConfig
-    data = data or str(SHARED / "eurosat_rgb" if (SHARED / "eurosat_rgb").is_dir() else D.demo_dataset())
+    data = data or str(SHARED / "eurosat_rgb" if (SHARED / "eurosat_rgb").is_dir() else folders.demo_dataset())
     preset = parse_preset((ROOT / "assets" / "presets" / "lab-best-in-5-minutes.json").read_bytes())["settings"]
     budget_cfg = RunConfig.from_dict(dict(preset, data_root=data, time_budget_s=budget))
     full_cfg = RunConfig.from_dict(dict(preset, data_root=data, time_budget_s=0, freeze="full", epochs=10,
@@ -154,7 +156,7 @@ def main():
     parser.add_argument("--budget", type=int, default=300)
     parser.add_argument("--only", choices=("prefix", "precision", "budget"), default=None)
     args = parser.parse_args()
-    DEV.set_cpu_threads()
+    devices.set_cpu_threads()
     if args.only in (None, "prefix"):
         bench_prefix()
     if args.only in (None, "precision"):

@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
-from core import data as D  # noqa: E402
-from core import export_check as XC  # noqa: E402
-from core.backbones import build_model, load_run_model  # noqa: E402
+from core.data import folders
+from core.trust import export_check  # noqa: E402
+from core.models.backbones import build_model, load_run_model  # noqa: E402
 from core.config import RunConfig  # noqa: E402
-from core.export import export_onnx, export_run  # noqa: E402
-from core.store import Run  # noqa: E402
+from core.models.export import export_onnx, export_run  # noqa: E402
+from core.serve.store import Run  # noqa: E402
 
 TARGET_S = 10.0
 N_IMAGES = 200
@@ -32,7 +32,7 @@ N_IMAGES = 200
 
 def mobilenet_run(root: Path, size: int = 128, n: int = N_IMAGES) -> Run:
     """A finished-looking run whose test split is `n` demo images."""
-    scan = D.scan_folder(D.demo_dataset())
+    scan = folders.scan_folder(folders.demo_dataset())
     cfg = RunConfig(arch="mobilenetv2_100", weights="bundled", image_size=size,
                     data_root=str(scan.root), device="cpu")
     run = Run.create(cfg, root=root)
@@ -54,9 +54,9 @@ def bench_export_check(record) -> None:
         weights, _info = export_run(run, out)
         onnx = export_onnx(load_run_model(run), run.config.image_size, out / "model.onnx")
         for kind, path in (("safetensors", weights), ("onnx", onnx)):
-            XC._LAST.clear()         # each check from cold: decode, checkpoint, export
+            export_check._LAST.clear()         # each check from cold: decode, checkpoint, export
             start = time.perf_counter()
-            result = XC.check_export(run, kind, path)
+            result = export_check.check_export(run, kind, path)
             seconds = time.perf_counter() - start
             name = f"export check {kind}, {result['n']} test images, MobileNetV2 128px"
             record(name, seconds, "s", f"<= {TARGET_S:.0f} s", seconds <= TARGET_S and result["ok"])

@@ -8,7 +8,7 @@ UMAP of 2,000 vectors of width 1280 (MobileNetV2's pooled features; synthetic he
 centres plus noise, so no network runs), the 64 px hover thumbnails of 2,000 demo images (the
 1,000 demo images listed twice) and the Altair chart spec. Two rows: the first map in a fresh
 process, which pays umap-learn's import and numba compile (the app hides most of that behind
-the embedding step, see core.embedding_map.warm_up), and a second map, the steady state, which
+the embedding step, see core.trust.embedding_map.warm_up), and a second map, the steady state, which
 the 20 s target is for. PCA (fast) is a third row, for comparison.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from core import data as D  # noqa: E402
-from core import embedding_map as M  # noqa: E402
+from core.data import folders
+from core.trust import embedding_map  # noqa: E402
 
 TARGET_S = 20.0
 
@@ -41,14 +41,14 @@ def _fake_embeddings(labels: list[int], width: int, seed: int = 0) -> np.ndarray
 def _one_map(root, items, classes, vectors, method) -> float:
     from pages.common.maps import map_chart     # the page's chart, built as the page builds it
     start = time.perf_counter()
-    frame = M.map_frame(root, items, classes, vectors, method)
+    frame = embedding_map.map_frame(root, items, classes, vectors, method)
     map_chart(frame, "After fine-tuning", classes).to_dict()
     return time.perf_counter() - start
 
 
 def bench_embedding_map(record=None, n: int = 2000, width: int = 1280) -> None:
     record = record or _print
-    scan = D.scan_folder(D.demo_dataset())
+    scan = folders.scan_folder(folders.demo_dataset())
     items = (scan.items * (n // len(scan.items) + 1))[:n]
     vectors = _fake_embeddings([it.label for it in items], width)
     first = _one_map(scan.root, items, scan.classes, vectors, "umap")

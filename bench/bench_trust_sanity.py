@@ -1,4 +1,4 @@
-"""Checked explanations: the time of Inspect's sanity check (core.sanity) for one photo.
+"""Checked explanations: the time of Inspect's sanity check (core.trust.sanity) for one photo.
 
     python bench/bench_trust_sanity.py
 
@@ -10,6 +10,7 @@ One timed call after a warm-up, no loop: the lead runs benchmarks on a quiet mac
 from __future__ import annotations
 
 import sys
+from PIL import Image
 import time
 from pathlib import Path
 
@@ -19,11 +20,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core import data as D  # noqa: E402
-from core import inspect as I  # noqa: E402
+from core.data import images as imaging
+from core.data import transforms
+from core.results import inspection  # noqa: E402
 from core import rng  # noqa: E402
-from core import sanity as S  # noqa: E402
-from core.backbones import build_model  # noqa: E402
+from core.trust import sanity  # noqa: E402
+from core.models.backbones import build_model  # noqa: E402
 
 TARGET_S = 15       # three times the attributions row (<= 5 s) plus the copies and the head fit
 
@@ -32,13 +34,13 @@ def bench_sanity(record, size: int = 128) -> None:
     from skimage import data as photos
     with rng.Stream(0).active():        # the new head's init: the same verdicts on every run
         model = build_model("mobilenetv2_100", 10, "bundled").eval()
-    image = np.array(D.to_rgb(D.Image.fromarray(photos.chelsea())).resize((size, size)))
-    x = D.build_transform(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
+    image = np.array(imaging.to_rgb(Image.fromarray(photos.chelsea())).resize((size, size)))
+    x = transforms.build_transform(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
         torch.from_numpy(image).permute(2, 0, 1).contiguous())[None]
     draw = np.random.default_rng(0)
     features = (draw.random((300, model.backbone.num_features), dtype=np.float32),
                 draw.integers(0, 10, 300))
-    I.attribution_maps(model, x, 0, methods=("Grad-CAM",))          # warm-up: captum's imports
+    inspection.attribution_maps(model, x, 0, methods=("Grad-CAM",))          # warm-up: captum's imports
     steps: dict[str, float] = {}
     mark = {"text": "", "t": time.perf_counter()}
 
@@ -50,14 +52,14 @@ def bench_sanity(record, size: int = 128) -> None:
         mark.update(text=step, t=now)
 
     start = time.perf_counter()
-    rows = S.sanity_check(model, x, 0, train_features=features, progress=progress)
+    rows = sanity.sanity_check(model, x, 0, train_features=features, progress=progress)
     total = time.perf_counter() - start
     for step, seconds in steps.items():
         if step != "Done":
             record(f"  sanity check: {step} ({size} px) (s)", seconds, "s")
     record(f"sanity check, 3 methods x 4 models, one {size} px image (s)", total, "s",
            f"<= {TARGET_S}", total <= TARGET_S)
-    for verdict in S.verdicts(rows):
+    for verdict in sanity.verdicts(rows):
         print(f"    {verdict['text']}")
 
 

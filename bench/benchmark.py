@@ -7,6 +7,7 @@ JSON, and exits non-zero when a target is missed. A tool, not a test.
 from __future__ import annotations
 
 import argparse
+from PIL import Image
 import json
 import os
 import statistics
@@ -22,11 +23,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from core import data as D  # noqa: E402
-from core.backbones import apply_freeze, build_model  # noqa: E402
+from core.data import folders
+from core.data import images as imaging
+from core.data import transforms
+from core.models.backbones import apply_freeze, build_model  # noqa: E402
 from core.device import autocast, cpu_bf16, describe, set_cpu_threads  # noqa: E402
-from core.distributed import train_order  # noqa: E402
-from core.training import extract_features, feature_batches, loader, run_epoch  # noqa: E402
+from core.train.distributed import train_order  # noqa: E402
+from core.train.steps import extract_features, feature_batches, loader, run_epoch  # noqa: E402
 
 RESULTS: list[dict] = []
 
@@ -38,9 +41,9 @@ def record(name: str, value: float, unit: str, target: str = "", ok: bool | None
 
 
 def demo_tensors(size: int, n: int):
-    scan = D.scan_folder(D.demo_dataset())
+    scan = folders.scan_folder(folders.demo_dataset())
     items = (scan.items * (n // len(scan.items) + 1))[:n]
-    images, _ = D.decode_images(scan.root, items, size)
+    images, _ = imaging.decode_images(scan.root, items, size)
     return images, [it.label for it in items], scan
 
 
@@ -88,7 +91,7 @@ def bench_training(arch: str, size: int, batch: int, steps: int, rounds: int = 3
     images, labels, scan = demo_tensors(size, batch * steps)
     model = build_model(arch, len(scan.classes), "random").to(memory_format=torch.channels_last)
     apply_freeze(model, "full")
-    tf = D.build_transform(size, (0.5,) * 3, (0.5,) * 3)
+    tf = transforms.build_transform(size, (0.5,) * 3, (0.5,) * 3)
     bare_loop(model, images, labels, tf, batch, 2)          # warm-up (kernels, allocator)
     app_loop(model, images, labels, tf, batch, 2)
     pairs = [(bare_loop(model, images, labels, tf, batch, steps),
@@ -103,7 +106,7 @@ def bench_head_cache(size: int, epochs: int):
     images, labels, scan = demo_tensors(size, 700)
     model = build_model("mobilenetv2_100", len(scan.classes), "auto").to(memory_format=torch.channels_last)
     apply_freeze(model, "head")
-    tf = D.build_transform(size, (0.5,) * 3, (0.5,) * 3)
+    tf = transforms.build_transform(size, (0.5,) * 3, (0.5,) * 3)
     device = torch.device("cpu")
     opt = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -124,12 +127,12 @@ def bench_head_cache(size: int, epochs: int):
 
 
 def bench_pipeline(size: int, n: int):
-    scan = D.scan_folder(D.demo_dataset())
+    scan = folders.scan_folder(folders.demo_dataset())
     items = (scan.items * (n // len(scan.items) + 1))[:n]
     start = time.perf_counter()
-    images, _ = D.decode_images(scan.root, items, size, workers=1)
+    images, _ = imaging.decode_images(scan.root, items, size, workers=1)
     decode = n / (time.perf_counter() - start)
-    tf = D.build_transform(size, (0.5,) * 3, (0.5,) * 3)
+    tf = transforms.build_transform(size, (0.5,) * 3, (0.5,) * 3)
     start = time.perf_counter()
     for img in images:
         tf(img)
@@ -153,22 +156,22 @@ def bench_demo_cold() -> None:
 
 
 def bench_inference(size: int, n: int):
-    from core import inspect as I
+    from core.results import inspection
     images, _, scan = demo_tensors(size, n)
     model = build_model("mobilenetv2_100", len(scan.classes), "auto").eval().to(memory_format=torch.channels_last)
-    tf = D.build_transform(size, (0.5,) * 3, (0.5,) * 3)
-    from core.evaluate import predict_probs
+    tf = transforms.build_transform(size, (0.5,) * 3, (0.5,) * 3)
+    from core.results.evaluate import predict_probs
     predict_probs(model, images[:64], tf, torch.device("cpu"))
     start = time.perf_counter()
     predict_probs(model, images, tf, torch.device("cpu"))
     record(f"inference for evaluation ({size}px)", n / (time.perf_counter() - start), "img/s")
     images224, _, _ = demo_tensors(224, 200)
-    tf224 = D.build_transform(224, (0.5,) * 3, (0.5,) * 3)
+    tf224 = transforms.build_transform(224, (0.5,) * 3, (0.5,) * 3)
     start = time.perf_counter()
     batches = (torch.stack([tf224(img) for img in images224[i:i + 16]]).contiguous(memory_format=torch.channels_last)
                for i in range(0, 200, 16))
     with autocast(torch.device("cpu")):
-        I.sparsity(model, batches)
+        inspection.sparsity(model, batches)
     seconds = time.perf_counter() - start
     record("activation sparsity over 200 images (224px)", seconds, "s", "<= 10", seconds <= 10)
 
@@ -186,8 +189,8 @@ def bench_memory(n: int):
             base[i % 4].save(cls / f"{i}.jpg", quality=70)
         # VmHWM, not ru_maxrss: a child started through vfork inherits its parent's ru_maxrss,
         # which made this benchmark report the benchmark process's own peak.
-        code = ("from core import data as D; s=D.scan_folder(%r); "
-                "imgs,_=D.decode_images(s.root, s.items, 128); "
+        code = ("from core.data import folders, images as imaging; s=folders.scan_folder(%r); "
+                "imgs,_=imaging.decode_images(s.root, s.items, 128); "
                 "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
                 ) % folder
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -202,16 +205,16 @@ def bench_attributions(size: int = 128) -> None:
     import numpy as np
     from skimage import data as photos
 
-    from core import inspect as I
+    from core.results import inspection
     model = build_model("mobilenetv2_100", 10, "bundled").eval()
-    image = np.asarray(D.to_rgb(D.Image.fromarray(photos.chelsea())).resize((size, size)))
-    x = D.build_transform(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
+    image = np.asarray(imaging.to_rgb(Image.fromarray(photos.chelsea())).resize((size, size)))
+    x = transforms.build_transform(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
         torch.from_numpy(image).permute(2, 0, 1).contiguous()).unsqueeze(0)
-    I.attributions(model, x, image, 0, methods=("Grad-CAM",))          # warm-up
+    inspection.attributions(model, x, image, 0, methods=("Grad-CAM",))          # warm-up
     seconds = {}
     for method in ("Grad-CAM", "Integrated Gradients", "Occlusion"):
         start = time.perf_counter()
-        I.attributions(model, x, image, 0, methods=(method,))
+        inspection.attributions(model, x, image, 0, methods=(method,))
         seconds[method] = time.perf_counter() - start
         record(f"  attribution {method} ({size} px) (s)", seconds[method], "s")
     total = sum(seconds.values())
@@ -224,12 +227,12 @@ def bench_stop_latency(rounds: int = 3) -> None:
     import random
 
     from core.config import RunConfig
-    from core.worker import MANAGER
+    from core.serve.worker import MANAGER
     worst = 0.0
     with tempfile.TemporaryDirectory() as home:
         os.environ["FINETUNE_LAB_HOME"] = home
         for i in range(rounds):
-            run = MANAGER.submit(RunConfig(data_root=str(D.demo_dataset()), freeze="full", epochs=3,
+            run = MANAGER.submit(RunConfig(data_root=str(folders.demo_dataset()), freeze="full", epochs=3,
                                            image_size=128, batch_size=32, device="cpu", name=f"stop {i}"))
             while (run.status().get("phase") != "train" or (run.status().get("step") or 0) < 2):
                 time.sleep(0.05)

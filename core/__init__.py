@@ -4,18 +4,20 @@
     run = train(RunConfig(data_root=str(demo_dataset()), epochs=3))
     print(run.status()["test_acc"])
 """
-from core.backbones import CATALOG, build_model, create_backbone, parameter_table, weight_sources
-from core.data import DataError, demo_dataset, scan_folder, split_items
-from core.backbones import load_run_model
-from core.evaluate import evaluate_run
+from core.models.backbones import CATALOG, build_model, create_backbone, parameter_table, weight_sources
+from core.data import DataError
+from core.data.folders import demo_dataset, scan_folder
+from core.data.splits import split_items
+from core.models.backbones import load_run_model
+from core.results.evaluate import evaluate_run
 from core.config import RunConfig
-from core.store import Run, get_run, list_runs
-from core.worker import MANAGER
+from core.serve.store import Run, get_run, list_runs
+from core.serve.worker import MANAGER
 
 
 def train(config: RunConfig, root=None) -> Run:
     """Train in the foreground and return the finished run (its folder holds everything)."""
-    from core.training import train_run
+    from core.train.run import train_run
     run = Run.create(config, root)
     train_run(run)
     return run

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from core import paths
 from core.config import ConfigError, RunConfig, config_shape_problem, field_kind, validate_config
-from core.store import Run, RunBusy, disk_problem, get_run
+from core.serve.store import Run, RunBusy, disk_problem, get_run
 
 FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
 
@@ -81,7 +81,7 @@ def read_config_file(path: str) -> dict:
     except (json.JSONDecodeError, RecursionError) as err:
         raise ConfigError(f"{path} is not valid JSON ({err}).") from None
     if isinstance(data, dict) and isinstance(data.get("settings"), dict):
-        from core.presets import PresetError, parse_preset
+        from core.serve.presets import PresetError, parse_preset
         try:
             return dict(parse_preset(text)["settings"])
         except PresetError as err:
@@ -179,8 +179,8 @@ def show_new_epochs(run: Run, shown: int, bar) -> int:
 
 
 def train_foreground(run: Run, resume: bool = False, quiet: bool = False) -> dict:
-    from core import distributed as dist
-    from core.training import train_run
+    from core.train import distributed as dist
+    from core.train.run import train_run
     if quiet or not dist.is_main():
         return train_run(run, resume=resume)
     worker = threading.Thread(target=train_run, args=(run,), kwargs=dict(resume=resume), daemon=True)
@@ -205,7 +205,7 @@ def summary(run: Run) -> int:
 # ---------------------------------------------------------------- commands
 
 def cmd_config(args) -> int:
-    from core.data import demo_dataset
+    from core.data.folders import demo_dataset
     cfg = RunConfig(data_root=str(demo_dataset().relative_to(paths.REPO_ROOT)))
     text = json.dumps(cfg.to_dict(), indent=1)
     if args.out:
@@ -216,7 +216,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from core import distributed as dist
+    from core.train import distributed as dist
     cfg = load_config(args.config, args.set)
     dist.init()
     try:
@@ -232,7 +232,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from core import distributed as dist
+    from core.train import distributed as dist
     run = get_run(args.run)
     dist.init()
     try:     # under torchrun rank 0 decides: another rank could already see its 'queued' status
@@ -248,7 +248,7 @@ def cmd_resume(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from core.evaluate import evaluate_run
+    from core.results.evaluate import evaluate_run
     run = get_run(args.run)
     metrics = evaluate_run(run, args.split)
     print(f"{run.id} {args.split}: accuracy {metrics['accuracy']:.4f} · macro F1 {metrics['macro_f1']:.4f}"
@@ -258,13 +258,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from core import predict as P
-    from core.data import IMAGE_EXTENSIONS
+    from core.models import predict
+    from core.data.images import IMAGE_EXTENSIONS
     files = []
     for name in args.images:
         p = Path(name)
         files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS) if p.is_dir() else [p]
-    frame = P.predict_files(P.from_run(get_run(args.run)), files)
+    frame = predict.predict_files(predict.from_run(get_run(args.run)), files)
     from core.tables import csv_safe
     csv_safe(frame).to_csv(args.out, index=False)
     for row in frame.head(20).itertuples():
@@ -275,13 +275,13 @@ def cmd_predict(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from core import distributed as dist
-    from core import sweeps as S
+    from core.train import distributed as dist
+    from core.train import sweeps
     if dist.launched():     # every rank would create and train its own copy of each run
         raise SystemExit("sweep runs one process; train a single configuration under torchrun instead.")
     base = load_config(args.config, args.set)
     configs, problems = [], []
-    for cfg in S.expand(base, grid_axes(args.grid)):
+    for cfg in sweeps.expand(base, grid_axes(args.grid)):
         try:
             configs.append(validate_config(cfg.to_dict()))
         except ConfigError as err:
@@ -292,21 +292,21 @@ def cmd_sweep(args) -> int:
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.config.name}", flush=True)
         train_foreground(run, quiet=args.quiet)
-    print(S.results(runs).to_string(index=False))
+    print(sweeps.results(runs).to_string(index=False))
     return 0
 
 
 def grid_axes(items: list[str]) -> dict[str, list]:
     """`--grid AXIS=V1,V2` as {axis: values}, each value of its setting's type; ConfigError with a
     sentence per bad axis or value (the combinations are validated after expanding)."""
-    from core import sweeps as S
-    from core.data import PRESETS
+    from core.train import sweeps
+    from core.data.transforms import PRESETS
     axes, problems = {}, []
     for item in items:
         axis, _, values = item.partition("=")
         axis = axis.strip()
-        if axis not in S.AXES:
-            problems.append(f"--grid: {axis!r} is not one of {', '.join(S.AXES)}")
+        if axis not in sweeps.AXES:
+            problems.append(f"--grid: {axis!r} is not one of {', '.join(sweeps.AXES)}")
             continue
         if axis in RunConfig.__dataclass_fields__ and axis != "augment":
             axes[axis] = [parse_setting(axis, v) for v in values.split(",")]
@@ -322,7 +322,7 @@ def grid_axes(items: list[str]) -> dict[str, list]:
 
 
 def cmd_lr(args) -> int:
-    from core.lr_find import suggest_lr
+    from core.train.lr_find import suggest_lr
     cfg = load_config(args.config, args.set)
 
     def progress(done, total, message):
@@ -339,7 +339,7 @@ def cmd_lr(args) -> int:
 def cmd_export(args) -> int:
     """Each format is checked on the run's test images as soon as it is written; status 1 when
     one of them does not agree with the trained model."""
-    from core.export_check import check_line, export_checked
+    from core.trust.export_check import check_line, export_checked
     run = get_run(args.run)
     out = Path(args.out or run.file("export"))
     flagged = False
@@ -360,7 +360,7 @@ def cmd_export(args) -> int:
 def cmd_doctor(args) -> int:
     """One row per flagged image (path relative to FOLDER, issue, given label, suggested label,
     score), the verdicts, and the same rows as CSV with --out."""
-    from core import doctor
+    from core.trust import doctor
     from core.data import DataError
     last = [""]
 
@@ -388,20 +388,20 @@ def cmd_doctor(args) -> int:
 
 def cmd_job(args) -> int:
     """One run of the lab's queue in its own process (the executor starts this; not for people)."""
-    from core.jobs import run_job
+    from core.serve.jobs import run_job
     return run_job(args.run, resume=args.resume, limit_s=args.limit_s)
 
 
 def cmd_task(args) -> int:
     """One page task in its own process (the executor starts this; not for people)."""
-    from core.tasks import run_task
+    from core.serve.tasks import run_task
     return run_task(args.run, limit_s=args.limit_s)
 
 
 def cmd_queue(args) -> int:
     """The lab's queue as the pages show it; with --serve, this process starts queued runs (a
     server-less executor, e.g. on a head machine while no browser is open)."""
-    from core.worker import MANAGER
+    from core.serve.worker import MANAGER
     if args.serve:
         MANAGER.start()
         print("serving the queue (Ctrl+C ends this; running runs go on)", flush=True)
@@ -420,7 +420,7 @@ def cmd_queue(args) -> int:
 def cmd_token(args) -> int:
     """The teacher token of a class server: the environment's (not printed), or one made once and
     kept (0600) in the data directory, printed for the teacher's own terminal."""
-    from core import access
+    from core.serve import access
     if os.environ.get(access.TOKEN_ENV) and access.configured_token():
         print("The teacher token is the one in FINETUNE_LAB_ADMIN_TOKEN.")
         return 0
@@ -432,7 +432,7 @@ def cmd_token(args) -> int:
 
 def cmd_accounts(args) -> int:
     """Class accounts from the command line: a class of names (or a count) with join codes."""
-    from core import accounts
+    from core.serve import accounts
     names = int(args.names[0]) if len(args.names) == 1 and args.names[0].isdigit() else args.names
     rows = accounts.create_class(args.klass, names, role="teacher" if args.teacher else "student")
     print("account,name,join code")

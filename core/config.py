@@ -48,7 +48,7 @@ class RunConfig:
     cache_features: bool = True      # run frozen layers once per image and train on their output
     aug_views: int = 0               # augmented views per training image cached through frozen layers
                                      # (0: augmentations run live, so caching is off when augmenting)
-    time_budget_s: int = 0           # >0: plan the phases to fit this many seconds (core.budget)
+    time_budget_s: int = 0           # >0: plan the phases to fit this many seconds (core.train.budget)
     max_epochs: int = 0              # the teacher's epoch cap, which a time budget's plan keeps to (0 = none)
     device: str = "auto"
     name: str = ""
@@ -139,7 +139,7 @@ def split_problems(split, for_widgets: bool = False) -> list[str]:
 
 
 def augment_problems(augment) -> list[str]:
-    from core.data import AUGMENT_RANGES, AUGMENTATIONS, AUTO_AUGMENTS
+    from core.data.transforms import AUGMENT_RANGES, AUGMENTATIONS, AUTO_AUGMENTS
     if not isinstance(augment, dict):
         return [f"augment is {_shown(augment)}; it must be a JSON object like "
                 '{"hflip": true, "rotation": 15}.']

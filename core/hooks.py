@@ -1,5 +1,5 @@
 """Forward hooks and train/eval state, always put back: shared by Inspect and the frozen-prefix
-cache (core.prefix). Hooks live only inside `hooked()`, which removes them in `finally`."""
+cache (core.models.prefix). Hooks live only inside `hooked()`, which removes them in `finally`."""
 from __future__ import annotations
 
 import contextlib

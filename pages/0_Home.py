@@ -5,7 +5,8 @@ from pages import show_loading
 
 loading = show_loading()      # the imports below take seconds on a server's first visit
 
-from core import access, paths
+from core import paths
+from core.serve import access
 from pages import common
 
 
@@ -110,7 +111,7 @@ def quick_demo_progress(run_id: str):
 
 
 def executor_note() -> str:
-    from core import slots
+    from core.serve import slots
     fixed = " (fixed by FINETUNE_LAB_SLOTS / FINETUNE_LAB_RUNS_PER_GPU on the server)" if slots.fixed_by_env() else ""
     view = common.MANAGER.overview()
     return (f"**Where runs train**: each in its own process, {len(view['slots'])} at once{fixed}: "
@@ -181,7 +182,7 @@ def admin_panel():
 
 def class_accounts():
     """The teacher makes a class's accounts and prints their one-time join codes."""
-    from core import accounts
+    from core.serve import accounts
     st.markdown("**Class accounts** — students sign in at `/lab/sign-in` with their account name and the "
                 "join code, then choose a password. Codes are shown once: print or download them now.")
     with st.form("class_form"):

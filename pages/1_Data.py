@@ -11,9 +11,14 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
-from core import data as D
-from core import downloads
-from core import access, paths
+from core.data import DataError
+from core.data.images import IMAGE_EXTENSIONS
+from core.data import folders
+from core.data import splits as splitting
+from core.data import zips
+from core.data import downloads
+from core import paths
+from core.serve import access
 from pages import common
 
 loading.empty()
@@ -33,8 +38,8 @@ SOURCES = {
 
 
 @st.cache_data(show_spinner="Scanning images…", max_entries=16)
-def scan(root: str, stamp: float) -> D.DataScan:   # stamp: part of the cache key
-    return D.scan_folder(root)
+def scan(root: str, stamp: float) -> folders.DataScan:   # stamp: part of the cache key
+    return folders.scan_folder(root)
 
 
 def folder_stamp(root: Path) -> float:
@@ -48,7 +53,7 @@ def folder_stamp(root: Path) -> float:
 @st.cache_data(show_spinner="Looking for duplicate files…", max_entries=16)
 def identical(root: str, stamp: float) -> list[list[str]]:
     found = scan(root, stamp)
-    return D.identical_files(found.root, [it.path for it in found.items])
+    return splitting.identical_files(found.root, [it.path for it in found.items])
 
 
 def upload_limit() -> None:
@@ -59,7 +64,7 @@ def upload_limit() -> None:
 
 def save_files(target: Path, files) -> None:
     """Store uploaded files below `target`; names that would lead elsewhere are refused."""
-    refused = [f.name for f in files if D.save_upload_file(target, f.name, f.getvalue()) is None]
+    refused = [f.name for f in files if zips.save_upload_file(target, f.name, f.getvalue()) is None]
     if refused:
         st.warning(f"{len(refused)} file name(s) refused (they would lead outside the upload "
                    f"folder, or are too long for the disk): {', '.join(repr(n) for n in refused[:5])}")
@@ -115,7 +120,7 @@ def camera_capture(folder: Path) -> None:
     if shot is not None and st.button("Add this snapshot to the class", type="primary", key="cam_add"):
         name = class_folder_name(cls)
         count = len(list((folder / name).glob("*.jpg"))) if (folder / name).exists() else 0
-        D.save_upload_file(folder / name, f"camera-{count + 1:04d}.jpg", shot.getvalue())
+        zips.save_upload_file(folder / name, f"camera-{count + 1:04d}.jpg", shot.getvalue())
         st.success(f"Saved snapshot {count + 1} of '{name}'.")
     if folder.exists():
         counts = {p.name: len(list(p.glob("*.*"))) for p in sorted(folder.iterdir()) if p.is_dir()}
@@ -140,7 +145,7 @@ elif source == "zip":
         try:
             with st.spinner("Unpacking…"):
                 use_folder(common.save_zip(upload.getvalue(), upload.name), f"Upload: {upload.name}")
-        except (D.DataError, access.AccessError) as err:
+        except (DataError, access.AccessError) as err:
             st.error(str(err))
             common.stop()
 elif source == "folder":
@@ -149,20 +154,20 @@ elif source == "folder":
     upload_limit()
     if files:
         blob = b"".join(f.name.encode() + f.size.to_bytes(8, "little") for f in files)
-        target = D.upload_dir(blob, "folder", parent=access.uploads_dir(common.user()))
+        target = zips.upload_dir(blob, "folder", parent=access.uploads_dir(common.user()))
         if not target.exists():
             try:
                 check_room(sum(f.size for f in files))
                 with st.spinner(f"Saving {len(files)} files…"):
                     save_files(target, files)
-            except (D.DataError, access.AccessError) as err:
+            except (DataError, access.AccessError) as err:
                 st.error(str(err))
                 common.stop()
         use_folder(target, f"Uploaded folder ({len(files)} files)")
 elif source == "images":
     folder = session_folder()
     cls = st.text_input("Class name for these images", placeholder="e.g. cats", key="img_class")
-    files = st.file_uploader("Images", type=sorted(e[1:] for e in D.IMAGE_EXTENSIONS),
+    files = st.file_uploader("Images", type=sorted(e[1:] for e in IMAGE_EXTENSIONS),
                              accept_multiple_files=True, key="img_upload")
     upload_limit()
     if st.button("Add to class", disabled=not (files and cls.strip())):
@@ -171,7 +176,7 @@ elif source == "images":
             check_room(sum(f.size for f in files))
             save_files(folder / safe, files)
             st.success(f"Added {len(files)} image(s) to '{safe}'.")
-        except (D.DataError, access.AccessError) as err:
+        except (DataError, access.AccessError) as err:
             st.error(str(err))
     if folder.exists():
         use_folder(folder, "Uploaded images")
@@ -225,7 +230,7 @@ if not root.is_dir():
     common.stop()
 try:
     result = scan(str(root), folder_stamp(root))
-except D.DataError as err:
+except DataError as err:
     st.error(str(err))
     common.stop()
 
@@ -280,12 +285,12 @@ few = st.checkbox("Few-shot: cap training images per class", value=settings["max
 settings["max_per_class"] = int(st.number_input("Images per class (train)", value=settings["max_per_class"] or 10,
                                                 key="cap", **common.limits("max_per_class"))) if few else None
 
-splits = D.split_items(result, settings["split"], settings["split_seed"], settings["max_per_class"])
+splits = splitting.split_items(result, settings["split"], settings["split_seed"], settings["max_per_class"])
 table = pd.DataFrame({s: pd.Series([result.classes[it.label] for it in items]).value_counts()
                       for s, items in splits.items()}).reindex(result.classes).fillna(0).astype(int)
 st.dataframe(table, width="stretch")
-groups = D.across_splits(identical(str(root), folder_stamp(root)), splits)
-for split, n in D.leaked_counts(groups).items():
+groups = splitting.across_splits(identical(str(root), folder_stamp(root)), splits)
+for split, n in splitting.leaked_counts(groups).items():
     if n:
         st.warning(f"{n} images appear in both train and {split} (identical files): {split} accuracy "
                    "will be optimistic (leakage). Remove the copies, or keep them in one split.")

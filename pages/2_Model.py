@@ -12,9 +12,9 @@ import pandas as pd
 import timm
 import torch
 
-from core import backbones as B
-from core import access
-from core.budget import depth_lr
+from core.models import backbones
+from core.serve import access
+from core.train.budget import depth_lr
 from core.config import FREEZE_MODES, RunConfig
 from core.paths import resolve_data_root
 from pages import common
@@ -29,25 +29,25 @@ OTHER = "Other timm model…"
 
 
 @st.cache_data(ttl=30, show_spinner="Checking where weights are available…")
-def sources(arch: str) -> list[B.WeightSource]:
-    return B.weight_sources(arch)
+def sources(arch: str) -> list[backbones.WeightSource]:
+    return backbones.weight_sources(arch)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Reading the architecture…")
-def skeleton(arch: str, head: str, hidden: int, classes: int = 10) -> B.FineTuneModel:
+def skeleton(arch: str, head: str, hidden: int, classes: int = 10) -> backbones.FineTuneModel:
     """Parameters on the meta device: shapes without memory, so even VGG is instant."""
     with torch.device("meta"):
         backbone = timm.create_model(arch, pretrained=False, num_classes=0)
-        return B.FineTuneModel(backbone, B.make_head(backbone.num_features, classes, head, hidden))
+        return backbones.FineTuneModel(backbone, backbones.make_head(backbone.num_features, classes, head, hidden))
 
 
 @st.cache_data(ttl=60, show_spinner=False)
 def class_count(root: str) -> int:
     """How many classes the chosen data set has (the new head's size); 10 if it can't be read."""
-    from core import data as D
+    from core.data import DataError, folders
     try:
-        return len(D.scan_folder(root, check=False).classes)
-    except (D.DataError, OSError):
+        return len(folders.scan_folder(root, check=False).classes)
+    except (DataError, OSError):
         return 10
 
 
@@ -69,13 +69,13 @@ def learning_rate_for_depth(settings: dict, mode: str, n_blocks: int) -> None:
                    "(or let *Suggest a learning rate* measure one).")
 
 
-choices = list(B.CATALOG) + [OTHER]
+choices = list(backbones.CATALOG) + [OTHER]
 current = settings["arch"]
-pick = st.selectbox("Backbone", choices, index=choices.index(current) if current in B.CATALOG else len(choices) - 1,
-                    format_func=lambda a: a if a == OTHER else f"{a} — {B.CATALOG[a]}", key="arch_pick")
+pick = st.selectbox("Backbone", choices, index=choices.index(current) if current in backbones.CATALOG else len(choices) - 1,
+                    format_func=lambda a: a if a == OTHER else f"{a} — {backbones.CATALOG[a]}", key="arch_pick")
 arch = pick
 if pick == OTHER:
-    arch = st.text_input("timm model name", value=current if current not in B.CATALOG else "",
+    arch = st.text_input("timm model name", value=current if current not in backbones.CATALOG else "",
                          placeholder="e.g. regnety_008, efficientvit_b0, deit_tiny_patch16_224").strip()
     if not arch:
         common.stop()
@@ -94,7 +94,7 @@ st.dataframe(pd.DataFrame([dict(source=s.label, available="yes" if s.available e
 usable = [s.kind for s in available if s.available]
 labels = {s.kind: s.label for s in available}
 if settings["weights"] not in usable:
-    settings["weights"] = B.default_weights(arch)
+    settings["weights"] = backbones.default_weights(arch)
 if settings["freeze"] == "scratch":
     st.caption("Training from scratch ignores pretrained weights.")
 else:
@@ -113,10 +113,10 @@ if settings["weights"] == "file" and settings["freeze"] != "scratch":
                                          "delete old uploads on the Data page first.")
             target.write_bytes(upload.getvalue())
             with st.spinner("Checking the file against the architecture…"):
-                B.create_backbone(arch, "file", str(target))
+                backbones.create_backbone(arch, "file", str(target))
             settings["weights_file"] = str(target)
             st.success(f"{upload.name} fits {arch}.")
-        except (B.WeightsError, access.AccessError) as err:
+        except (backbones.WeightsError, access.AccessError) as err:
             settings["weights_file"] = None
             target.unlink(missing_ok=True)
             st.error(str(err))
@@ -125,7 +125,7 @@ if settings["weights"] == "file" and settings["freeze"] != "scratch":
 
 st.subheader("What to train")
 model = skeleton(arch, settings["head"], settings["hidden"])
-n_blocks = len(B.block_groups(model.backbone))
+n_blocks = len(backbones.block_groups(model.backbone))
 mode = common.bind(st.radio, "freeze", "Freeze", settings, options=list(FREEZE_MODES),
                    format_func=FREEZE_MODES.get, horizontal=True)
 if mode == "top_k":
@@ -150,8 +150,8 @@ common.bind(cols[1].slider, "dropout", "Dropout", settings, **common.limits("dro
 
 classes = class_count(str(resolve_data_root(settings["data_root"])))
 model = copy.deepcopy(skeleton(arch, head, settings["hidden"], classes))   # the cached one is shared by every session
-B.apply_freeze(model, mode, settings["top_k"])
-rows = pd.DataFrame(B.parameter_table(model))
+backbones.apply_freeze(model, mode, settings["top_k"])
+rows = pd.DataFrame(backbones.parameter_table(model))
 total, trainable = rows["params"].sum(), rows["trainable"].sum()
 m1, m2, m3 = st.columns(3)
 m1.metric("Parameters", f"{total / 1e6:.2f} M")

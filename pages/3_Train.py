@@ -11,12 +11,16 @@ import pandas as pd
 import timm  # the package first: two sessions entering timm's import cycle at different modules
 #              (timm.data here, timm via core elsewhere) got a half-initialised module
 
-from core import data as D
-from core.backbones import native_input_size
+from core.data import DataError
+from core.data import folders
+from core.data import images as imaging
+from core.data import transforms
+from core.models.backbones import native_input_size
 from core.device import describe, pick_device
 from core.config import CHOICES, WIDGET_CHOICES
-from core.store import ACTIVE_STATES
-from core.training import resolve_data_root, uses_feature_cache
+from core.serve.store import ACTIVE_STATES
+from core.paths import resolve_data_root
+from core.train.caches import uses_feature_cache
 from pages import common
 from pages.common.speed import lr_panel, run_speed_info, speed_panel
 from pages.common.teaching import explain
@@ -35,9 +39,9 @@ st.caption(f"Data: **{settings.get('data_label')}** · Model: **`{settings['arch
 
 @st.cache_data(show_spinner="Computing the data set's mean and std…", max_entries=8)
 def data_stats(root: str, size: int):
-    scan = D.scan_folder(root, check=False)
-    images, _ = D.decode_images(scan.root, scan.items, size)
-    return D.dataset_stats(img for img in images if img is not None)
+    scan = folders.scan_folder(root, check=False)
+    images, _ = imaging.decode_images(scan.root, scan.items, size)
+    return transforms.dataset_stats(img for img in images if img is not None)
 
 
 def stats_panel(settings):
@@ -50,8 +54,8 @@ def stats_panel(settings):
 @st.cache_data(show_spinner=False, max_entries=16, ttl=60)
 def class_counts(root: str) -> list[int]:
     try:
-        scan = D.scan_folder(root, check=False)
-    except D.DataError:
+        scan = folders.scan_folder(root, check=False)
+    except DataError:
         return []
     return [sum(it.label == i for it in scan.items) for i in range(len(scan.classes))]
 
@@ -70,15 +74,15 @@ def class_weight_option(settings):
 def augmentation_menu(settings):
     st.markdown("**Augmentation** (training images only)")
     explain("augmentation", inside_expander=True)
-    preset = st.selectbox("Start from a preset", ["(keep current)"] + list(D.PRESETS), key="aug_preset")
+    preset = st.selectbox("Start from a preset", ["(keep current)"] + list(transforms.PRESETS), key="aug_preset")
     if preset != "(keep current)" and common.lab().page.get("aug_applied") != preset:
-        settings["augment"] = dict(D.PRESETS[preset])
+        settings["augment"] = dict(transforms.PRESETS[preset])
         common.lab().page["aug_applied"] = preset
         for key in [k for k in st.session_state if str(k).startswith(("aug_v_", "aug_on_"))]:
             del st.session_state[key]
     augment = dict(settings["augment"])
     cols = st.columns(4)
-    for i, (name, label) in enumerate(D.AUGMENTATIONS.items()):
+    for i, (name, label) in enumerate(transforms.AUGMENTATIONS.items()):
         col = cols[i % 4]
         on = col.checkbox(label, bool(augment.get(name)), key=f"aug_on_{name}")
         if name in ("hflip", "vflip"):
@@ -88,7 +92,7 @@ def augmentation_menu(settings):
                                       index=1 if augment.get("auto") == "randaugment" else 0,
                                       label_visibility="collapsed", horizontal=True) if on else 0
         else:
-            lo, hi, default = D.AUGMENT_RANGES[name]
+            lo, hi, default = transforms.AUGMENT_RANGES[name]
             augment[name] = col.slider(name, lo, hi, float(augment.get(name) or default), key=f"aug_v_{name}",
                                        label_visibility="collapsed") if on else 0
     settings["augment"] = {k: v for k, v in augment.items() if v}
@@ -99,16 +103,16 @@ def augmentation_menu(settings):
 def preview(settings):
     root = resolve_data_root(settings["data_root"])
     try:
-        scan = D.scan_folder(root, check=False)
-    except D.DataError as err:
+        scan = folders.scan_folder(root, check=False)
+    except DataError as err:
         st.error(str(err))
         return
     seed = common.lab().page.setdefault("aug_seed", 0)
     if st.button("Re-roll", icon=":material/casino:", key="aug_reroll"):
         common.lab().page["aug_seed"] = seed = seed + 1
     picks = random.Random(seed).sample(scan.items, min(4, len(scan.items)))
-    images, _ = D.decode_images(scan.root, picks, settings["image_size"])
-    st.image(D.preview_augmentations(images, settings["image_size"], settings["augment"], seed), width=96)
+    images, _ = imaging.decode_images(scan.root, picks, settings["image_size"])
+    st.image(transforms.preview_augmentations(images, settings["image_size"], settings["augment"], seed), width=96)
 
 
 common.presets_panel(settings)

@@ -12,9 +12,9 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
-from core import evaluate as E
-from core import export_check as XC
-from core.report import save_run_report
+from core.results import evaluate as evaluation
+from core.trust import export_check
+from core.results.report import save_run_report
 from pages import common
 from pages.common import maps
 from pages.common.teaching import explain
@@ -32,19 +32,19 @@ if run is None:
 
 split = st.radio("Split", ["test", "val"], horizontal=True, key="eval_split",
                  format_func={"test": "Test", "val": "Validation"}.get)
-frame = E.load_predictions(run, split)
+frame = evaluation.load_predictions(run, split)
 metrics = run.read_json(f"{split}_metrics.json")
 stale = metrics is not None and metrics.get("checkpoint_mtime") != run.checkpoint.stat().st_mtime
 if frame is None or metrics is None or "mAP" not in metrics or stale:
     bar = st.progress(0.0, text=f"Predicting the {split} split once; the result is kept with the run…")
     try:
-        metrics = E.evaluate_run(run, split, progress=lambda d, t: bar.progress(d / t, text=f"Predicting {d}/{t} images"))
+        metrics = evaluation.evaluate_run(run, split, progress=lambda d, t: bar.progress(d / t, text=f"Predicting {d}/{t} images"))
     except (ValueError, FileNotFoundError) as err:
         bar.empty()
         st.error(str(err))
         common.stop()
     bar.empty()
-    frame = E.load_predictions(run, split)
+    frame = evaluation.load_predictions(run, split)
 
 classes = metrics["classes"]
 root = Path(run.read_json("splits.json", {}).get("root", "."))
@@ -101,7 +101,7 @@ with tabs[0]:
     c1, c2 = st.columns(2)
     true = c1.selectbox("True class", classes, key="cm_true")
     pred = c2.selectbox("Predicted class", classes, key="cm_pred")
-    hits = E.cell(frame, true, pred)
+    hits = evaluation.cell(frame, true, pred)
     st.markdown(f"**{len(hits)} image(s)** labelled *{true}*, predicted *{pred}*")
     gallery(hits.head(60), lambda r: f"{r['confidence']:.0%}")
 
@@ -113,14 +113,14 @@ with tabs[1]:
 with tabs[2]:
     cls = st.selectbox("Class", classes, key="rank_class")
     n = st.slider("Images per row", 5, 20, 10, key="rank_n")
-    best, worst = E.rank_class(frame, cls, n)
+    best, worst = evaluation.rank_class(frame, cls, n)
     st.markdown(f"**Most confidently *{cls}*** (probability of {cls})")
     gallery(best, lambda r: f"{r['p_' + cls]:.0%}", per_row=n)
     st.markdown(f"**Least confidently *{cls}***")
     gallery(worst, lambda r: f"{r['p_' + cls]:.0%}", per_row=n)
 
 with tabs[3]:
-    wrong = E.misclassified(frame, 3)
+    wrong = evaluation.misclassified(frame, 3)
     order = st.radio("Sort", ["most confident first", "least confident first"], horizontal=True, key="mis_sort")
     if order.startswith("least"):
         wrong = wrong.iloc[::-1]
@@ -150,7 +150,7 @@ with tabs[5]:
                          "Opens offline in any browser (nothing is loaded from the internet); "
                          "print it to PDF from the browser.")
     st.markdown("**Export the model**: `model.safetensors` + `model.json` (loadable by "
-                "`core.predict.from_export`, and by plain timm for a linear head) with a standalone "
+                "`core.models.predict.from_export`, and by plain timm for a linear head) with a standalone "
                 "`predict.py` that preprocesses images exactly as this app does. Each export is run on "
                 "the run's test images right away and compared with the trained model.")
     export_dir = run.file("export")
@@ -162,7 +162,7 @@ with tabs[5]:
     def write_and_check(kind: str) -> None:
         bar = st.progress(0.0, text="Writing…")
         try:
-            common.run_heavy("export check", lambda checked: XC.export_checked(run, kind, export_dir, progress=checked),
+            common.run_heavy("export check", lambda checked: export_check.export_checked(run, kind, export_dir, progress=checked),
                              follow(bar))
         except RuntimeError as err:          # an architecture the ONNX exporter can't handle
             st.warning(str(err), icon=":material/warning:")
@@ -170,18 +170,18 @@ with tabs[5]:
 
     def offer(kind: str, names: list[str]) -> None:
         """The check's verdict, then the downloads; a flagged export only behind a checkbox."""
-        check = XC.load_checks(export_dir, run).get(kind)
+        check = export_check.load_checks(export_dir, run).get(kind)
         if check is None:                    # written by the CLI or before the checkpoint moved on
             bar = st.progress(0.0, text="Checking the export…")
-            check = common.run_heavy("export check", lambda checked: XC.check_export(
-                run, kind, export_dir / XC.FILES[kind], progress=checked), follow(bar))
+            check = common.run_heavy("export check", lambda checked: export_check.check_export(
+                run, kind, export_dir / export_check.FILES[kind], progress=checked), follow(bar))
             bar.empty()
             if check is None:                # the server is busy, or the time cap: said above
                 return
         if check["ok"]:
-            st.success(f"**{check['file']}** {XC.check_line(check)}", icon=":material/verified:")
+            st.success(f"**{check['file']}** {export_check.check_line(check)}", icon=":material/verified:")
         else:
-            st.warning(f"**{check['file']}** {XC.check_line(check)}. Re-export it, or download it "
+            st.warning(f"**{check['file']}** {export_check.check_line(check)}. Re-export it, or download it "
                        "knowing it does not behave like the trained model.", icon=":material/report:")
             if not st.checkbox("Download anyway", key=f"export_anyway_{kind}"):
                 return

@@ -13,9 +13,11 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
-from core import backbones as B
-from core import data as D
-from core import predict as P
+from core.models import backbones
+from core.data import DataError
+from core.data import folders
+from core.data import images as imaging
+from core.models import predict
 from pages import common
 
 loading.empty()
@@ -25,23 +27,23 @@ st.title("Predict")
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model…")
-def run_predictor(run_id: str, stamp: float) -> P.Predictor:
+def run_predictor(run_id: str, stamp: float) -> predict.Predictor:
     """Keyed by the checkpoint's time too, so a re-trained or resumed run loads its new weights."""
-    return P.from_run(common.get_run(run_id))
+    return predict.from_run(common.get_run(run_id))
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the pretrained backbone…")
-def imagenet_predictor(arch: str) -> P.Predictor:
-    return P.imagenet(arch)
+def imagenet_predictor(arch: str) -> predict.Predictor:
+    return predict.imagenet(arch)
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the exported model…")
-def export_predictor(weights: bytes, meta: bytes) -> P.Predictor:
+def export_predictor(weights: bytes, meta: bytes) -> predict.Predictor:
     import json
     with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
         f.write(weights)
         f.flush()
-        return P.from_export(f.name, json.loads(meta))
+        return predict.from_export(f.name, json.loads(meta))
 
 
 SOURCES = {"run": "A trained run", "export": "An exported model (.safetensors + .json)",
@@ -62,14 +64,14 @@ try:
         if w and j:
             predictor = export_predictor(w.getvalue(), j.getvalue())
     else:
-        arch = st.selectbox("Backbone", list(B.CATALOG), key="pred_arch")
-        available = [s for s in B.weight_sources(arch) if s.available and s.kind in ("bundled", "hub-cache", "hub")]
+        arch = st.selectbox("Backbone", list(backbones.CATALOG), key="pred_arch")
+        available = [s for s in backbones.weight_sources(arch) if s.available and s.kind in ("bundled", "hub-cache", "hub")]
         if not available:
             st.warning(f"No pretrained weights for {arch} are available offline. The bundled ones are "
                        "mobilenetv2_100 and tf_efficientnet_lite0/1/2.")
         else:
             predictor = imagenet_predictor(arch)
-except (B.WeightsError, ValueError, KeyError, FileNotFoundError) as err:
+except (backbones.WeightsError, ValueError, KeyError, FileNotFoundError) as err:
     st.error(f"Can't load that model: {err}")
 
 if predictor is None:
@@ -93,12 +95,12 @@ def show_predictions(images, names, k):
 tab_images, tab_camera, tab_batch = st.tabs(["Images", "Camera", "Batch to CSV"])
 with tab_images:
     k = st.slider("Top-k", 1, min(10, len(predictor.classes)), min(5, len(predictor.classes)), key="pred_k")
-    files = st.file_uploader("Drop one or more images", type=sorted(e[1:] for e in D.IMAGE_EXTENSIONS),
+    files = st.file_uploader("Drop one or more images", type=sorted(e[1:] for e in imaging.IMAGE_EXTENSIONS),
                              accept_multiple_files=True, key="pred_files")
     images, names = [], []
     for f in files or []:
         try:
-            images.append(D.open_rgb(io.BytesIO(f.getvalue())))
+            images.append(imaging.open_rgb(io.BytesIO(f.getvalue())))
             names.append(f.name)
         except Exception as err:  # noqa: BLE001 - any decoder error: say which file
             st.warning(f"{f.name}: not a readable image ({type(err).__name__}).")
@@ -110,7 +112,7 @@ with tab_camera:
     if st.toggle("Use the camera", key="pred_cam_on"):
         shot = st.camera_input("Snapshot", key="pred_camera")
         if shot is not None:
-            show_predictions([D.open_rgb(io.BytesIO(shot.getvalue()))], ["camera snapshot"],
+            show_predictions([imaging.open_rgb(io.BytesIO(shot.getvalue()))], ["camera snapshot"],
                              min(5, len(predictor.classes)))
 
 with tab_batch:
@@ -120,7 +122,7 @@ with tab_batch:
     if archive is not None:
         try:
             folder = common.save_zip(archive.getvalue(), "predict")
-        except (D.DataError, common.access.AccessError) as err:
+        except (DataError, common.access.AccessError) as err:
             st.error(str(err))
     elif path:
         try:
@@ -128,13 +130,13 @@ with tab_batch:
         except common.access.AccessError as err:
             st.error(str(err))
     if folder is not None:
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in D.IMAGE_EXTENSIONS
-                       and not any(D.is_hidden(part) for part in p.relative_to(folder).parts))
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in imaging.IMAGE_EXTENSIONS
+                       and not any(folders.is_hidden(part) for part in p.relative_to(folder).parts))
         st.write(f"{len(found)} images found.")
         batch_key = (source, id(predictor), str(folder), len(found))
         if found and st.button("Predict all", type="primary", key="pred_all"):
             bar = st.progress(0.0)
-            frame = P.predict_files(predictor, found, progress=lambda d, t: bar.progress(d / t, text=f"{d}/{t} images"))
+            frame = predict.predict_files(predictor, found, progress=lambda d, t: bar.progress(d / t, text=f"{d}/{t} images"))
             frame["file"] = [str(Path(f).relative_to(folder)) for f in frame["file"]]
             common.lab().page["pred_frame"] = (batch_key, frame)
         stored_key, frame = common.lab().page.get("pred_frame", (None, None))

@@ -10,12 +10,12 @@ loading = show_loading()      # the imports below take seconds on a server's fir
 import altair as alt
 import pandas as pd
 
-from core import backbones as B
-from core import sweeps as S
-from core.data import PRESETS
-from core.report import save_sweep_report
+from core.models import backbones
+from core.train import sweeps
+from core.data.transforms import PRESETS
+from core.results.report import save_sweep_report
 from core.config import CHOICES, FREEZE_MODES, setting_problems
-from core.store import ACTIVE_STATES
+from core.serve.store import ACTIVE_STATES
 from pages import common
 
 loading.empty()
@@ -45,22 +45,22 @@ def axis_values(axis: str, key: str) -> list:
     options = {"optimizer": list(CHOICES["optimizer"]),
                "freeze": list(FREEZE_MODES), "augment": list(PRESETS),
                "init": ["pretrained", "random"],
-               "model": list(B.CATALOG) + list(S.BASELINES)}[axis]
+               "model": list(backbones.CATALOG) + list(sweeps.BASELINES)}[axis]
     defaults = {"optimizer": ["sgd", "adam"], "freeze": ["head", "full"], "augment": ["none", "photos"],
                 "init": ["pretrained", "random"], "model": [settings["arch"], "logreg"]}[axis]
-    labels = {**FREEZE_MODES, **S.BASELINES}
-    return st.multiselect(S.AXES[axis], options, [d for d in defaults if d in options], key=key,
+    labels = {**FREEZE_MODES, **sweeps.BASELINES}
+    return st.multiselect(sweeps.AXES[axis], options, [d for d in defaults if d in options], key=key,
                           format_func=lambda v: labels.get(v, v))
 
 
 c1, c2 = st.columns(2)
 with c1:
-    axis1 = st.selectbox("Vary", list(S.AXES), format_func=S.AXES.get, key="axis1")
+    axis1 = st.selectbox("Vary", list(sweeps.AXES), format_func=sweeps.AXES.get, key="axis1")
     values1 = axis_values(axis1, f"values1_{axis1}")
 with c2:
-    second = [a for a in S.AXES if a != axis1]
+    second = [a for a in sweeps.AXES if a != axis1]
     axis2 = st.selectbox("…and (optional)", [None] + second, key="axis2",
-                         format_func=lambda a: "nothing else" if a is None else S.AXES[a],
+                         format_func=lambda a: "nothing else" if a is None else sweeps.AXES[a],
                          index=1 + second.index("optimizer") if axis1 == "lr" else 0)
     values2 = axis_values(axis2, f"values2_{axis2}") if axis2 else []
 
@@ -69,7 +69,7 @@ count = 1
 for values in axes.values():
     count *= len(values)
 st.metric("Runs in this sweep", count)
-problems = sorted({problem for cfg in (S.expand(common.run_config(settings), axes) if count else [])
+problems = sorted({problem for cfg in (sweeps.expand(common.run_config(settings), axes) if count else [])
                    for problem in setting_problems(cfg.to_dict())})
 for problem in problems:
     st.error(f"Can't queue this sweep: {problem}")
@@ -77,7 +77,7 @@ for problem in problems:
 
 def queue_sweep():
     try:
-        runs = common.queue_sweep(S.expand(common.run_config(settings), axes))
+        runs = common.queue_sweep(sweeps.expand(common.run_config(settings), axes))
     except ValueError as err:      # the student's queue cap, a data folder they may not read
         common.lab().note("sweep_error", str(err))
         return
@@ -95,7 +95,7 @@ st.caption("Runs train one after another in the background; you can leave this p
 common.command_line(common.run_config(settings), axes)
 
 st.divider()
-groups = S.sweeps(common.my_runs())
+groups = sweeps.sweeps(common.my_runs())
 options = list(groups) + ["all"]
 default = common.lab().page.get("sweep_id")
 if st.session_state.get("sweep_pick") not in options:
@@ -115,7 +115,7 @@ def results(runs):
         st.progress(done / max(len(runs), 1), text=f"{done} of {len(runs)} runs done"
                     + (f" · now: {current.config.name or current.id} — {current.status().get('message', '')}"
                        if current else ""))
-    frame = S.results(runs)
+    frame = sweeps.results(runs)
     if frame.empty:
         st.info("No runs yet.")
         return

@@ -11,8 +11,9 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
-from core import access, paths
-from core import doctor
+from core import paths
+from core.serve import access
+from core.trust import doctor
 from pages import common
 from pages.common.teaching import explain
 
@@ -42,7 +43,7 @@ fixes = state.setdefault("fixes", {"exclude": set(), "move": {}, "together": Fal
 
 
 def start_audit() -> None:
-    """The audit runs as a task in a worker process (core.tasks), never in this page's thread."""
+    """The audit runs as a task in a worker process (core.serve.tasks), never in this page's thread."""
     who = common.user()
     try:
         task = common.MANAGER.submit_task("doctor", {"folder": str(root)}, owner=who.id, admin=who.admin)
@@ -54,7 +55,7 @@ def start_audit() -> None:
 
 @st.fragment(run_every=1)
 def audit_progress(task_id: str) -> None:
-    from core import tasks
+    from core.serve import tasks
     try:
         task = tasks.get_task(task_id)
     except FileNotFoundError:

@@ -39,7 +39,7 @@ def use_small_settings(at: AppTest, data_root, **overrides) -> None:
 def manager_idle(timeout: float) -> bool:
     import time
 
-    from core.worker import MANAGER
+    from core.serve.worker import MANAGER
     end = time.monotonic() + timeout
     while MANAGER.busy():
         if time.monotonic() > end:
@@ -50,8 +50,8 @@ def manager_idle(timeout: float) -> bool:
 
 def quiet_queue(timeout: float):
     """Fixture body: no background run from another test may be training before or after."""
-    from core.store import ACTIVE_STATES, list_runs
-    from core.worker import MANAGER
+    from core.serve.store import ACTIVE_STATES, list_runs
+    from core.serve.worker import MANAGER
     assert manager_idle(timeout), "a run from an earlier test is still in the queue"
     yield
     for run in list_runs():
@@ -85,7 +85,7 @@ def wait_state(run_id: str, states=("finished", "failed", "stopped", "interrupte
     """Poll a run's status until it is in one of `states`."""
     import time
 
-    from core.store import get_run
+    from core.serve.store import get_run
     end = time.monotonic() + timeout
     while (status := get_run(run_id).status()).get("state") not in states:
         assert time.monotonic() < end, f"{run_id} still {status.get('state')}: {status.get('message')}"

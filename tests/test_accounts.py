@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from core import access, accounts
+from core import paths
+from core.serve import access, accounts
 
 TOKEN = "t" * 10 + "0123456789abcdefghijklmnop"
 
@@ -89,5 +90,5 @@ def test_provider_ids_are_stable_and_path_safe():
 def test_the_lab_secret_is_kept_private():
     key = accounts.lab_secret()
     assert key == accounts.lab_secret() and len(key) == 32
-    path = accounts.paths.home() / "accounts" / "secret"
+    path = paths.home() / "accounts" / "secret"
     assert oct(path.stat().st_mode & 0o777) == "0o600"

@@ -1,4 +1,4 @@
-"""core.backbones: building, freezing, parameter tables and loading weights files safely."""
+"""core.models.backbones: building, freezing, parameter tables and loading weights files safely."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,8 @@ import timm
 import torch
 from torch import nn
 
-from core import backbones as B
-from core.backbones import WeightsError, apply_freeze, block_groups, build_model, parameter_table
+from core.models import backbones
+from core.models.backbones import WeightsError, apply_freeze, block_groups, build_model, parameter_table
 
 TEST_ARCHS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
 
@@ -39,7 +39,7 @@ def trainable_backbone_names(model) -> set[str]:
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_build_model_random(arch, head):
     model = build_model(arch, 5, weights="random", head=head, hidden=16, dropout=0.1)
-    assert isinstance(model, B.FineTuneModel)
+    assert isinstance(model, backbones.FineTuneModel)
     assert model.backbone.num_features > 0
     assert [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1].out_features == 5
     model.eval()
@@ -50,18 +50,18 @@ def test_build_model_random(arch, head):
 
 def test_create_backbone_errors_are_clear():
     with pytest.raises(WeightsError, match="no model called 'not_a_model'"):
-        B.create_backbone("not_a_model", "random")
+        backbones.create_backbone("not_a_model", "random")
     with pytest.raises(WeightsError, match="No bundled weights available for test_resnet"):
-        B.create_backbone("test_resnet", "bundled")
+        backbones.create_backbone("test_resnet", "bundled")
     with pytest.raises(WeightsError, match="No file weights"):
-        B.create_backbone("test_resnet", "file", weights_file=None)
+        backbones.create_backbone("test_resnet", "file", weights_file=None)
 
 
 # ---------------------------------------------------------------- freezing and groups
 
 @pytest.mark.parametrize("arch", TEST_ARCHS)
 def test_block_groups_cover_backbone_in_stem_to_top_order(arch):
-    backbone = B.create_backbone(arch, "random")
+    backbone = backbones.create_backbone(arch, "random")
     groups = block_groups(backbone)
     assert len(groups) >= 3
     names = [n for _, group in groups for n in group]
@@ -71,7 +71,7 @@ def test_block_groups_cover_backbone_in_stem_to_top_order(arch):
              for m in STAGE_MARKERS[arch]]
     assert where[0] == 0, "the stem comes first"
     assert where == sorted(where) and len(set(where)) == len(where), where
-    assert B.count_blocks(arch) == len(groups)
+    assert backbones.count_blocks(arch) == len(groups)
 
 
 @pytest.mark.parametrize("arch", TEST_ARCHS)
@@ -135,7 +135,7 @@ def test_freeze_norm_stats_keeps_frozen_batchnorm_in_eval():
     model = build_model("test_resnet", 3, weights="random")
     apply_freeze(model, "top_k", top_k=1)
     model.train()
-    B.freeze_norm_stats(model)
+    backbones.freeze_norm_stats(model)
     trainable = trainable_backbone_names(model)
     for name, module in model.backbone.named_modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -162,11 +162,11 @@ def test_load_safetensors_same_arch_by_name(tmp_path, arch):
     path = tmp_path / "w.safetensors"
     source = save_backbone(arch, path, seed=1, num_classes=1000)   # with a classifier the backbone lacks
     torch.manual_seed(2)
-    target = B.create_backbone(arch, "random")
+    target = backbones.create_backbone(arch, "random")
     assert not torch.equal(next(iter(target.parameters())), next(iter(source.parameters())))
-    B.load_weights_file(target, path)
+    backbones.load_weights_file(target, path)
     assert_same_backbone(target, source)
-    via_file = B.create_backbone(arch, "file", weights_file=str(path))
+    via_file = backbones.create_backbone(arch, "file", weights_file=str(path))
     assert_same_backbone(via_file, source)
     model = build_model(arch, 3, weights="file", weights_file=str(path))
     assert_same_backbone(model.backbone, source)
@@ -177,7 +177,7 @@ def test_load_pth_state_dict_wrapped_and_prefixed(tmp_path):
     source = timm.create_model("test_resnet", pretrained=False, num_classes=0)
     path = tmp_path / "ckpt.pth"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
-    target = B.create_backbone("test_resnet", "file", weights_file=str(path))
+    target = backbones.create_backbone("test_resnet", "file", weights_file=str(path))
     assert_same_backbone(target, source)
 
 
@@ -185,11 +185,11 @@ def test_load_by_position_when_names_differ(tmp_path):
     """How the bundled files fit: other key names, same order and shapes as timm's 1000-class model."""
     torch.manual_seed(4)
     source = timm.create_model("test_resnet", pretrained=False)
-    state = B._drop_counters(source.state_dict())
+    state = backbones._drop_counters(source.state_dict())
     path = tmp_path / "renamed.safetensors"
     safetensors.torch.save_file({f"features.{i:03d}": v.contiguous() for i, v in enumerate(state.values())},
                                 str(path))
-    target = B.create_backbone("test_resnet", "file", weights_file=str(path))
+    target = backbones.create_backbone("test_resnet", "file", weights_file=str(path))
     ref = source.state_dict()
     for key, value in target.state_dict().items():
         if not key.endswith("num_batches_tracked"):
@@ -200,7 +200,7 @@ def test_load_by_position_when_names_differ(tmp_path):
     safetensors.torch.save_file({f"k{i:03d}": v.contiguous() for i, v in broken.items()},
                                 str(tmp_path / "broken.safetensors"))
     with pytest.raises(WeightsError, match="don't fit"):
-        B.create_backbone("test_resnet", "file", weights_file=str(tmp_path / "broken.safetensors"))
+        backbones.create_backbone("test_resnet", "file", weights_file=str(tmp_path / "broken.safetensors"))
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".pth"])
@@ -209,10 +209,10 @@ def test_weights_for_another_architecture_are_refused(tmp_path, ext):
     source = save_backbone("test_efficientnet", tmp_path / "effnet.safetensors", seed=0)
     if ext == ".pth":
         torch.save(source.state_dict(), path)
-    target = B.create_backbone("test_resnet", "random")
+    target = backbones.create_backbone("test_resnet", "random")
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(WeightsError, match="another architecture") as err:
-        B.load_weights_file(target, path)
+        backbones.load_weights_file(target, path)
     assert "test_resnet" in str(err.value)
     for key, value in target.state_dict().items():
         assert torch.equal(value, before[key]), "a refused file must not change the model"
@@ -249,11 +249,11 @@ def test_pickle_that_runs_code_is_refused_and_never_runs(tmp_path, payload, cont
     else:
         path.write_bytes(pickle.dumps(evil, protocol=2))
 
-    target = B.create_backbone("test_resnet", "random")
+    target = backbones.create_backbone("test_resnet", "random")
     with pytest.raises(WeightsError, match="only .safetensors"):
-        B.load_weights_file(target, path)
+        backbones.load_weights_file(target, path)
     with pytest.raises(WeightsError):
-        B.create_backbone("test_resnet", "file", weights_file=str(path))
+        backbones.create_backbone("test_resnet", "file", weights_file=str(path))
     assert not marker.exists(), "the pickle's code ran"
 
     # The payload is armed: an unrestricted load would have run it.
@@ -277,14 +277,14 @@ def test_truncated_or_empty_weights_file(tmp_path, ext):
         cut = tmp_path / f"{name}{ext}"
         cut.write_bytes(content)
         with pytest.raises(WeightsError):
-            B.load_weights_file(B.create_backbone("test_resnet", "random"), cut)
+            backbones.load_weights_file(backbones.create_backbone("test_resnet", "random"), cut)
 
 
 def test_weights_file_without_tensors(tmp_path):
     path = tmp_path / "meta.pth"
     torch.save({"epoch": 1, "note": "no tensors here"}, path)
     with pytest.raises(WeightsError, match="no tensors|0 tensors"):
-        B.load_weights_file(B.create_backbone("test_resnet", "random"), path)
+        backbones.load_weights_file(backbones.create_backbone("test_resnet", "random"), path)
 
 
 # ---------------------------------------------------------------- bundled offline weights
@@ -297,10 +297,10 @@ ESPRESSO, CUP = 967, 968
 def test_bundled_weights_classify_imagenet_photos(arch):
     """The positional remap of the bundled files must give a working ImageNet classifier."""
     skdata = pytest.importorskip("skimage.data")
-    if B.bundled_file(arch) is None:
+    if backbones.bundled_file(arch) is None:
         pytest.skip(f"bundled weights package for {arch} not installed")
     from PIL import Image
-    model = B.create_backbone(arch, "bundled", num_classes=1000).eval()
+    model = backbones.create_backbone(arch, "bundled", num_classes=1000).eval()
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
     with torch.no_grad():
         cat = model(transform(Image.fromarray(skdata.chelsea())).unsqueeze(0)).argmax(1).item()
@@ -311,28 +311,28 @@ def test_bundled_weights_classify_imagenet_photos(arch):
 
 def test_weight_sources_offline_is_fast():
     start = time.monotonic()
-    sources = B.weight_sources("mobilenetv2_100")
+    sources = backbones.weight_sources("mobilenetv2_100")
     assert time.monotonic() - start < 5
     by_kind = {s.kind: s for s in sources}
     assert {"bundled", "file", "random"} <= set(by_kind)
     assert by_kind["random"].available and by_kind["file"].available
     if "hub" in by_kind:
         assert by_kind["hub"].available is False          # HF_HUB_OFFLINE=1
-    if B.bundled_file("mobilenetv2_100") is not None:
+    if backbones.bundled_file("mobilenetv2_100") is not None:
         assert by_kind["bundled"].available
-        assert B.default_weights("mobilenetv2_100") == "bundled"
+        assert backbones.default_weights("mobilenetv2_100") == "bundled"
     else:
         assert not by_kind["bundled"].available and "not installed" in by_kind["bundled"].detail
 
 
 def test_native_input_size():
-    assert B.native_input_size("vit_small_patch16_224") == 224
-    assert B.native_input_size("test_vit") == 160
-    assert B.native_input_size("test_resnet") is None
-    assert B.native_input_size("mobilenetv2_100") is None
+    assert backbones.native_input_size("vit_small_patch16_224") == 224
+    assert backbones.native_input_size("test_vit") == 160
+    assert backbones.native_input_size("test_resnet") is None
+    assert backbones.native_input_size("mobilenetv2_100") is None
 
 
 def test_weight_sources_for_unbundled_arch():
-    kinds = [s.kind for s in B.weight_sources("test_resnet")]
+    kinds = [s.kind for s in backbones.weight_sources("test_resnet")]
     assert "bundled" not in kinds and kinds[-2:] == ["file", "random"]
-    assert B.default_weights("test_resnet") in ("hub-cache", "random")
+    assert backbones.default_weights("test_resnet") in ("hub-cache", "random")

@@ -22,10 +22,14 @@ from PIL import Image
 
 from apptest_helpers import assert_ok, opened
 from conftest import REPO_ROOT, class_image
-from core import backbones as B
-from core import data as D
+from core.models import backbones
+from core.data import folders
+from core.data import images as imaging
+from core.data import splits as splitting
+from core.data import zips
 from core import paths
-from core.data import DataError, Item, scan_folder
+from core.data import DataError
+from core.data.folders import Item, scan_folder
 
 DATA_PAGE = "pages/1_Data.py"
 OUTSIDE = "path leads outside the upload folder: not unpacked"
@@ -91,7 +95,7 @@ def test_zip_traversal_absolute_and_symlink_entries_stay_out(tmp_path):
     (tmp_path / "upload.zip").write_bytes(make_zip(entries))
     before = listing(tmp_path)
     dest = tmp_path / "out" / "dest"
-    D.safe_extract_zip(tmp_path / "upload.zip", dest)
+    zips.safe_extract_zip(tmp_path / "upload.zip", dest)
     added = new_paths(before, tmp_path)
     assert all(p == "out" or p.startswith("out/dest") for p in added), added
     assert not absolute.exists() and not any(p.is_symlink() for p in dest.rglob("*"))
@@ -106,20 +110,20 @@ def test_zip_traversal_absolute_and_symlink_entries_stay_out(tmp_path):
 @pytest.mark.parametrize("limit", ["bytes", "files"])
 def test_zip_bomb_refused_before_anything_is_written(tmp_path, monkeypatch, lab_home, limit):
     if limit == "bytes":
-        monkeypatch.setattr(D, "MAX_ZIP_BYTES", 1024**2)
+        monkeypatch.setattr(zips, "MAX_ZIP_BYTES", 1024**2)
         entries = two_classes() | {"cats/bomb.png": bytes(5 * 1024**2)}     # 5 MB of zeros, ~5 kB zipped
         message = "would unpack to more than 1.0 MB"
     else:
-        monkeypatch.setattr(D, "MAX_ZIP_FILES", 3)
+        monkeypatch.setattr(zips, "MAX_ZIP_FILES", 3)
         entries = two_classes()
         message = "holds more than 3 files"
     data = make_zip(entries)
     assert len(data) < 100_000
     before = listing(tmp_path)
     written = []
-    monkeypatch.setattr(D, "_write", lambda *args: written.append(args))
+    monkeypatch.setattr(zips, "_write", lambda *args: written.append(args))
     with pytest.raises(DataError, match=message) as err:
-        D.save_upload_zip(data, "bomb.zip")
+        zips.save_upload_zip(data, "bomb.zip")
     assert "refused before unpacking" in str(err.value)
     assert written == []
     assert not any(p.is_file() for p in paths.datasets_dir().rglob("*"))
@@ -131,8 +135,8 @@ def test_nested_zips_unpack_one_level_into_folders_named_after_them(tmp_path):
     cats = make_zip({f"{i}.png": png(0, i) for i in range(3)} | {"more.zip": innermost})
     dogs = make_zip({f"{i}.png": png(1, i) for i in range(3)})
     outer = make_zip({"cats.zip": cats, "dogs.zip": dogs, "broken.zip": b"not a zip"})
-    dest = D.safe_extract_zip(io.BytesIO(outer), tmp_path / "dest")
-    assert sorted(listing(dest)) == [D.ZIP_NOTES, "cats", "cats/0.png", "cats/1.png", "cats/2.png",
+    dest = zips.safe_extract_zip(io.BytesIO(outer), tmp_path / "dest")
+    assert sorted(listing(dest)) == [zips.ZIP_NOTES, "cats", "cats/0.png", "cats/1.png", "cats/2.png",
                                      "dogs", "dogs/0.png", "dogs/1.png", "dogs/2.png"]
     scan = scan_folder(dest)
     assert scan.classes == ["cats", "dogs"] and len(scan.items) == 6
@@ -142,19 +146,19 @@ def test_nested_zips_unpack_one_level_into_folders_named_after_them(tmp_path):
 
 
 def test_nested_zip_counts_against_the_same_limits(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "MAX_ZIP_FILES", 5)
+    monkeypatch.setattr(zips, "MAX_ZIP_FILES", 5)
     inner = make_zip({f"{i}.png": png(1, i) for i in range(4)})
     outer = make_zip({"cats/1.png": png(0), "cats/2.png": png(0, 1), "dogs.zip": inner})   # 3 + 4 > 5
     before = listing(tmp_path)
     with pytest.raises(DataError, match="The zip inside the zip holds more than 5 files"):
-        D.safe_extract_zip(io.BytesIO(outer), tmp_path / "dest")
+        zips.safe_extract_zip(io.BytesIO(outer), tmp_path / "dest")
     assert new_paths(before, tmp_path) == set()          # the staging folder is gone too
 
 
 def test_zip_macosx_and_hidden_files_are_not_unpacked(tmp_path):
     entries = two_classes("set/") | {"__MACOSX/set/cats/._0.png": b"apple double", "set/.DS_Store": b"junk",
                                      "set/cats/.hidden.png": png(0), "set/.git/config": b"[core]"}
-    dest = D.safe_extract_zip(io.BytesIO(make_zip(entries)), tmp_path / "dest")
+    dest = zips.safe_extract_zip(io.BytesIO(make_zip(entries)), tmp_path / "dest")
     assert not any(part.startswith((".", "__")) for p in listing(dest) for part in Path(p).parts)
     scan = scan_folder(dest)
     assert scan.classes == ["cats", "dogs"] and scan.skipped == []
@@ -173,7 +177,7 @@ def zip_with_raw_names(names: list[bytes], flag_utf8=False) -> bytes:
 
 def test_zip_names_in_legacy_encodings_and_unicode(tmp_path):
     raw = ["café/1.png".encode("cp437"), "猫/1.png".encode("shift_jis"), "ñandú/1.png".encode("utf-8")]
-    dest = D.safe_extract_zip(io.BytesIO(zip_with_raw_names(raw)), tmp_path / "legacy")
+    dest = zips.safe_extract_zip(io.BytesIO(zip_with_raw_names(raw)), tmp_path / "legacy")
     scan = scan_folder(dest)
     assert len(scan.classes) == 3 and len(scan.items) == 3 and scan.skipped == []
     assert "café" in scan.classes and "ñandú" in scan.classes    # cp437 and unflagged UTF-8 read right
@@ -181,13 +185,13 @@ def test_zip_names_in_legacy_encodings_and_unicode(tmp_path):
 
     flagged = make_zip({f"{name}/{i}.png": png(label, i) for label, name in enumerate(["猫", "犬 🐕"])
                         for i in range(2)})
-    scan = scan_folder(D.safe_extract_zip(io.BytesIO(flagged), tmp_path / "unicode"))
+    scan = scan_folder(zips.safe_extract_zip(io.BytesIO(flagged), tmp_path / "unicode"))
     assert scan.classes == sorted(["猫", "犬 🐕"]) and len(scan.items) == 4
 
 
 def test_zip_images_without_class_folders_says_so(tmp_path):
     flat = make_zip({"1.png": png(0), "2.png": png(1), "notes.txt": b"hi"})
-    dest = D.safe_extract_zip(io.BytesIO(flat), tmp_path / "flat")
+    dest = zips.safe_extract_zip(io.BytesIO(flat), tmp_path / "flat")
     with pytest.raises(DataError, match=r"No class folders found \(2 image\(s\) lie directly in the top "
                                         r"folder\)\. Put the images of each class in its own folder"):
         scan_folder(dest)
@@ -196,11 +200,11 @@ def test_zip_images_without_class_folders_says_so(tmp_path):
 @pytest.mark.parametrize("prefix", ["", "wrapper/"])
 def test_zip_with_a_single_class_says_two_are_needed(tmp_path, prefix):
     one = make_zip({f"{prefix}cats/{i}.png": png(0, i) for i in range(4)})
-    scan = scan_folder(D.safe_extract_zip(io.BytesIO(one), tmp_path / "one"))
+    scan = scan_folder(zips.safe_extract_zip(io.BytesIO(one), tmp_path / "one"))
     assert scan.classes == ["cats"]
     assert scan.errors() == ["Only one class found ('cats'): training needs at least 2 classes. Put the "
                              "images of each class in its own folder, e.g. cats/1.jpg and dogs/2.jpg."]
-    assert scan_folder(D.safe_extract_zip(io.BytesIO(make_zip(two_classes())), tmp_path / "two")).errors() == []
+    assert scan_folder(zips.safe_extract_zip(io.BytesIO(make_zip(two_classes())), tmp_path / "two")).errors() == []
 
 
 def test_empty_class_folders_are_ignored_and_reported(tmp_path):
@@ -208,7 +212,7 @@ def test_empty_class_folders_are_ignored_and_reported(tmp_path):
     archive = io.BytesIO(make_zip(entries))
     with zipfile.ZipFile(archive, "a") as zf:
         zf.writestr(zipfile.ZipInfo("empty/"), b"")              # a directory entry only
-    dest = D.safe_extract_zip(archive, tmp_path / "dest")
+    dest = zips.safe_extract_zip(archive, tmp_path / "dest")
     assert (dest / "empty").is_dir()
     for check in (True, False):                                  # the Data page and training agree
         scan = scan_folder(dest, check=check)
@@ -225,7 +229,7 @@ def test_damaged_and_encrypted_entries_are_left_out_with_reasons(tmp_path):
     central = data.rindex(b"PK\x01\x02", 0, data.rindex(b"dogs/secret.png"))
     data[local + 6] |= 1                                         # "encrypted" in both headers
     data[central + 8] |= 1
-    dest = D.safe_extract_zip(io.BytesIO(bytes(data)), tmp_path / "dest")
+    dest = zips.safe_extract_zip(io.BytesIO(bytes(data)), tmp_path / "dest")
     reasons = dict(scan_folder(dest).skipped)
     assert reasons["cats/bad.png"].startswith("damaged or unsupported entry")
     assert reasons["dogs/secret.png"] == "encrypted: not unpacked (zip the files again without a password)"
@@ -254,12 +258,12 @@ def test_unusable_images_are_skipped_with_clear_reasons(tmp_path, monkeypatch):
     }
     # Training decodes without checking first: the same files fail there, never crash.
     items = [Item(p, 0) for p in ("b/bomb.png", "b/big.png", "a/text.jpg")]
-    tensors, failures = D.decode_images(str(root), items, 32, workers=1)
+    tensors, failures = imaging.decode_images(str(root), items, 32, workers=1)
     assert tensors == [None, None, None]
     assert "DecompressionBombError" in failures[0][1] and "too large: 10000×10000" in failures[1][1]
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)       # the limit is Pillow's, and adjustable
-    assert D.check_image(root / "a" / "ok0.png").startswith("too large: 40×40 is over 1,000 pixels")
+    assert imaging.check_image(root / "a" / "ok0.png").startswith("too large: 40×40 is over 1,000 pixels")
 
 
 def test_truncated_jpeg_passes_the_header_check_and_fails_cleanly_at_decode(tmp_path):
@@ -272,7 +276,7 @@ def test_truncated_jpeg_passes_the_header_check_and_fails_cleanly_at_decode(tmp_
     (root / "a" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
     scan = scan_folder(root)
     assert len(scan.items) == 3
-    tensors, failures = D.decode_images(scan.root, scan.items, 32, workers=1)
+    tensors, failures = imaging.decode_images(scan.root, scan.items, 32, workers=1)
     assert [path for path, _ in failures] == ["a/cut.jpg"]
     assert failures[0][1].startswith("could not decode (OSError: image file is truncated")
     assert sum(t is not None for t in tensors) == 2
@@ -322,7 +326,7 @@ def test_awkward_images_decode_to_rgb_at_training_size(tmp_path):
     scan = scan_folder(root)
     assert scan.skipped == [] and len(scan.items) == len(expect) + 1
     size = 32
-    tensors, failures = D.decode_images(scan.root, scan.items, size, workers=1)
+    tensors, failures = imaging.decode_images(scan.root, scan.items, size, workers=1)
     assert failures == []
     for item, tensor in zip(scan.items, tensors):
         if item.path.startswith("plain"):
@@ -342,13 +346,13 @@ def test_huge_png_decodes_at_training_size_in_one_decode_of_memory(tmp_path):
     probe = f"""
 import sys
 sys.path.insert(0, {str(REPO_ROOT)!r})
-from core import data as D
+from core.data import images as imaging
 def kb(field):
     return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(field))
 before = kb('VmRSS:')
 with open('/proc/self/clear_refs', 'w') as reset:
     reset.write('5')                                   # restart the peak (VmHWM) from here
-img = D.open_rgb({str(path)!r}, 64)
+img = imaging.open_rgb({str(path)!r}, 64)
 print(img.size, img.getpixel((0, 0)), (kb('VmHWM:') - before) // 1024)
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
@@ -368,7 +372,7 @@ def test_classes_of_one_or_two_images_still_split_with_a_warning(tmp_path):
             class_image(label, i).save(root / cls / f"{i}.png")
     scan = scan_folder(root)
     for seed in range(5):
-        splits = D.split_items(scan, (0.7, 0.15, 0.15), seed=seed)
+        splits = splitting.split_items(scan, (0.7, 0.15, 0.15), seed=seed)
         train = {scan.classes[it.label] for it in splits["train"]}
         assert train == {"big", "two", "one"}                  # every class trains on something
         assert sum(len(v) for v in splits.values()) == 15
@@ -377,17 +381,17 @@ def test_classes_of_one_or_two_images_still_split_with_a_warning(tmp_path):
 
 
 def test_heavy_imbalance_is_reported_with_a_pointer_to_class_weighting(tmp_path):
-    scan = D.DataScan(str(tmp_path), ["common", "rare"], [Item(f"c/{i}", 0) for i in range(60)]
+    scan = folders.DataScan(str(tmp_path), ["common", "rare"], [Item(f"c/{i}", 0) for i in range(60)]
                       + [Item(f"r/{i}", 1) for i in range(6)])
     assert scan.imbalance() == 10.0
     notes = [n for n in scan.warnings() if "imbalanced" in n]
     assert notes == ["The classes are imbalanced: 'common' has 10× the images of 'rare' (60 vs 6), so a "
                      "model can score well by favouring the big classes. Consider the class-weighted loss "
                      "option on the Train page, or add images to the small classes."]
-    even = D.DataScan(str(tmp_path), ["a", "b"], [Item(f"{i}", i % 2) for i in range(20)])
+    even = folders.DataScan(str(tmp_path), ["a", "b"], [Item(f"{i}", i % 2) for i in range(20)])
     assert even.imbalance() == 1.0 and even.warnings() == []
     # A class too small to split has its own warning and doesn't set the ratio.
-    tiny = D.DataScan(str(tmp_path), ["a", "b", "c"], [Item(f"{i}", i % 2) for i in range(20)] + [Item("c/0", 2)])
+    tiny = folders.DataScan(str(tmp_path), ["a", "b", "c"], [Item(f"{i}", i % 2) for i in range(20)] + [Item("c/0", 2)])
     assert tiny.imbalance() == 1.0 and [n[:20] for n in tiny.warnings()] == ["Class 'c' has only 1"]
 
 
@@ -403,19 +407,19 @@ def test_duplicate_files_across_splits_are_found_by_content(tmp_path, monkeypatc
     shutil.copy(root / "a/3.png", root / "b/copy_of_a3.png")     # in val
     splits = {"train": [Item("a/1.png", 0), Item("a/2.png", 0), Item("a/copy_of_a2.png", 0), Item("a/3.png", 0)],
               "val": [Item("b/copy_of_a3.png", 1)], "test": [Item("b/copy_of_a1.png", 1), Item("b/1.png", 1)]}
-    groups = D.duplicate_files(root, splits)
+    groups = splitting.duplicate_files(root, splits)
     assert sorted(groups) == [[("test", "b/copy_of_a1.png"), ("train", "a/1.png")],
                               [("train", "a/3.png"), ("val", "b/copy_of_a3.png")]]
-    assert D.leaked_counts(groups) == {"val": 1, "test": 1}
+    assert splitting.leaked_counts(groups) == {"val": 1, "test": 1}
     as_items = [Item(it.path, it.label, split) for split, items in splits.items() for it in items]
-    assert D.duplicate_files(root, as_items) == groups
+    assert splitting.duplicate_files(root, as_items) == groups
 
     hashed = []
-    real = D._file_hash
-    monkeypatch.setattr(D, "_file_hash", lambda path: hashed.append(path) or real(path))
+    real = splitting._file_hash
+    monkeypatch.setattr(splitting, "_file_hash", lambda path: hashed.append(path) or real(path))
     for i in range(50):
         (root / "a" / f"u{i}.png").write_bytes(b"x" * (i + 1))   # all sizes differ
-    assert D.identical_files(root, [f"a/u{i}.png" for i in range(50)]) == [] and hashed == []
+    assert splitting.identical_files(root, [f"a/u{i}.png" for i in range(50)]) == [] and hashed == []
 
 
 # ---------------------------------------------------------------- weights files
@@ -428,22 +432,22 @@ def test_weights_for_another_class_count_name_the_mismatching_tensor(tmp_path):
     path = tmp_path / "five.safetensors"
     save_state(timm.create_model("test_resnet", num_classes=5), path)
     target = timm.create_model("test_resnet", num_classes=3)
-    with pytest.raises(B.WeightsError) as err:
-        B.load_weights_file(target, path)
+    with pytest.raises(backbones.WeightsError) as err:
+        backbones.load_weights_file(target, path)
     head = target.default_cfg["classifier"]
     width = target.get_classifier().in_features
     assert "These weights don't fit test_resnet: " in str(err.value)
     assert f"'{head}.weight' is (5, {width}) in the file but (3, {width}) in the model" in str(err.value)
     assert "another number of classes" in str(err.value)
-    backbone = B.create_backbone("test_resnet", "file", weights_file=str(path))   # the app's path:
+    backbone = backbones.create_backbone("test_resnet", "file", weights_file=str(path))   # the app's path:
     assert backbone.num_classes == 0                                               # the head is new anyway
 
 
 def test_weights_for_another_architecture_say_which_shapes_differ(tmp_path):
     path = tmp_path / "vit.safetensors"
     save_state(timm.create_model("test_vit", num_classes=0), path)
-    with pytest.raises(B.WeightsError, match="don't fit test_resnet") as err:
-        B.load_weights_file(B.create_backbone("test_resnet", "random"), path)
+    with pytest.raises(backbones.WeightsError, match="don't fit test_resnet") as err:
+        backbones.load_weights_file(backbones.create_backbone("test_resnet", "random"), path)
     assert "in the file" in str(err.value) and "another architecture" in str(err.value)
 
 
@@ -462,8 +466,8 @@ def test_weights_pickle_that_runs_code_is_refused_unrun(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": timm.create_model("test_resnet", num_classes=0).state_dict(),
                 "extra": TouchMarker(marker)}, path)
-    with pytest.raises(B.WeightsError) as err:
-        B.create_backbone("test_resnet", "file", weights_file=str(path))
+    with pytest.raises(backbones.WeightsError) as err:
+        backbones.create_backbone("test_resnet", "file", weights_file=str(path))
     assert "holds Python objects besides tensors, and loading them could run code" in str(err.value)
     assert "only .safetensors" in str(err.value)
     assert not marker.exists()
@@ -478,8 +482,8 @@ def test_truncated_weights_file_is_reported_as_damaged(tmp_path, kind):
     else:
         torch.save(model.state_dict(), path, _use_new_zipfile_serialization=kind == "pth")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(B.WeightsError) as err:
-        B.create_backbone("test_resnet", "file", weights_file=str(path))
+    with pytest.raises(backbones.WeightsError) as err:
+        backbones.create_backbone("test_resnet", "file", weights_file=str(path))
     assert str(err.value).startswith(f"Can't read weights file {path.name}: it is damaged, incomplete")
 
 
@@ -494,7 +498,7 @@ def test_upload_names_never_leave_the_upload_folder(tmp_path, name, stored):
     folder = tmp_path / "data" / "up"
     folder.mkdir(parents=True)
     before = listing(tmp_path)
-    target = D.save_upload_file(folder, name, b"data")
+    target = zips.save_upload_file(folder, name, b"data")
     if stored is None:
         assert target is None
     else:
@@ -536,7 +540,7 @@ def test_data_page_zip_with_hostile_entries_lists_what_was_left_out(tmp_path):
 
 
 def test_data_page_refuses_a_zip_bomb(monkeypatch):
-    monkeypatch.setattr(D, "MAX_ZIP_BYTES", 1024**2)
+    monkeypatch.setattr(zips, "MAX_ZIP_BYTES", 1024**2)
     at = opened(DATA_PAGE)
     at.radio(key="data_source").set_value("zip").run()
     bomb = make_zip(two_classes() | {"cats/zeros.png": bytes(3 * 1024**2)})
@@ -586,18 +590,16 @@ def test_data_page_warns_about_imbalance_and_leakage(tmp_path):
 def test_extreme_aspect_ratio_is_refused_before_it_costs_memory(tmp_path, size):
     """Resized by its short side, a 1x20000 strip would become a 224x4,480,000 tensor."""
     from PIL import Image
-
-    from core import data as D
     path = tmp_path / "strip.png"
     Image.new("RGB", size, (200, 10, 10)).save(path)
-    assert "extreme shape" in D.check_image(path)
-    with pytest.raises(D.DataError, match="extreme shape"):
-        D.open_rgb(path, 224)
+    assert "extreme shape" in imaging.check_image(path)
+    with pytest.raises(DataError, match="extreme shape"):
+        imaging.open_rgb(path, 224)
 
 
 def test_run_folder_never_comes_from_the_arch_text(tmp_path):
     from core.config import RunConfig
-    from core.store import Run
+    from core.serve.store import Run
     root = tmp_path / "runs"
     root.mkdir()
     from core.config import ConfigError
@@ -614,8 +616,8 @@ def test_run_folder_never_comes_from_the_arch_text(tmp_path):
     (dict(classes=[]), "classes"), (dict(classes="cats"), "classes")])
 def test_exported_model_json_is_checked_before_use(change, words):
     """Issue 14: an uploaded model.json with image_size 100000 asked for 30 GB; std 0 crashed."""
-    from core import predict as P
+    from core.models import predict
     meta = dict(arch="test_resnet", classes=["a", "b"], image_size=64, mean=[0.5] * 3, std=[0.25] * 3)
-    assert P.export_meta_problem(meta) == ""
+    assert predict.export_meta_problem(meta) == ""
     with pytest.raises(ValueError, match=words):
-        P.from_export("no-such-file.safetensors", dict(meta, **change))
+        predict.from_export("no-such-file.safetensors", dict(meta, **change))

@@ -60,7 +60,7 @@ def stop_server(proc) -> None:
 def class_server(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("FINETUNE_LAB_HOME", str(home))
-    from core import accounts
+    from core.serve import accounts
     made = accounts.create_class("lab", ["alice", "bob"])
     proc, base, log = start_server(tmp_path, home)
     yield base, {a.name: (a.id, code) for a, code in made}

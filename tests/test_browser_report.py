@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import class_folders, tiny_run_config, train_apart
-from core.report import RUN_SECTIONS, save_run_report
+from core.results.report import RUN_SECTIONS, save_run_report
 
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 # Importing test_browser skips this module too when chromium is missing.

@@ -20,10 +20,12 @@ import torch.distributed
 import core
 from conftest import class_image
 from core import cli
-from core import distributed as dist
-from core import training as T
+from core.train import distributed as dist
+from core.train import checkpoints
+from core.train import loop as training_loop
+from core.train import run as training
 from core.config import ConfigError
-from core.store import get_run, list_runs
+from core.serve.store import get_run, list_runs
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -110,15 +112,15 @@ def test_torchrun_matches_one_process(tiny_config, lab_home, tmp_path, settings)
 
 def stopped_after_first_epoch(cfg, monkeypatch):
     """A run of `cfg` that the user stopped right after epoch 1's resume state was saved."""
-    stop, original = threading.Event(), T.save_resume_state
+    stop, original = threading.Event(), checkpoints.save_resume_state
 
     def save_and_stop(*args):
         original(*args)
         stop.set()
     with monkeypatch.context() as patch:
-        patch.setattr(T, "save_resume_state", save_and_stop)
+        patch.setattr(training_loop, "save_resume_state", save_and_stop)
         run = core.Run.create(cfg)
-        assert T.train_run(run, stop=stop)["state"] == "stopped"
+        assert training.train_run(run, stop=stop)["state"] == "stopped"
     assert len(run.epochs()) == 1 and run.resumable()
     return run
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from core import sweeps as S
+from core.config import RunConfig
+from core.train import sweeps
 from core.config import RunConfig, validate_config
-from core.store import Run
+from core.serve.store import Run
 
 
 def test_scratch_is_recorded_as_random_init(tmp_path):
@@ -19,14 +20,14 @@ def test_a_freeze_sweep_from_a_scratch_base_uses_pretrained_weights():
     """Report 002's preset trains from scratch; sweeping its freeze mode must not give a head-only
     run on a random backbone."""
     base = RunConfig(data_root="x", arch="test_resnet", freeze="scratch", weights="random")
-    runs = {cfg.freeze: cfg for cfg in S.expand(base, {"freeze": ["head", "full", "scratch"]})}
+    runs = {cfg.freeze: cfg for cfg in sweeps.expand(base, {"freeze": ["head", "full", "scratch"]})}
     assert runs["head"].weights == runs["full"].weights == "auto"
     assert runs["scratch"].weights == "random"
 
 
 def test_the_config_module_is_the_single_source_of_ranges_and_choices():
-    from core import config, store
-    assert store.RunConfig is config.RunConfig
+    from core import config
+    assert RunConfig is config.RunConfig
     assert "lr" in config.RANGES and "optimizer" in config.CHOICES
     assert validate_config({"scheduler": "none"}).scheduler == "none"
 
@@ -38,17 +39,19 @@ def test_an_augmentation_preview_meanwhile_leaves_a_runs_metrics_alone(tiny_conf
     import threading
 
     import core
-    from core import data as D
+    from core.data import folders
+    from core.data import images as imaging
+    from core.data import transforms
     cfg = tiny_config(freeze="full", epochs=2, dropout=0.3, augment={"hflip": True, "rotation": 30.0},
                       cache_features=False)
     quiet = core.train(cfg).epochs()
-    scan = D.scan_folder(cfg.data_root)
-    images, _ = D.decode_images(scan.root, scan.items[:2], 32)
+    scan = folders.scan_folder(cfg.data_root)
+    images, _ = imaging.decode_images(scan.root, scan.items[:2], 32)
     stop, previews = threading.Event(), []
 
     def preview():
         while not stop.is_set():
-            previews.append(D.preview_augmentations(images, 32, {"rotation": 90.0}, seed=len(previews)))
+            previews.append(transforms.preview_augmentations(images, 32, {"rotation": 90.0}, seed=len(previews)))
     thread = threading.Thread(target=preview)
     thread.start()
     try:

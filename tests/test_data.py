@@ -1,4 +1,4 @@
-"""core.data: scanning folders, splits, safe zip extraction, decoding and transforms."""
+"""core.data.scan: scanning folders, splits, safe zip extraction, decoding and transforms."""
 from __future__ import annotations
 
 import io
@@ -9,13 +9,19 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from torchvision.transforms import v2
 import pytest
 import torch
 from PIL import Image
 
 from conftest import class_image
-from core import data as D
-from core.data import DataError, Item, scan_folder, split_items
+from core.data import folders
+from core.data import images as imaging
+from core.data import transforms
+from core.data import zips
+from core.data import DataError
+from core.data.folders import Item, scan_folder
+from core.data.splits import split_items
 
 
 def per_class(items, n_classes):
@@ -168,7 +174,7 @@ def test_split_70_15_15_stratified(image_folder):
     assert per_class(splits["train"], 3) == [14, 14, 14]
     assert per_class(splits["val"], 3) == [3, 3, 3]
     assert per_class(splits["test"], 3) == [3, 3, 3]
-    paths = [it.path for s in D.SPLITS for it in splits[s]]
+    paths = [it.path for s in folders.SPLITS for it in splits[s]]
     assert len(paths) == len(set(paths)) == 60             # disjoint and complete
     assert set(paths) == {it.path for it in scan.items}
 
@@ -186,7 +192,7 @@ def test_split_every_class_in_every_split_from_three_images(image_folder, n):
     scan = scan_folder(image_folder(classes=3, per_class=n), check=False)
     for seed in range(3):
         splits = split_items(scan, seed=seed)
-        for name in D.SPLITS:
+        for name in folders.SPLITS:
             assert all(c >= 1 for c in per_class(splits[name], 3)), (name, seed)
         assert sum(len(v) for v in splits.values()) == 3 * n
 
@@ -215,7 +221,7 @@ def test_split_max_per_class_caps_only_train(image_folder):
 def test_split_keeps_presplit_folders(image_folder):
     scan = scan_folder(image_folder(classes=2, splits={"train": 6, "valid": 2, "test": 3}), check=False)
     splits = split_items(scan, seed=0)
-    for name in D.SPLITS:
+    for name in folders.SPLITS:
         assert all(it.split == name for it in splits[name])
     assert per_class(splits["train"], 2) == [6, 6]
     assert per_class(splits["val"], 2) == [2, 2]
@@ -253,7 +259,7 @@ def test_safe_extract_zip_refuses_traversal_and_absolute_paths(tmp_path):
         link.external_attr = (0o120777 << 16)               # a symlink entry
         zf.writestr(link, "/etc/passwd")
     dest = tmp_path / "out" / "dest"
-    assert D.safe_extract_zip(zpath, dest) == dest.resolve()
+    assert zips.safe_extract_zip(zpath, dest) == dest.resolve()
     assert (dest / "pets" / "cat" / "1.png").is_file()
     assert not (tmp_path / "out" / "evil.jpg").exists()
     assert not (tmp_path / "evil2.jpg").exists() and not (tmp_path / "out" / "evil2.jpg").exists()
@@ -271,7 +277,7 @@ def test_safe_extract_zip_bad_zip_is_data_error(tmp_path):
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"this is not a zip archive at all")
     with pytest.raises(DataError, match="not a valid zip"):
-        D.safe_extract_zip(bad, tmp_path / "dest")
+        zips.safe_extract_zip(bad, tmp_path / "dest")
 
 
 def test_save_upload_zip_lands_in_lab_home(lab_home):
@@ -279,18 +285,18 @@ def test_save_upload_zip_lands_in_lab_home(lab_home):
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("a/1.png", png_bytes(0))
         zf.writestr("b/1.png", png_bytes(1))
-    folder = D.save_upload_zip(buf.getvalue(), "my data.zip")
+    folder = zips.save_upload_zip(buf.getvalue(), "my data.zip")
     assert folder.resolve().is_relative_to(lab_home.resolve())
     assert scan_folder(folder).classes == ["a", "b"]
-    assert D.save_upload_zip(buf.getvalue(), "my data.zip") == folder     # same content, same folder
+    assert zips.save_upload_zip(buf.getvalue(), "my data.zip") == folder     # same content, same folder
 
 
 def test_save_upload_file_keeps_paths_inside(tmp_path):
     folder = tmp_path / "up"
     folder.mkdir()
-    target = D.save_upload_file(folder, "../../cat/../1.png", b"x")
+    target = zips.save_upload_file(folder, "../../cat/../1.png", b"x")
     assert target is not None and target.resolve().is_relative_to(folder.resolve())
-    assert D.save_upload_file(folder, "../..", b"x") is None
+    assert zips.save_upload_file(folder, "../..", b"x") is None
 
 
 # ---------------------------------------------------------------- open_rgb
@@ -347,7 +353,7 @@ def make_special(kind: str, folder: Path) -> tuple[Path, tuple[int, int, int] | 
 @pytest.mark.parametrize("size", [None, 16])
 def test_open_rgb_converts_awkward_modes(tmp_path, kind, size):
     path, colour = make_special(kind, tmp_path)
-    img = D.open_rgb(path, size)
+    img = imaging.open_rgb(path, size)
     assert img.mode == "RGB"
     assert img.size == ((30, 20) if size is None else (24, 16))
     np.testing.assert_allclose(np.asarray(img)[0, 0], colour, atol=3)
@@ -355,7 +361,7 @@ def test_open_rgb_converts_awkward_modes(tmp_path, kind, size):
 
 def test_open_rgb_palette_keeps_opaque_colours(tmp_path):
     path, _ = make_special("palette_transparent", tmp_path)
-    arr = np.asarray(D.open_rgb(path))
+    arr = np.asarray(imaging.open_rgb(path))
     assert tuple(arr[10, 5]) == (255, 255, 255) and tuple(arr[10, 25]) == (0, 0, 255)
 
 
@@ -368,7 +374,7 @@ def test_open_rgb_honours_exif_orientation(tmp_path, size):
     path = tmp_path / "rotated.jpg"
     img.save(path, exif=exif.tobytes(), quality=95)
     assert Image.open(path).size == (60, 40)
-    out = D.open_rgb(path, size)
+    out = imaging.open_rgb(path, size)
     assert out.mode == "RGB"
     assert out.size == ((40, 60) if size is None else (32, 48))     # width and height swapped
     arr = np.asarray(out).astype(int)
@@ -378,7 +384,7 @@ def test_open_rgb_honours_exif_orientation(tmp_path, size):
 def test_open_rgb_downscales_large_jpeg_to_short_side(tmp_path):
     path = tmp_path / "big.jpg"
     class_image(1, size=(400, 300)).save(path, quality=90)
-    out = D.open_rgb(path, 32)
+    out = imaging.open_rgb(path, 32)
     assert out.size[1] == 32 and abs(out.size[0] - 43) <= 1
 
 
@@ -392,7 +398,7 @@ def test_decode_images_records_truncated_jpeg(tmp_path):
     class_image(0).save(tmp_path / "ok.png")
     items = [Item("full.jpg", 0), Item("cut.jpg", 1), Item("ok.png", 0), Item("missing.png", 1)]
     calls = []
-    tensors, failures = D.decode_images(str(tmp_path), items, 24, workers=2,
+    tensors, failures = imaging.decode_images(str(tmp_path), items, 24, workers=2,
                                         progress=lambda done, total: calls.append((done, total)))
     assert len(tensors) == 4
     assert tensors[1] is None and tensors[3] is None
@@ -410,15 +416,15 @@ def test_decode_images_records_truncated_jpeg(tmp_path):
                                      {"random_resized_crop": 0.5}, {"color_jitter": 0.3},
                                      {"hflip": True, "rotation": 0, "color_jitter": 0}])
 def test_build_transform_shape_and_dtype(augment):
-    tf = D.build_transform(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), augment)
-    img = D.v2.functional.pil_to_tensor(class_image(2, size=(50, 40)))
+    tf = transforms.build_transform(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), augment)
+    img = v2.functional.pil_to_tensor(class_image(2, size=(50, 40)))
     out = tf(img)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
 
 
 def test_build_transform_eval_is_deterministic_and_normalised():
-    tf = D.build_transform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    tf = transforms.build_transform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     img = torch.full((3, 20, 30), 255, dtype=torch.uint8)
     out = tf(img)
     assert torch.equal(out, tf(img))

@@ -12,8 +12,9 @@ from PIL import Image
 
 from apptest_helpers import assert_ok, opened
 from conftest import class_folders, class_image
-from core import data as D
-from core import doctor
+from core.data import folders
+from core.data import splits as splitting
+from core.trust import doctor
 from core.cli import main as cli
 
 CLASSES = ["red", "green", "blue"]
@@ -64,14 +65,14 @@ def test_fixes_go_into_a_new_copy(planted, tmp_path):
     dest = doctor.write_fixed_copy(result, tmp_path / "fixed", exclude=["red/black.png"], move=suggested,
                                    together=result.groups)
     assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before, "original changed"
-    fixed = D.scan_folder(dest)
+    fixed = folders.scan_folder(dest)
     names = {it.path for it in fixed.items}
     assert "red/black.png" not in names
     for path, original in moved.items():
         assert f"{original}/{path.split('/')[-1]}" in names
     assert fixed.together, "the duplicate group is kept for the split"
     for group in fixed.together:
-        splits = D.split_items(fixed, (0.5, 0.25, 0.25), seed=3)
+        splits = splitting.split_items(fixed, (0.5, 0.25, 0.25), seed=3)
         where = {it.path: s for s, items in splits.items() for it in items}
         assert len({where[p] for p in group}) == 1
     assert json.loads((dest / ".doctor.json").read_text())["excluded"] == ["red/black.png"]
@@ -80,10 +81,10 @@ def test_fixes_go_into_a_new_copy(planted, tmp_path):
 
 
 def test_keep_together_moves_a_group_into_train():
-    items = [D.Item(f"c{label}/{i}.png", label) for label in range(2) for i in range(10)]
-    scan = D.DataScan("/x", ["a", "b"], items, together=[["c0/0.png", "c0/1.png", "c0/2.png"]])
+    items = [folders.Item(f"c{label}/{i}.png", label) for label in range(2) for i in range(10)]
+    scan = folders.DataScan("/x", ["a", "b"], items, together=[["c0/0.png", "c0/1.png", "c0/2.png"]])
     for seed in range(5):
-        splits = D.split_items(scan, seed=seed)
+        splits = splitting.split_items(scan, seed=seed)
         where = {it.path: s for s, its in splits.items() for it in its}
         assert len({where[p] for p in scan.together[0]}) == 1
         assert sum(map(len, splits.values())) == len(items)
@@ -116,7 +117,7 @@ def finish_task(at, timeout: float = 180) -> None:
     don't tick in AppTest)."""
     import time
 
-    from core import tasks
+    from core.serve import tasks
     task_id = at.session_state["lab"].page["doctor"]["task"]
     end = time.monotonic() + timeout
     while tasks.get_task(task_id).status().get("state") in ("queued", "preparing", "running"):
@@ -147,11 +148,11 @@ def test_doctor_page_audits_and_writes_a_fixed_copy(planted):
 
 def test_the_run_report_shows_the_audit(planted, tmp_path):
     from conftest import tiny_run_config, train_apart
-    from core import report as R
+    from core.results import report as reports
     root, moved = planted
     audit(root)
     run = train_apart(tiny_run_config(root, epochs=1), tmp_path)
-    html = R.run_report(run, include_inspection=False)
+    html = reports.run_report(run, include_inspection=False)
     assert '<section id="doctor">' in html and "look mislabelled" in html
     for path in moved:
         assert path in html

@@ -1,4 +1,4 @@
-"""core.embedding_map (projection, frames, the before/after maps of a run, the report figure)
+"""core.trust.embedding_map (projection, frames, the before/after maps of a run, the report figure)
 and the Evaluate page's "Embedding map" tab (AppTest, PCA so no numba compile)."""
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from PIL import Image
 
 from apptest_helpers import assert_ok, opened
 from conftest import class_folders, tiny_run_config, train_apart
-from core import data as D
-from core import embedding_map as M
+from core.data import DataError
+from core.data import folders
+from core.trust import embedding_map, embeddings
 from core import paths
-from core.store import Run
+from core.serve.store import Run
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +39,25 @@ def clusters(n_per: int = 20, width: int = 32, seed: int = 0) -> np.ndarray:
 def test_project_keeps_nan_rows_and_falls_back_to_pca_for_few_images():
     vectors = clusters(10)                   # 20 rows: too few for UMAP
     vectors[[3, 7]] = np.nan
-    coords, used = M._project(vectors, "umap", 0)
+    coords, used = embedding_map._project(vectors, "umap", 0)
     assert coords.shape == (20, 2) and used == "pca"
     assert np.isnan(coords[[3, 7]]).all()
     assert np.isfinite(np.delete(coords, [3, 7], axis=0)).all()
-    assert np.array_equal(coords, M.project(vectors, "umap"), equal_nan=True)
+    assert np.array_equal(coords, embedding_map.project(vectors, "umap"), equal_nan=True)
 
 
 def test_project_edge_cases():
-    assert M.project(np.zeros((0, 8)), "pca").shape == (0, 2)
-    assert np.isnan(M.project(np.full((3, 4), np.nan), "pca")).all()
-    one = M.project(np.array([[1.0, 2.0], [np.nan, 0.0]]), "pca")
+    assert embedding_map.project(np.zeros((0, 8)), "pca").shape == (0, 2)
+    assert np.isnan(embedding_map.project(np.full((3, 4), np.nan), "pca")).all()
+    one = embedding_map.project(np.array([[1.0, 2.0], [np.nan, 0.0]]), "pca")
     assert np.isfinite(one[0]).all() and np.isnan(one[1]).all()
-    two = M.project(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "pca")
+    two = embedding_map.project(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "pca")
     assert two.shape == (2, 2) and np.isfinite(two).all()
 
 
 def test_project_without_umap_uses_pca(monkeypatch):
-    monkeypatch.setattr(M, "_umap_module", lambda: None)
-    coords, used = M._project(clusters(30), "umap", 0)
+    monkeypatch.setattr(embedding_map, "_umap_module", lambda: None)
+    coords, used = embedding_map._project(clusters(30), "umap", 0)
     assert used == "pca" and coords.shape == (60, 2)
 
 
@@ -64,9 +65,9 @@ def test_project_without_umap_uses_pca(monkeypatch):
 def test_umap_projection_is_seeded_and_separates_clusters():
     """The one test that compiles umap-learn's numba code (tens of seconds on 2 busy cores)."""
     vectors = clusters(25, width=80)
-    a, used = M._project(vectors, "umap", 0)
+    a, used = embedding_map._project(vectors, "umap", 0)
     assert used == "umap" and np.isfinite(a).all()
-    assert np.allclose(a, M.project(vectors, "umap", seed=0))
+    assert np.allclose(a, embedding_map.project(vectors, "umap", seed=0))
     gap = np.linalg.norm(a[:25].mean(0) - a[25:].mean(0))
     assert gap > 3 * max(a[:25].std(0).max(), a[25:].std(0).max())
 
@@ -82,12 +83,12 @@ def decoded(uri: str) -> Image.Image:
 
 
 def test_map_frame_columns_marks_and_thumbnails(image_folder):
-    scan = D.scan_folder(image_folder(classes=2, per_class=5, size=80))
+    scan = folders.scan_folder(image_folder(classes=2, per_class=5, size=80))
     vectors = np.random.default_rng(0).normal(size=(len(scan.items), 16)).astype(np.float32)
     first, second = scan.items[0].path, scan.items[-1].path
     predictions = pd.DataFrame({"file": [first, second], "true": ["class_a", "class_b"],
                                 "predicted": ["class_b", "class_b"]})
-    frame = M.map_frame(scan.root, scan.items, scan.classes, vectors, "pca", predictions,
+    frame = embedding_map.map_frame(scan.root, scan.items, scan.classes, vectors, "pca", predictions,
                         flags={second: "near-duplicate"})
     assert list(frame.columns) == ["x", "y", "path", "class", "predicted", "misclassified", "flag", "thumb"]
     assert len(frame) == 10 and frame[["x", "y"]].notna().all().all()
@@ -95,8 +96,8 @@ def test_map_frame_columns_marks_and_thumbnails(image_folder):
     assert frame.loc[frame["path"] == second, "flag"].item() == "near-duplicate"
     assert (frame["predicted"] == "").sum() == 8
     assert frame.attrs["method"] == "pca" and frame.attrs["root"] == scan.root
-    assert max(decoded(frame["thumb"][0]).size) == M.THUMB_PX
-    flagged = M.map_frame(scan.root, scan.items, scan.classes, vectors, "pca", flags=[first])
+    assert max(decoded(frame["thumb"][0]).size) == embedding_map.THUMB_PX
+    flagged = embedding_map.map_frame(scan.root, scan.items, scan.classes, vectors, "pca", flags=[first])
     assert flagged["flag"].tolist() == ["flagged"] + [""] * 9
 
 
@@ -104,16 +105,16 @@ def test_thumbnails_stop_at_the_budget_and_skip_broken_files(image_folder):
     root = image_folder(classes=1, per_class=6)
     (root / "class_a" / "broken.png").write_bytes(b"not an image")
     rels = [f"class_a/img_{i:03d}.png" for i in range(6)] + ["class_a/broken.png"]
-    full = M.thumb_uris(str(root), rels)
+    full = embedding_map.thumb_uris(str(root), rels)
     assert all(full[:6]) and full[6] == ""
-    capped = M.thumb_uris(str(root), rels, budget=len(full[0]) * 2 + 10)
+    capped = embedding_map.thumb_uris(str(root), rels, budget=len(full[0]) * 2 + 10)
     assert sum(bool(u) for u in capped) == 2
 
 
 def test_sample_is_seeded_capped_and_ordered():
-    picked = M.sample(list(range(100)), 10, seed=3)
-    assert picked == sorted(picked) and len(picked) == 10 and picked == M.sample(list(range(100)), 10, seed=3)
-    assert M.sample([1, 2], 10) == [1, 2]
+    picked = embedding_map.sample(list(range(100)), 10, seed=3)
+    assert picked == sorted(picked) and len(picked) == 10 and picked == embedding_map.sample(list(range(100)), 10, seed=3)
+    assert embedding_map.sample([1, 2], 10) == [1, 2]
 
 
 def test_map_figure_draws_marks(tmp_path):
@@ -121,7 +122,7 @@ def test_map_figure_draws_marks(tmp_path):
                           "class": ["$5 & $6", "dog", "dog"], "predicted": ["dog", "dog", ""],
                           "misclassified": [True, False, False], "flag": ["", "blurry", ""], "thumb": ""})
     frame.attrs["method"] = "umap"
-    fig = M.map_figure(frame, "After fine-tuning")
+    fig = embedding_map.map_figure(frame, "After fine-tuning")
     fig.savefig(tmp_path / "map.png")
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert {"misclassified", "flagged", "dog"} <= set(labels)
@@ -129,14 +130,14 @@ def test_map_figure_draws_marks(tmp_path):
 
 
 def test_dataset_frame_uses_the_cached_pretrained_embeddings(image_folder, monkeypatch):
-    scan = D.scan_folder(image_folder(classes=2, per_class=4))
+    scan = folders.scan_folder(image_folder(classes=2, per_class=4))
     steps = []
-    frame = M.dataset_frame(scan.root, scan.items, scan.classes, "pca", flags=[scan.items[0].path],
+    frame = embedding_map.dataset_frame(scan.root, scan.items, scan.classes, "pca", flags=[scan.items[0].path],
                             arch="test_resnet", size=32, progress=lambda text, f: steps.append(text))
     assert len(frame) == 8 and frame["flag"].tolist() == ["flagged"] + [""] * 7
     assert steps[0].startswith("Embedding images with the pretrained backbone") and "Projecting (PCA)…" in steps
-    monkeypatch.setattr(M.EM, "_compute", lambda *a, **k: pytest.fail("embedded again"))
-    again = M.dataset_frame(scan.root, [(it.path, it.label) for it in scan.items], scan.classes, "pca",
+    monkeypatch.setattr(embeddings, "_compute", lambda *a, **k: pytest.fail("embedded again"))
+    again = embedding_map.dataset_frame(scan.root, [(it.path, it.label) for it in scan.items], scan.classes, "pca",
                             arch="test_resnet", size=32)
     assert np.allclose(again[["x", "y"]].to_numpy(), frame[["x", "y"]].to_numpy())
 
@@ -145,7 +146,7 @@ def test_dataset_frame_uses_the_cached_pretrained_embeddings(image_folder, monke
 
 def test_run_map_frames_before_and_after(full_run):
     steps = []
-    before, after = M.run_map_frames(full_run, "pca", progress=lambda text, f: steps.append((text, f)))
+    before, after = embedding_map.run_map_frames(full_run, "pca", progress=lambda text, f: steps.append((text, f)))
     assert len(before) == len(after) == 36
     assert before["path"].tolist() == after["path"].tolist()
     assert not np.allclose(before[["x", "y"]].to_numpy(), after[["x", "y"]].to_numpy())
@@ -167,7 +168,7 @@ def test_run_map_frames_before_and_after(full_run):
 
 def test_frozen_backbone_maps_the_head_scores(tmp_path):
     run = train_apart(tiny_run_config(class_folders(tmp_path / "data", 3, 12), freeze="head", epochs=1), tmp_path)
-    before, after = M.run_map_frames(run, "pca")
+    before, after = embedding_map.run_map_frames(run, "pca")
     assert "frozen" in after.attrs["note"]
     assert not np.allclose(before[["x", "y"]].to_numpy(), after[["x", "y"]].to_numpy())
 
@@ -177,8 +178,8 @@ def test_moved_data_is_a_clear_error(full_run, tmp_path):
     run = Run(tmp_path / "copy")
     splits = run.read_json("splits.json")
     run.write_json("splits.json", {**splits, "root": str(tmp_path / "gone")})
-    with pytest.raises(D.DataError, match="moved or deleted"):
-        M.run_map_frames(run, "pca")
+    with pytest.raises(DataError, match="moved or deleted"):
+        embedding_map.run_map_frames(run, "pca")
 
 
 # ---------------------------------------------------------------- the page
@@ -205,7 +206,7 @@ def test_evaluate_page_embedding_map_tab(full_run, monkeypatch):
     assert "After fine-tuning" in json.dumps(charts["map_after"])
     assert '"title": "image"' in json.dumps(charts["map_after"])     # the hover thumbnail field
     assert any("Drag a box over points" in c.value for c in at.caption)
-    monkeypatch.setattr(M, "run_map_frames", lambda *a, **k: pytest.fail("computed again on a rerun"))
+    monkeypatch.setattr(embedding_map, "run_map_frames", lambda *a, **k: pytest.fail("computed again on a rerun"))
     at.run()                               # kept for the session: a rerun draws the same maps
     assert_ok(at)
     assert {"map_before", "map_after"} <= {chart.key for chart in at.get("vega_lite_chart")}
@@ -213,14 +214,13 @@ def test_evaluate_page_embedding_map_tab(full_run, monkeypatch):
 
 
 def show_dataset_map(root: str, classes: list[str], flags: list[str]):
-    from core import data as D
     from pages.common import maps
-    maps.dataset_map(root, D.scan_folder(root).items, classes, flags, arch="test_resnet", size=32)
+    maps.dataset_map(root, folders.scan_folder(root).items, classes, flags, arch="test_resnet", size=32)
 
 
 def test_dataset_map_component(image_folder):
     from streamlit.testing.v1 import AppTest
-    scan = D.scan_folder(image_folder(classes=2, per_class=4))
+    scan = folders.scan_folder(image_folder(classes=2, per_class=4))
     at = AppTest.from_function(show_dataset_map, args=(scan.root, scan.classes, [scan.items[0].path]),
                                default_timeout=60).run()
     assert_ok(at)
@@ -234,17 +234,17 @@ def test_dataset_map_component(image_folder):
 def test_maps_kept_with_the_run_appear_in_its_report(tmp_path):
     """Frames saved by the Evaluate tab come back equal (thumbnails aside) and the report draws them."""
     from conftest import class_folders, tiny_run_config, train_apart
-    from core import embedding_map as M
-    from core import report as R
+    from core.trust import embedding_map
+    from core.results import report as reports
     run = train_apart(tiny_run_config(class_folders(tmp_path / "d", 3, 10), freeze="full", epochs=1), tmp_path)
-    frames = M.run_map_frames(run, "pca")
-    assert "Not computed" in R.run_report(run, include_inspection=False)
-    M.save_run_maps(run, frames)
-    loaded = M.load_run_maps(run)
+    frames = embedding_map.run_map_frames(run, "pca")
+    assert "Not computed" in reports.run_report(run, include_inspection=False)
+    embedding_map.save_run_maps(run, frames)
+    loaded = embedding_map.load_run_maps(run)
     for saved, back in zip(frames, loaded):
         assert back["path"].tolist() == saved["path"].tolist()
         assert back["misclassified"].tolist() == saved["misclassified"].tolist()
         assert (back["flag"] == "").all() and abs(back["x"] - saved["x"]).max() < 1e-6
         assert back.attrs["title"] == saved.attrs["title"]
-    html = R.run_report(run, include_inspection=False)
+    html = reports.run_report(run, include_inspection=False)
     assert '<section id="map">' in html and "Not computed" not in html

@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from core import paths, runqueue, slots
-from core.executor import Executor, LocalLauncher, death_sentence
-from core.store import ACTIVE_STATES, Run
-from core.worker import RunManager
+from core import paths
+from core.serve import runqueue, slots
+from core.serve.executor import Executor, LocalLauncher, death_sentence
+from core.serve.store import ACTIVE_STATES, Run
+from core.serve.worker import RunManager
 from test_faults import wait_for
 
 TIMEOUT = 180
@@ -38,7 +39,7 @@ def manager(plan=two_slots) -> RunManager:
 def no_env_slots(monkeypatch):
     """Each test's own managers only: the lab's global dispatcher (started by earlier tests in
     this process) would otherwise take their runs too, as a second server would."""
-    from core.worker import MANAGER
+    from core.serve.worker import MANAGER
     MANAGER.close()
     monkeypatch.delenv(slots.ENV_SLOTS, raising=False)
     monkeypatch.delenv(slots.ENV_PER_GPU, raising=False)

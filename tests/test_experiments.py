@@ -19,15 +19,20 @@ import torch
 from PIL import Image, ImageOps
 
 import core
-from core import data as D
-from core import device as DEV
-from core import store as R
-from core import sweeps as S
-from core import training as T
-from core.backbones import build_model
-from core.evaluate import data_config, evaluate_run, load_predictions
-from core.store import Run
-from core.worker import MANAGER
+from core.config import RunConfig
+from core.data import folders
+from core.data import images as imaging
+from core.data import transforms
+from core import device as devices
+from core.serve import store
+from core.train import sweeps
+from core.train import caches
+from core.train import run as training
+from core.models.backbones import build_model
+from core.models.backbones import data_config
+from core.results.evaluate import evaluate_run, load_predictions
+from core.serve.store import Run
+from core.serve.worker import MANAGER
 
 pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
@@ -54,14 +59,14 @@ def test_dataset_stats_matches_numpy_over_all_pixels():
     sizes = [(1, 1), (5, 7), (40, 33), (64, 64), (3, 200), (17, 2)]
     images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
     pixels = np.concatenate([img.numpy().reshape(3, -1) for img in images], axis=1) / 255.0
-    mean, std = D.dataset_stats(iter(images))          # any iterable, as the Train page passes a generator
+    mean, std = transforms.dataset_stats(iter(images))          # any iterable, as the Train page passes a generator
     np.testing.assert_allclose(mean, pixels.mean(axis=1), rtol=0, atol=1e-9)
     np.testing.assert_allclose(std, pixels.std(axis=1), rtol=0, atol=1e-9)
 
 
 def test_dataset_stats_of_constant_images():
     images = [torch.full((3, 4, 4), 51, dtype=torch.uint8), torch.full((3, 9, 2), 51, dtype=torch.uint8)]
-    mean, std = D.dataset_stats(images)
+    mean, std = transforms.dataset_stats(images)
     np.testing.assert_allclose(mean, [0.2] * 3, atol=1e-12)
     np.testing.assert_allclose(std, [0.0] * 3, atol=1e-12)
 
@@ -77,7 +82,7 @@ NORMS = {"unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 
 
 def test_every_augmentation_has_a_typical_value_here():
-    assert set(TYPICAL) == set(D.AUGMENTATIONS)
+    assert set(TYPICAL) == set(transforms.AUGMENTATIONS)
 
 
 def check_output(out: torch.Tensor, mean, std) -> None:
@@ -89,13 +94,13 @@ def check_output(out: torch.Tensor, mean, std) -> None:
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
-@pytest.mark.parametrize("augment", [dict(p) for p in D.PRESETS.values()] + AUGMENT_CASES,
-                         ids=[f"preset:{n}" for n in D.PRESETS] + [f"{k}={v}" for c in AUGMENT_CASES
+@pytest.mark.parametrize("augment", [dict(p) for p in transforms.PRESETS.values()] + AUGMENT_CASES,
+                         ids=[f"preset:{n}" for n in transforms.PRESETS] + [f"{k}={v}" for c in AUGMENT_CASES
                                                                    for k, v in c.items()])
 def test_transform_shape_dtype_and_range(augment, norm):
     mean, std = NORMS[norm]
     image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    transform = D.build_transform(64, mean, std, augment)
+    transform = transforms.build_transform(64, mean, std, augment)
     for seed in range(3):
         torch.manual_seed(seed)
         check_output(transform(image), mean, std)
@@ -103,24 +108,24 @@ def test_transform_shape_dtype_and_range(augment, norm):
 
 def test_augmentations_with_certain_probability_do_what_they_say():
     image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    plain = D.build_transform(64, (0, 0, 0), (1, 1, 1))(image)
-    inverted = D.build_transform(64, (0, 0, 0), (1, 1, 1), {"invert": 1.0})(image)
+    plain = transforms.build_transform(64, (0, 0, 0), (1, 1, 1))(image)
+    inverted = transforms.build_transform(64, (0, 0, 0), (1, 1, 1), {"invert": 1.0})(image)
     torch.testing.assert_close(inverted, 1 - plain, atol=1e-6, rtol=0)
-    grey = D.build_transform(64, (0, 0, 0), (1, 1, 1), {"grayscale": 1.0})(image)
+    grey = transforms.build_transform(64, (0, 0, 0), (1, 1, 1), {"grayscale": 1.0})(image)
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
     # switched-off entries (False / 0) leave the eval transform
-    off = D.build_transform(64, (0, 0, 0), (1, 1, 1), {"hflip": False, "rotation": 0, "blur": 0})(image)
+    off = transforms.build_transform(64, (0, 0, 0), (1, 1, 1), {"hflip": False, "rotation": 0, "blur": 0})(image)
     assert torch.equal(off, plain)
 
 
 # ---------------------------------------------------------------- reproducibility
 
-@pytest.mark.parametrize("settings", [dict(freeze="full", augment=dict(D.PRESETS["report 003"])),
+@pytest.mark.parametrize("settings", [dict(freeze="full", augment=dict(transforms.PRESETS["report 003"])),
                                       dict(freeze="head")], ids=["full-augmented", "head-cached"])
 def test_same_seed_same_data_same_settings_give_identical_epochs(tiny_config, folder, settings, monkeypatch,
                                                                 fresh_caches):
     monkeypatch.delenv("FINETUNE_LAB_CPU_BF16", raising=False)     # the automatic choice, not conftest's fp32
-    probe = getattr(DEV, "cpu_bf16", None)
+    probe = getattr(devices, "cpu_bf16", None)
     if probe:     # decided once per process; its first call must not fall inside a run (see below)
         probe()
     first = core.train(tiny_config(data_root=folder, seed=5, **settings))
@@ -134,12 +139,12 @@ def test_same_seed_same_data_same_settings_give_identical_epochs(tiny_config, fo
 
 def test_device_probe_leaves_the_global_rng_alone(monkeypatch):
     monkeypatch.delenv("FINETUNE_LAB_CPU_BF16", raising=False)
-    monkeypatch.setattr(DEV, "_CPU_BF16", {})               # not decided yet in this process
-    monkeypatch.setattr(DEV, "_has_bf16_flags", lambda: True)   # as on AVX512-BF16/AMX CPUs
+    monkeypatch.setattr(devices, "_CPU_BF16", {})               # not decided yet in this process
+    monkeypatch.setattr(devices, "_has_bf16_flags", lambda: True)   # as on AVX512-BF16/AMX CPUs
     torch.manual_seed(0)
     expected = torch.rand(4)
     torch.manual_seed(0)
-    with DEV.autocast(torch.device("cpu")):
+    with devices.autocast(torch.device("cpu")):
         pass
     assert torch.equal(torch.rand(4), expected)
 
@@ -169,14 +174,14 @@ def test_queue_runs_in_submission_order_and_survives_a_stopped_job(tiny_config, 
 
 def test_plan_phases(tiny_config):
     cfg = tiny_config(freeze="full", phase1_epochs=2, epochs=5, data_root="x")
-    assert T.plan_phases(cfg) == [("head", "head", 2), ("fine-tune", "full", 3)]
+    assert training.plan_phases(cfg) == [("head", "head", 2), ("fine-tune", "full", 3)]
     cfg = tiny_config(freeze="top_k", phase1_epochs=1, epochs=3, data_root="x")
-    assert T.plan_phases(cfg) == [("head", "head", 1), ("fine-tune", "top_k", 2)]
+    assert training.plan_phases(cfg) == [("head", "head", 1), ("fine-tune", "top_k", 2)]
     # one phase: no head-only epochs, a frozen backbone anyway, from scratch, or too few epochs
     for kw in (dict(freeze="full", phase1_epochs=0, epochs=3), dict(freeze="head", phase1_epochs=1, epochs=3),
                dict(freeze="scratch", phase1_epochs=1, epochs=3), dict(freeze="full", phase1_epochs=3, epochs=3)):
         cfg = tiny_config(data_root="x", **kw)
-        assert T.plan_phases(cfg) == [("train", kw["freeze"], kw["epochs"])], kw
+        assert training.plan_phases(cfg) == [("train", kw["freeze"], kw["epochs"])], kw
 
 
 def test_two_phase_run_logs_its_phases(tiny_config, folder):
@@ -244,9 +249,9 @@ def test_dataset_normalisation_is_stored_and_used_by_evaluation(tiny_config, fol
     assert norm["source"] == "dataset"
     # the training split's own numbers, decoded as training decodes them
     splits = run.read_json("splits.json")
-    images, _ = D.decode_images(splits["root"], [D.Item(p, label) for p, label in splits["train"]],
+    images, _ = imaging.decode_images(splits["root"], [folders.Item(p, label) for p, label in splits["train"]],
                                 run.config.image_size)
-    mean, std = D.dataset_stats(images)
+    mean, std = transforms.dataset_stats(images)
     assert norm["mean"] == pytest.approx(mean, abs=1e-12)
     assert norm["std"] == pytest.approx(std, abs=1e-12)
     assert norm["mean"] != pytest.approx([0.5, 0.5, 0.5], abs=1e-3)      # not test_resnet's own
@@ -274,7 +279,7 @@ def test_backbone_normalisation_is_stored_too(tiny_config, folder):
 
 def test_expand_two_axes(tiny_config):
     base = tiny_config(data_root="x")
-    configs = S.expand(base, {"optimizer": ["sgd", "adam"], "lr": [0.1, 0.01, 0.001]})
+    configs = sweeps.expand(base, {"optimizer": ["sgd", "adam"], "lr": [0.1, 0.01, 0.001]})
     assert len(configs) == 6
     assert len({c.name for c in configs}) == 6
     assert len({c.sweep for c in configs}) == 1 and configs[0].sweep
@@ -285,59 +290,59 @@ def test_expand_two_axes(tiny_config):
     assert all(c.tags == {"optimizer": c.optimizer, "lr": c.lr} for c in configs)
     # the base is untouched, and a later sweep gets its own id
     assert base.sweep == "" and base.tags == {} and base.name == ""
-    assert S.expand(base, {"lr": [0.1]})[0].sweep != configs[0].sweep
+    assert sweeps.expand(base, {"lr": [0.1]})[0].sweep != configs[0].sweep
 
 
 def test_expand_copies_mutable_fields(tiny_config):
     base = tiny_config(data_root="x", augment={"hflip": True})
-    configs = S.expand(base, {"lr": [0.1, 0.2]})
+    configs = sweeps.expand(base, {"lr": [0.1, 0.2]})
     configs[0].augment["vflip"] = True
     assert base.augment == {"hflip": True} and configs[1].augment == {"hflip": True}
 
 
 def test_apply_each_axis(tiny_config):
     base = tiny_config(data_root="x", freeze="head", weights="auto")
-    cfg = S.apply(base, "augment", "photos")
-    assert cfg.augment == D.PRESETS["photos"] and cfg.augment is not D.PRESETS["photos"]
-    assert S.apply(base, "augment", "none").augment == {}
+    cfg = sweeps.apply(base, "augment", "photos")
+    assert cfg.augment == transforms.PRESETS["photos"] and cfg.augment is not transforms.PRESETS["photos"]
+    assert sweeps.apply(base, "augment", "none").augment == {}
 
-    cfg = S.apply(base, "init", "random")
+    cfg = sweeps.apply(base, "init", "random")
     assert (cfg.freeze, cfg.weights) == ("scratch", "random")
-    cfg = S.apply(cfg, "init", "pretrained")
+    cfg = sweeps.apply(cfg, "init", "pretrained")
     assert (cfg.freeze, cfg.weights) == ("full", "auto")          # from scratch back: fine-tune all
-    cfg = S.apply(tiny_config(data_root="x", freeze="top_k", weights="random"), "init", "pretrained")
+    cfg = sweeps.apply(tiny_config(data_root="x", freeze="top_k", weights="random"), "init", "pretrained")
     assert (cfg.freeze, cfg.weights) == ("top_k", "auto")
 
-    assert S.apply(base, "model", "logreg").baseline == "logreg"
-    cfg = S.apply(base, "model", "small_cnn")
+    assert sweeps.apply(base, "model", "logreg").baseline == "logreg"
+    cfg = sweeps.apply(base, "model", "small_cnn")
     assert (cfg.arch, cfg.weights, cfg.freeze, cfg.baseline) == ("resnet10t", "random", "scratch", "")
-    cfg = S.apply(S.apply(base, "model", "logreg"), "model", "resnet18")
+    cfg = sweeps.apply(sweeps.apply(base, "model", "logreg"), "model", "resnet18")
     assert (cfg.arch, cfg.baseline) == ("resnet18", "")
 
-    assert S.apply(base, "max_per_class", 0).max_per_class is None
-    assert S.apply(base, "max_per_class", 5).max_per_class == 5
-    assert S.apply(base, "max_per_class", "20").max_per_class == 20
-    assert S.apply(base, "lr", 0.5).lr == 0.5
-    assert S.apply(base, "optimizer", "rmsprop").optimizer == "rmsprop"
-    assert S.apply(base, "freeze", "full").freeze == "full"
-    assert S.apply(base, "batch_size", 16).batch_size == 16
+    assert sweeps.apply(base, "max_per_class", 0).max_per_class is None
+    assert sweeps.apply(base, "max_per_class", 5).max_per_class == 5
+    assert sweeps.apply(base, "max_per_class", "20").max_per_class == 20
+    assert sweeps.apply(base, "lr", 0.5).lr == 0.5
+    assert sweeps.apply(base, "optimizer", "rmsprop").optimizer == "rmsprop"
+    assert sweeps.apply(base, "freeze", "full").freeze == "full"
+    assert sweeps.apply(base, "batch_size", 16).batch_size == 16
     assert base.lr == 1e-2 and base.freeze == "head"                # apply never mutates
 
 
 def test_every_axis_can_be_applied(tiny_config):
     values = {"lr": 0.1, "optimizer": "adam", "freeze": "full", "augment": "light", "batch_size": 4,
               "max_per_class": 3, "init": "random", "model": "small_cnn"}
-    assert set(values) == set(S.AXES)
+    assert set(values) == set(sweeps.AXES)
     for axis, value in values.items():
-        assert isinstance(S.apply(tiny_config(data_root="x"), axis, value), R.RunConfig)
+        assert isinstance(sweeps.apply(tiny_config(data_root="x"), axis, value), RunConfig)
 
 
 def test_sweep_trains_and_results_table(tiny_config, folder):
-    runs = S.queue(S.expand(tiny_config(data_root=folder, freeze="head", epochs=2),
+    runs = sweeps.queue(sweeps.expand(tiny_config(data_root=folder, freeze="head", epochs=2),
                             {"optimizer": ["sgd", "adam"]}))
     for run in runs:
         assert MANAGER.wait(run.id, timeout=120)
-    frame = S.results(runs)
+    frame = sweeps.results(runs)
     assert list(frame.columns[:6]) == ["name", "best_val_acc", "test_acc", "best_epoch", "s_per_epoch", "state"]
     assert {"run", "sweep", "model", "freeze", "optimizer", "lr", "epochs", "vary:optimizer"} <= set(frame.columns)
     assert len(frame) == 2
@@ -349,12 +354,12 @@ def test_sweep_trains_and_results_table(tiny_config, folder):
     assert (frame["s_per_epoch"] > 0).all()
     assert frame["sweep"].nunique() == 1
     # all runs by default
-    assert set(S.results()["run"]) == {r.id for r in runs}
+    assert set(sweeps.results()["run"]) == {r.id for r in runs}
 
 
 def test_results_of_no_runs_is_empty():
-    assert S.results([]).empty
-    assert S.results().empty
+    assert sweeps.results([]).empty
+    assert sweeps.results().empty
 
 
 def test_sweeps_groups_runs_by_sweep(tiny_config):
@@ -366,14 +371,14 @@ def test_sweeps_groups_runs_by_sweep(tiny_config):
             time.sleep(0.003)        # distinct millisecond stamps (see the xfail test below)
         return made
 
-    older = create(S.expand(tiny_config(data_root="x"), {"lr": [0.1, 0.01, 0.001]}))
-    newer = create(S.expand(tiny_config(data_root="x"), {"model": ["resnet18", "logreg", "small_cnn"]}))
+    older = create(sweeps.expand(tiny_config(data_root="x"), {"lr": [0.1, 0.01, 0.001]}))
+    newer = create(sweeps.expand(tiny_config(data_root="x"), {"model": ["resnet18", "logreg", "small_cnn"]}))
     Run.create(tiny_config(data_root="x"))                    # not part of any sweep
-    groups = S.sweeps()
+    groups = sweeps.sweeps()
     assert list(groups) == [newer[0].config.sweep, older[0].config.sweep]     # newest sweep first
     assert [r.id for r in groups[older[0].config.sweep]] == [r.id for r in older]   # creation order
     assert [r.id for r in groups[newer[0].config.sweep]] == [r.id for r in newer]
-    assert len(S.results()) == 7
+    assert len(sweeps.results()) == 7
 
 
 def test_sweep_order_when_runs_are_created_in_the_same_millisecond(tiny_config, monkeypatch):
@@ -387,11 +392,11 @@ def test_sweep_order_when_runs_are_created_in_the_same_millisecond(tiny_config, 
         def now(cls, tz=None):
             return frozen
 
-    monkeypatch.setattr(R, "datetime", Clock)
-    monkeypatch.setitem(R._STAMP, "last", "")      # restored afterwards: later runs use real time
-    runs = [Run.create(cfg) for cfg in S.expand(tiny_config(data_root="x"),
+    monkeypatch.setattr(store, "datetime", Clock)
+    monkeypatch.setitem(store._STAMP, "last", "")      # restored afterwards: later runs use real time
+    runs = [Run.create(cfg) for cfg in sweeps.expand(tiny_config(data_root="x"),
                                                 {"model": ["resnet18", "mobilenetv2_100"]})]
-    assert [r.id for r in next(iter(S.sweeps().values()))] == [r.id for r in runs]
+    assert [r.id for r in next(iter(sweeps.sweeps().values()))] == [r.id for r in runs]
 
 
 # ---------------------------------------------------------------- caches shared by a sweep's runs
@@ -399,13 +404,13 @@ def test_sweep_order_when_runs_are_created_in_the_same_millisecond(tiny_config, 
 @pytest.fixture
 def fresh_caches(monkeypatch):
     """Empty decoded-image and feature caches for this test only."""
-    monkeypatch.setattr(T, "_DECODED", OrderedDict())
-    monkeypatch.setattr(T, "_FEATURES", OrderedDict())
+    monkeypatch.setattr(caches, "_DECODED", OrderedDict())
+    monkeypatch.setattr(caches, "_FEATURES", OrderedDict())
 
 
 def uncached(train):
-    T._DECODED.clear()
-    T._FEATURES.clear()
+    caches._DECODED.clear()
+    caches._FEATURES.clear()
     return train()
 
 
@@ -431,9 +436,9 @@ def test_feature_cache_with_random_weights_follows_the_seed(tiny_config, folder,
 
 def test_caches_give_the_same_runs_as_without(tiny_config, folder, fresh_caches):
     """The honest case: same data, same backbone, a sweep over the optimizer."""
-    configs = S.expand(tiny_config(data_root=folder, freeze="head"), {"optimizer": ["sgd", "adam"]})
+    configs = sweeps.expand(tiny_config(data_root=folder, freeze="head"), {"optimizer": ["sgd", "adam"]})
     cached = [core.train(cfg) for cfg in configs]
-    assert T._FEATURES
+    assert caches._FEATURES
     alone = [uncached(lambda cfg=cfg: core.train(cfg)) for cfg in configs]
     assert [metric_rows(r) for r in cached] == [metric_rows(r) for r in alone]
 
@@ -447,10 +452,10 @@ def test_logreg_baseline_run(tiny_config, folder):
     assert 0 <= status["test_acc"] <= 1 and status["best_epoch"] == 1
     assert status["test_acc"] == pytest.approx(run.read_json("test_metrics.json")["accuracy"])
     assert len(run.epochs()) == 1
-    frame = S.results()
+    frame = sweeps.results()
     assert len(frame) == 1
     row = frame.iloc[0]
-    assert row["model"] == S.BASELINES["logreg"] and row["state"] == "finished"
+    assert row["model"] == sweeps.BASELINES["logreg"] and row["state"] == "finished"
     assert row["test_acc"] == pytest.approx(status["test_acc"]) and row["best_epoch"] == 1
 
 

@@ -1,7 +1,7 @@
 """The Experiments page, and the Train page's new options, with Streamlit's AppTest (no browser).
 
 AppTest does not tick fragments on its own: after queueing, the test waits for the background
-queue (core.worker.MANAGER) to drain and runs the page again.
+queue (core.serve.worker.MANAGER) to drain and runs the page again.
 """
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from streamlit.testing.v1 import AppTest
 
 from apptest_helpers import assert_ok, opened
 
-from core import data as D
+from core.data import folders
+from core.data import images as imaging
+from core.data import transforms
 
-from core.worker import MANAGER
+from core.serve.worker import MANAGER
 
 pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
@@ -119,18 +121,18 @@ def test_train_augmentation_preset_and_preview(image_folder):
     assert_ok(at)
     at.selectbox(key="aug_preset").set_value("report 003").run()
     assert_ok(at)
-    assert at.session_state["lab"].settings["augment"] == D.PRESETS["report 003"]
+    assert at.session_state["lab"].settings["augment"] == transforms.PRESETS["report 003"]
     assert at.checkbox(key="aug_on_rotation").value and at.checkbox(key="aug_on_vflip").value
     assert not at.checkbox(key="aug_on_blur").value
     at.run()          # the choice sticks on the next run
-    assert at.session_state["lab"].settings["augment"] == D.PRESETS["report 003"]
+    assert at.session_state["lab"].settings["augment"] == transforms.PRESETS["report 003"]
     at.toggle(key="aug_preview").set_value(True).run()
     assert_ok(at)
     assert len(at.get("image")) == 1
     # one more augmentation on top of the preset
     at.checkbox(key="aug_on_blur").check().run()
     assert_ok(at)
-    assert at.session_state["lab"].settings["augment"] == {**D.PRESETS["report 003"], "blur": 5.0}
+    assert at.session_state["lab"].settings["augment"] == {**transforms.PRESETS["report 003"], "blur": 5.0}
 
 
 def test_train_dataset_normalisation_shows_stats(image_folder):
@@ -144,8 +146,8 @@ def test_train_dataset_normalisation_shows_stats(image_folder):
     assert at.session_state["lab"].settings["normalize"] == "dataset"
     stats = [d.value for d in at.dataframe if list(d.value.index) == ["R", "G", "B"]]
     assert len(stats) == 1
-    scan = D.scan_folder(root, check=False)
-    images, _ = D.decode_images(scan.root, scan.items, at.session_state["lab"].settings["image_size"])
-    mean, std = D.dataset_stats(images)
+    scan = folders.scan_folder(root, check=False)
+    images, _ = imaging.decode_images(scan.root, scan.items, at.session_state["lab"].settings["image_size"])
+    mean, std = transforms.dataset_stats(images)
     assert list(stats[0]["this data set mean"]) == pytest.approx(mean)
     assert list(stats[0]["std"]) == pytest.approx(std)

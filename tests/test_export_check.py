@@ -1,4 +1,4 @@
-"""Checked export (core.export_check): every export is run on the run's test images right after
+"""Checked export (core.trust.export_check): every export is run on the run's test images right after
 it is written and compared with the trained model; the predict.py scripts written next to it
 reproduce the app's predictions; the Evaluate page shows the verdict and holds back a flagged
 export; the CLI prints it.
@@ -26,10 +26,10 @@ from PIL import Image
 
 from apptest_helpers import assert_ok, opened
 from conftest import class_folders, class_image, tiny_run_config, train_apart
-from core import export_check as XC
+from core.trust import export_check
 from core import paths
-from core import predict as P
-from core.store import Run, get_run
+from core.models import predict
+from core.serve.store import Run, get_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,49 +61,49 @@ def perturb(weights: Path) -> None:
 def test_safetensors_and_onnx_exports_agree(run):
     import onnxruntime  # noqa: F401 - a runtime requirement: a broken install must fail, not skip
     seen = []
-    first = XC.export_checked(run, "safetensors", progress=lambda text, f: seen.append((text, f)))
-    second = XC.export_checked(run, "onnx")
+    first = export_check.export_checked(run, "safetensors", progress=lambda text, f: seen.append((text, f)))
+    second = export_check.export_checked(run, "onnx")
     n = len(run.read_json("splits.json")["test"])
     for result in (first, second):
         assert result["ok"], result
         assert result["n"] == n and result["agree"] == n and result["agreement"] == 1.0
         assert result["max_prob_diff"] < 1e-5 and result["ms_per_image"] > 0
         assert result["size_bytes"] == run.file("export").joinpath(result["file"]).stat().st_size
-        assert XC.check_line(result).startswith(f"agrees on 100% of {n} test images · max prob. difference")
+        assert export_check.check_line(result).startswith(f"agrees on 100% of {n} test images · max prob. difference")
     assert seen[0] == ("Writing…", 0.0) and seen[-1][1] == 1.0
     assert any(text == f"Checking on {n} test images {n}/{n}" for text, _ in seen)
-    assert set(XC.load_checks(run.file("export"), run)) == {"safetensors", "onnx"}
+    assert set(export_check.load_checks(run.file("export"), run)) == {"safetensors", "onnx"}
     for name in ("model.safetensors", "model.json", "predict.py", "model.onnx", "predict_onnx.py"):
         assert run.file("export").joinpath(name).is_file(), name
 
 
 def test_a_perturbed_export_is_flagged(run):
-    XC.export_checked(run, "safetensors")
+    export_check.export_checked(run, "safetensors")
     perturb(run.file("export/model.safetensors"))
-    assert "safetensors" not in XC.load_checks(run.file("export")), "the old verdict is stale"
-    result = XC.check_export(run, "safetensors", run.file("export/model.safetensors"))
-    assert not result["ok"] and result["max_prob_diff"] > XC.TOLERANCE
-    assert XC.check_line(result).startswith("flagged: ")
-    assert XC.load_checks(run.file("export"))["safetensors"]["ok"] is False
+    assert "safetensors" not in export_check.load_checks(run.file("export")), "the old verdict is stale"
+    result = export_check.check_export(run, "safetensors", run.file("export/model.safetensors"))
+    assert not result["ok"] and result["max_prob_diff"] > export_check.TOLERANCE
+    assert export_check.check_line(result).startswith("flagged: ")
+    assert export_check.load_checks(run.file("export"))["safetensors"]["ok"] is False
 
 
 def test_a_broken_file_or_wrong_model_json_is_flagged(run):
-    XC.export_checked(run, "safetensors")
+    export_check.export_checked(run, "safetensors")
     folder = run.file("export")
     meta = folder.joinpath("model.json").read_text()
     folder.joinpath("model.json").write_text(json.dumps(dict(json.loads(meta), mean=[0.1, 0.1, 0.1])))
-    result = XC.check_export(run, "safetensors", folder / "model.safetensors")
+    result = export_check.check_export(run, "safetensors", folder / "model.safetensors")
     assert not result["ok"] and "mean" in result["problem"]
     folder.joinpath("model.json").write_text(meta)
     folder.joinpath("model.safetensors").write_bytes(b"not a safetensors file")
-    result = XC.check_export(run, "safetensors", folder / "model.safetensors")
+    result = export_check.check_export(run, "safetensors", folder / "model.safetensors")
     assert not result["ok"] and "could not be run" in result["problem"]
-    assert XC.check_line(result).startswith("not checked: ")
+    assert export_check.check_line(result).startswith("not checked: ")
 
 
 def test_check_images_caps_and_spreads_over_the_split(run):
     test = run.read_json("splits.json")["test"]
-    picked = XC.check_images(run, limit=3)
+    picked = export_check.check_images(run, limit=3)
     assert picked.split == "test" and picked.available == len(test) and len(picked.images) == 3
 
 
@@ -148,15 +148,15 @@ def script_probs(script: Path, files: list[Path], in_process: bool = False) -> t
 
 
 def test_predict_scripts_reproduce_the_apps_predictions(run, tmp_path):
-    XC.export_checked(run, "safetensors")
+    export_check.export_checked(run, "safetensors")
     files = odd_images(tmp_path / "images")
-    app = P.predict_files(P.from_run(run), files)
+    app = predict.predict_files(predict.from_run(run), files)
     expected = app[[f"p_{c}" for c in run.classes]].to_numpy()
     predicted, probs = script_probs(run.file("export/predict.py"), files)
     assert predicted == list(app["predicted"])
     np.testing.assert_allclose(probs, expected, atol=2e-6)
     import onnxruntime  # noqa: F401 - a runtime requirement: a broken install must fail, not skip
-    XC.export_checked(run, "onnx")
+    export_check.export_checked(run, "onnx")
     predicted, probs = script_probs(run.file("export/predict_onnx.py"), files)
     assert predicted == list(app["predicted"])
     np.testing.assert_allclose(probs, expected, atol=1e-5)
@@ -166,11 +166,11 @@ def test_predict_script_for_an_mlp_head(tmp_path):
     """The other key layout: the app's own backbone + head names, rebuilt with plain torch."""
     base = tmp_path / "mlp"
     run = train_apart(tiny_run_config(class_folders(base / "data", per_class=6), head="mlp", hidden=16, epochs=1), base)
-    result = XC.export_checked(run, "safetensors")
+    result = export_check.export_checked(run, "safetensors")
     assert result["ok"], result
     assert "nn.ReLU()" in run.file("export/predict.py").read_text()
     files = odd_images(tmp_path / "images")[:2]
-    app = P.predict_files(P.from_run(run), files)
+    app = predict.predict_files(predict.from_run(run), files)
     _predicted, probs = script_probs(run.file("export/predict.py"), files, in_process=True)
     np.testing.assert_allclose(probs, app[[f"p_{c}" for c in run.classes]].to_numpy(), atol=2e-6)
 

@@ -1,5 +1,5 @@
-"""The fast fine-tuning paths: the frozen-prefix split and cache (core.prefix), the per-step
-precision choice (core.device.choose_precision) and the time-budget planner (core.budget), both
+"""The fast fine-tuning paths: the frozen-prefix split and cache (core.models.prefix), the per-step
+precision choice (core.device.choose_precision) and the time-budget planner (core.train.budget), both
 on their own and end to end through core.train. Tiny timm models with random weights, offline."""
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from torch import nn
 
 import core
 from conftest import class_folders, class_image, tiny_run_config
-from core import budget as B
-from core import device as dev
-from core import prefix as P
-from core.backbones import (FineTuneModel, apply_freeze, block_groups, build_model, freeze_norm_stats,
+from core.train import budget
+from core.train import loop as training_loop
+from core.train import run as training
+from core import device as devices
+from core.models import prefix
+from core.models.backbones import (FineTuneModel, apply_freeze, block_groups, build_model, freeze_norm_stats,
                             make_head, native_input_size)
-from core.data import build_transform
+from core.data.transforms import build_transform
 from core.config import RunConfig
 
 ARCHS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
@@ -53,7 +55,7 @@ def test_prefix_then_suffix_equals_whole_backbone(arch, top_k):
     model = model_for(arch)
     size = size_for(arch)
     apply_freeze(model, "top_k", top_k)
-    split = P.find_split(model.backbone, size)
+    split = prefix.find_split(model.backbone, size)
     assert split.ok, split.reason
     assert 0 < split.cut <= len(split.blocks)
     assert split.cut_name
@@ -61,7 +63,7 @@ def test_prefix_then_suffix_equals_whole_backbone(arch, top_k):
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = backbone(x)
-        got = P.run_suffix(backbone, split, P.prefix_output(backbone, split, x))
+        got = prefix.run_suffix(backbone, split, prefix.prefix_output(backbone, split, x))
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -72,7 +74,7 @@ def test_deeper_top_k_cuts_lower():
     cuts = []
     for k in (1, 2, 3):
         apply_freeze(model, "top_k", k)
-        split = P.find_split(model.backbone, 64)
+        split = prefix.find_split(model.backbone, 64)
         assert split.ok, split.reason
         cuts.append(split.cut)
     assert cuts[0] > cuts[1] > cuts[2]
@@ -102,12 +104,12 @@ def test_one_sgd_step_on_cached_prefix_equals_normal_step(arch):
     opt_a.step()
 
     # B: prefix once (no grad, eval mode), then the suffix trains
-    split = P.find_split(b.backbone, size)
+    split = prefix.find_split(b.backbone, size)
     assert split.ok, split.reason
     b.eval()
     with torch.no_grad():
-        cached = P.prefix_output(b.backbone, split, x).clone()
-    suffix = P.SuffixModel(b, split)
+        cached = prefix.prefix_output(b.backbone, split, x).clone()
+    suffix = prefix.SuffixModel(b, split)
     suffix.train()
     freeze_norm_stats(b)
     opt_b = torch.optim.SGD([p for p in b.parameters() if p.requires_grad], lr=0.1)
@@ -133,8 +135,8 @@ def test_suffix_model_shares_modules():
     # Nothing is copied: the suffix's parameters are the model's own tensors.
     model = model_for("test_resnet")
     apply_freeze(model, "top_k", 1)
-    split = P.find_split(model.backbone, 32)
-    suffix = P.SuffixModel(model, split)
+    split = prefix.find_split(model.backbone, 32)
+    suffix = prefix.SuffixModel(model, split)
     own = {id(p) for p in model.parameters()}
     assert all(id(p) in own for p in suffix.parameters())
     assert suffix.head is model.head
@@ -145,11 +147,11 @@ def test_suffix_model_shares_modules():
 def test_no_split_when_whole_backbone_frozen_or_lowest_block_trains():
     model = model_for("test_resnet")
     apply_freeze(model, "head")
-    split = P.find_split(model.backbone, 32)
+    split = prefix.find_split(model.backbone, 32)
     assert not split.ok and "frozen" in split.reason
     assert split.cut_name == ""
     apply_freeze(model, "full")
-    split = P.find_split(model.backbone, 32)
+    split = prefix.find_split(model.backbone, 32)
     assert not split.ok and "lowest block trains" in split.reason
 
 
@@ -168,7 +170,7 @@ def test_no_split_with_drop_path_below_the_cut():
     assert below, "precondition: test_resnet has DropPath below its top block"
     model = FineTuneModel(backbone, make_head(backbone.num_features, 3))
     apply_freeze(model, "top_k", 1)
-    split = P.find_split(backbone, 32)
+    split = prefix.find_split(backbone, 32)
     assert not split.ok
     assert "stochastic" in split.reason
 
@@ -178,7 +180,7 @@ def test_no_split_with_dropout_below_the_cut():
     backbone = timm.create_model("test_vit", num_classes=0, pos_drop_rate=0.1)
     assert isinstance(backbone.pos_drop, nn.Dropout) and backbone.pos_drop.p > 0
     _top_group_trains(backbone)
-    split = P.find_split(backbone, size_for("test_vit"))
+    split = prefix.find_split(backbone, size_for("test_vit"))
     assert not split.ok
     assert "dropout" in split.reason
 
@@ -189,7 +191,7 @@ def test_zero_rate_dropout_does_not_block_the_split():
         model = model_for(arch)
         assert any(isinstance(m, nn.Dropout) for m in model.backbone.modules())
         apply_freeze(model, "top_k", 1)
-        assert P.find_split(model.backbone, size_for(arch)).ok
+        assert prefix.find_split(model.backbone, size_for(arch)).ok
 
 
 # ---------------------------------------------------------------- 4. no leftovers
@@ -210,14 +212,14 @@ def test_hooks_removed_and_train_flags_restored(arch):
     modes = {name: m.training for name, m in backbone.named_modules()}
     assert not _hooks(backbone)
 
-    split = P.find_split(backbone, size)
+    split = prefix.find_split(backbone, size)
     assert split.ok, split.reason
-    P.block_chain(backbone, size)
-    P.bytes_per_image(backbone, split, size)
+    prefix.block_chain(backbone, size)
+    prefix.bytes_per_image(backbone, split, size)
     with torch.no_grad():
-        P.prefix_output(backbone, split, torch.randn(1, 3, size, size))
+        prefix.prefix_output(backbone, split, torch.randn(1, 3, size, size))
     tf = build_transform(size, [0.5] * 3, [0.25] * 3)
-    P.compute(backbone, split, images_uint8(3), tf, torch.device("cpu"), views=1).close()
+    prefix.compute(backbone, split, images_uint8(3), tf, torch.device("cpu"), views=1).close()
 
     assert not _hooks(backbone)
     assert {name: m.training for name, m in backbone.named_modules()} == modes
@@ -227,10 +229,10 @@ def test_hooks_removed_when_the_forward_raises():
     # prefix_output on a cut block that is never reached raises, and still leaves no hook.
     model = model_for("test_resnet")
     apply_freeze(model, "top_k", 1)
-    split = P.find_split(model.backbone, 32)
-    bogus = P.Split(split.blocks + [("nowhere", nn.Identity())], len(split.blocks))
+    split = prefix.find_split(model.backbone, 32)
+    bogus = prefix.Split(split.blocks + [("nowhere", nn.Identity())], len(split.blocks))
     with pytest.raises(RuntimeError, match="never reached"), torch.no_grad():
-        P.prefix_output(model.backbone.eval(), bogus, torch.randn(2, 3, 32, 32))
+        prefix.prefix_output(model.backbone.eval(), bogus, torch.randn(2, 3, 32, 32))
     assert not _hooks(model.backbone)
 
 
@@ -240,17 +242,17 @@ def test_compute_views_and_disk_store(tmp_path):
     model = model_for("test_resnet").eval()
     apply_freeze(model, "top_k", 1)
     backbone = model.backbone
-    split = P.find_split(backbone, 32)
+    split = prefix.find_split(backbone, 32)
     images = images_uint8(5)
     tf = build_transform(32, [0.5] * 3, [0.25] * 3, {"hflip": True, "random_resized_crop": 0.5})
     cpu = torch.device("cpu")
 
     torch.manual_seed(7)
-    mem = P.compute(backbone, split, images, tf, cpu, views=3, batch_size=2)
+    mem = prefix.compute(backbone, split, images, tf, cpu, views=3, batch_size=2)
     assert mem.n == 3 * len(images)
     n = len(images)
     with torch.no_grad():
-        one = P.prefix_output(backbone.eval(), split, torch.randn(1, 3, 32, 32))
+        one = prefix.prefix_output(backbone.eval(), split, torch.randn(1, 3, 32, 32))
     assert mem.shape == tuple(one.shape[1:])
     # row v * n + i is view v of image i: the augmented views of one image differ
     views = mem.get(np.array([1, n + 1, 2 * n + 1]))
@@ -259,7 +261,7 @@ def test_compute_views_and_disk_store(tmp_path):
 
     disk = tmp_path / "cache" / "x.npy"
     torch.manual_seed(7)
-    mapped = P.compute(backbone, split, images, tf, cpu, views=3, batch_size=2, disk=disk)
+    mapped = prefix.compute(backbone, split, images, tf, cpu, views=3, batch_size=2, disk=disk)
     assert isinstance(mapped.data, np.memmap)
     assert disk.exists()
     assert mapped.n == mem.n and mapped.shape == mem.shape
@@ -276,7 +278,7 @@ def test_compute_views_and_disk_store(tmp_path):
 def test_compute_without_split_gives_pooled_features():
     model = model_for("test_resnet")
     tf = build_transform(32, [0.5] * 3, [0.25] * 3)
-    store = P.compute(model.backbone, None, images_uint8(4), tf, torch.device("cpu"), views=1)
+    store = prefix.compute(model.backbone, None, images_uint8(4), tf, torch.device("cpu"), views=1)
     assert store.n == 4 and store.shape == (model.backbone.num_features,)
     with torch.no_grad():
         want = model.backbone.eval()(torch.stack([tf(img) for img in images_uint8(4)]))
@@ -294,7 +296,7 @@ def test_compute_progress_can_stop():
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        P.compute(model.backbone, None, images_uint8(6), tf, torch.device("cpu"), views=2,
+        prefix.compute(model.backbone, None, images_uint8(6), tf, torch.device("cpu"), views=2,
                   batch_size=2, progress=progress)
     assert seen == [(2, 12), (4, 12)]
 
@@ -391,33 +393,33 @@ def _sleeper(slow: str, seconds: float = 0.03):
 
 def test_choose_precision_measures_and_remembers(monkeypatch, tmp_path):
     monkeypatch.delenv("FINETUNE_LAB_CPU_BF16", raising=False)
-    monkeypatch.setattr(dev, "_CHOSEN", {})
-    monkeypatch.setattr(dev, "_has_bf16_flags", lambda: True)     # as on a CPU with AVX512-BF16/AMX
+    monkeypatch.setattr(devices, "_CHOSEN", {})
+    monkeypatch.setattr(devices, "_has_bf16_flags", lambda: True)     # as on a CPU with AVX512-BF16/AMX
     cpu, store = torch.device("cpu"), tmp_path / "p.json"
 
     step, calls = _sleeper("bf16")
     torch.manual_seed(3)
     rng = torch.get_rng_state()
-    got = dev.choose_precision(cpu, "k1", step, store=store)
+    got = devices.choose_precision(cpu, "k1", step, store=store)
     assert torch.equal(torch.get_rng_state(), rng)      # the trial leaves a seeded run's RNG alone
     assert got["precision"] == "fp32" and got["why"] == "measured now"
     assert got["bf16_s"] > got["fp32_s"]
     assert "fp32" in calls and "bf16" in calls
 
     step2, calls2 = _sleeper("fp32")
-    assert dev.choose_precision(cpu, "k2", step2, store=store)["precision"] == "bf16"
+    assert devices.choose_precision(cpu, "k2", step2, store=store)["precision"] == "bf16"
 
     # asked again with another step: the stored answer, no trial
     step3, calls3 = _sleeper("fp32")
-    again = dev.choose_precision(cpu, "k1", step3, store=store)
+    again = devices.choose_precision(cpu, "k1", step3, store=store)
     assert again["precision"] == "fp32" and again["why"] == "measured earlier on this machine"
     assert calls3 == []
     saved = json.loads(store.read_text())
     assert saved["k1"]["precision"] == "fp32" and saved["k2"]["precision"] == "bf16"
 
     # a fresh process (empty memory) reads the file
-    monkeypatch.setattr(dev, "_CHOSEN", {})
-    later = dev.choose_precision(cpu, "k2", step3, store=store)
+    monkeypatch.setattr(devices, "_CHOSEN", {})
+    later = devices.choose_precision(cpu, "k2", step3, store=store)
     assert later["precision"] == "bf16" and later["why"] == "measured earlier on this machine"
     assert calls3 == []
 
@@ -425,39 +427,39 @@ def test_choose_precision_measures_and_remembers(monkeypatch, tmp_path):
 def test_choose_precision_without_bf16_instructions_keeps_fp32(monkeypatch, tmp_path):
     # Emulated bf16 is several times slower: no trial on a CPU without the instructions.
     monkeypatch.delenv("FINETUNE_LAB_CPU_BF16", raising=False)
-    monkeypatch.setattr(dev, "_CHOSEN", {})
-    monkeypatch.setattr(dev, "_has_bf16_flags", lambda: False)
+    monkeypatch.setattr(devices, "_CHOSEN", {})
+    monkeypatch.setattr(devices, "_has_bf16_flags", lambda: False)
     step, calls = _sleeper("fp32")
-    got = dev.choose_precision(torch.device("cpu"), "k", step, store=tmp_path / "p.json")
+    got = devices.choose_precision(torch.device("cpu"), "k", step, store=tmp_path / "p.json")
     assert got["precision"] == "fp32" and "bf16" in got["why"]
     assert calls == []
 
 
 def test_choose_precision_forced_by_environment(monkeypatch, tmp_path):
-    monkeypatch.setattr(dev, "_CHOSEN", {})
+    monkeypatch.setattr(devices, "_CHOSEN", {})
     step, calls = _sleeper("fp32")
     monkeypatch.setenv("FINETUNE_LAB_CPU_BF16", "0")
-    got = dev.choose_precision(torch.device("cpu"), "k", step, store=tmp_path / "p.json")
+    got = devices.choose_precision(torch.device("cpu"), "k", step, store=tmp_path / "p.json")
     assert got["precision"] == "fp32" and "FINETUNE_LAB_CPU_BF16" in got["why"]
     monkeypatch.setenv("FINETUNE_LAB_CPU_BF16", "1")
-    assert dev.choose_precision(torch.device("cpu"), "k", step)["precision"] == "bf16"
+    assert devices.choose_precision(torch.device("cpu"), "k", step)["precision"] == "bf16"
     assert calls == []
     assert not (tmp_path / "p.json").exists()
 
 
 def test_precision_key_separates_kinds():
     cpu = torch.device("cpu")
-    a = dev.precision_key(cpu, "test_resnet", 32, "train")
-    assert a != dev.precision_key(cpu, "test_resnet", 32, "train@layer4.0")
-    assert a != dev.precision_key(cpu, "test_resnet", 64, "train")
-    assert a != dev.precision_key(cpu, "test_vit", 32, "train")
+    a = devices.precision_key(cpu, "test_resnet", 32, "train")
+    assert a != devices.precision_key(cpu, "test_resnet", 32, "train@layer4.0")
+    assert a != devices.precision_key(cpu, "test_resnet", 64, "train")
+    assert a != devices.precision_key(cpu, "test_vit", 32, "train")
 
 
 # ---------------------------------------------------------------- 8. the planner
 
 def _fake_speeds(model, size=32, block=1e-4):
-    names = [n for n, _ in P.block_chain(model.backbone, size)]
-    return B.Speeds(block_s=[block] * len(names), head_s=1e-5, train_factor=3.0, augment_s=1e-5,
+    names = [n for n, _ in prefix.block_chain(model.backbone, size)]
+    return budget.Speeds(block_s=[block] * len(names), head_s=1e-5, train_factor=3.0, augment_s=1e-5,
                     names=names)
 
 
@@ -472,55 +474,55 @@ def _is_sentence(note) -> bool:
 
 def test_plan_with_a_huge_budget_fine_tunes_everything():
     model = model_for("test_efficientnet")
-    phases, notes = B.plan(_plan_cfg(), model, _fake_speeds(model), B.Counts(100, 20, 20), 1e6, views=2)
+    phases, notes = budget.plan(_plan_cfg(), model, _fake_speeds(model), budget.Counts(100, 20, 20), 1e6, views=2)
     assert [p.freeze for p in phases] == ["head", "full"]
     head, full = phases
-    assert head.epochs == B.HEAD_EPOCHS and head.lr == B.HEAD_LR
-    assert full.epochs == B.PLAN_EPOCHS
-    assert full.lr == pytest.approx(B.FULL_LR)
+    assert head.epochs == budget.HEAD_EPOCHS and head.lr == budget.HEAD_LR
+    assert full.epochs == budget.PLAN_EPOCHS
+    assert full.lr == pytest.approx(budget.FULL_LR)
     assert notes and all(_is_sentence(n) for n in notes)
 
 
 def test_plan_with_a_small_budget_trains_top_blocks():
     model = model_for("test_efficientnet")
-    speeds, counts = _fake_speeds(model), B.Counts(100, 20, 20)
+    speeds, counts = _fake_speeds(model), budget.Counts(100, 20, 20)
     groups = len(block_groups(model.backbone))
     seconds = 0.8        # the cached top-1 phase fits with a few epochs; the full network doesn't
-    phases, notes = B.plan(_plan_cfg(), model, speeds, counts, seconds, views=2)
+    phases, notes = budget.plan(_plan_cfg(), model, speeds, counts, seconds, views=2)
     assert phases[0].freeze == "head"
     assert len(phases) == 2
     ft = phases[1]
     assert ft.freeze == "top_k" and 1 <= ft.top_k < groups
-    assert ft.epochs >= B.MIN_EPOCHS
-    assert ft.lr == pytest.approx(B.depth_lr(ft.top_k / groups))
-    assert phases[0].seconds + ft.seconds <= seconds * B.SAFETY + 1e-9
+    assert ft.epochs >= budget.MIN_EPOCHS
+    assert ft.lr == pytest.approx(budget.depth_lr(ft.top_k / groups))
+    assert phases[0].seconds + ft.seconds <= seconds * budget.SAFETY + 1e-9
     assert all(_is_sentence(n) for n in notes)
     assert any("cache" in n for n in notes)
     # more time never means a shallower fine-tune
-    deeper, _ = B.plan(_plan_cfg(), model, speeds, counts, 1.5, views=2)
+    deeper, _ = budget.plan(_plan_cfg(), model, speeds, counts, 1.5, views=2)
     assert (deeper[1].top_k if deeper[1].freeze == "top_k" else groups) >= ft.top_k
 
 
 def test_plan_with_no_time_trains_the_head_longer():
     model = model_for("test_efficientnet")
-    phases, notes = B.plan(_plan_cfg(), model, _fake_speeds(model), B.Counts(100, 20, 20), 0.2, views=2)
+    phases, notes = budget.plan(_plan_cfg(), model, _fake_speeds(model), budget.Counts(100, 20, 20), 0.2, views=2)
     assert [p.freeze for p in phases] == ["head"]
-    assert phases[0].epochs == 2 * B.HEAD_EPOCHS >= B.MIN_EPOCHS
+    assert phases[0].epochs == 2 * budget.HEAD_EPOCHS >= budget.MIN_EPOCHS
     assert len(notes) == 2 and all(_is_sentence(n) for n in notes)
 
 
 def test_depth_lr_falls_with_depth():
-    assert B.depth_lr(0) == pytest.approx(B.HEAD_LR)
-    assert B.depth_lr(1) == pytest.approx(B.FULL_LR)
-    values = [B.depth_lr(f / 10) for f in range(11)]
+    assert budget.depth_lr(0) == pytest.approx(budget.HEAD_LR)
+    assert budget.depth_lr(1) == pytest.approx(budget.FULL_LR)
+    values = [budget.depth_lr(f / 10) for f in range(11)]
     assert all(a > b for a, b in zip(values, values[1:]))
-    assert B.depth_lr(-1) == B.depth_lr(0) and B.depth_lr(2) == B.depth_lr(1)
+    assert budget.depth_lr(-1) == budget.depth_lr(0) and budget.depth_lr(2) == budget.depth_lr(1)
 
 
 def test_config_phases_match_the_two_phase_behaviour():
-    from core.training import plan_phases
+    from core.train.run import plan_phases
     cfg = RunConfig(freeze="top_k", top_k=2, epochs=5, phase1_epochs=2)
-    phases = B.config_phases(cfg)
+    phases = budget.config_phases(cfg)
     assert [(p.name, p.freeze, p.epochs, p.top_k) for p in phases] == [
         ("head", "head", 2, 2), ("fine-tune", "top_k", 3, 2)]
     assert all(p.lr is None and p.backbone_lr_mult is None for p in phases)   # the config's own
@@ -529,10 +531,10 @@ def test_config_phases_match_the_two_phase_behaviour():
                 RunConfig(freeze="head", epochs=5, phase1_epochs=2),      # head only anyway
                 RunConfig(freeze="scratch", epochs=5, phase1_epochs=2),   # no pretrained features
                 RunConfig(freeze="full", epochs=2, phase1_epochs=2)):     # nothing left after it
-        assert [(p.name, p.freeze, p.epochs) for p in B.config_phases(one)] == [
+        assert [(p.name, p.freeze, p.epochs) for p in budget.config_phases(one)] == [
             ("train", one.freeze, one.epochs)]
-    assert B.total_epochs(phases) == 5
-    assert B.phases_from([p.to_dict() for p in phases]) == phases
+    assert budget.total_epochs(phases) == 5
+    assert budget.phases_from([p.to_dict() for p in phases]) == phases
 
 
 def test_measure_leaves_the_model_alone():
@@ -544,9 +546,9 @@ def test_measure_leaves_the_model_alone():
     tf = build_transform(32, [0.5] * 3, [0.25] * 3)
     torch.manual_seed(5)
     rng = torch.get_rng_state()
-    speeds = B.measure(model, 32, torch.device("cpu"), tf, images_uint8(4), batch=4)
+    speeds = budget.measure(model, 32, torch.device("cpu"), tf, images_uint8(4), batch=4)
     assert torch.equal(torch.get_rng_state(), rng)
-    assert speeds.names == [n for n, _ in P.block_chain(model.backbone, 32)]
+    assert speeds.names == [n for n, _ in prefix.block_chain(model.backbone, 32)]
     assert len(speeds.block_s) == len(speeds.names)
     assert all(s >= 0 for s in speeds.block_s) and speeds.forward_s > 0
     assert speeds.train_factor >= 1.5
@@ -563,7 +565,7 @@ def test_measure_leaves_the_rng_alone_with_an_augmenting_transform():
     tf = build_transform(32, [0.5] * 3, [0.25] * 3, {"hflip": True, "random_resized_crop": 0.5})
     torch.manual_seed(5)
     rng = torch.get_rng_state()
-    B.measure(model, 32, torch.device("cpu"), tf, images_uint8(4), batch=4)
+    budget.measure(model, 32, torch.device("cpu"), tf, images_uint8(4), batch=4)
     assert torch.equal(torch.get_rng_state(), rng)
 
 
@@ -578,10 +580,10 @@ def test_time_budget_run(folder):
     plan = run.read_json("plan.json")
     assert plan and plan["phases"] and plan["budget_s"] == 60
     assert elapsed < 60 * 1.5, f"a 60 s budget took {elapsed:.0f} s"       # the budget is kept (with test overhead)
-    assert sum(p.seconds for p in B.phases_from(plan["phases"])) <= 60
-    phases = B.phases_from(plan["phases"])
+    assert sum(p.seconds for p in budget.phases_from(plan["phases"])) <= 60
+    phases = budget.phases_from(plan["phases"])
     assert phases[0].freeze == "head"
-    planned = B.total_epochs(phases)
+    planned = budget.total_epochs(phases)
     assert run.config.epochs == planned
     ran = len(run.epochs())
     assert 1 <= ran <= planned
@@ -599,15 +601,15 @@ def test_time_budget_run(folder):
 
 def _stop_after(monkeypatch, epoch: int) -> threading.Event:
     """A stop event set right after `epoch`'s resume state is written (as if Stop was pressed)."""
-    from core import training as T
+    from core.train import checkpoints
     stop = threading.Event()
-    original = T.save_resume_state
+    original = checkpoints.save_resume_state
 
     def save_and_stop(run, model, optimizer, scheduler, scaler, progress):
         original(run, model, optimizer, scheduler, scaler, progress)
         if progress["epoch"] == epoch:
             stop.set()
-    monkeypatch.setattr(T, "save_resume_state", save_and_stop)
+    monkeypatch.setattr(training_loop, "save_resume_state", save_and_stop)
     return stop
 
 
@@ -618,17 +620,16 @@ def _metrics(run):
 def test_prefix_run_with_augmented_views_resumes_to_the_same_metrics(folder, monkeypatch):
     # The bank is rebuilt on resume from the same seed, and each epoch's view is drawn from
     # (seed, epoch): a stopped-and-resumed run trains exactly as an uninterrupted one.
-    from core import training as T
-    from core.store import Run
+    from core.serve.store import Run
     settings = dict(freeze="top_k", top_k=1, epochs=4, augment={"hflip": True}, aug_views=2)
     whole = Run.create(tiny_run_config(folder, **settings))
-    assert T.train_run(whole)["state"] == "finished"
+    assert training.train_run(whole)["state"] == "finished"
 
     run = Run.create(tiny_run_config(folder, **settings))
-    status = T.train_run(run, stop=_stop_after(monkeypatch, 2))
+    status = training.train_run(run, stop=_stop_after(monkeypatch, 2))
     assert status["state"] == "stopped" and run.resumable(), status
     monkeypatch.undo()
-    status = T.train_run(run, resume=True)
+    status = training.train_run(run, resume=True)
     assert status["state"] == "finished", status
     assert status["prefix_cache"] and status["cache"]["views"] == 2
     assert _metrics(run) == _metrics(whole)
@@ -636,14 +637,13 @@ def test_prefix_run_with_augmented_views_resumes_to_the_same_metrics(folder, mon
 
 
 def test_budget_run_resumes_with_its_saved_plan(folder, monkeypatch):
-    from core import training as T
-    from core.store import Run
+    from core.serve.store import Run
     run = Run.create(tiny_run_config(folder, freeze="top_k", time_budget_s=120))
-    status = T.train_run(run, stop=_stop_after(monkeypatch, 2))
+    status = training.train_run(run, stop=_stop_after(monkeypatch, 2))
     assert status["state"] == "stopped", status
     plan = run.read_json("plan.json")
     monkeypatch.undo()
-    status = T.train_run(run, resume=True)
+    status = training.train_run(run, resume=True)
     assert status["state"] == "finished", status
     after = run.read_json("plan.json")
     assert [p["freeze"] for p in after["phases"]] == [p["freeze"] for p in plan["phases"]]

@@ -19,12 +19,16 @@ import torch
 
 import core
 from core import cli
-from core import sweeps as S
-from core import training as T
-from core.evaluate import evaluate_run, load_run_model
+from core.train import sweeps
+from core.train import checkpoints
+from core.train import loop as training_loop
+from core.train import run as training
+from core.train import steps
+from core.results.evaluate import evaluate_run
+from core.models.backbones import load_run_model
 from core.config import RunConfig
-from core.store import Run, delete_run, get_run, list_runs
-from core.worker import MANAGER
+from core.serve.store import Run, delete_run, get_run, list_runs
+from core.serve.worker import MANAGER
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 180
@@ -35,7 +39,7 @@ def slow_batches(monkeypatch):
     """slow_batches(seconds): every batch takes at least that long, so a Stop lands inside an
     epoch however fast (or busy) the machine is."""
     def make(seconds: float = 0.05):
-        original = T.run_epoch
+        original = steps.run_epoch
 
         def paced(model, batches, *args, **kwargs):
             def each():
@@ -43,7 +47,7 @@ def slow_batches(monkeypatch):
                     time.sleep(seconds)
                     yield batch
             return original(model, each(), *args, **kwargs)
-        monkeypatch.setattr(T, "run_epoch", paced)
+        monkeypatch.setattr(training_loop, "run_epoch", paced)
     return make
 
 
@@ -132,13 +136,13 @@ def test_crash_between_resume_state_and_epoch_row(tiny_config, monkeypatch):
         original(self, row)
     monkeypatch.setattr(Run, "append_epoch", crash_at_epoch_2)
     run = Run.create(tiny_config(freeze="full", epochs=3))
-    status = T.train_run(run)
+    status = training.train_run(run)
     assert status["state"] == "failed" and "disk went away" in status["message"], status
     check_epochs_once(run, 1)
     assert run.resumable()
 
     monkeypatch.undo()
-    status = T.train_run(run, resume=True)
+    status = training.train_run(run, resume=True)
     assert status["state"] == "finished", status
     check_epochs_once(run, 3)
     rows = run.epochs()
@@ -183,15 +187,15 @@ def test_stop_after_training_then_resume_tests(tiny_config, monkeypatch, when):
                 stop.set()
         monkeypatch.setattr(Run, "set_status", set_status)
     else:
-        original_save = T.save_resume_state
+        original_save = checkpoints.save_resume_state
 
         def save_and_stop(run, model, optimizer, scheduler, scaler, progress):
             original_save(run, model, optimizer, scheduler, scaler, progress)
             if progress["epoch"] == run.config.epochs:
                 stop.set()
-        monkeypatch.setattr(T, "save_resume_state", save_and_stop)
+        monkeypatch.setattr(training_loop, "save_resume_state", save_and_stop)
     run = Run.create(tiny_config(freeze="full", epochs=2))     # no feature cache: predict_probs
-    status = T.train_run(run, stop=stop)
+    status = training.train_run(run, stop=stop)
     assert status["state"] == "stopped" and "test_acc" not in status, status
     check_epochs_once(run, 2)
     check_checkpoint(run)
@@ -199,7 +203,7 @@ def test_stop_after_training_then_resume_tests(tiny_config, monkeypatch, when):
 
     assert run.resumable()
     monkeypatch.undo()
-    status = T.train_run(run, resume=True)
+    status = training.train_run(run, resume=True)
     assert status["state"] == "finished" and 0 <= status["test_acc"] <= 1, status
     check_epochs_once(run, 2)                       # no epoch trained again
     assert run.checkpoint.read_bytes() == best
@@ -207,15 +211,15 @@ def test_stop_after_training_then_resume_tests(tiny_config, monkeypatch, when):
 
 
 def test_stop_one_run_of_a_sweep(tiny_config):
-    configs = S.expand(tiny_config(epochs=1), {"lr": [1e-3, 1e-2, 3e-2]})
+    configs = sweeps.expand(tiny_config(epochs=1), {"lr": [1e-3, 1e-2, 3e-2]})
     configs[1].epochs = 1000                  # surely still training when it is stopped
-    runs = S.queue(configs)
+    runs = sweeps.queue(configs)
     wait_for(lambda: runs[1].epochs(), what="the second run's first epoch")
     MANAGER.stop(runs[1].id)
     assert all(MANAGER.wait(r.id, timeout=TIMEOUT) for r in runs)
     assert [r.status()["state"] for r in runs] == ["finished", "stopped", "finished"]
     assert runs[1].resumable()
-    assert list(S.results(runs)["state"]) == ["finished", "stopped", "finished"]
+    assert list(sweeps.results(runs)["state"]) == ["finished", "stopped", "finished"]
 
 
 # ---------------------------------------------------------------- out of memory
@@ -227,16 +231,16 @@ def test_stop_one_run_of_a_sweep(tiny_config):
 def test_out_of_memory_fails_clearly(tiny_config, monkeypatch, error):
     """The error comes on the 3rd pass (epoch 2's training), so epoch 1's checkpoint exists.
     (That the queue goes on after a run dies, even of the OOM killer, is in test_executor.)"""
-    original, calls = T.run_epoch, []
+    original, calls = steps.run_epoch, []
 
     def oom_once(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise error
         return original(*args, **kwargs)
-    monkeypatch.setattr(T, "run_epoch", oom_once)
+    monkeypatch.setattr(training_loop, "run_epoch", oom_once)
     bad = Run.create(tiny_config(freeze="full", epochs=3, batch_size=8))
-    status = T.train_run(bad)
+    status = training.train_run(bad)
     assert status["state"] == "failed"
     assert "Out of memory" in status["message"] and "smaller batch size" in status["message"]
     assert "batch size 8" in status["message"]
@@ -248,20 +252,20 @@ def test_out_of_memory_fails_clearly(tiny_config, monkeypatch, error):
 
 def test_class_weights_are_inverse_frequency():
     on, off = RunConfig(class_weights=True), RunConfig()
-    weights = T.class_weights(on, [0] * 6 + [1] * 3 + [2], 3, "cpu")
+    weights = training_loop.class_weights(on, [0] * 6 + [1] * 3 + [2], 3, "cpu")
     # total / (classes x count): 10/18, 10/9, 10/3 -- each class contributes equally overall
     assert weights.tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])
-    assert T.class_weights(off, [0, 1], 2, "cpu") is None
-    assert torch.isfinite(T.class_weights(on, [0, 0], 2, "cpu")).all()    # absent class: no 1/0
+    assert training_loop.class_weights(off, [0, 1], 2, "cpu") is None
+    assert torch.isfinite(training_loop.class_weights(on, [0, 0], 2, "cpu")).all()    # absent class: no 1/0
 
 
 def test_class_weighted_run_on_imbalanced_data(tiny_config, image_folder, monkeypatch):
-    original, seen = T.class_weights, []
+    original, seen = training_loop.class_weights, []
 
     def spy(*args):
         seen.append(original(*args))
         return seen[-1]
-    monkeypatch.setattr(T, "class_weights", spy)
+    monkeypatch.setattr(training, "class_weights", spy)
     root = image_folder(per_class={"class_a": 30, "class_b": 10, "class_c": 5})
     run = core.train(tiny_config(data_root=str(root), class_weights=True, freeze="full"))
     assert run.status()["state"] == "finished", run.status()

@@ -1,11 +1,11 @@
-"""Presets (core.presets and the presets panel), the Home page (intro, checklist, Quick demo)
+"""Presets (core.serve.presets and the presets panel), the Home page (intro, checklist, Quick demo)
 and the teaching aids, tested with plain calls and Streamlit's AppTest.
 
 Notes:
 * Saved presets live in FINETUNE_LAB_HOME/presets, which the autouse `lab_home` fixture makes
   private to each test; two AppTest instances in one test share it like two browser sessions
   on one server.
-* Training runs on `core.worker.MANAGER`, the process-wide queue; `idle_manager` makes sure no
+* Training runs on `core.serve.worker.MANAGER`, the process-wide queue; `idle_manager` makes sure no
   run outlives its test.
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import presets as P
+from core.serve import presets
 from apptest_helpers import assert_ok, opened, texts
 from core.config import RunConfig
-from core.store import list_runs
-from core.worker import MANAGER
+from core.serve.store import list_runs
+from core.serve.worker import MANAGER
 
 pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
@@ -31,7 +31,7 @@ TRAIN, EVALUATE = "pages/3_Train.py", "pages/4_Evaluate.py"
 MODEL, INSPECT = "pages/2_Model.py", "pages/6_Inspect.py"
 TIMEOUT = 120
 SHIPPED = sorted((REPO_ROOT / "assets" / "presets").glob("*.json"))
-EXCLUDED = set(P.NOT_SAVED)
+EXCLUDED = set(presets.NOT_SAVED)
 
 
 # ---------------------------------------------------------------- helpers
@@ -58,10 +58,10 @@ def changed_settings(data_root: str) -> dict:
 
 def saved_fields(include_data: bool) -> set[str]:
     names = {f.name for f in fields(RunConfig)} - EXCLUDED
-    return names if include_data else names - set(P.DATA_FIELDS)
+    return names if include_data else names - set(presets.DATA_FIELDS)
 
 
-# ---------------------------------------------------------------- core.presets
+# ---------------------------------------------------------------- core.serve.presets
 
 def test_changed_settings_cover_every_field():
     """The round trip below is only meaningful if every field differs from its default."""
@@ -74,30 +74,30 @@ def test_changed_settings_cover_every_field():
 @pytest.mark.parametrize("include_data", [False, True], ids=["without-data", "with-data"])
 def test_round_trip_restores_every_saved_field(tmp_path, include_data):
     original = changed_settings("datasets/flowers")
-    preset = P.make_preset(dict(original, data_label="Flowers"), "  Lab 3: SGD vs Adam ", " why ",
+    preset = presets.make_preset(dict(original, data_label="Flowers"), "  Lab 3: SGD vs Adam ", " why ",
                            include_data)
     assert preset["name"] == "Lab 3: SGD vs Adam" and preset["description"] == "why"
     assert set(preset["settings"]) == saved_fields(include_data)
 
-    path = P.save_preset(preset, tmp_path)
+    path = presets.save_preset(preset, tmp_path)
     assert path == tmp_path / "lab-3-sgd-vs-adam.json"
-    loaded = P.parse_preset(path.read_bytes())
+    loaded = presets.parse_preset(path.read_bytes())
     assert loaded["name"] == "Lab 3: SGD vs Adam"
 
     start = RunConfig().to_dict()
-    cfg = RunConfig.from_dict(P.apply_preset(start, loaded))
+    cfg = RunConfig.from_dict(presets.apply_preset(start, loaded))
     restored = cfg.to_dict()
     for key in saved_fields(include_data):
         want = tuple(original[key]) if key == "split" else original[key]
         assert restored[key] == want, key
-    for key in EXCLUDED | (set() if include_data else set(P.DATA_FIELDS)):
+    for key in EXCLUDED | (set() if include_data else set(presets.DATA_FIELDS)):
         assert restored[key] == start[key], f"{key} must not travel with a preset"
 
 
 def test_apply_preset_changes_only_its_fields_and_copies_augment():
     settings = RunConfig(data_root="d", lr=0.5, augment={"vflip": True}).to_dict()
-    preset = P.parse_preset(json.dumps({"settings": {"lr": 0.01, "augment": {"hflip": True}}}))
-    merged = P.apply_preset(settings, preset)
+    preset = presets.parse_preset(json.dumps({"settings": {"lr": 0.01, "augment": {"hflip": True}}}))
+    merged = presets.apply_preset(settings, preset)
     assert merged["lr"] == 0.01 and merged["augment"] == {"hflip": True}
     assert merged["data_root"] == "d" and settings["lr"] == 0.5       # the input is left alone
     merged["augment"]["rotation"] = 5.0
@@ -107,12 +107,12 @@ def test_apply_preset_changes_only_its_fields_and_copies_augment():
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_preset_parses_and_applies(path):
     raw = json.loads(path.read_text())
-    preset = P.parse_preset(path.read_bytes())
-    assert preset["format"] == P.FORMAT and preset["name"] == raw["name"] and preset["description"]
+    preset = presets.parse_preset(path.read_bytes())
+    assert preset["format"] == presets.FORMAT and preset["name"] == raw["name"] and preset["description"]
     assert set(preset["settings"]) == set(raw["settings"]), "a shipped preset holds an unknown field"
     assert not set(preset["settings"]) & EXCLUDED
     settings = RunConfig(data_root="assets/demo/fashion_mnist").to_dict()
-    cfg = RunConfig.from_dict(P.apply_preset(settings, preset))
+    cfg = RunConfig.from_dict(presets.apply_preset(settings, preset))
     assert cfg.data_root == "assets/demo/fashion_mnist"         # report presets leave data alone
     for key, value in raw["settings"].items():
         got = getattr(cfg, key)
@@ -124,14 +124,14 @@ def test_shipped_preset_parses_and_applies(path):
 
 
 def test_shipped_presets_are_listed():
-    listed = P.list_presets()
-    shipped = [label for label, path in listed if path.parent == P.SHIPPED_DIR]
+    listed = presets.list_presets()
+    shipped = [label for label, path in listed if path.parent == presets.SHIPPED_DIR]
     assert len(shipped) == len(SHIPPED) and all(label.endswith("(shipped)") for label in shipped)
 
 
 def test_a_saved_preset_that_went_bad_is_listed_and_explains_itself():
     """A teacher's file edited by hand (lr 100) stays in the list, marked, and says why on load."""
-    (P.user_dir() / "hot.json").write_text(json.dumps({"name": "Hot", "settings": {"lr": 100}}))
+    (presets.user_dir() / "hot.json").write_text(json.dumps({"name": "Hot", "settings": {"lr": 100}}))
     at = opened(TRAIN)
     at.selectbox(key="preset_pick").set_value("hot.json (saved, can't be used)").run()
     at.button(key="preset_load").click().run()
@@ -167,19 +167,19 @@ def test_a_saved_preset_that_went_bad_is_listed_and_explains_itself():
         "zero-epochs", "odd-batch", "odd-size", "unknown-optimizer", "unknown-freeze", "rotation-500",
         "unknown-augment", "unknown-auto", "split-over-100"])
 def test_bad_preset_is_refused_with_a_reason(blob, message):
-    with pytest.raises(P.PresetError) as err:
-        P.parse_preset(blob)
+    with pytest.raises(presets.PresetError) as err:
+        presets.parse_preset(blob)
     assert message in str(err.value)
     assert isinstance(err.value, ValueError)
 
 
 def test_too_large_preset_is_refused_before_parsing():
-    blob = json.dumps({"settings": {"lr": 0.01}, "description": "x" * P.MAX_BYTES}).encode()
-    with pytest.raises(P.PresetError, match="too large"):
-        P.parse_preset(blob)
-    just_fits = json.dumps({"settings": {"lr": 0.01}, "pad": "x" * (P.MAX_BYTES - 100)}).encode()
-    assert len(just_fits) <= P.MAX_BYTES
-    assert P.parse_preset(just_fits)["settings"] == {"lr": 0.01}
+    blob = json.dumps({"settings": {"lr": 0.01}, "description": "x" * presets.MAX_BYTES}).encode()
+    with pytest.raises(presets.PresetError, match="too large"):
+        presets.parse_preset(blob)
+    just_fits = json.dumps({"settings": {"lr": 0.01}, "pad": "x" * (presets.MAX_BYTES - 100)}).encode()
+    assert len(just_fits) <= presets.MAX_BYTES
+    assert presets.parse_preset(just_fits)["settings"] == {"lr": 0.01}
 
 
 def test_unknown_and_excluded_keys_are_dropped():
@@ -187,18 +187,18 @@ def test_unknown_and_excluded_keys_are_dropped():
                        "settings": {"lr": 2, "__class__": "os.system", "evil": {"a": 1},
                                     "weights_file": "/etc/passwd", "name": "x", "tags": {"a": 1},
                                     "sweep": "s", "max_per_class": None}}).encode()
-    preset = P.parse_preset(blob)
+    preset = presets.parse_preset(blob)
     assert preset["settings"] == {"lr": 2.0, "max_per_class": None}
     assert isinstance(preset["settings"]["lr"], float)
     assert len(preset["name"]) == 100 and preset["description"] == "5"
-    assert preset["format"] == P.FORMAT
+    assert preset["format"] == presets.FORMAT
 
 
 def test_slug_and_untitled_name():
-    assert P.slug("Lab 3: head-only vs FULL!") == "lab-3-head-only-vs-full"
-    assert P.slug("../../etc/passwd") == "etc-passwd"
-    assert P.slug("???") == "preset"
-    assert P.make_preset(RunConfig().to_dict(), "   ")["name"] == "Untitled preset"
+    assert presets.slug("Lab 3: head-only vs FULL!") == "lab-3-head-only-vs-full"
+    assert presets.slug("../../etc/passwd") == "etc-passwd"
+    assert presets.slug("???") == "preset"
+    assert presets.make_preset(RunConfig().to_dict(), "   ")["name"] == "Untitled preset"
 
 
 def test_preset_with_wrong_nested_types_is_refused():
@@ -207,9 +207,9 @@ def test_preset_with_wrong_nested_types_is_refused():
                           ({"max_per_class": "fast"}, "max_per_class must be a whole number"),
                           ({"max_per_class": True}, "max_per_class must be a whole number"),
                           ({"split": ["a", "b", "c"]}, "split must be three finite numbers")]:
-        with pytest.raises(P.PresetError, match=key):
-            P.parse_preset(json.dumps({"settings": settings}))
-    ok = P.parse_preset(json.dumps({"settings": {"max_per_class": 20, "augment": {
+        with pytest.raises(presets.PresetError, match=key):
+            presets.parse_preset(json.dumps({"settings": settings}))
+    ok = presets.parse_preset(json.dumps({"settings": {"max_per_class": 20, "augment": {
         "hflip": True, "rotation": 10, "auto": "randaugment"}}}))
     assert ok["settings"] == {"max_per_class": 20, "augment": {"hflip": True, "rotation": 10,
                                                                "auto": "randaugment"}}
@@ -256,7 +256,7 @@ def session_one_saves(data_root: str, name: str, with_data: bool = True) -> dict
         at.checkbox(key="preset_with_data").check().run()
     at.button(key="preset_save").click().run()
     assert_ok(at)
-    assert any(f"Saved: {P.slug(name)}.json" in s.value for s in at.success), texts(at)
+    assert any(f"Saved: {presets.slug(name)}.json" in s.value for s in at.success), texts(at)
     assert at.session_state["lab"].settings == saved       # saving changes nothing
     return saved
 
@@ -286,7 +286,7 @@ def assert_widgets_show(at: AppTest, saved: dict) -> None:
 def test_saved_preset_loads_in_a_fresh_session(image_folder):
     data_root = str(image_folder(classes=2, per_class=4))
     saved = session_one_saves(data_root, "Lab 7: SGD, two phases")
-    path = P.user_dir() / "lab-7-sgd-two-phases.json"
+    path = presets.user_dir() / "lab-7-sgd-two-phases.json"
     stored = json.loads(path.read_text())
     assert set(stored["settings"]) == saved_fields(True)
     assert stored["description"] == "Same start for everyone"
@@ -326,7 +326,7 @@ def test_preset_loaded_on_train_redraws_widgets_and_keeps_data(image_folder):
     assert_widgets_show(at, saved)
     settings = at.session_state["lab"].settings
     assert_settings_match(settings, saved, include_data=False)
-    for key in P.DATA_FIELDS + ("data_label",):
+    for key in presets.DATA_FIELDS + ("data_label",):
         assert settings[key] == before[key], key              # the data set stayed
 
 

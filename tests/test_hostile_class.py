@@ -12,9 +12,15 @@ import pandas as pd
 import pytest
 import torch
 
-from core import access, budget, data as D, doctor, estimate, store, tables
+from core import paths
+from core import tables
+from core.serve import access, store
+from core.train import budget, estimate
+from core.data import folders
+from core.data import splits as splitting
+from core.trust import doctor
 from core.config import RunConfig
-from core.prefix import Store
+from core.models.prefix import Store
 
 # ---------------------------------------------------------------- caps follow the person
 
@@ -33,7 +39,7 @@ def test_a_time_budget_keeps_to_the_teachers_caps():
 
 
 def test_resume_counts_against_the_same_minute_cap(tiny_config):
-    from core.worker import RunManager
+    from core.serve.worker import RunManager
     run = store.Run.create(tiny_config(epochs=3))
     run.set_status("stopped", message="x", used_s=119.5)
     (run.path / "last_state.pt").write_bytes(b"x")
@@ -43,7 +49,7 @@ def test_resume_counts_against_the_same_minute_cap(tiny_config):
         manager.resume(run, limit_s=120)
     run.set_status("stopped", message="x", used_s=60)
     manager.resume(run, limit_s=120)
-    from core import runqueue
+    from core.serve import runqueue
     assert runqueue.get(run.id).limit_s == pytest.approx(60)
     manager.stop(run.id)
 
@@ -84,10 +90,10 @@ def test_a_disk_cache_larger_than_the_free_disk_is_refused_before_the_file(tmp_p
 
 
 def test_decoding_more_than_memory_holds_is_refused(tiny_config, monkeypatch):
-    from core import training as T
+    from core.train import run as training
     monkeypatch.setattr(estimate, "free_memory", lambda: 1000)
     run = store.Run.create(tiny_config())
-    status = T.train_run(run)
+    status = training.train_run(run)
     assert status["state"] == "failed" and "Decoding" in status["message"] and "memory" in status["message"]
 
 
@@ -107,11 +113,11 @@ def test_near_duplicates_of_20000_look_alikes_stay_small():
 # ---------------------------------------------------------------- the smaller items
 
 def test_groups_kept_together_never_empty_val_or_test(tmp_path):
-    items = [D.Item(f"a/{i}.png", 0) for i in range(600)] + [D.Item(f"b/{i}.png", 1) for i in range(20)]
+    items = [folders.Item(f"a/{i}.png", 0) for i in range(600)] + [folders.Item(f"b/{i}.png", 1) for i in range(20)]
     splits = {"train": items[:420] + items[600:614], "val": items[420:510] + items[614:617],
               "test": items[510:600] + items[617:]}
     groups = [[it.path for it in items[:600]], [items[600].path, items[615].path]]
-    out = D.keep_together(splits, groups)
+    out = splitting.keep_together(splits, groups)
     assert all(out[s] for s in ("train", "val", "test")), {s: len(v) for s, v in out.items()}
     assert items[615] in out["train"]                       # the small group still moved
 
@@ -175,7 +181,7 @@ def test_a_cache_bigger_than_the_disk_is_a_sentence_not_a_sigbus(small_disk, ima
     config.write_text(json.dumps(cfg.to_dict()))
     env = dict(os.environ, FINETUNE_LAB_HOME=str(small_disk / "home"), FINETUNE_LAB_CACHE_RAM_MB="0.0001")
     done = subprocess.run([sys.executable, "-m", "core", "train", str(config), "--quiet"], env=env,
-                          cwd=store.paths.REPO_ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode in (0, 1), (done.returncode, done.stderr[-2000:])     # not -7 (SIGBUS)
     run_dir = next((small_disk / "home" / "runs").iterdir())
     status = json.loads((run_dir / "status.json").read_text())
@@ -186,7 +192,7 @@ def test_a_cache_bigger_than_the_disk_is_a_sentence_not_a_sigbus(small_disk, ima
 def test_page_jobs_take_one_of_n_slots_and_stop_at_the_time_cap():
     import time
 
-    from core import gate
+    from core.serve import gate
     with gate.slot("map", slots=2), gate.slot("map", slots=2):
         with pytest.raises(gate.Busy, match="busy with 2"):
             with gate.slot("map", slots=2, wait_s=0.3):
@@ -244,7 +250,7 @@ def test_under_a_memory_cap_a_run_too_big_for_it_is_refused(image_folder, tmp_pa
         env = dict(os.environ, FINETUNE_LAB_HOME=str(home))
         done = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"', sys.executable,
                                "-m", "core", "train", str(config), "--quiet"],
-                              env=env, cwd=store.paths.REPO_ROOT, capture_output=True, text=True, timeout=300)
+                              env=env, cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode in (0, 1), (done.returncode, done.stderr[-2000:])    # not -9
         status = json.loads(next((home / "runs").iterdir()).joinpath("status.json").read_text())
         assert status["state"] == "failed" and "of memory but the machine has" in status["message"], status

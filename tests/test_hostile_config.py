@@ -18,11 +18,11 @@ import safetensors.torch
 import timm
 import torch
 
-from core import backbones as B
+from core.models import backbones
 from core import cli
-from core import presets as P
+from core.serve import presets
 from core.config import ConfigError, RunConfig, setting_problems, split_problems, validate_config
-from core.store import list_runs
+from core.serve.store import list_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -234,13 +234,13 @@ def test_cli_refusal_in_a_real_process_has_no_traceback(cfg_file, lab_home):
 ])
 def test_preset_split_the_data_page_cannot_show_is_refused(split, words):
     blob = json.dumps({"settings": {"split": split}})       # json writes NaN as NaN, as Python reads it
-    with pytest.raises(P.PresetError, match="can't use") as err:
-        P.parse_preset(blob)
+    with pytest.raises(presets.PresetError, match="can't use") as err:
+        presets.parse_preset(blob)
     assert words in str(err.value)
 
 
 def test_preset_good_split_stays_a_list():
-    assert P.parse_preset(json.dumps({"settings": {"split": [0.8, 0.1, 0.1]}}))["settings"] == {
+    assert presets.parse_preset(json.dumps({"settings": {"split": [0.8, 0.1, 0.1]}}))["settings"] == {
         "split": [0.8, 0.1, 0.1]}
 
 
@@ -249,10 +249,10 @@ def test_preset_good_split_stays_a_list():
 def test_preset_arch_is_checked(arch, ok):
     blob = json.dumps({"settings": {"arch": arch}})
     if ok:
-        assert P.parse_preset(blob)["settings"] == {"arch": arch}
+        assert presets.parse_preset(blob)["settings"] == {"arch": arch}
     else:
-        with pytest.raises(P.PresetError, match="arch"):
-            P.parse_preset(blob)
+        with pytest.raises(presets.PresetError, match="arch"):
+            presets.parse_preset(blob)
 
 
 @pytest.mark.parametrize("settings, sentence", [
@@ -264,10 +264,10 @@ def test_preset_arch_is_checked(arch, ok):
     ({"lr": float("inf")}, "lr must be a finite number, got inf."),
 ])
 def test_preset_types_use_the_same_sentences(settings, sentence):
-    with pytest.raises(P.PresetError) as err:
-        P.parse_preset(json.dumps({"settings": settings}))
+    with pytest.raises(presets.PresetError) as err:
+        presets.parse_preset(json.dumps({"settings": settings}))
     assert sentence in str(err.value)
-    assert P.parse_preset(json.dumps({"settings": {"epochs": 4.0}}))["settings"] == {"epochs": 4}
+    assert presets.parse_preset(json.dumps({"settings": {"epochs": 4.0}}))["settings"] == {"epochs": 4}
 
 
 # ---------------------------------------------------------------- weights files
@@ -283,10 +283,10 @@ def test_weights_file_with_nan_or_inf_is_refused(tmp_path, kind, bad):
         safetensors.torch.save_file(state, str(path))
     else:
         torch.save(state, path)
-    with pytest.raises(B.WeightsError) as err:
-        B.create_backbone("test_resnet", "file", weights_file=str(path))
+    with pytest.raises(backbones.WeightsError) as err:
+        backbones.create_backbone("test_resnet", "file", weights_file=str(path))
     assert f"the weights file holds nan or infinite values in {name}" in str(err.value).lower()
     state[name].view(-1)[3] = 0.0                      # the same file without it loads
     good = tmp_path / f"good.{kind}"
     safetensors.torch.save_file(state, str(good)) if kind == "safetensors" else torch.save(state, good)
-    B.create_backbone("test_resnet", "file", weights_file=str(good))
+    backbones.create_backbone("test_resnet", "file", weights_file=str(good))

@@ -16,9 +16,12 @@ import pytest
 from PIL import Image, ImageFile
 
 from conftest import class_image
-from core import data as D
+from core.data import folders
+from core.data import images as imaging
+from core.data import zips
 from core import paths
-from core.data import DataError, Item, scan_folder
+from core.data import DataError
+from core.data.folders import Item, scan_folder
 
 CAFE = "caf\u00e9"                                   # composed (NFC), as Windows and Linux write it
 CAFE_NFD = unicodedata.normalize("NFD", CAFE)        # decomposed, as macOS writes it
@@ -53,9 +56,9 @@ def unpack(tmp_path: Path, entries, **kwargs) -> tuple[Path, dict[str, str]]:
     """Extract below tmp_path/dest; returns the folder and {skipped entry: reason}. Checks that
     nothing appeared anywhere else below tmp_path."""
     before = listing(tmp_path)
-    dest = D.safe_extract_zip(io.BytesIO(make_zip(entries)), tmp_path / "dest", **kwargs)
+    dest = zips.safe_extract_zip(io.BytesIO(make_zip(entries)), tmp_path / "dest", **kwargs)
     assert all(p.startswith("dest") for p in listing(tmp_path) - before)
-    return dest, dict(D._zip_notes(dest))
+    return dest, dict(folders._zip_notes(dest))
 
 
 def refused(tmp_path: Path, monkeypatch, data: bytes, match: str, **kwargs) -> str:
@@ -63,8 +66,8 @@ def refused(tmp_path: Path, monkeypatch, data: bytes, match: str, **kwargs) -> s
     written = []
     before = listing(tmp_path)
     with monkeypatch.context() as patch, pytest.raises(DataError, match=match) as err:
-        patch.setattr(D, "_write", lambda *args: written.append(args))
-        D.safe_extract_zip(io.BytesIO(data), tmp_path / "dest", **kwargs)
+        patch.setattr(zips, "_write", lambda *args: written.append(args))
+        zips.safe_extract_zip(io.BytesIO(data), tmp_path / "dest", **kwargs)
     assert written == [] and listing(tmp_path) == before
     assert "refused before unpacking, as a likely zip bomb." in str(err.value)
     return str(err.value)
@@ -86,7 +89,7 @@ def test_zip_entry_with_a_name_part_over_255_bytes_is_left_out_with_a_note(tmp_p
 
 
 def test_uploaded_file_with_a_name_too_long_is_refused(tmp_path):
-    assert D.save_upload_file(tmp_path, "cats/" + "é" * 200 + ".png", b"x") is None    # 400 bytes in UTF-8
+    assert zips.save_upload_file(tmp_path, "cats/" + "é" * 200 + ".png", b"x") is None    # 400 bytes in UTF-8
     assert list(tmp_path.iterdir()) == []
 
 
@@ -145,9 +148,9 @@ def test_scan_folder_merges_class_folders_whose_names_differ_only_in_normalisati
 
 
 def test_uploaded_file_names_are_stored_in_nfc(tmp_path):
-    target = D.save_upload_file(tmp_path, f"{CAFE_NFD}/1.png", b"x")
+    target = zips.save_upload_file(tmp_path, f"{CAFE_NFD}/1.png", b"x")
     assert target == (tmp_path / CAFE / "1.png").resolve() and target.read_bytes() == b"x"
-    assert D.upload_dir(b"x", f"{CAFE_NFD}.zip").name == D.upload_dir(b"x", f"{CAFE}.zip").name
+    assert zips.upload_dir(b"x", f"{CAFE_NFD}.zip").name == zips.upload_dir(b"x", f"{CAFE}.zip").name
 
 
 # ---------------------------------------------------------------- 5. float images
@@ -162,22 +165,22 @@ def test_float_tiff_comes_out_like_its_content(tmp_path, scale, expect):
     ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (16, 1)) * scale    # dark left, bright right
     path = tmp_path / "float.tif"
     Image.fromarray(ramp).save(path)
-    assert Image.open(path).mode == "F" and D.check_image(path) is None
-    arr = np.asarray(D.open_rgb(path)).astype(int)
+    assert Image.open(path).mode == "F" and imaging.check_image(path) is None
+    arr = np.asarray(imaging.open_rgb(path)).astype(int)
     assert arr.shape == (16, 64, 3) and (arr[..., 0] == arr[..., 2]).all()
     assert abs(arr[0, -1, 0] - expect) <= 1 and abs(arr[0, 0, 0] - (255 - expect)) <= 1
     assert np.ptp(arr) >= 250                                   # the whole ramp, not all black
-    small = np.asarray(D.open_rgb(path, 8)).astype(int)         # the shrinking path agrees
+    small = np.asarray(imaging.open_rgb(path, 8)).astype(int)         # the shrinking path agrees
     assert small.shape == (8, 32, 3) and np.ptp(small) >= 200
 
 
 def test_float_image_with_nan_and_inf_is_not_a_crash():
     arr = np.array([[0.0, 0.5, np.nan], [np.inf, -np.inf, 0.25]], np.float32)
-    out = np.asarray(D.to_rgb(Image.fromarray(arr)))[..., 0]
+    out = np.asarray(imaging.to_rgb(Image.fromarray(arr)))[..., 0]
     np.testing.assert_array_equal(out, [[0, 128, 0], [255, 0, 64]])
-    flat = np.asarray(D.to_rgb(Image.fromarray(np.full((2, 2), 7e5, np.float32))))
+    flat = np.asarray(imaging.to_rgb(Image.fromarray(np.full((2, 2), 7e5, np.float32))))
     assert flat.shape == (2, 2, 3)
-    every_nan = np.asarray(D.to_rgb(Image.fromarray(np.full((2, 2), np.nan, np.float32))))
+    every_nan = np.asarray(imaging.to_rgb(Image.fromarray(np.full((2, 2), np.nan, np.float32))))
     assert (every_nan == 0).all()
 
 
@@ -185,8 +188,8 @@ def test_sixteen_and_thirty_two_bit_integer_images_still_convert(tmp_path):
     Image.fromarray(np.full((20, 30), 200 * 256, np.uint16)).save(tmp_path / "grey16.png")
     Image.fromarray(np.full((20, 30), 100 * 256, np.int32)).save(tmp_path / "grey32.tif")
     assert Image.open(tmp_path / "grey32.tif").mode == "I"
-    assert tuple(D.open_rgb(tmp_path / "grey16.png").getpixel((0, 0))) == (200, 200, 200)
-    assert tuple(D.open_rgb(tmp_path / "grey32.tif").getpixel((0, 0))) == (100, 100, 100)
+    assert tuple(imaging.open_rgb(tmp_path / "grey16.png").getpixel((0, 0))) == (200, 200, 200)
+    assert tuple(imaging.open_rgb(tmp_path / "grey32.tif").getpixel((0, 0))) == (100, 100, 100)
 
 
 # ---------------------------------------------------------------- 6. packed too tightly
@@ -208,10 +211,10 @@ def test_zip_directory_is_checked_before_zipfile_reads_it(tmp_path, monkeypatch)
     """zipfile builds an object per entry before anything can count them: a zip listing millions
     of entries would fill the memory first. The count and size it declares are checked first."""
     monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", lambda self: pytest.fail("directory read"))
-    monkeypatch.setattr(D, "MAX_ZIP_FILES", 3)
+    monkeypatch.setattr(zips, "MAX_ZIP_FILES", 3)
     refused(tmp_path, monkeypatch, make_zip(two_classes()), "The zip holds more than 3 files and folders")
-    monkeypatch.setattr(D, "MAX_ZIP_FILES", 1000)
-    monkeypatch.setattr(D, "MAX_ZIP_DIRECTORY", 100)
+    monkeypatch.setattr(zips, "MAX_ZIP_FILES", 1000)
+    monkeypatch.setattr(zips, "MAX_ZIP_DIRECTORY", 100)
     refused(tmp_path, monkeypatch, make_zip(two_classes()), r"The zip has a list of entries over 0\.1 kB")
 
 
@@ -224,7 +227,7 @@ def test_nested_zip_over_the_byte_limit_is_refused_before_anything_is_written(tm
     refused(tmp_path, monkeypatch, outer, r"The zip inside the zip would unpack to more than 2\.0 MB",
             max_bytes=2 * 1024**2)
     # Under the limit the same zip unpacks, and the inner zip itself is never written to disk.
-    dest = D.safe_extract_zip(io.BytesIO(outer), tmp_path / "ok", max_bytes=4 * 1024**2)
+    dest = zips.safe_extract_zip(io.BytesIO(outer), tmp_path / "ok", max_bytes=4 * 1024**2)
     assert sorted(p.name for p in (dest / "more").iterdir()) == ["0.png", "1.png", "2.png"]
     assert not (dest / "more.zip").exists()
 
@@ -259,17 +262,17 @@ def test_byte_limit_is_a_parameter_and_the_refusal_states_it(tmp_path, monkeypat
     data = make_zip(two_classes() + [("cats/big.png", np.random.default_rng(1).bytes(3 * 1024**2))])
     refused(tmp_path, monkeypatch, data, r"The zip would unpack to more than 1\.0 MB", max_bytes=1024**2)
     with monkeypatch.context() as patch:
-        patch.setattr(D, "MAX_ZIP_BYTES", 2 * 1024**2)                        # a quota can't lift it
+        patch.setattr(zips, "MAX_ZIP_BYTES", 2 * 1024**2)                        # a quota can't lift it
         refused(tmp_path, monkeypatch, data, r"more than 2\.0 MB", max_bytes=100 * 1024**2)
 
     mine = tmp_path / "users" / "ann"
-    folder = D.save_upload_zip(data, "set.zip", folder=mine, max_bytes=10 * 1024**2)
-    assert folder.parent == mine and folder == D.upload_dir(data, "set.zip", parent=mine)
+    folder = zips.save_upload_zip(data, "set.zip", folder=mine, max_bytes=10 * 1024**2)
+    assert folder.parent == mine and folder == zips.upload_dir(data, "set.zip", parent=mine)
     assert scan_folder(folder).classes == ["cats", "dogs"]
     with pytest.raises(DataError, match=r"more than 1\.0 MB"):
-        D.save_upload_zip(data, "set.zip", folder=tmp_path / "users" / "bob", max_bytes=1024**2)
+        zips.save_upload_zip(data, "set.zip", folder=tmp_path / "users" / "bob", max_bytes=1024**2)
     assert not (tmp_path / "users" / "bob").exists()
-    default = D.save_upload_zip(data, "set.zip")                               # today's place and limit
+    default = zips.save_upload_zip(data, "set.zip")                               # today's place and limit
     assert default.parent == paths.datasets_dir()
 
 
@@ -290,13 +293,13 @@ def test_extreme_images_are_refused_from_their_header_everywhere(tmp_path, monke
     monkeypatch.setattr(ImageFile.ImageFile, "load",
                         lambda self: loads.append(self) or pytest.fail("decoded"))
     start = time.perf_counter()
-    reasons = {name: D.check_image(path) for name, path in files.items()}
+    reasons = {name: imaging.check_image(path) for name, path in files.items()}
     assert reasons["strip.png"] == "extreme shape: 1×20000 is more than 20:1; crop it to the object first"
     assert reasons["long.jpg"] == "too large: 65000×1 has a side over 30,000 px"
     for name, path in files.items():
         with pytest.raises(DataError, match=reasons[name]):
-            D.open_rgb(path, 224)
-    tensors, failures = D.decode_images(str(tmp_path), [Item(name, 0) for name in files], 224, workers=1)
+            imaging.open_rgb(path, 224)
+    tensors, failures = imaging.decode_images(str(tmp_path), [Item(name, 0) for name in files], 224, workers=1)
     assert tensors == [None, None]
     assert [(path, reason) for path, reason in failures] == [
         (name, f"could not decode (DataError: {reasons[name]})") for name in files]
@@ -306,6 +309,6 @@ def test_extreme_images_are_refused_from_their_header_everywhere(tmp_path, monke
 def test_image_with_a_side_over_the_limit_is_refused(tmp_path, monkeypatch):
     img = tmp_path / "wide.png"
     Image.new("L", (400, 30), 0).save(img)
-    assert D.check_image(img) is None
-    monkeypatch.setattr(D, "MAX_SIDE", 300)                                     # a module constant
-    assert D.check_image(img) == "too large: 400×30 has a side over 300 px"
+    assert imaging.check_image(img) is None
+    monkeypatch.setattr(imaging, "MAX_SIDE", 300)                                     # a module constant
+    assert imaging.check_image(img) == "too large: 400×30 has a side over 300 px"

@@ -1,4 +1,4 @@
-"""core.inspect: feature maps, first conv before/after its nonlinearity, filters, activation
+"""core.results.inspection: feature maps, first conv before/after its nonlinearity, filters, activation
 sparsity and attributions, on timm's tiny test models (one per family) and the bundled MobileNetV2.
 
 Every check goes through the same contract the module relies on (`feature_info`,
@@ -13,9 +13,10 @@ import timm
 import torch
 from torch import nn
 
-from core import backbones as B
-from core import data as D
-from core import inspect as I
+from core.hooks import eval_mode, hooked
+from core.models import backbones
+from core.data import transforms
+from core.results import inspection
 
 # arch -> input size: a ViT has fixed position embeddings (160 px for test_vit); CNNs take 64 px.
 ARCHS = {"test_resnet": 64, "test_efficientnet": 64, "test_convnext": 64, "test_vit": 160}
@@ -29,7 +30,7 @@ arch_param = pytest.mark.parametrize("arch", list(ARCHS))
 def make(arch: str, batch: int = 1, seed: int = 0):
     """(FineTuneModel with random weights and 5 classes, a normalised-looking input batch)."""
     torch.manual_seed(seed)
-    model = B.build_model(arch, 5, weights="random")
+    model = backbones.build_model(arch, 5, weights="random")
     size = ARCHS[arch]
     return model, torch.randn(batch, 3, size, size)
 
@@ -62,7 +63,7 @@ def assert_rgb_image(img, min_side: int = 1) -> None:
 def test_feature_maps_one_per_stage_shallow_to_deep(arch):
     model, x = make(arch)
     info = model.backbone.feature_info
-    fmaps = I.feature_maps(model, x)
+    fmaps = inspection.feature_maps(model, x)
     assert [f.name for f in fmaps] == [i["module"] for i in info]
     for fmap, stage in zip(fmaps, info):
         assert fmap.tensor.dim() == 3, fmap.shape                  # one image: (C, H, W)
@@ -98,18 +99,18 @@ def test_feature_maps_one_per_stage_shallow_to_deep(arch):
 @arch_param
 def test_channel_grid_is_rgb_uint8(arch):
     model, x = make(arch)
-    for fmap in I.feature_maps(model, x):
-        grid = I.channel_grid(fmap.tensor, n=16, ncol=8, min_size=56)
+    for fmap in inspection.feature_maps(model, x):
+        grid = inspection.channel_grid(fmap.tensor, n=16, ncol=8, min_size=56)
         assert_rgb_image(grid, min_side=56)        # small deep maps are enlarged to be visible
         assert grid.max() > grid.min()            # not a blank tile
 
 
 def test_channel_grid_handles_fewer_channels_and_constant_maps():
-    grid = I.channel_grid(torch.zeros(3, 7, 7), n=16)       # constant map: no division by zero
+    grid = inspection.channel_grid(torch.zeros(3, 7, 7), n=16)       # constant map: no division by zero
     assert_rgb_image(grid)
     assert np.isfinite(grid).all()
-    four = I.channel_grid(torch.randn(4, 8, 8), n=4, ncol=4)
-    sixteen = I.channel_grid(torch.randn(16, 8, 8), n=16, ncol=4)
+    four = inspection.channel_grid(torch.randn(4, 8, 8), n=4, ncol=4)
+    sixteen = inspection.channel_grid(torch.randn(16, 8, 8), n=16, ncol=4)
     assert four.shape[1] == sixteen.shape[1] and four.shape[0] < sixteen.shape[0]
 
 
@@ -118,16 +119,16 @@ def test_channel_grid_handles_fewer_channels_and_constant_maps():
 @arch_param
 def test_first_conv_outputs(arch):
     model, x = make(arch)
-    name, conv = I.first_conv(model)
+    name, conv = inspection.first_conv(model)
     assert name == model.backbone.pretrained_cfg["first_conv"]
     assert isinstance(conv, nn.Conv2d)
-    out, act, act_name = I.first_conv_outputs(model, x)
+    out, act, act_name = inspection.first_conv_outputs(model, x)
     assert out.dim() == 3 and out.shape[0] == conv.out_channels
     if arch in HAS_STEM_ACTIVATION:
         assert act is not None and act_name
         assert act.shape == out.shape
         module = model.backbone.get_submodule(act_name)
-        assert isinstance(module, I.ACTIVATION_TYPES)
+        assert isinstance(module, inspection.ACTIVATION_TYPES)
         if arch in RELU_ARCHS:
             assert (act >= 0).all() and (act == 0).any()
         else:           # SiLU: the minimum is about -0.28
@@ -139,8 +140,8 @@ def test_first_conv_outputs(arch):
 @arch_param
 def test_filter_grid_is_rgb_uint8(arch):
     model, _ = make(arch)
-    _, conv = I.first_conv(model)
-    grid = I.filter_grid(model, ncol=16, scale=4)
+    _, conv = inspection.first_conv(model)
+    grid = inspection.filter_grid(model, ncol=16, scale=4)
     assert_rgb_image(grid, min_side=conv.kernel_size[0] * 4)
     assert grid.max() > grid.min()
 
@@ -152,7 +153,7 @@ def test_sparsity_rows_and_measure(arch):
     model, x = make(arch, batch=2)
     stages = [i["module"] for i in model.backbone.feature_info]
     seen = []
-    rows = I.sparsity(model, [x, x[:1]], progress=seen.append)
+    rows = inspection.sparsity(model, [x, x[:1]], progress=seen.append)
     assert seen == [2, 3]
     names = [r["stage"] for r in rows]
     assert [r["order"] for r in rows] == sorted(r["order"] for r in rows)
@@ -173,7 +174,7 @@ def test_sparsity_matches_own_count_on_one_stage(arch):
     """Stage 1 of each model holds exactly the activations of feature_info[1]'s module (nothing
     with an activation runs between stage 0 and stage 1), so count them with our own hooks."""
     model, x = make(arch, batch=2, seed=1)
-    rows = {r["order"]: r for r in I.sparsity(model, [x])}
+    rows = {r["order"]: r for r in inspection.sparsity(model, [x])}
     stage = model.backbone.feature_info[1]["module"]
     acts = [m for n, m in model.backbone.named_modules() if n.startswith(stage + ".")
             and isinstance(m, (nn.ReLU, nn.GELU, nn.SiLU, timm.layers.activations.GELUTanh))]
@@ -200,7 +201,7 @@ def test_sparsity_of_relu_model_on_black_images_is_zero():
     """Random-init ResNet with eval-mode batch norm (mean 0, var 1, no shift) maps an all-zero
     image to all-zero activations: every stage's non-zero fraction is exactly 0."""
     model, _ = make("test_resnet")
-    rows = I.sparsity(model, [torch.zeros(3, 3, 64, 64)])
+    rows = inspection.sparsity(model, [torch.zeros(3, 3, 64, 64)])
     assert rows and all(r["fraction"] == 0.0 for r in rows), rows
 
 
@@ -209,23 +210,23 @@ def test_sparsity_of_relu_model_on_black_images_is_zero():
     (nn.GELU(), False), (nn.SiLU(), False), (nn.LeakyReLU(), False),
     (timm.layers.activations.GELUTanh(), False)])
 def test_zeroes_negatives(module, zeroes):
-    assert I.zeroes_negatives(module) is zeroes
+    assert inspection.zeroes_negatives(module) is zeroes
 
 
 def test_activations_excludes_gates():
     block = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Sigmoid(), nn.Hardsigmoid(), nn.GELU(),
                           nn.Softmax(dim=1))
-    assert [type(m) for _, m in I.activations(block)] == [nn.ReLU, nn.GELU]
+    assert [type(m) for _, m in inspection.activations(block)] == [nn.ReLU, nn.GELU]
 
 
 @pytest.mark.parametrize("module", [nn.MultiheadAttention(8, 2),
                                     nn.Sequential(nn.Conv2d(3, 3, 1), nn.Softmax2d())],
                          ids=["multihead_attention", "softmax2d"])
 def test_activations_lists_only_nonlinearities(module):
-    found = I.activations(module)
+    found = inspection.activations(module)
     assert found == [], found
     for _, m in found:
-        I.zeroes_negatives(m)
+        inspection.zeroes_negatives(m)
 
 
 # ---------------------------------------------------------------- attributions
@@ -234,7 +235,7 @@ def test_activations_lists_only_nonlinearities(module):
 def test_attributions(arch):
     model, x = make(arch)
     image = picture(ARCHS[arch])
-    maps = I.attributions(model, x, image, target=2)
+    maps = inspection.attributions(model, x, image, target=2)
     assert list(maps) == ["Grad-CAM", "Integrated Gradients", "Occlusion"]
     for method, result in maps.items():
         if arch == "test_vit" and method == "Grad-CAM":
@@ -248,22 +249,22 @@ def test_attributions(arch):
 
 def test_attributions_subset_of_methods():
     model, x = make("test_resnet")
-    maps = I.attributions(model, x, picture(64), target=0, methods=("Occlusion",))
+    maps = inspection.attributions(model, x, picture(64), target=0, methods=("Occlusion",))
     assert list(maps) == ["Occlusion"]
 
 
 # ---------------------------------------------------------------- hooks and train/eval state
 
 def call_everything(model, x, image, full_attributions: bool = False):
-    I.feature_maps(model, x)
-    I.first_conv_outputs(model, x)
-    I.sparsity(model, [x])
-    I.filter_grid(model)
+    inspection.feature_maps(model, x)
+    inspection.first_conv_outputs(model, x)
+    inspection.sparsity(model, [x])
+    inspection.filter_grid(model)
     # Grad-CAM is the method that registers hooks (ours and Captum's); the others are slow
     if full_attributions:
-        I.attributions(model, x, image, 0)
+        inspection.attributions(model, x, image, 0)
     else:
-        I.attributions(model, x, image, 0, methods=("Grad-CAM",))
+        inspection.attributions(model, x, image, 0, methods=("Grad-CAM",))
 
 
 @arch_param
@@ -284,11 +285,11 @@ def test_hooks_removed_when_forward_fails(arch):
     model.train()
     wrong = torch.randn(1, 1, ARCHS[arch], ARCHS[arch])          # one channel: the conv refuses it
     with pytest.raises(RuntimeError):
-        I.first_conv_outputs(model, wrong)
+        inspection.first_conv_outputs(model, wrong)
     with pytest.raises(RuntimeError):
-        I.sparsity(model, [wrong])
+        inspection.sparsity(model, [wrong])
     with pytest.raises(RuntimeError):
-        I.attributions(model, wrong, picture(ARCHS[arch]), 0, methods=("Grad-CAM",))
+        inspection.attributions(model, wrong, picture(ARCHS[arch]), 0, methods=("Grad-CAM",))
     assert leftover_hooks(model) == []
     assert model.training and all(training_flags(model).values())
 
@@ -297,7 +298,7 @@ def test_hooked_removes_hooks_on_error():
     net = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
     calls = []
     with pytest.raises(RuntimeError):
-        with I.hooked([(net[0], lambda *a: calls.append("fwd"))], pre=[(net[1], lambda *a: calls.append("pre"))]):
+        with hooked([(net[0], lambda *a: calls.append("fwd"))], pre=[(net[1], lambda *a: calls.append("pre"))]):
             net(torch.randn(2, 3))
             net(torch.randn(2, 5))                                    # shape mismatch
     assert calls == ["fwd", "pre"]
@@ -312,9 +313,9 @@ def test_train_eval_state_restored(arch, training):
     model, x = make(arch)
     model.train(training)
     image = picture(ARCHS[arch])
-    for fn in (lambda: I.feature_maps(model, x), lambda: I.first_conv_outputs(model, x),
-               lambda: I.sparsity(model, [x]), lambda: I.filter_grid(model),
-               lambda: I.attributions(model, x, image, 1, methods=("Grad-CAM",))):
+    for fn in (lambda: inspection.feature_maps(model, x), lambda: inspection.first_conv_outputs(model, x),
+               lambda: inspection.sparsity(model, [x]), lambda: inspection.filter_grid(model),
+               lambda: inspection.attributions(model, x, image, 1, methods=("Grad-CAM",))):
         fn()
         assert model.training is training
         assert set(training_flags(model).values()) == {training}
@@ -323,7 +324,7 @@ def test_train_eval_state_restored(arch, training):
 def test_eval_mode_restores_on_error():
     net = nn.Sequential(nn.BatchNorm1d(3)).train()
     with pytest.raises(ValueError):
-        with I.eval_mode(net):
+        with eval_mode(net):
             assert not net.training and not net[0].training
             raise ValueError
     assert net.training and net[0].training
@@ -331,13 +332,13 @@ def test_eval_mode_restores_on_error():
 
 def test_mixed_train_eval_state_restored():
     model, x = make("test_resnet")
-    B.apply_freeze(model, "head")
+    backbones.apply_freeze(model, "head")
     model.train()
-    B.freeze_norm_stats(model)
+    backbones.freeze_norm_stats(model)
     before = training_flags(model)
     assert not all(before.values())                 # the frozen batch norms are in eval
-    I.feature_maps(model, x)
-    I.first_conv_outputs(model, x)
+    inspection.feature_maps(model, x)
+    inspection.first_conv_outputs(model, x)
     assert training_flags(model) == before
 
 
@@ -347,15 +348,15 @@ def test_bundled_mobilenet_sparsity_falls_with_depth():
     """A ReLU6 network's activations get sparser from the first stage to the top (the DESIGN
     note measured about 0.72 non-zero in the stem block and 0.42 after the last stage)."""
     skdata = pytest.importorskip("skimage.data")
-    if B.bundled_file("mobilenetv2_100") is None:
+    if backbones.bundled_file("mobilenetv2_100") is None:
         pytest.skip("bundled MobileNetV2 weights package not installed")
-    model = B.create_backbone("mobilenetv2_100", "bundled", num_classes=1000)
+    model = backbones.create_backbone("mobilenetv2_100", "bundled", num_classes=1000)
     cfg = timm.data.resolve_model_data_config(model)
-    transform = D.build_transform(224, cfg["mean"], cfg["std"])
+    transform = transforms.build_transform(224, cfg["mean"], cfg["std"])
     photos = [skdata.chelsea(), skdata.coffee(), skdata.astronaut(), skdata.rocket()]
     batch = torch.stack([transform(torch.from_numpy(p).permute(2, 0, 1).contiguous()) for p in photos])
     assert batch.shape == (4, 3, 224, 224)
-    rows = I.sparsity(model, [batch[:2], batch[2:]])
+    rows = inspection.sparsity(model, [batch[:2], batch[2:]])
     assert {r["measure"] for r in rows} == {"non-zero"}            # ReLU6 zeroes negatives
     assert rows[0]["stage"] == model.feature_info[0]["module"]
     assert all(0.0 < r["fraction"] < 1.0 for r in rows), rows

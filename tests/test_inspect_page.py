@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import core
-from core import backbones as B
+from core.models import backbones
 from core.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +53,13 @@ def inspect_page(**settings) -> AppTest:
 def test_default_pretrained_model_on_demo_data():
     """The defaults (demo data, MobileNetV2 with its bundled weights) at 224 px: render, then
     measure sparsity on 10 images and compute the three attributions."""
-    if B.bundled_file("mobilenetv2_100") is None:
+    if backbones.bundled_file("mobilenetv2_100") is None:
         pytest.skip("bundled MobileNetV2 weights package not installed: the default shows a random init")
     at = inspect_page()
     assert at.title[0].value.endswith("Inspect")
     assert predicted(at).startswith("Predicted: **")
     # input, one grid per stage, first conv before/after, filters
-    stages = len(B.create_backbone("mobilenetv2_100", "random").feature_info)
+    stages = len(backbones.create_backbone("mobilenetv2_100", "random").feature_info)
     assert len(images(at)) == 1 + stages + 2 + 1
     assert not charts(at)
     names = "\n".join(m.value for m in at.markdown)

@@ -3,7 +3,7 @@
 Notes on AppTest:
 * Fragments do not tick on their own here, so the live training view is refreshed by sleeping
   and calling `at.run()` again.
-* Training runs on `core.worker.MANAGER`, the process-wide background queue; the autouse fixture
+* Training runs on `core.serve.worker.MANAGER`, the process-wide background queue; the autouse fixture
   `idle_manager` makes sure no run outlives its test.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from conftest import class_image
 from core import paths
 from apptest_helpers import assert_ok, texts, use_small_settings
 from apptest_helpers import opened as opened_with
-from core.store import list_runs
+from core.serve.store import list_runs
 
 pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 

@@ -58,9 +58,9 @@ def ray_head(tmp_path_factory):
 
 
 def test_runs_train_and_stop_as_ray_jobs(ray_head, tiny_config):
-    from core.executor import Executor
-    from core.ray_launcher import RayLauncher
-    from core.worker import MANAGER, RunManager
+    from core.serve.executor import Executor
+    from core.serve.ray_launcher import RayLauncher
+    from core.serve.worker import MANAGER, RunManager
     MANAGER.close()          # its local dispatcher would take these runs as a second server would
     launcher = RayLauncher(ray_head)
     assert len(launcher.slots()) == 2            # 2 CPUs, 1 per run

@@ -1,4 +1,4 @@
-"""core.report: the self-contained HTML report of a run and of a sweep, and the report buttons
+"""core.results.report: the self-contained HTML report of a run and of a sweep, and the report buttons
 on the Evaluate and Experiments pages (AppTest).
 
 One tiny run (test_resnet, 32 px, 2 epochs) is trained once per module on generated images whose
@@ -23,9 +23,10 @@ from conftest import class_folders as make_data
 from conftest import tiny_run_config as tiny
 from conftest import train_apart as train
 from core import paths
-from core import report as R
-from core import sweeps as S
-from core.store import Run, get_run
+from core.results import evaluate as evaluation, inspection
+from core.results import report as reports
+from core.train import sweeps
+from core.serve.store import Run, get_run
 
 CLASSES = ["<b>cat&dog", "plain", "price $5 & $6"]
 IMG_SRC = re.compile(r'<img\b[^>]*?\bsrc="([^"]*)"')
@@ -59,7 +60,7 @@ def trained(tmp_path_factory) -> Run:
 
 @pytest.fixture(scope="module")
 def report(trained) -> str:
-    return R.run_report(trained)
+    return reports.run_report(trained)
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def copied(trained, tmp_path) -> Run:
 
 def test_run_report_has_every_section(report):
     assert report.startswith("<!doctype html>")
-    for sid, title in R.RUN_SECTIONS.items():
+    for sid, title in reports.RUN_SECTIONS.items():
         assert f'<section id="{sid}">\n<h2>{title}</h2>' in report, sid
         assert f'<a href="#{sid}">' in report, sid
     for part in ("Feature maps", "First-layer filters", "Activation sparsity", "Samples",
@@ -91,7 +92,7 @@ def test_run_report_is_self_contained(report):
 def test_run_report_thumbnails_are_small(report):
     thumbs = THUMB_SRC.findall(report)
     assert len(thumbs) > 20
-    assert all(max(decoded(src).size) <= R.THUMB for src in thumbs)
+    assert all(max(decoded(src).size) <= reports.THUMB for src in thumbs)
 
 
 def test_run_report_escapes_user_text(report):
@@ -110,29 +111,29 @@ def test_run_report_tables_match_the_run(trained, report):
 
 
 def test_save_run_report_writes_into_the_run_folder(copied):
-    path = R.save_run_report(copied, include_inspection=False)
+    path = reports.save_run_report(copied, include_inspection=False)
     assert path == copied.file("report.html")
     html = path.read_text(encoding="utf-8")
     assert html.startswith("<!doctype html>") and "Left out of this report." in html
     assert not list(copied.path.glob(".*.tmp"))
-    assert R.save_run_report(copied, "val", include_inspection=False) == copied.file("report-val.html")
+    assert reports.save_run_report(copied, "val", include_inspection=False) == copied.file("report-val.html")
 
 
 def test_inspection_failure_leaves_a_note(copied, monkeypatch):
     def broken(*_args, **_kwargs):
         raise RuntimeError("no intermediates")
 
-    monkeypatch.setattr(R.I, "feature_maps", broken)
-    html = R.run_report(copied)
+    monkeypatch.setattr(inspection, "feature_maps", broken)
+    html = reports.run_report(copied)
     assert "Could not look inside this network: RuntimeError: no intermediates" in html
-    assert all(f'<section id="{sid}">' in html for sid in R.RUN_SECTIONS)
+    assert all(f'<section id="{sid}">' in html for sid in reports.RUN_SECTIONS)
 
 
 def test_report_of_moved_data_shows_placeholders(copied):
     """The data set is gone: thumbnails become grey tiles, never broken images."""
     splits = copied.read_json("splits.json")
     copied.write_json("splits.json", dict(splits, root=str(copied.path / "gone")))
-    html = R.run_report(copied)
+    html = reports.run_report(copied)
     assert_self_contained(html)
     assert "can be read any more" in html          # the inspection's note
     grey = [decoded(src).convert("RGB").getpixel((0, 0)) for src in THUMB_SRC.findall(html)]
@@ -142,7 +143,7 @@ def test_report_of_moved_data_shows_placeholders(copied):
 def test_report_without_predictions_or_checkpoint(copied):
     for name in ("test_predictions.csv", "test_metrics.json", "best.safetensors"):
         copied.file(name).unlink()
-    html = R.run_report(copied)
+    html = reports.run_report(copied)
     assert html.count("No stored test predictions") == 4     # metrics, confusion, ranked, misclassified
     assert "No network checkpoint" in html
     assert_self_contained(html)
@@ -152,8 +153,8 @@ def test_logreg_baseline_report(tmp_path_factory):
     """No network (no checkpoint, NaN training loss): every section still renders."""
     base = tmp_path_factory.mktemp("report_logreg")
     run = train(tiny(make_data(base / "data", ["a", "b"]), baseline="logreg"), base)
-    html = R.run_report(run)
-    assert all(f'<section id="{sid}">' in html for sid in R.RUN_SECTIONS)
+    html = reports.run_report(run)
+    assert all(f'<section id="{sid}">' in html for sid in reports.RUN_SECTIONS)
     assert "No network checkpoint" in html and "logistic regression" in html
     assert_self_contained(html)
 
@@ -162,7 +163,7 @@ def test_demo_sized_report_stays_small(tmp_path_factory):
     """The built-in demo set (10 classes x 100 images) at 128 px: thumbnails, not originals."""
     base = tmp_path_factory.mktemp("report_demo")
     run = train(tiny(core.demo_dataset(), image_size=128, epochs=1, batch_size=32), base)
-    path = R.save_run_report(run)
+    path = reports.save_run_report(run)
     size = path.stat().st_size
     print(f"demo-sized report: {size / 1e6:.2f} MB")
     assert size < 3_000_000
@@ -186,7 +187,7 @@ def rename_class(run: Run, old: str, new: str) -> None:
     for row in metrics["per_class"]:
         row["cls"] = new if row["cls"] == old else row["cls"]
     run.write_json("test_metrics.json", metrics)
-    frame = R.E.load_predictions(run).replace({"true": {old: new}, "predicted": {old: new}})
+    frame = evaluation.load_predictions(run).replace({"true": {old: new}, "predicted": {old: new}})
     frame.rename(columns={f"p_{old}": f"p_{new}"}).to_csv(run.file("test_predictions.csv"), index=False)
 
 
@@ -197,7 +198,7 @@ def test_hostile_class_run_name_and_message_are_escaped(copied):
     copied.write_json("config.json", dict(copied.read_json("config.json"), name=HOSTILE))
     copied.write_json("status.json", dict(copied.read_json("status.json"), message=HOSTILE))
     copied.write_json("skipped.json", [[f"bad{HOSTILE}.png", HOSTILE]])
-    html = R.run_report(copied)
+    html = reports.run_report(copied)
     assert_self_contained(html)                        # no <script at all
     assert HOSTILE not in html and "alert(1)</script>" not in html
     for shown in (f'<p class="meta">{ESCAPED} · finished</p>',      # subtitle: the run's name
@@ -207,9 +208,9 @@ def test_hostile_class_run_name_and_message_are_escaped(copied):
                   f"<h3>{ESCAPED}</h3>", f"<figcaption>{ESCAPED}</figcaption>",  # ranked, samples
                   f"true: {ESCAPED}"):                                  # misclassified captions
         assert shown in html, shown
-    assert all(f'<section id="{sid}">' in html for sid in R.RUN_SECTIONS)
+    assert all(f'<section id="{sid}">' in html for sid in reports.RUN_SECTIONS)
 
-    sweep = R.sweep_report(HOSTILE, [copied])
+    sweep = reports.sweep_report(HOSTILE, [copied])
     assert_self_contained(sweep)
     assert HOSTILE not in sweep
     for shown in (f"<title>Sweep {ESCAPED}</title>", f'<article id="run-0"><h3>{ESCAPED}</h3>',
@@ -218,21 +219,21 @@ def test_hostile_class_run_name_and_message_are_escaped(copied):
 
 
 def test_reports_render_the_shipped_template(tmp_path, monkeypatch):
-    env = R._env()
+    env = reports._env()
     assert env.autoescape is True
-    page = env.get_template(R.TEMPLATE)
+    page = env.get_template(reports.TEMPLATE)
     assert page.filename == str(paths.ASSETS / "templates" / "report.html.j2")
     # an edited copy of the templates changes the report: the page comes from that file, not code
-    shutil.copytree(R.TEMPLATES, tmp_path / "templates")
-    edited = tmp_path / "templates" / R.TEMPLATE
+    shutil.copytree(reports.TEMPLATES, tmp_path / "templates")
+    edited = tmp_path / "templates" / reports.TEMPLATE
     edited.write_text(edited.read_text(encoding="utf-8").replace("Finetune Lab report", "Edited"),
                       encoding="utf-8")
-    monkeypatch.setattr(R, "TEMPLATES", tmp_path / "templates")
-    R._env.cache_clear()
+    monkeypatch.setattr(reports, "TEMPLATES", tmp_path / "templates")
+    reports._env.cache_clear()
     try:
-        html = R.sweep_report("none", [])
+        html = reports.sweep_report("none", [])
     finally:
-        R._env.cache_clear()        # the next report loads the shipped templates again
+        reports._env.cache_clear()        # the next report loads the shipped templates again
     assert "<footer>Edited · generated" in html and "Finetune Lab report" not in html
     assert '<section id="summary">\n<h2>Summary</h2>\n<p class="note">This sweep has no runs.</p>' in html
 
@@ -244,14 +245,14 @@ def sweep_runs(tmp_path_factory) -> list[Run]:
     """A two-run learning-rate sweep of tiny runs, in a private lab home."""
     base = tmp_path_factory.mktemp("report_sweep")
     data = make_data(base / "data", CLASSES)
-    configs = S.expand(tiny(data, epochs=1), {"lr": [0.01, 0.001]})
+    configs = sweeps.expand(tiny(data, epochs=1), {"lr": [0.01, 0.001]})
     return [train(cfg, base) for cfg in configs]
 
 
 def test_sweep_report(sweep_runs):
     sweep = sweep_runs[0].config.sweep
-    html = R.sweep_report(sweep, sweep_runs)
-    for sid, title in R.SWEEP_SECTIONS.items():
+    html = reports.sweep_report(sweep, sweep_runs)
+    for sid, title in reports.SWEEP_SECTIONS.items():
         assert f'<section id="{sid}">\n<h2>{title}</h2>' in html, sid
     assert '<article id="run-0">' in html and '<article id="run-1">' in html
     assert "lr=0.01" in html and "lr=0.001" in html
@@ -263,7 +264,7 @@ def test_sweep_report_finds_the_sweeps_runs(sweep_runs):
     for run in sweep_runs:
         shutil.copytree(run.path, paths.runs_dir() / run.id)
     sweep = sweep_runs[0].config.sweep
-    path = R.save_sweep_report(sweep)
+    path = reports.save_sweep_report(sweep)
     assert path.parent == paths.home() / "reports"
     html = path.read_text(encoding="utf-8")
     assert all(run.id in html for run in sweep_runs)

@@ -1,4 +1,4 @@
-"""Results in core: metrics (core.evaluate), export (core.export) and prediction (core.predict).
+"""Results in core: metrics (core.results.evaluate), export (core.models.export) and prediction (core.models.predict).
 
 The metric tests use a small fixed prediction set whose values are computed by hand in the
 comments. The export/predict tests share two tiny trained runs (module-scoped, stored outside
@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 
 from conftest import class_folders, class_image, tiny_run_config, train_apart
-from core import evaluate as E
-from core import predict as P
-from core.backbones import bundled_file
-from core.export import export_onnx, export_run, load_exported
-from core.store import Run
-from core.worker import MANAGER
+from core.models.backbones import load_run_model
+from core.results import evaluate as evaluation
+from core.models import predict
+from core.models.backbones import bundled_file
+from core.models.export import export_onnx, export_run, load_exported
+from core.serve.store import Run
+from core.serve.worker import MANAGER
 
 CLASSES = ["a", "b", "c"]
 # Seven images, true classes a a a b b c c. No ties inside any probability column, so each
@@ -44,7 +45,7 @@ FILES = [f"s{i}.png" for i in range(len(LABELS))]
 # ---------------------------------------------------------------- summarize
 
 def test_summarize_matches_hand_computed_metrics():
-    m = E.summarize(PROBS, LABELS, CLASSES)
+    m = evaluation.summarize(PROBS, LABELS, CLASSES)
     # predictions a a b b c c b: s0 s1 s3 s5 right -> 4/7
     assert m["accuracy"] == pytest.approx(4 / 7)
     assert m["n"] == 7 and m["classes"] == CLASSES
@@ -80,7 +81,7 @@ def test_summarize_macro_averages_only_over_classes_present():
                       [0.2, 0.1, 0.7],    # a -> c
                       [0.3, 0.6, 0.1],    # b -> b
                       [0.4, 0.5, 0.1]])   # b -> b
-    m = E.summarize(probs, [0, 0, 1, 1], CLASSES)
+    m = evaluation.summarize(probs, [0, 0, 1, 1], CLASSES)
     per = {row["cls"]: row for row in m["per_class"]}
     assert m["accuracy"] == pytest.approx(3 / 4)
     assert per["c"]["support"] == 0 and per["c"]["precision"] == 0 and math.isnan(per["c"]["ap"])
@@ -97,7 +98,7 @@ def test_summarize_macro_averages_only_over_classes_present():
 
 @pytest.fixture
 def frame() -> pd.DataFrame:
-    return E.predictions_frame(FILES, LABELS, PROBS, CLASSES)
+    return evaluation.predictions_frame(FILES, LABELS, PROBS, CLASSES)
 
 
 def test_predictions_frame_columns(frame):
@@ -107,18 +108,18 @@ def test_predictions_frame_columns(frame):
 
 
 def test_rank_class_best_and_worst(frame):
-    best, worst = E.rank_class(frame, "a", n=2)
+    best, worst = evaluation.rank_class(frame, "a", n=2)
     assert set(best["true"]) == {"a"} and set(worst["true"]) == {"a"}
     assert list(best["file"]) == ["s0.png", "s1.png"]          # p_a .80, .55: descending
     assert list(worst["file"]) == ["s2.png", "s1.png"]         # p_a .25, .55: ascending
-    best, worst = E.rank_class(frame, "b", n=10)               # more than there are
+    best, worst = evaluation.rank_class(frame, "b", n=10)               # more than there are
     assert list(best["file"]) == ["s3.png", "s4.png"]          # p_b .70, .35
     assert list(worst["file"]) == ["s4.png", "s3.png"]
     assert list(best["p_b"]) == sorted(best["p_b"], reverse=True)
 
 
 def test_misclassified_sorted_with_top3(frame):
-    wrong = E.misclassified(frame, 3)
+    wrong = evaluation.misclassified(frame, 3)
     assert list(wrong["file"]) == ["s2.png", "s6.png", "s4.png"]   # confidence .61, .46, .45
     assert (wrong["true"] != wrong["predicted"]).all()
     tops = list(wrong["top"])
@@ -128,29 +129,29 @@ def test_misclassified_sorted_with_top3(frame):
         assert len(top) == 3
         probs = [p for _, p in top]
         assert probs == sorted(probs, reverse=True)
-    assert E.misclassified(frame[frame["true"] == frame["predicted"]]).empty
+    assert evaluation.misclassified(frame[frame["true"] == frame["predicted"]]).empty
 
 
 def test_cell_filters_true_and_predicted(frame):
-    assert list(E.cell(frame, "a", "a")["file"]) == ["s0.png", "s1.png"]   # most confident first
-    assert list(E.cell(frame, "c", "b")["file"]) == ["s6.png"]
-    assert list(E.cell(frame, "b", "c")["file"]) == ["s4.png"]
-    assert E.cell(frame, "b", "a").empty
-    m = E.summarize(PROBS, LABELS, CLASSES)
+    assert list(evaluation.cell(frame, "a", "a")["file"]) == ["s0.png", "s1.png"]   # most confident first
+    assert list(evaluation.cell(frame, "c", "b")["file"]) == ["s6.png"]
+    assert list(evaluation.cell(frame, "b", "c")["file"]) == ["s4.png"]
+    assert evaluation.cell(frame, "b", "a").empty
+    m = evaluation.summarize(PROBS, LABELS, CLASSES)
     for i, t in enumerate(CLASSES):
         for j, p in enumerate(CLASSES):
-            assert len(E.cell(frame, t, p)) == m["confusion"][i][j]
+            assert len(evaluation.cell(frame, t, p)) == m["confusion"][i][j]
 
 
 def test_load_predictions_keeps_numeric_class_names_as_text(tmp_path):
     run = Run(tmp_path / "run")
     run.path.mkdir()
     run.write_json("classes.json", ["0", "1", "NA"])
-    E.save_evaluation(run, "test", FILES, LABELS, PROBS, [])
-    frame = E.load_predictions(run, "test")
-    assert len(E.cell(frame, "0", "0")) == 2
-    assert len(E.cell(frame, "NA", "1")) == 1
-    assert len(E.rank_class(frame, "1")[0]) == 2
+    evaluation.save_evaluation(run, "test", FILES, LABELS, PROBS, [])
+    frame = evaluation.load_predictions(run, "test")
+    assert len(evaluation.cell(frame, "0", "0")) == 2
+    assert len(evaluation.cell(frame, "NA", "1")) == 1
+    assert len(evaluation.rank_class(frame, "1")[0]) == 2
 
 
 # ---------------------------------------------------------------- tiny trained runs
@@ -170,15 +171,15 @@ def trained(tmp_path_factory):
 def test_load_predictions_and_evaluate_val(trained):
     run = trained["linear"]
     splits = run.read_json("splits.json")
-    test = E.load_predictions(run, "test")
+    test = evaluation.load_predictions(run, "test")
     assert len(test) == len(splits["test"]) > 0
     assert set(test["true"]) <= set(run.classes)
     val_csv, val_json = run.file("val_predictions.csv"), run.file("val_metrics.json")
     val_csv.unlink(missing_ok=True)
     val_json.unlink(missing_ok=True)
-    assert E.load_predictions(run, "val") is None
-    metrics = E.evaluate_run(run, "val", device="cpu")
-    val = E.load_predictions(run, "val")
+    assert evaluation.load_predictions(run, "val") is None
+    metrics = evaluation.evaluate_run(run, "val", device="cpu")
+    val = evaluation.load_predictions(run, "val")
     assert len(val) == metrics["n"] == len(splits["val"])
     assert metrics["accuracy"] == pytest.approx((val["true"] == val["predicted"]).mean())
     assert run.read_json("val_metrics.json")["mAP"] == pytest.approx(metrics["mAP"])
@@ -189,11 +190,11 @@ def test_evaluate_run_reproduces_training_test_predictions(trained, tmp_path):
     src = trained["linear"]
     run = Run(tmp_path / src.id)
     shutil.copytree(src.path, run.path)
-    before = E.load_predictions(run, "test")
-    metrics = E.evaluate_run(run, "test", device="cpu")
-    after = E.load_predictions(run, "test")
+    before = evaluation.load_predictions(run, "test")
+    metrics = evaluation.evaluate_run(run, "test", device="cpu")
+    after = evaluation.load_predictions(run, "test")
     assert list(after["file"]) == list(before["file"])
-    cols = E.class_probs(after)
+    cols = evaluation.class_probs(after)
     np.testing.assert_allclose(after[cols].to_numpy(), before[cols].to_numpy(), atol=1e-5)
     assert metrics["accuracy"] == pytest.approx(src.read_json("test_metrics.json")["accuracy"])
 
@@ -216,7 +217,7 @@ def test_export_roundtrip_gives_identical_logits(trained, tmp_path, kind, keys):
     assert meta["image_size"] == 32 and len(meta["mean"]) == len(meta["std"]) == 3
     assert meta["head"]["type"] == kind and meta["run"] == run.id
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    reference = logits(E.load_run_model(run), x)
+    reference = logits(load_run_model(run), x)
     loaded = logits(load_exported(weights, meta), x)
     assert torch.allclose(loaded, reference, atol=1e-6, rtol=0)
 
@@ -232,13 +233,13 @@ def test_linear_export_loads_in_plain_timm(trained, tmp_path):
     model = timm.create_model(meta["arch"], num_classes=n, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(weights), num_classes=n))
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(logits(model, x), logits(E.load_run_model(run), x), atol=1e-6, rtol=0)
+    assert torch.allclose(logits(model, x), logits(load_run_model(run), x), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_export_onnx_matches_torch(trained, tmp_path, kind):
     import onnxruntime as ort     # a runtime requirement: a broken install must fail, not skip
-    model = E.load_run_model(trained[kind])
+    model = load_run_model(trained[kind])
     model.train()
     path = export_onnx(model, 32, tmp_path / "model.onnx")
     assert path == tmp_path / "model.onnx" and path.stat().st_size > 0
@@ -268,10 +269,10 @@ def pil_images() -> list[Image.Image]:
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_from_run_and_from_export_agree(trained, tmp_path, kind):
     run = trained[kind]
-    by_run = P.from_run(run)
+    by_run = predict.from_run(run)
     weights, info = export_run(run, tmp_path / "export")
-    by_export = P.from_export(weights, info)                        # a path to the JSON
-    by_dict = P.from_export(weights, json.loads(info.read_text()))  # or the parsed dict
+    by_export = predict.from_export(weights, info)                        # a path to the JSON
+    by_dict = predict.from_export(weights, json.loads(info.read_text()))  # or the parsed dict
     assert by_run.classes == by_export.classes == run.classes
     assert by_run.image_size == by_export.image_size == 32
     images = pil_images()
@@ -286,7 +287,7 @@ def test_from_run_and_from_export_agree(trained, tmp_path, kind):
 
 
 def test_predict_files_reports_unreadable_files(trained, tmp_path):
-    predictor = P.from_run(trained["linear"])
+    predictor = predict.from_run(trained["linear"])
     folder = tmp_path / "new"
     folder.mkdir()
     good = []
@@ -298,7 +299,7 @@ def test_predict_files_reports_unreadable_files(trained, tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     files = sorted(good + [broken])
     seen = []
-    frame = P.predict_files(predictor, files, batch_size=4, progress=lambda d, t: seen.append((d, t)))
+    frame = predict.predict_files(predictor, files, batch_size=4, progress=lambda d, t: seen.append((d, t)))
     assert len(frame) == len(files)
     assert set(frame["file"]) == {str(f) for f in files}
     rows = frame.set_index("file")
@@ -316,8 +317,8 @@ def test_predict_files_reports_unreadable_files(trained, tmp_path):
 
 
 def test_probs_treats_transparency_like_training(trained, tmp_path):
-    from core.data import open_rgb
-    predictor = P.from_run(trained["linear"])
+    from core.data.images import open_rgb
+    predictor = predict.from_run(trained["linear"])
     pixels = np.zeros((40, 40, 4), np.uint8)
     pixels[:, :20] = (220, 40, 40, 255)           # left half opaque red, right half transparent black
     path = tmp_path / "alpha.png"
@@ -330,7 +331,7 @@ def test_imagenet_predictor_knows_cats_and_espresso():
     if bundled_file("mobilenetv2_100") is None:
         pytest.skip("the bundled mobilenetv2_100 weights are not installed")
     skimage_data = pytest.importorskip("skimage.data")
-    predictor = P.imagenet("mobilenetv2_100")
+    predictor = predict.imagenet("mobilenetv2_100")
     assert len(predictor.classes) == 1000 and predictor.image_size == 224
     images = [Image.fromarray(skimage_data.chelsea()), Image.fromarray(skimage_data.coffee())]
     probs = predictor.probs(images)

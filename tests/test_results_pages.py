@@ -22,9 +22,9 @@ from apptest_helpers import assert_ok, opened, texts
 
 from conftest import class_folders, class_image, tiny_run_config, train_apart
 from core import paths
-from core.backbones import bundled_file
-from core.store import get_run
-from core.worker import MANAGER
+from core.models.backbones import bundled_file
+from core.serve.store import get_run
+from core.serve.worker import MANAGER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
@@ -191,7 +191,7 @@ def test_predict_with_a_run_uploads_and_folder(run, tmp_path):
 
 
 def test_predict_with_an_uploaded_export(run):
-    from core.export import export_run
+    from core.models.export import export_run
     weights, info = export_run(run, run.file("export"))
     at = opened(PREDICT)
     at.radio(key="pred_source").set_value("export").run()
@@ -211,7 +211,7 @@ def test_predict_with_an_uploaded_export(run):
 
 @pytest.mark.parametrize("case", ["corrupt weights", "weights of another head"])
 def test_predict_rejects_a_bad_export_upload_politely(run, case):
-    from core.export import export_run
+    from core.models.export import export_run
     weights, info = export_run(run, run.file("export"))
     meta = json.loads(info.read_text())
     if case == "corrupt weights":

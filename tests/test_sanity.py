@@ -1,24 +1,26 @@
-"""core.sanity: the sanity check of attribution maps (model and label randomisation, Adebayo et
+"""core.trust.sanity: the sanity check of attribution maps (model and label randomisation, Adebayo et
 al. 2018) and the per-class average Grad-CAM, on tiny timm models and generated images; plus the
 Inspect page's buttons for both (AppTest, on a tiny trained run)."""
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from scipy import ndimage
 
-from core import backbones as B
-from core import data as D
-from core import sanity as S
+from core.models import backbones
+from core.data import images as imaging
+from core.data import transforms
+from core.trust import sanity
 from conftest import class_image
 
 SIZE = 64
 
 
-def tiny(classes: int = 3, seed: int = 0) -> B.FineTuneModel:
+def tiny(classes: int = 3, seed: int = 0) -> backbones.FineTuneModel:
     torch.manual_seed(seed)
-    return B.build_model("test_resnet", classes, weights="random")
+    return backbones.build_model("test_resnet", classes, weights="random")
 
 
 def picture(label: int = 1, size: int = SIZE) -> torch.Tensor:
@@ -26,7 +28,7 @@ def picture(label: int = 1, size: int = SIZE) -> torch.Tensor:
 
 
 def normalised(img: torch.Tensor, size: int = SIZE) -> torch.Tensor:
-    return D.build_transform(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(img)[None]
+    return transforms.build_transform(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(img)[None]
 
 
 def edges(_model, x, _target) -> np.ndarray:
@@ -42,9 +44,9 @@ def by(rows, method, check):
 def test_model_independent_method_is_flagged_and_grad_cam_is_not_identical():
     model = tiny().eval()
     x = normalised(picture())
-    rows = S.sanity_check(model, x, 0, methods=["Grad-CAM", ("Edges", edges)])
+    rows = sanity.sanity_check(model, x, 0, methods=["Grad-CAM", ("Edges", edges)])
     assert [(r["method"], r["check"]) for r in rows] == [
-        (m, c) for c in S.CHECKS for m in ("Grad-CAM", "Edges")]
+        (m, c) for c in sanity.CHECKS for m in ("Grad-CAM", "Edges")]
     for check in ("original", "top", "all"):
         row = by(rows, "Edges", check)
         assert row["spearman"] == pytest.approx(1.0) and row["ssim"] == pytest.approx(1.0)
@@ -52,7 +54,7 @@ def test_model_independent_method_is_flagged_and_grad_cam_is_not_identical():
     assert not np.allclose(by(rows, "Grad-CAM", "all")["map"], by(rows, "Grad-CAM", "original")["map"])
     assert "no training features" in by(rows, "Edges", "labels")["note"]
 
-    verdicts = {v["method"]: v for v in S.verdicts(rows)}
+    verdicts = {v["method"]: v for v in sanity.verdicts(rows)}
     assert verdicts["Edges"]["status"] == "flagged" and "Don't trust it" in verdicts["Edges"]["text"]
     assert verdicts["Grad-CAM"]["status"] in ("ok", "flagged")
     assert verdicts["Grad-CAM"]["similarity"] < 0.99
@@ -61,18 +63,18 @@ def test_model_independent_method_is_flagged_and_grad_cam_is_not_identical():
 def test_grad_cam_of_a_pretrained_model_changes_when_randomised():
     """On a real network (bundled MobileNetV2 with its ImageNet classifier) and a real photo,
     Grad-CAM's map for the predicted class loses its structure once the weights are random."""
-    if B.bundled_file("mobilenetv2_100") is None:
+    if backbones.bundled_file("mobilenetv2_100") is None:
         pytest.skip("bundled MobileNetV2 weights package not installed")
     from skimage import data as photos
-    model = B.create_backbone("mobilenetv2_100", "bundled", num_classes=1000).eval()
-    image = np.array(D.to_rgb(D.Image.fromarray(photos.chelsea())).resize((96, 96)))
-    x = D.build_transform(96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
+    model = backbones.create_backbone("mobilenetv2_100", "bundled", num_classes=1000).eval()
+    image = np.array(imaging.to_rgb(Image.fromarray(photos.chelsea())).resize((96, 96)))
+    x = transforms.build_transform(96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
         torch.from_numpy(image).permute(2, 0, 1).contiguous())[None]
     with torch.inference_mode():
         target = int(model(x).argmax())
-    rows = S.sanity_check(model, x, target, methods=("Grad-CAM",))
-    assert by(rows, "Grad-CAM", "all")["spearman"] < S.SIMILAR
-    assert S.verdicts(rows)[0]["status"] == "ok"
+    rows = sanity.sanity_check(model, x, target, methods=("Grad-CAM",))
+    assert by(rows, "Grad-CAM", "all")["spearman"] < sanity.SIMILAR
+    assert sanity.verdicts(rows)[0]["status"] == "ok"
     assert "no separate head" in by(rows, "Grad-CAM", "labels")["note"] or \
         "no training features" in by(rows, "Grad-CAM", "labels")["note"]
 
@@ -85,7 +87,7 @@ def test_original_model_is_left_as_it_was():
     flags = {n: m.training for n, m in model.named_modules()}
     calls = []
     features = np.random.default_rng(0).normal(size=(30, model.backbone.num_features)).astype(np.float32)
-    rows = S.sanity_check(model, normalised(picture()), 1, methods=("Grad-CAM", ("Edges", edges)),
+    rows = sanity.sanity_check(model, normalised(picture()), 1, methods=("Grad-CAM", ("Edges", edges)),
                           train_features=(features, np.arange(30) % 3),
                           progress=lambda done, total, text: calls.append((done, total, text)))
     after = model.state_dict()
@@ -106,7 +108,7 @@ def test_reproducible_with_a_seed():
     model = tiny().eval()
     x = normalised(picture())
     features = np.random.default_rng(0).normal(size=(30, model.backbone.num_features)).astype(np.float32)
-    run = [S.sanity_check(model, x, 0, methods=("Grad-CAM",), seed=seed,
+    run = [sanity.sanity_check(model, x, 0, methods=("Grad-CAM",), seed=seed,
                           train_features=(features, np.arange(30) % 3)) for seed in (7, 7, 8)]
     for a, b in zip(run[0], run[1]):
         assert np.array_equal(a["map"], b["map"]), a["check"]
@@ -120,17 +122,17 @@ def test_top_block_scope():
     with torch.no_grad():                     # as after training: no weight equals its init value
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))
-    top = S.top_parameters(model)
-    last_group = B.block_groups(model.backbone)[-1][1]
+    top = sanity.top_parameters(model)
+    last_group = backbones.block_groups(model.backbone)[-1][1]
     assert set(top) == {f"backbone.{n}" for n in last_group} | {n for n, _ in model.named_parameters()
                                                                   if n.startswith("head.")}
-    clone = S.randomised(model, "top", seed=0)
+    clone = sanity.randomised(model, "top", seed=0)
     for name, param in clone.named_parameters():
         assert torch.equal(param, model.get_parameter(name)) != (name in top), name
 
     import timm
     plain = timm.create_model("test_resnet", num_classes=4)
-    top = S.top_parameters(plain)
+    top = sanity.top_parameters(plain)
     assert "fc.weight" in top and any(n.startswith("layer4") for n in top)
     assert not any(n.startswith("layer3") for n in top)
 
@@ -142,7 +144,7 @@ def test_shuffled_head_two_classes_of_three():
     head = model.head
     features = np.random.default_rng(0).normal(size=(20, model.backbone.num_features)).astype(np.float32)
     features[3] = np.nan                       # an unreadable image
-    clone = S.shuffled_head(model, features, np.arange(20) % 2, seed=0)
+    clone = sanity.shuffled_head(model, features, np.arange(20) % 2, seed=0)
     assert model.head is head and clone.head is not head
     assert clone.head.weight.shape == (3, model.backbone.num_features)
     logits = clone.head(torch.from_numpy(np.nan_to_num(features)))
@@ -152,38 +154,38 @@ def test_shuffled_head_two_classes_of_three():
 def test_similarity_measures():
     rng = np.random.default_rng(0)
     a = rng.random((32, 32))
-    assert S.spearman(a, a) == pytest.approx(1.0) and S.ssim(a, a) == pytest.approx(1.0)
-    assert abs(S.spearman(a, rng.random((32, 32)))) < 0.2
-    assert S.spearman(a, np.zeros((32, 32))) == 0.0          # a flat map shares no ranking
+    assert sanity.spearman(a, a) == pytest.approx(1.0) and sanity.ssim(a, a) == pytest.approx(1.0)
+    assert abs(sanity.spearman(a, rng.random((32, 32)))) < 0.2
+    assert sanity.spearman(a, np.zeros((32, 32))) == 0.0          # a flat map shares no ranking
 
 
 def test_class_average_gradcam():
     model = tiny(3).eval()
     images = [picture(label % 3, 40) for label in range(7)] + [None]
     labels = [i % 3 for i in range(8)]
-    transform = D.build_transform(SIZE, (0.5,) * 3, (0.25,) * 3)
+    transform = transforms.build_transform(SIZE, (0.5,) * 3, (0.25,) * 3)
     seen = []
-    heat = S.class_average_gradcam(model, images, labels, transform, batch_size=4,
+    heat = sanity.class_average_gradcam(model, images, labels, transform, batch_size=4,
                                    progress=lambda d, t: seen.append((d, t)))
     assert sorted(heat) == [0, 1, 2]
     for cam in heat.values():
         assert cam.shape == (SIZE, SIZE) and np.isfinite(cam).all()
         assert cam.min() >= 0 and cam.max() <= 1 + 1e-6
     assert seen[-1] == (7, 7)
-    assert sorted(S.class_average_gradcam(model, images, labels, transform, target="predicted")) == [0, 1, 2]
+    assert sorted(sanity.class_average_gradcam(model, images, labels, transform, target="predicted")) == [0, 1, 2]
 
-    means = S.class_mean_images(images, labels, SIZE)
+    means = sanity.class_mean_images(images, labels, SIZE)
     assert sorted(means) == [0, 1, 2] and means[0].shape == (SIZE, SIZE, 3)
-    assert S.heat_image(heat[0], means[0]).shape == (SIZE, SIZE, 3)
-    assert S.heat_image(heat[0]).dtype == np.uint8
+    assert sanity.heat_image(heat[0], means[0]).shape == (SIZE, SIZE, 3)
+    assert sanity.heat_image(heat[0]).dtype == np.uint8
 
 
 def test_class_average_refuses_a_transformer():
     torch.manual_seed(0)
-    vit = B.build_model("test_vit", 2, weights="random").eval()
+    vit = backbones.build_model("test_vit", 2, weights="random").eval()
     images = [picture(0, 160)]
     with pytest.raises(ValueError, match="Grad-CAM"):
-        S.class_average_gradcam(vit, images, [0], D.build_transform(160, (0.5,) * 3, (0.25,) * 3))
+        sanity.class_average_gradcam(vit, images, [0], transforms.build_transform(160, (0.5,) * 3, (0.25,) * 3))
 
 
 # ---------------------------------------------------------------- the Inspect page

@@ -20,8 +20,8 @@ from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.util import patch_config_options
 
 from apptest_helpers import assert_ok, start_button
-from core.store import get_run, list_runs
-from core.worker import MANAGER
+from core.serve.store import get_run, list_runs
+from core.serve.worker import MANAGER
 
 pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
@@ -45,7 +45,7 @@ def session(claims: dict) -> AppTest:
 
 def teachers(n: int) -> list[dict]:
     """n teacher accounts of a class server (each sees everyone's runs, "Only my runs" by default)."""
-    from core import accounts
+    from core.serve import accounts
     made = accounts.create_class("staff", [f"teacher {i}" for i in range(n)], role="teacher")
     for account, code in made:
         accounts.sign_in(account.id, code, new_password="correct horse")

@@ -17,10 +17,12 @@ from streamlit.testing.v1 import AppTest
 
 from apptest_helpers import ENTRY, assert_ok, errors, keys, texts, use_small_settings, wait_state
 from conftest import class_folders, tiny_run_config
-from core import access, paths, presets
-from core import store as R
-from core import training
-from core.worker import MANAGER, QueueFull, RunManager
+from core.config import ConfigError, RunConfig
+from core import paths
+from core.serve import access, presets
+from core.serve import store
+from core.train import run as training
+from core.serve.worker import MANAGER, QueueFull, RunManager
 
 pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
 
@@ -50,7 +52,7 @@ def signed_in(claims: dict) -> AppTest:
 
 
 def new_account() -> dict:
-    from core import accounts
+    from core.serve import accounts
     (account, code), = accounts.create_class("lab", [f"student {next(_STUDENTS)}"])
     accounts.sign_in(account.id, code, new_password="correct horse")
     return accounts.account_claims(accounts.get(account.id))
@@ -77,7 +79,7 @@ def student(data_root: Path | None = None, page: str | None = None, **settings) 
 
 
 def teacher(page: str | None = None) -> AppTest:
-    from core import accounts
+    from core.serve import accounts
     at = signed_in(accounts.teacher_claims(TOKEN))
     assert "teacher)" in "\n".join(c.value for c in at.sidebar.caption)
     if page:
@@ -125,7 +127,7 @@ def test_default_server_is_local_and_shows_no_tracebacks():
 def test_anonymous_and_forged_sessions_see_only_the_sign_in(classroom):
     """No sign-in, claims for an account that doesn't exist, another account's name with this
     one's mac, a teacher claim for an old token: the page asks to sign in and shows nothing else."""
-    from core import accounts
+    from core.serve import accounts
     mine = new_account()
     forged = [{}, dict(mine, lab_account="lab-someone-else"), {"lab_account": "lab-x", "lab_mac": "0" * 64},
               accounts.teacher_claims(TOKEN + "-old"), {"lab_teacher": "x", "lab_mac": "y"}]
@@ -158,7 +160,7 @@ def test_students_see_and_manage_only_their_own_runs(classroom, shared_set):
     wait_state(long_id, ("running",) + ENDED, timeout=90)
     short_id = start(b)
     assert "ahead of it in the lab's queue" in texts(b)       # B sees its place and a start time
-    assert R.get_run(long_id).owner == a.session_state["lab"].owner != b.session_state["lab"].owner
+    assert store.get_run(long_id).owner == a.session_state["lab"].owner != b.session_state["lab"].owner
     for at, own in ((a, long_id), (b, short_id)):
         at.run()
         assert_ok(at)
@@ -170,7 +172,7 @@ def test_students_see_and_manage_only_their_own_runs(classroom, shared_set):
     assert_ok(b)
     assert b.selectbox(key="run_pick").value == short_id
     with pytest.raises(access.AccessError):
-        access.check_manage(access.User(b.session_state["lab"].owner), R.get_run(long_id))
+        access.check_manage(access.User(b.session_state["lab"].owner), store.get_run(long_id))
 
     t = teacher(TRAIN)
     assert "run_pick" not in keys(t, "selectbox")           # "Only my runs" is on by default
@@ -182,26 +184,26 @@ def test_students_see_and_manage_only_their_own_runs(classroom, shared_set):
     t.button(key="stop").click().run()
     assert wait_state(long_id)["state"] == "stopped"
     assert MANAGER.wait(short_id, timeout=120)
-    assert R.get_run(short_id).status()["state"] == "finished"
+    assert store.get_run(short_id).status()["state"] == "finished"
     b.switch_page(EVALUATE).run()
     assert_ok(b)
     assert picker_ids(b, "eval_run_pick") == {short_id}
     t.run()
     t.button(key="delete").click().run()
     assert_ok(t)
-    assert [r.id for r in R.list_runs()] == [short_id]
+    assert [r.id for r in store.list_runs()] == [short_id]
 
 
 def test_home_lists_only_my_runs_and_shows_the_admin_panel_to_the_teacher(classroom, shared_set):
     cfg = tiny_run_config(shared_set, epochs=1)
-    theirs = R.Run.create(cfg, owner="someone1")
+    theirs = store.Run.create(cfg, owner="someone1")
     theirs.set_status("finished")
     at = student()
     assert theirs.id not in str(at.dataframe) if at.dataframe else True
     assert "You are a student" in texts(at)
     t = teacher()
     assert ":material/key: Teacher (admin) settings" in [e.label for e in t.expander]
-    from core import accounts
+    from core.serve import accounts
     again = signed_in(accounts.teacher_claims(TOKEN))     # a reload: the same signed cookie
     assert "teacher)" in "\n".join(c.value for c in again.sidebar.caption)
     copied = AppTest.from_file(ENTRY, default_timeout=60)  # the teacher's session state, no cookie
@@ -260,7 +262,7 @@ def test_a_preset_naming_someone_elses_folder_is_not_trained(classroom, image_fo
     next(b for b in at.button if "Start training" in b.label).click().run()
     assert_ok(at)
     assert "Students may open folders only below" in errors(at)
-    assert R.list_runs() == []
+    assert store.list_runs() == []
 
 
 def test_predict_batch_folder_is_checked_too(classroom, image_folder, shared_set):
@@ -346,9 +348,9 @@ def test_zip_uploads_land_in_my_folder_within_my_quota(classroom):
 # ---------------------------------------------------------------- presets
 
 def test_presets_are_per_user_and_never_overwrite_others(classroom):
-    preset = presets.make_preset(R.RunConfig().to_dict(), "Lab 3!")
+    preset = presets.make_preset(RunConfig().to_dict(), "Lab 3!")
     teachers = presets.save_preset(preset)                         # the teacher's, shared
-    mine = presets.save_preset(presets.make_preset(R.RunConfig(lr=0.01).to_dict(), "lab 3"),
+    mine = presets.save_preset(presets.make_preset(RunConfig(lr=0.01).to_dict(), "lab 3"),
                                presets.user_dir("alice1"))
     assert mine != teachers and teachers.exists() and presets.parse_preset(teachers.read_bytes())["settings"]["lr"] == 1e-3
     with pytest.raises(presets.PresetError, match="already called"):
@@ -366,7 +368,7 @@ def test_presets_are_per_user_and_never_overwrite_others(classroom):
 
 
 def test_a_student_saving_a_preset_leaves_the_teachers_alone(classroom):
-    teachers = presets.save_preset(presets.make_preset(R.RunConfig().to_dict(), "Lab 3"))
+    teachers = presets.save_preset(presets.make_preset(RunConfig().to_dict(), "Lab 3"))
     before = teachers.read_text()
     at = student()
     at.text_input(key="preset_name").input("lab 3!").run()
@@ -386,7 +388,7 @@ class FakeLauncher:
     name = "local"
 
     def __init__(self):
-        from core import slots
+        from core.serve import slots
         self.order: list[str] = []
         self.go = False
         self._slots = slots.plan(setting=1, n_cores=1, n_gpus=0, mps=False)
@@ -410,7 +412,7 @@ class FakeLauncher:
 
     def poll(self, job):
         if self.go:
-            R.get_run(job.run_id).set_status("finished", message="done")
+            store.get_run(job.run_id).set_status("finished", message="done")
         return self.go, 0 if self.go else None
 
     def kill(self, job):
@@ -418,7 +420,7 @@ class FakeLauncher:
 
 
 def fake_manager():
-    from core.executor import Executor
+    from core.serve.executor import Executor
     MANAGER.close()       # the lab's own dispatcher would take these runs too, as a second server would
     launcher = FakeLauncher()
     manager = RunManager(Executor(launcher))
@@ -455,16 +457,16 @@ def test_a_student_can_queue_only_so_many(monkeypatch, tmp_path):
     manager.executor.tick()                                 # the first one trains...
     for _ in range(2):
         manager.submit(cfg, owner="alice", max_queued=2)   # ...two wait
-    before = len(R.list_runs())
+    before = len(store.list_runs())
     with pytest.raises(QueueFull, match="allows 2 at a time"):
         manager.submit(cfg, owner="alice", max_queued=2)
-    assert len(R.list_runs()) == before                    # nothing created for the refused one
+    assert len(store.list_runs()) == before                    # nothing created for the refused one
     manager.submit(cfg, owner="bob", max_queued=2)          # others are not affected
-    from core import sweeps
+    from core.train import sweeps
     monkeypatch.setattr(sweeps, "MANAGER", manager)
     with pytest.raises(QueueFull):
         sweeps.queue([cfg, cfg], owner="alice", max_queued=2)
-    for run in R.list_runs():
+    for run in store.list_runs():
         manager.stop(run.id)
     fake.go = True
     manager.executor.tick()
@@ -481,10 +483,10 @@ def test_the_teachers_minute_cap_stops_a_student_run(tiny_config):
 
 
 def test_the_teachers_epoch_cap(classroom):
-    cfg, note = access.capped(R.RunConfig(epochs=50, phase1_epochs=40), access.User("alice1"),
+    cfg, note = access.capped(RunConfig(epochs=50, phase1_epochs=40), access.User("alice1"),
                               access.Policy(max_epochs=10))
     assert cfg.epochs == 10 and cfg.phase1_epochs == 10 and "capped at 10" in note
-    cfg, note = access.capped(R.RunConfig(epochs=50), access.User("t1", admin=True), access.Policy(max_epochs=10))
+    cfg, note = access.capped(RunConfig(epochs=50), access.User("t1", admin=True), access.Policy(max_epochs=10))
     assert cfg.epochs == 50 and not note
 
 
@@ -494,10 +496,10 @@ def test_a_failing_run_never_stops_the_queue(monkeypatch, tmp_path):
     data = class_folders(tmp_path / "data", 3, 8)
     cfg = tiny_run_config(data, epochs=1).to_dict()
     manager = MANAGER
-    first = manager.submit(R.RunConfig(**{**cfg, "name": "first"}), owner="a")
-    gone = manager.submit(R.RunConfig(**{**cfg, "name": "gone"}), owner="b")
-    boom = manager.submit(R.RunConfig(**{**cfg, "name": "boom", "data_root": str(tmp_path / "no such folder")}), owner="c")
-    last = manager.submit(R.RunConfig(**{**cfg, "name": "last"}), owner="d")
+    first = manager.submit(RunConfig(**{**cfg, "name": "first"}), owner="a")
+    gone = manager.submit(RunConfig(**{**cfg, "name": "gone"}), owner="b")
+    boom = manager.submit(RunConfig(**{**cfg, "name": "boom", "data_root": str(tmp_path / "no such folder")}), owner="c")
+    last = manager.submit(RunConfig(**{**cfg, "name": "last"}), owner="d")
     import shutil
     shutil.rmtree(gone.path)
     for run in (first, gone, boom, last):
@@ -514,12 +516,12 @@ def test_a_run_is_trained_by_one_process_at_a_time(tiny_config):
     keeps the run: Resume is refused with a sentence, a direct train_run backs off without
     touching the status, and the run doesn't read as interrupted."""
     import fcntl
-    run = R.Run.create(tiny_config(epochs=2))
+    run = store.Run.create(tiny_config(epochs=2))
     run.write_json("status.json", dict(state="running", last_epoch=1, pid=1, updated=time.time() - 3600))
     with open(run.file(".lock"), "a+") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert run.busy()
-        with pytest.raises(R.RunBusy):
+        with pytest.raises(store.RunBusy):
             training.train_run(run)
         assert run.status()["state"] == "running"          # pid 1 is alive and holds the lock
         run.set_status("stopped")
@@ -541,7 +543,7 @@ def test_a_full_disk_fails_with_a_sentence_leaves_no_temp_files_and_resumes(tiny
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(state, path, *args, **kwargs)
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    run = R.Run.create(tiny_config(epochs=3))
+    run = store.Run.create(tiny_config(epochs=3))
     status = training.train_run(run)
     assert status["state"] == "failed"
     assert "The disk is full" in status["message"] and "Resume" in status["message"]
@@ -567,7 +569,7 @@ def test_torch_save_on_a_full_disk_reads_as_a_full_disk(tiny_config, monkeypatch
     free = shutil.disk_usage
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: free(p)._replace(free=1024))
-    run = R.Run.create(tiny_config(epochs=3))
+    run = store.Run.create(tiny_config(epochs=3))
     status = training.train_run(run)
     assert status["state"] == "failed" and "The disk is full" in status["message"]
     assert not list(run.path.glob(".*.tmp")) and run.resumable()
@@ -593,10 +595,10 @@ def test_a_read_only_data_directory_gives_one_sentence(monkeypatch, tmp_path):
 def test_an_unknown_or_hostile_arch_creates_no_folder(tmp_path):
     before = {p for p in tmp_path.rglob("*")}
     for arch in ("../../../../elsewhere", "no_such_model", "hf-hub:../../x"):
-        with pytest.raises(R.ConfigError, match="arch is"):
-            MANAGER.submit(R.RunConfig(data_root=str(tmp_path), arch=arch))
+        with pytest.raises(ConfigError, match="arch is"):
+            MANAGER.submit(RunConfig(data_root=str(tmp_path), arch=arch))
     assert {p for p in tmp_path.rglob("*")} - before <= {paths.home(), paths.runs_dir()}
-    assert R.list_runs() == []
+    assert store.list_runs() == []
 
 
 def test_resume_pressed_right_after_stop_trains_on(tiny_config):

@@ -3,19 +3,19 @@ import pytest
 import torch
 
 import core
-from core import device as dev
-from core import training as T
+from core import device as devices
+from core.train import caches
 
 
 def test_bf16_switch(monkeypatch):
     monkeypatch.setenv("FINETUNE_LAB_CPU_BF16", "1")
-    assert dev.cpu_bf16()
-    with dev.autocast(torch.device("cpu")):
+    assert devices.cpu_bf16()
+    with devices.autocast(torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     monkeypatch.setenv("FINETUNE_LAB_CPU_BF16", "0")
-    assert not dev.cpu_bf16()
-    assert "fp32" in dev.describe(torch.device("cpu"))
+    assert not devices.cpu_bf16()
+    assert "fp32" in devices.describe(torch.device("cpu"))
 
 
 @pytest.mark.slow
@@ -28,15 +28,15 @@ def test_training_under_bf16_finishes(monkeypatch, tiny_config, image_folder):
 
 
 def test_sweep_caches_give_identical_results(tiny_config, image_folder):
-    T._DECODED.clear()
-    T._FEATURES.clear()
+    caches._DECODED.clear()
+    caches._FEATURES.clear()
     cfg = tiny_config(data_root=str(image_folder()), freeze="head", epochs=3)
     first = core.train(cfg)
-    assert T._DECODED and T._FEATURES        # filled by the first run
+    assert caches._DECODED and caches._FEATURES        # filled by the first run
     second = core.train(cfg)
     assert [e["val_acc"] for e in first.epochs()] == [e["val_acc"] for e in second.epochs()]
     assert first.status()["test_acc"] == second.status()["test_acc"]
-    T._DECODED.clear()
-    T._FEATURES.clear()
+    caches._DECODED.clear()
+    caches._FEATURES.clear()
     third = core.train(cfg)                  # the same without caches
     assert [e["train_loss"] for e in third.epochs()] == [e["train_loss"] for e in first.epochs()]

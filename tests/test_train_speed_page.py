@@ -7,7 +7,7 @@ import time
 import pytest
 
 from apptest_helpers import assert_ok, opened, use_small_settings
-from core.store import list_runs
+from core.serve.store import list_runs
 from test_pages import button, charts, texts, wait_for_state
 
 pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
@@ -53,7 +53,7 @@ def test_learning_rate_test_draws_a_chart_and_applies_only_on_click(image_folder
     button(at, "Suggest a learning rate").click().run()
     assert_ok(at)
     task_id, _ = at.session_state["lab"].page["lr_task"]        # a task in a worker process
-    from core import tasks
+    from core.serve import tasks
     end = time.monotonic() + 180
     while tasks.get_task(task_id).status().get("state") in ("queued", "preparing", "running"):
         assert time.monotonic() < end, tasks.get_task(task_id).status()

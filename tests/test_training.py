@@ -1,4 +1,4 @@
-"""core.training, core.store and core.evaluate: whole runs on tiny models and generated images."""
+"""core.train.run, core.serve.store and core.results.evaluate: whole runs on tiny models and generated images."""
 from __future__ import annotations
 
 import contextlib
@@ -16,11 +16,13 @@ import torch
 
 import core
 from conftest import class_image
-from core import training as T
+from core.train import caches
+from core.train import run as training
 from core.data import DataError
-from core.evaluate import evaluate_run, load_run_model
-from core.store import Run, get_run, list_runs
-from core.worker import MANAGER
+from core.results.evaluate import evaluate_run
+from core.models.backbones import load_run_model
+from core.serve.store import Run, get_run, list_runs
+from core.serve.worker import MANAGER
 
 EPOCH_KEYS = {"epoch", "lr", "train_loss", "val_loss", "val_acc", "seconds"}
 
@@ -60,7 +62,7 @@ def check_finished_run(run: Run, cfg) -> dict:
 
 def test_train_with_feature_cache_writes_everything(tiny_config, lab_home):
     cfg = tiny_config(freeze="head")
-    assert T.uses_feature_cache(cfg)
+    assert caches.uses_feature_cache(cfg)
     run = core.train(cfg)
     metrics = check_finished_run(run, cfg)
     assert run.status()["feature_cache"] is True
@@ -86,7 +88,7 @@ def test_train_with_feature_cache_writes_everything(tiny_config, lab_home):
 ], ids=["full-augment", "top_k-mlp-cosine", "effnet-head-nocache"])
 def test_train_without_feature_cache(tiny_config, settings):
     cfg = tiny_config(**settings)
-    assert not T.uses_feature_cache(cfg)
+    assert not caches.uses_feature_cache(cfg)
     run = core.train(cfg)
     check_finished_run(run, cfg)
     assert run.status()["feature_cache"] is False
@@ -119,7 +121,7 @@ def test_stop_event_set_before_start(tiny_config):
     run = Run.create(tiny_config())
     stop = threading.Event()
     stop.set()
-    status = T.train_run(run, stop=stop)
+    status = training.train_run(run, stop=stop)
     assert status["state"] == "stopped" and "Stopped" in status["message"]
     assert run.status()["state"] == "stopped"
     assert run.epochs() == []
@@ -128,7 +130,7 @@ def test_stop_event_set_before_start(tiny_config):
 @pytest.mark.parametrize("freeze", ["head", "full"])
 def test_huge_learning_rate_does_not_raise(tiny_config, freeze):
     run = Run.create(tiny_config(optimizer="sgd", lr=1e6, momentum=0.9, freeze=freeze, epochs=2))
-    status = T.train_run(run)
+    status = training.train_run(run)
     assert status["state"] in ("failed", "finished"), status
     if status["state"] == "failed":
         assert "NaN" in status["message"]
@@ -138,12 +140,12 @@ def test_huge_learning_rate_does_not_raise(tiny_config, freeze):
 def test_a_nan_loss_stops_the_run_with_a_sentence(tiny_config, freeze, monkeypatch):
     """The guard itself: a loss that turns NaN (as a far too high learning rate makes it) ends
     the run as failed with the sentence, never as finished (it fails if the guard is removed)."""
-    class NaNLoss(T.nn.CrossEntropyLoss):
+    class NaNLoss(training.nn.CrossEntropyLoss):
         def forward(self, logits, target):
             return super().forward(logits, target) * float("nan")
-    monkeypatch.setattr(T.nn, "CrossEntropyLoss", NaNLoss)
+    monkeypatch.setattr(training.nn, "CrossEntropyLoss", NaNLoss)
     run = Run.create(tiny_config(freeze=freeze, epochs=2))
-    status = T.train_run(run)
+    status = training.train_run(run)
     assert status["state"] == "failed", status
     assert "NaN" in status["message"] and "learning rate" in status["message"]
 
@@ -308,7 +310,7 @@ def test_a_model_timm_cant_build_fails_clearly_in_foreground(tiny_config, monkey
     run = Run.create(tiny_config())
     cfg = run.read_json("config.json")
     run.write_json("config.json", dict(cfg, arch="not_a_timm_model"))
-    status = T.train_run(run)
+    status = training.train_run(run)
     assert status["state"] == "failed"
     assert "no model called 'not_a_timm_model'" in status["message"]
 
@@ -316,7 +318,7 @@ def test_a_model_timm_cant_build_fails_clearly_in_foreground(tiny_config, monkey
 def test_unexpected_error_in_foreground_run_is_recorded(tiny_config, monkeypatch):
     def broken_build(*args, **kwargs):
         raise RuntimeError("boom: model construction failed")
-    monkeypatch.setattr(T, "build_model", broken_build)
+    monkeypatch.setattr(training, "build_model", broken_build)
     with contextlib.suppress(Exception):
         core.train(tiny_config())
     (run,) = list_runs()

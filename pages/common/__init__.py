@@ -6,10 +6,11 @@ import threading
 
 import streamlit as st
 
-from core import access, paths  # noqa: F401 - pages use common.access
+from core import paths
+from core.serve import access  # noqa: F401 - pages use common.access
 from core.config import RunConfig
-from core.store import ACTIVE_STATES, get_run, list_runs  # noqa: F401 - pages use them as common.X
-from core.worker import MANAGER  # noqa: F401
+from core.serve.store import ACTIVE_STATES, get_run, list_runs  # noqa: F401 - pages use them as common.X
+from core.serve.worker import MANAGER  # noqa: F401
 from pages.common import state  # noqa: F401
 from pages.common.state import lab
 from pages.common.ownership import *  # noqa: F401,F403 - the pages call these as common.X

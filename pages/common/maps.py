@@ -1,4 +1,4 @@
-"""Embedding maps in the page: an Altair scatter of core.embedding_map's frames (hover shows the
+"""Embedding maps in the page: an Altair scatter of core.trust.embedding_map's frames (hover shows the
 image, a box drag or a click selects images, shown below the chart), the before/after pair of a
 trained run, and the map of a plain data set."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import embedding_map as M
-from core.backbones import WeightsError
+from core.trust import embedding_map
+from core.models.backbones import WeightsError
 from core.data import DataError
-from core.embeddings import DEFAULT_ARCH, DEFAULT_SIZE, Cancelled
+from core.trust.embeddings import DEFAULT_ARCH, DEFAULT_SIZE, Cancelled
 from pages.common.panels import run_heavy
 from pages.common.state import lab
 from pages.common.widgets import image_grid, thumbnail
@@ -132,11 +132,11 @@ def before_after_maps(run) -> None:
     ident = f"{run.id}:{method}:{run.checkpoint.stat().st_mtime if run.checkpoint.exists() else 0}"
     if st.button("Compute the maps" if ident not in store else "Compute again", key="map_compute",
                  icon=":material/scatter_plot:",
-                 help=f"Embeds up to {M.MAX_IMAGES:,} of the run's images twice (pretrained and fine-tuned), "
+                 help=f"Embeds up to {embedding_map.MAX_IMAGES:,} of the run's images twice (pretrained and fine-tuned), "
                       "then projects them to 2-D."):
         bar, progress = _progress_bar()
         try:
-            frames = run_heavy("embedding map", lambda checked: M.run_map_frames(run, method, progress=checked),
+            frames = run_heavy("embedding map", lambda checked: embedding_map.run_map_frames(run, method, progress=checked),
                                progress)
         except FAILURES as err:
             bar.empty()
@@ -148,13 +148,13 @@ def before_after_maps(run) -> None:
         for old in [k for k in store if not k.startswith(f"{run.id}:")]:   # one run's maps are enough memory
             del store[old]
         store[ident] = frames
-        M.save_run_maps(run, frames)          # for the run's HTML report
+        embedding_map.save_run_maps(run, frames)          # for the run's HTML report
     if ident not in store:
         st.caption("Press *Compute the maps*: a few seconds for a small data set, about a minute for 2,000 images.")
         return
     for col, frame, name in zip(st.columns(2), store[ident], ("before", "after")):
         with col:
-            used = M.METHODS.get(frame.attrs.get("method"), "")
+            used = embedding_map.METHODS.get(frame.attrs.get("method"), "")
             st.caption(frame.attrs.get("note", "") + (f" ({used})" if used else ""))
             embedding_map_chart(frame, frame.attrs.get("title", name), key=f"map_{name}", classes=run.classes)
 
@@ -170,7 +170,7 @@ def dataset_map(root, items, classes: list[str], flags=None, key: str = "dataset
     if st.button("Compute the map", key=f"{key}_compute", icon=":material/scatter_plot:"):
         bar, progress = _progress_bar()
         try:
-            frame = run_heavy("embedding map", lambda checked: M.dataset_frame(
+            frame = run_heavy("embedding map", lambda checked: embedding_map.dataset_frame(
                 str(root), items, classes, method, arch=arch, size=size, progress=checked), progress)
         except FAILURES as err:
             bar.empty()

@@ -1,4 +1,4 @@
-"""Who this browser is, what it may do (core.access), and the page-side wrappers that hold a
+"""Who this browser is, what it may do (core.serve.access), and the page-side wrappers that hold a
 user to it: their runs, their uploads, the teacher's caps when queueing."""
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import access, accounts
+from core.serve import access, accounts
 from core.config import RunConfig, validate_config
-from core.store import Run, get_run, list_runs
-from core.worker import MANAGER
+from core.serve.store import Run, get_run, list_runs
+from core.serve.worker import MANAGER
 from pages.common.state import lab
 
 
@@ -117,7 +117,7 @@ def submit(cfg: RunConfig) -> Run:
 
 def queue_sweep(configs: list[RunConfig]) -> list[Run]:
     """Queue a sweep's runs for this user, all within the admin's caps or none."""
-    from core import sweeps
+    from core.train import sweeps
     who, rules = user(), policy()
     if configs and (problem := access.run_data_problem(who, configs[0].data_root, rules)):
         raise access.AccessError(problem)
@@ -133,9 +133,9 @@ def server_folder(typed: str) -> Path:
 
 def save_zip(data: bytes, name: str) -> Path:
     """Unpack an uploaded zip into this user's upload folder, within their disk allowance."""
-    from core import data as D
+    from core.data import zips
     who = user()
-    if (done := D.upload_dir(data, name, parent=access.uploads_dir(who))).exists():
+    if (done := zips.upload_dir(data, name, parent=access.uploads_dir(who))).exists():
         return done        # the page reruns while the uploader holds the file: already unpacked
-    allowed = min(access.upload_allowance(who, policy()), D.MAX_ZIP_BYTES)
-    return D.save_upload_zip(data, name, folder=access.uploads_dir(who), max_bytes=allowed)
+    allowed = min(access.upload_allowance(who, policy()), zips.MAX_ZIP_BYTES)
+    return zips.save_upload_zip(data, name, folder=access.uploads_dir(who), max_bytes=allowed)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import access
+from core.serve import access
 from core.config import RunConfig
-from core.store import Run, delete_run, get_run
-from core.worker import MANAGER
+from core.serve.store import Run, delete_run, get_run
+from core.serve.worker import MANAGER
 from pages.common import state
 from pages.common.ownership import (can_manage, mine, my_runs, open_run, owner_name, policy, session_owner,
                                     student_limits, user)
@@ -120,7 +120,7 @@ def run_heavy(what: str, job, progress=None):
     """`job(progress)` while holding one of the server's page task slots, within the teacher's
     minute cap for students; `progress(text, fraction)` is checked against the cap on every call.
     None (and a warning on the page) when the server is busy or the cap was reached."""
-    from core import gate
+    from core.serve import gate
     rules, who = policy(), user()
     try:
         with gate.slot(what, rules.max_tasks, None if who.admin else rules.task_minutes * 60.0) as check:
@@ -186,14 +186,14 @@ def command_line(cfg: RunConfig, axes: dict | None = None) -> None:
 
 def presets_panel(settings: dict) -> None:
     """Load a shipped, saved or uploaded preset; save the current settings as one."""
-    from core import presets as P
+    from core.serve import presets
     with st.expander(":material/inventory_2: Presets: load or save a set of settings"):
         st.caption("A preset is a small JSON file of settings. A teacher saves one and hands it out; "
                    "every student who loads it starts from the same configuration.")
         load, save = st.columns(2)
         with load:
             who = user()
-            choices = dict(P.list_presets(None if who.admin else who.id))
+            choices = dict(presets.list_presets(None if who.admin else who.id))
             label = st.selectbox("Preset", list(choices), index=None, placeholder="Pick a preset",
                                  key="preset_pick")
             upload = st.file_uploader("…or upload a preset file", type=["json"], key="preset_upload")
@@ -203,8 +203,8 @@ def presets_panel(settings: dict) -> None:
             if st.button(f"Load {source}" if source else "Load preset", disabled=not source, key="preset_load"):
                 try:
                     blob = upload.getvalue() if upload else choices[label].read_bytes()
-                    use_preset(settings, P.parse_preset(blob))
-                except P.PresetError as err:
+                    use_preset(settings, presets.parse_preset(blob))
+                except presets.PresetError as err:
                     st.error(str(err))
             if note := lab().take("preset_note"):
                 st.success(note)
@@ -213,21 +213,21 @@ def presets_panel(settings: dict) -> None:
             description = st.text_area("Description (optional)", key="preset_description", height=68)
             with_data = st.checkbox("Include the data set and split", key="preset_with_data")
             replace = st.checkbox("Replace a saved preset of that name", key="preset_replace")
-            preset = P.make_preset(settings, name, description, with_data)
+            preset = presets.make_preset(settings, name, description, with_data)
             if st.button("Save on this server", key="preset_save", disabled=not name.strip()):
                 save_preset(preset, replace)
             if note := lab().take("preset_saved"):
                 st.success(note)
-            st.download_button("Download preset", json.dumps(preset, indent=1), f"{P.slug(name)}.json",
+            st.download_button("Download preset", json.dumps(preset, indent=1), f"{presets.slug(name)}.json",
                                "application/json", key="preset_download", disabled=not name.strip())
 
 def save_preset(preset: dict, replace: bool) -> None:
     """The teacher's presets are listed for everyone; a student's only for that student."""
-    from core import presets as P
+    from core.serve import presets
     who = user()
     try:
-        path = P.save_preset(preset, P.user_dir(None if who.admin else who.id), replace=replace)
-    except P.PresetError as err:
+        path = presets.save_preset(preset, presets.user_dir(None if who.admin else who.id), replace=replace)
+    except presets.PresetError as err:
         st.error(str(err))
         return
     where = "for every user" if who.admin else "for you only"
@@ -236,8 +236,8 @@ def save_preset(preset: dict, replace: bool) -> None:
 
 def use_preset(settings: dict, preset: dict) -> None:
     """Replace the settings the preset holds, and forget widget state so widgets redraw with them."""
-    from core import presets as P
-    settings.update(P.apply_preset(settings, preset))
+    from core.serve import presets
+    settings.update(presets.apply_preset(settings, preset))
     if "data_root" in preset["settings"]:
         settings["data_label"] = f"From preset: {settings['data_root']}"
     state.reset(settings)      # widgets redraw with the preset's values

@@ -9,7 +9,7 @@ import html
 import json
 import os
 
-from core import access, accounts
+from core.serve import access, accounts
 
 USER_COOKIE = "_streamlit_user"
 OPEN_PREFIXES = ("/_stcore", "/static", "/media", "/component", "/auth", "/oauth2callback", "/lab/",

@@ -6,15 +6,15 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core import budget as B
+from core.train import budget
 from core.config import RunConfig
 from pages import common
 
 
 @st.cache_data(show_spinner="Measuring this model on a few of your images to plan…", max_entries=16, ttl=600)
 def _preview(config: dict) -> dict:
-    out = B.preview(RunConfig.from_dict(config))
-    out["phases"] = B.describe_plan(out["phases"])
+    out = budget.preview(RunConfig.from_dict(config))
+    out["phases"] = budget.describe_plan(out["phases"])
     out["counts"] = vars(out["counts"])
     return out
 
@@ -102,8 +102,8 @@ def lr_panel(settings: dict) -> None:
 
 
 def _start_lr_test(cfg: RunConfig, key: tuple) -> None:
-    """The range test is a task in a worker process (core.tasks), not work for this page's thread."""
-    from core import access
+    """The range test is a task in a worker process (core.serve.tasks), not work for this page's thread."""
+    from core.serve import access
     who = common.user()
     problem = access.run_data_problem(who, cfg.data_root, common.policy())
     try:
@@ -118,7 +118,7 @@ def _start_lr_test(cfg: RunConfig, key: tuple) -> None:
 
 @st.fragment(run_every=1)
 def _lr_progress(task_and_key: tuple) -> None:
-    from core import tasks
+    from core.serve import tasks
     task_id, key = task_and_key
     try:
         task = tasks.get_task(task_id)
@@ -159,5 +159,5 @@ def run_speed_info(run) -> None:
     plan = run.read_json("plan.json")
     if plan:
         with st.expander(f":material/timer: Plan for a {plan['budget_s'] / 60:g}-minute budget", expanded=False):
-            st.table(_plan_frame(B.describe_plan(B.phases_from(plan["phases"]))))
+            st.table(_plan_frame(budget.describe_plan(budget.phases_from(plan["phases"]))))
             st.caption(" ".join(plan.get("notes", [])))

@@ -30,7 +30,7 @@ def thumbnail(path: str, size: int = 96):
     """A square tile (centre crop), so grids line up; a file gone or broken is a grey tile."""
     from PIL import Image, ImageOps
 
-    from core.data import open_rgb
+    from core.data.images import open_rgb
     try:
         return ImageOps.fit(open_rgb(path, size), (size, size))
     except Exception:  # noqa: BLE001 - any unreadable file becomes the grey tile

@@ -1,0 +1,193 @@
+"""A training run from start to end: data, model, phases, the loop, the final evaluation. It knows
+nothing of any UI: it reports through the run folder (status.json, epochs.jsonl) and stops when its
+`stop` event is set."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from core import rng
+from core.config import RunConfig
+from core.data import DataError, folders, transforms
+from core.data import splits as splitting
+from core.device import pick_device, set_cpu_threads
+from core.models.backbones import build_model, native_input_size
+from core.paths import resolve_data_root
+from core.models.backbones import data_config
+from core.results.evaluate import predict_probs, save_evaluation
+from core.serve.store import Run, RunBusy, disk_problem
+from core.train import budget
+from core.train import distributed as dist
+from core.train import estimate
+from core.train.caches import decode_cached
+from core.train.checkpoints import load_resume_state
+from core.train.loop import Loop, class_weights, phases_for
+from core.train.steps import Diverged, Reporter, Stopped, seed_everything
+
+
+def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
+    """Scan, split, decode once. Returns (classes, {split: (images, labels, files)})."""
+    report("preparing", force=True, message="Scanning the data set", phase="scan")
+    scan = folders.scan_folder(resolve_data_root(cfg.data_root), check=False)
+    splits = splitting.split_items(scan, cfg.split, cfg.split_seed, cfg.max_per_class)
+    if not splits["train"]:
+        raise DataError("The training split is empty.")
+    n_images = sum(len(items) for items in splits.values())
+    estimate.check_memory(int(n_images * 3 * cfg.image_size ** 2 * estimate.DECODED_ASPECT), f"Decoding {n_images:,} images at "
+                   f"{cfg.image_size} px", "use a smaller image size, or fewer images per class.")
+    run.write_json("classes.json", scan.classes)
+    run.write_json("splits.json", dict(root=scan.root, **{s: [(it.path, it.label) for it in items]
+                                                          for s, items in splits.items()}))
+    out, skipped = {}, []
+    for name, items in splits.items():
+        def progress(done, total, name=name):
+            report("preparing", message=f"Decoding {name} images", phase="decode",
+                   step=done, steps=total)
+        images, failures = decode_cached(scan.root, items, cfg.image_size, progress)
+        skipped += failures
+        keep = [i for i, img in enumerate(images) if img is not None]
+        out[name] = ([images[i] for i in keep], [items[i].label for i in keep],
+                     [items[i].path for i in keep])
+    run.write_json("skipped.json", skipped)
+    return scan.classes, out
+
+
+def train_run(run: Run, stop: threading.Event | None = None, resume: bool = False) -> dict:
+    """Train `run` as its config says (or go on from its last finished epoch when `resume`);
+    the final status is finished, stopped or failed. In a distributed job only rank 0 writes."""
+    if not dist.is_main():       # the other ranks of a distributed job only read the folder
+        return _train_held(run.follower(), stop, resume)
+    try:
+        with run.training_lock():
+            return _train_held(run, stop, resume)
+    except RunBusy:       # the process that holds it owns its status: leave that alone
+        logging.getLogger(__name__).warning("run %s is being trained by another process", run.id)
+        raise
+
+
+def _train_held(run: Run, stop: threading.Event | None, resume: bool) -> dict:
+    cfg = run.config
+    report = Reporter(run, stop)
+    try:
+        native = native_input_size(cfg.arch)
+        if native and native != cfg.image_size:       # e.g. ViT: position embeddings fix the size
+            cfg.image_size = native
+            run.write_json("config.json", cfg.to_dict())
+        return _train(run, cfg, report, load_resume_state(run) if resume else None)
+    except Stopped:
+        run.set_status("stopped", message="Stopped by the user. Finished epochs and the best "
+                       "checkpoint are kept; Resume goes on from the last finished epoch.")
+    except Diverged:
+        run.set_status("failed", message="The loss became NaN/infinite: the learning rate is "
+                       "probably too high. The best checkpoint so far is kept.")
+    except (DataError, ValueError) as err:
+        run.set_status("failed", message=str(err))
+    except OSError as err:
+        run.set_status("failed", message=disk_problem(err) or failure_message(err, cfg))
+    except Exception as err:  # noqa: BLE001 - record every failure instead of a stale 'running'
+        run.set_status("failed", message=failure_message(err, cfg))
+    return run.status()
+
+
+def failure_message(err: Exception, cfg: RunConfig) -> str:
+    if is_out_of_memory(err):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return (f"Out of memory at batch size {cfg.batch_size} and {cfg.image_size} px: try a smaller "
+                "batch size or image size. The best checkpoint so far is kept.")
+    return f"Unexpected error: {type(err).__name__}: {err}"
+
+
+def is_out_of_memory(err: Exception) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError that says so."""
+    text = str(err).lower()
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def plan_phases(cfg: RunConfig) -> list[tuple[str, str, int]]:
+    """(name, freeze mode, epochs) per phase of a config without a time budget."""
+    return [(p.name, p.freeze, p.epochs) for p in budget.config_phases(cfg)]
+
+
+def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = None) -> dict:
+    seed_everything(cfg.seed)
+    started = time.monotonic()
+    device = pick_device(cfg.device)
+    if device.type == "cpu":
+        set_cpu_threads()
+    classes, data = prepare_data(run, cfg, report)
+    if cfg.baseline == "logreg":
+        from core.train.baselines import train_logreg
+        return train_logreg(run, cfg, classes, data)
+    weights = "random" if cfg.freeze == "scratch" else cfg.weights
+    source = {"random": "random weights", "file": "your weights file", "hub": "a download from the hub",
+              "hub-cache": "the hub cache"}.get(weights, f"{weights} weights")
+    report("preparing", force=True, message=f"Building {cfg.arch} with {source} (step 1 of 3: model)",
+           phase="model", step=0, steps=3)
+    stream = rng.Stream(cfg.seed)      # the run's own random numbers, whatever else the process draws
+    with stream.active():
+        model = build_model(cfg.arch, len(classes), weights, cfg.weights_file, cfg.head, cfg.hidden,
+                            cfg.dropout)
+    report("preparing", force=True, message=f"Moving the model to {device.type} (step 2 of 3: model)",
+           phase="model", step=1, steps=3)
+    model.to(device, memory_format=torch.channels_last)
+    estimate.check_training(model, cfg.arch, cfg.image_size, cfg.batch_size, estimate.TRAINED_SHARE.get(cfg.freeze, 1.0), device)
+    report("preparing", force=True, message="Normalisation and loss (step 3 of 3: model)",
+           phase="model", step=2, steps=3)
+    mean, std = normalization(run, cfg, model, data["train"][0])
+    weight = class_weights(cfg, data["train"][1], len(classes), device)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    loop = Loop(run, cfg, report, model, data, criterion, device, mean, std, stream)
+    try:
+        loop.phases = phases_for(run, cfg, loop, resumed, started)
+        if resumed:
+            loop.restore(resumed)
+        if cfg.time_budget_s:
+            loop.deadline = started + cfg.time_budget_s - loop.test_reserve()
+        loop.fit()
+    finally:
+        loop.close()
+    if not dist.is_main():
+        return {}
+    return finish(run, cfg, loop, data)
+
+
+def finish(run: Run, cfg: RunConfig, loop: Loop, data) -> dict:
+    """Test the best checkpoint (rank 0 only) and record the final status."""
+    report, model, device = loop.report, loop.model, loop.device
+    report("running", force=True, message="Testing the best checkpoint", phase="test")
+    model.load_state_dict(safetensors.torch.load_file(str(run.checkpoint), device=str(device)))
+    images, labels, files = data["test"]
+    epoch = loop.epoch
+    done = "Finished" + (f" (early stop at epoch {epoch})" if epoch < cfg.epochs else "")
+    if labels:
+        if loop.feats and not any(p.requires_grad for p in model.backbone.parameters()):
+            with torch.inference_mode():     # backbone never changed: reuse its test features
+                probs = model.head.eval()(loop.feats["test"]).float().softmax(-1).cpu().numpy()
+        else:
+            probs = predict_probs(model, images, loop.eval_tf, device, progress=lambda done, total: report(
+                "running", message="Testing the best checkpoint", phase="test", step=done, steps=total))
+        metrics = save_evaluation(run, "test", files, labels, probs)
+        run.set_status("finished", message=done, test_acc=metrics["accuracy"], phase="done")
+    else:
+        run.set_status("finished", message=done + ", no test images", phase="done")
+    return run.status()
+
+
+def normalization(run: Run, cfg: RunConfig, model, train_images) -> tuple[list, list]:
+    """The backbone's pretrained mean/std, or the training images' own (streaming pass);
+    stored in norm.json so evaluation and export use the same numbers."""
+    if cfg.normalize == "dataset":
+        mean, std = transforms.dataset_stats(train_images)
+        std = [max(s, 1e-3) for s in std]
+    else:
+        dc = data_config(model, cfg.image_size)
+        mean, std = list(dc["mean"]), list(dc["std"])
+    run.write_json("norm.json", dict(mean=mean, std=std, source=cfg.normalize))
+    return mean, std
