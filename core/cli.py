@@ -132,7 +132,7 @@ def follow(run: Run, worker: threading.Thread) -> None:
     shown, told, seen, printed = 0, set(), None, 0.0
     while worker.is_alive():
         shown = show_new_epochs(run, shown, bar)
-        status = run.read_json("status.json", {}) or {}
+        status = run.status()
         told = show_speed_notes(status, told, bar)
         if status.get("updated") != seen:
             seen = status.get("updated")
@@ -179,8 +179,8 @@ def show_new_epochs(run: Run, shown: int, bar) -> int:
 
 
 def train_foreground(run: Run, resume: bool = False, quiet: bool = False) -> dict:
-    from core.train import distributed as dist
-    from core.train.run import train_run
+    from core.training import distributed as dist
+    from core.training.run import train_run
     if quiet or not dist.is_main():
         return train_run(run, resume=resume)
     worker = threading.Thread(target=train_run, args=(run,), kwargs=dict(resume=resume), daemon=True)
@@ -216,7 +216,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from core.train import distributed as dist
+    from core.training import distributed as dist
     cfg = load_config(args.config, args.set)
     dist.init()
     try:
@@ -232,7 +232,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from core.train import distributed as dist
+    from core.training import distributed as dist
     run = get_run(args.run)
     dist.init()
     try:     # under torchrun rank 0 decides: another rank could already see its 'queued' status
@@ -275,8 +275,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from core.train import distributed as dist
-    from core.train import sweeps
+    from core.training import distributed as dist
+    from core.training import sweeps
     if dist.launched():     # every rank would create and train its own copy of each run
         raise SystemExit("sweep runs one process; train a single configuration under torchrun instead.")
     base = load_config(args.config, args.set)
@@ -299,7 +299,7 @@ def cmd_sweep(args) -> int:
 def grid_axes(items: list[str]) -> dict[str, list]:
     """`--grid AXIS=V1,V2` as {axis: values}, each value of its setting's type; ConfigError with a
     sentence per bad axis or value (the combinations are validated after expanding)."""
-    from core.train import sweeps
+    from core.training import sweeps
     from core.data.transforms import PRESETS
     axes, problems = {}, []
     for item in items:
@@ -322,7 +322,7 @@ def grid_axes(items: list[str]) -> dict[str, list]:
 
 
 def cmd_lr(args) -> int:
-    from core.train.lr_find import suggest_lr
+    from core.training.lr_find import suggest_lr
     cfg = load_config(args.config, args.set)
 
     def progress(done, total, message):

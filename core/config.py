@@ -48,7 +48,7 @@ class RunConfig:
     cache_features: bool = True      # run frozen layers once per image and train on their output
     aug_views: int = 0               # augmented views per training image cached through frozen layers
                                      # (0: augmentations run live, so caching is off when augmenting)
-    time_budget_s: int = 0           # >0: plan the phases to fit this many seconds (core.train.budget)
+    time_budget_s: int = 0           # >0: plan the phases to fit this many seconds (core.training.budget)
     max_epochs: int = 0              # the teacher's epoch cap, which a time budget's plan keeps to (0 = none)
     device: str = "auto"
     name: str = ""
@@ -305,7 +305,7 @@ def config_problems(data, for_widgets: bool = False) -> tuple[dict, list[str]]:
     problems += setting_problems(settings, for_widgets)
     if "arch" in settings:
         problems += arch_problems(settings["arch"])
-    return settings, problems
+    return settings, problems + weights_problems(settings)
 
 
 def validate_config(data, for_widgets: bool = False) -> RunConfig:
@@ -315,3 +315,75 @@ def validate_config(data, for_widgets: bool = False) -> RunConfig:
     if problems:
         raise ConfigError(problems)
     return RunConfig.from_dict(settings).with_rules()
+
+
+# ---------------------------------------------------------------- what widgets offer, and the rules
+# between settings. Pages read these and never restate an option list, a range or a rule.
+
+HEAD_LR, FULL_LR = 1e-3, 3e-4     # AdamW rates for training the head alone / every block
+DEPTH_FOLLOWING = ("adam", "adamw")   # optimizers whose default rate follows the depth
+
+
+def options(name: str) -> list:
+    """What a widget for setting `name` offers: its choices (CHOICES, then the pages' own
+    WIDGET_CHOICES for numbers offered as steps)."""
+    return list(WIDGET_CHOICES.get(name) or CHOICES[name])
+
+
+def default_image_size(device_type: str) -> int:
+    """Smaller images on a CPU keep a demo quick; a GPU affords the backbones' usual 224 px."""
+    return 128 if device_type == "cpu" else 224
+
+
+def with_backbone(settings: dict, arch: str) -> dict:
+    """A new backbone brings its own default weights: a weights file or an unfrozen depth chosen
+    for the old one means nothing for it."""
+    if arch == settings.get("arch"):
+        return settings
+    return {**settings, "arch": arch, "weights": "auto", "weights_file": None, "top_k": 1}
+
+
+def clamp_top_k(settings: dict, blocks: int) -> dict:
+    """top_k can't exceed the backbone's number of blocks."""
+    return {**settings, "top_k": max(1, min(int(settings.get("top_k", 1)), max(blocks, 1)))}
+
+
+def depth_lr(trainable_fraction: float) -> float:
+    """A sensible AdamW learning rate for training this share of the backbone's blocks: the
+    head's 1e-3 with none, falling geometrically to 3e-4 for all."""
+    f = min(1.0, max(0.0, trainable_fraction))
+    return HEAD_LR * (FULL_LR / HEAD_LR) ** f
+
+
+def trained_share(freeze: str, top_k: int, blocks: int) -> float:
+    """The share of the backbone's blocks that train (scratch starts from nothing: a head's rate)."""
+    return {"head": 0.0, "top_k": top_k / max(blocks, 1), "full": 1.0, "scratch": 0.0}[freeze]
+
+
+def lr_for_depth(settings: dict, blocks: int) -> float | None:
+    """The learning rate the depth suggests (2 significant digits), or None where the rule
+    doesn't apply (SGD and RMSprop want other rates)."""
+    if settings.get("optimizer") not in DEPTH_FOLLOWING:
+        return None
+    share = trained_share(settings["freeze"], int(settings.get("top_k", 1)), blocks)
+    return float(f"{depth_lr(share):.1e}")
+
+
+def follow_depth(settings: dict, blocks: int, last_suggested: float | None) -> tuple[dict, float | None]:
+    """(settings, the suggestion): the rate follows the depth unless the user typed one of
+    their own, which is any rate other than the default or the last suggestion."""
+    suggested = lr_for_depth(settings, blocks)
+    if suggested is None:
+        return settings, None
+    if settings["lr"] in (last_suggested, RunConfig().lr) and settings["lr"] != suggested:
+        settings = {**settings, "lr": suggested}
+    return settings, suggested
+
+
+def weights_problems(settings: dict) -> list[str]:
+    """weights=file needs a file, except from scratch (which ignores weights)."""
+    if settings.get("weights") == "file" and not settings.get("weights_file") \
+            and settings.get("freeze") != "scratch":
+        return ["weights is 'file' but no weights_file is given: upload a weights file on the "
+                "Model page (or pass weights_file=PATH), or pick other weights."]
+    return []

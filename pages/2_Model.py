@@ -14,7 +14,7 @@ import torch
 
 from core.models import backbones
 from core.serve import access
-from core.train.budget import depth_lr
+from core.config import depth_lr
 from core.config import FREEZE_MODES, RunConfig
 from core.paths import resolve_data_root
 from pages import common

@@ -1,4 +1,4 @@
-"""core.data.scan: scanning folders, splits, safe zip extraction, decoding and transforms."""
+"""core.data: scanning folders, splits, safe zip extraction, decoding and transforms."""
 from __future__ import annotations
 
 import io

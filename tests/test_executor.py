@@ -202,7 +202,7 @@ def test_a_dead_servers_running_record_is_cleaned(tiny_config):
     run = m.submit(tiny_config())
     with runqueue.locked():
         job = runqueue.take_next()
-    job.slot, job.host, job.pid, job.spawner = 1, __import__("core").store.HOST, 2 ** 22 + 7, 2 ** 22 + 9
+    job.slot, job.host, job.pid, job.spawner = 1, __import__("core.serve.store").serve.store.HOST, 2 ** 22 + 7, 2 ** 22 + 9
     runqueue.update_running(job)
     run.set_status("running", message="training", pid=job.pid)
     Executor(LocalLauncher(plan=two_slots)).reap()

@@ -1,6 +1,6 @@
 """The fast fine-tuning paths: the frozen-prefix split and cache (core.models.prefix), the per-step
-precision choice (core.device.choose_precision) and the time-budget planner (core.train.budget), both
-on their own and end to end through core.train. Tiny timm models with random weights, offline."""
+precision choice (core.device.choose_precision) and the time-budget planner (core.training.budget), both
+on their own and end to end through core.training. Tiny timm models with random weights, offline."""
 from __future__ import annotations
 
 import copy
@@ -16,9 +16,10 @@ from torch import nn
 
 import core
 from conftest import class_folders, class_image, tiny_run_config
-from core.train import budget
-from core.train import loop as training_loop
-from core.train import run as training
+from core.training import budget
+from core.training import loop as training_loop
+from core.training import run as training
+from core import config
 from core import device as devices
 from core.models import prefix
 from core.models.backbones import (FineTuneModel, apply_freeze, block_groups, build_model, freeze_norm_stats,
@@ -477,9 +478,9 @@ def test_plan_with_a_huge_budget_fine_tunes_everything():
     phases, notes = budget.plan(_plan_cfg(), model, _fake_speeds(model), budget.Counts(100, 20, 20), 1e6, views=2)
     assert [p.freeze for p in phases] == ["head", "full"]
     head, full = phases
-    assert head.epochs == budget.HEAD_EPOCHS and head.lr == budget.HEAD_LR
+    assert head.epochs == budget.HEAD_EPOCHS and head.lr == config.HEAD_LR
     assert full.epochs == budget.PLAN_EPOCHS
-    assert full.lr == pytest.approx(budget.FULL_LR)
+    assert full.lr == pytest.approx(config.FULL_LR)
     assert notes and all(_is_sentence(n) for n in notes)
 
 
@@ -494,7 +495,7 @@ def test_plan_with_a_small_budget_trains_top_blocks():
     ft = phases[1]
     assert ft.freeze == "top_k" and 1 <= ft.top_k < groups
     assert ft.epochs >= budget.MIN_EPOCHS
-    assert ft.lr == pytest.approx(budget.depth_lr(ft.top_k / groups))
+    assert ft.lr == pytest.approx(config.depth_lr(ft.top_k / groups))
     assert phases[0].seconds + ft.seconds <= seconds * budget.SAFETY + 1e-9
     assert all(_is_sentence(n) for n in notes)
     assert any("cache" in n for n in notes)
@@ -512,15 +513,15 @@ def test_plan_with_no_time_trains_the_head_longer():
 
 
 def test_depth_lr_falls_with_depth():
-    assert budget.depth_lr(0) == pytest.approx(budget.HEAD_LR)
-    assert budget.depth_lr(1) == pytest.approx(budget.FULL_LR)
-    values = [budget.depth_lr(f / 10) for f in range(11)]
+    assert config.depth_lr(0) == pytest.approx(config.HEAD_LR)
+    assert config.depth_lr(1) == pytest.approx(config.FULL_LR)
+    values = [config.depth_lr(f / 10) for f in range(11)]
     assert all(a > b for a, b in zip(values, values[1:]))
-    assert budget.depth_lr(-1) == budget.depth_lr(0) and budget.depth_lr(2) == budget.depth_lr(1)
+    assert config.depth_lr(-1) == config.depth_lr(0) and config.depth_lr(2) == config.depth_lr(1)
 
 
 def test_config_phases_match_the_two_phase_behaviour():
-    from core.train.run import plan_phases
+    from core.training.run import plan_phases
     cfg = RunConfig(freeze="top_k", top_k=2, epochs=5, phase1_epochs=2)
     phases = budget.config_phases(cfg)
     assert [(p.name, p.freeze, p.epochs, p.top_k) for p in phases] == [
@@ -601,7 +602,7 @@ def test_time_budget_run(folder):
 
 def _stop_after(monkeypatch, epoch: int) -> threading.Event:
     """A stop event set right after `epoch`'s resume state is written (as if Stop was pressed)."""
-    from core.train import checkpoints
+    from core.training import checkpoints
     stop = threading.Event()
     original = checkpoints.save_resume_state
 

@@ -23,6 +23,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from core import rng
+from core.models.torchvision_weights import create_from_torchvision_file, torchvision_tag
 
 if TYPE_CHECKING:           # annotations only: model code needs no run storage at import
     from core.serve.store import Run
@@ -157,7 +158,8 @@ def weight_sources(arch: str) -> list[WeightSource]:
         sources.append(WeightSource("hub", "Download from the Hugging Face hub", online,
                                     "hub reachable" if online else "offline: no download possible"))
     sources.append(WeightSource("file", "Upload a weights file", True,
-                                ".safetensors, or .pth (loaded with weights_only=True)"))
+                                ".safetensors, or .pth (loaded with weights_only=True)"
+                                + ("; torchvision's own .pth too" if torchvision_tag(arch) else "")))
     sources.append(WeightSource("random", "Random init (train from scratch)", True))
     return sources
 
@@ -210,6 +212,11 @@ def create_backbone(arch: str, weights: str = "auto", weights_file: str | None =
     path = bundled_file(arch) if weights == "bundled" else weights_file
     if path is None:
         raise WeightsError(f"No {weights} weights available for {arch}.")
+    if weights == "file" and torchvision_tag(arch):
+        checked_state_dict(path)     # our refusals (code, damage, NaN) before timm reads the file
+        model = create_from_torchvision_file(arch, path, num_classes)
+        if model is not None:
+            return model
     with rng.exclusive():
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     load_weights_file(model, path)
@@ -249,14 +256,20 @@ def _damaged(path: str, err: Exception) -> WeightsError:
                         "Accepted: only .safetensors or plain PyTorch state dicts (weights_only).")
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load backbone weights into `model`: by name when keys match timm's, otherwise by position
-    (same count and shapes, in order), which is how the bundled packages' files fit."""
+def checked_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """read_state_dict without BatchNorm counters, refusing NaN or infinite values."""
     state = _drop_counters(read_state_dict(path))
     for name, tensor in state.items():     # else training "diverges" and the learning rate is blamed
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise WeightsError(f"The weights file holds NaN or infinite values in {name}, so it was "
                                "refused: re-export it from a model that trained without diverging.")
+    return state
+
+
+def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load backbone weights into `model`: by name when keys match timm's, otherwise by position
+    (same count and shapes, in order), which is how the bundled packages' files fit."""
+    state = checked_state_dict(path)
     own = _drop_counters(model.state_dict())
     mapped = _match_by_name(state, own) or _match_by_position(state, model)
     if mapped is None:
@@ -312,7 +325,13 @@ def build_model(arch: str, num_classes: int, weights: str = "auto", weights_file
                 head: str = "linear", hidden: int = 128, dropout: float = 0.0) -> FineTuneModel:
     backbone = create_backbone(arch, weights, weights_file, num_classes=0)
     with rng.exclusive():
-        return FineTuneModel(backbone, make_head(backbone.num_features, num_classes, head, hidden, dropout))
+        return FineTuneModel(backbone, make_head(feature_dim(backbone), num_classes, head, hidden, dropout))
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of what a classifier-less timm backbone returns: `head_hidden_size` where timm has
+    one, since pre-logits layers (VGG's 4096-wide convs) follow the `num_features` channels."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
 
 # ---------------------------------------------------------------- freezing

@@ -21,6 +21,7 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from core.serve.status import ACTIVE, RunStatus, State
 from core import paths
 from core.serve import runqueue
 from core.config import ConfigError, RunConfig, arch_problems
@@ -30,7 +31,7 @@ try:
 except ImportError:          # Windows: no OS lock, one trainer per run is then up to the user
     fcntl = None
 
-ACTIVE_STATES = ("queued", "preparing", "running")
+ACTIVE_STATES = tuple(s.value for s in ACTIVE)
 STOP_FILE = "stop.request"        # Stop, across processes: the trainer polls for this file
 HOST = socket.gethostname()
 
@@ -171,34 +172,33 @@ class Run:
     # status
     def set_status(self, state: str, **info) -> None:
         """`pid` and `host` default to this process's: whoever trains the run writes them."""
-        status = self.read_json("status.json", {}) or {}
-        status.update(info)
-        status.update(state=state, updated=time.time(), pid=info.get("pid", os.getpid()),
-                      host=info.get("host", HOST))
-        self.write_json("status.json", status)
+        info = {"pid": os.getpid(), "host": HOST, **info, "state": state, "updated": time.time()}
+        status = RunStatus.from_dict(self.read_json("status.json", {})).updated_with(**info)
+        self.write_json("status.json", status.to_dict())
 
-    def status(self) -> dict:
+    def status(self) -> RunStatus:
         """The stored status, with runs whose trainer died shown as 'interrupted'."""
-        status = self.read_json("status.json", {}) or {}
-        if status.get("state") in ACTIVE_STATES and not self._alive(status):
-            status = dict(status, state="interrupted",
-                          message="The process training this run stopped (server restart?). "
-                                  "Finished epochs and the best checkpoint are kept.")
+        status = RunStatus.from_dict(self.read_json("status.json", {}))
+        if status.active and not self._alive(status):
+            status = status.updated_with(
+                state=State.INTERRUPTED, message="The process training this run stopped (server "
+                "restart?). Finished epochs and the best checkpoint are kept.")
         return status
 
-    def _alive(self, status: dict) -> bool:
-        if status.get("state") == "queued" and runqueue.has(self.id):
+    def _alive(self, status: RunStatus) -> bool:
+        if status.state == State.QUEUED and runqueue.has(self.id):
             return True          # waiting in the lab's queue on disk, whichever server wrote it
-        if status.get("host", HOST) != HOST or not status.get("pid"):   # Ray: trust the heartbeat
-            return time.time() - status.get("updated", 0) < STALE_AFTER_S
-        if status.get("pid") == os.getpid():
+        beat = time.time() - status.updated < STALE_AFTER_S
+        if (status.host or HOST) != HOST or not status.pid:   # Ray: trust the heartbeat
+            return beat
+        if status.pid == os.getpid():
             return held(self.id)
         try:
-            os.kill(int(status.get("pid", -1)), 0)
+            os.kill(int(status.pid), 0)
         except (OSError, ValueError):
             return False
         # a trainer paused (Ctrl+Z) sends no heartbeat yet still holds the run
-        return time.time() - status.get("updated", 0) < STALE_AFTER_S or self.busy()
+        return beat or self.busy()
 
     # epochs
     def append_epoch(self, row: dict) -> None:
@@ -219,9 +219,9 @@ class Run:
 
     def label(self) -> str:
         cfg, status = self.config, self.status()
-        acc = status.get("test_acc")
+        acc = status.test_acc
         tail = f" · test acc {acc:.1%}" if isinstance(acc, float) else ""
-        return f"{self.id} · {cfg.name or cfg.arch} · {status.get('state', '?')}{tail}"
+        return f"{self.id} · {cfg.name or cfg.arch} · {status.state or '?'}{tail}"
 
 
 class _ReadOnlyRun(Run):
@@ -240,7 +240,7 @@ class _ReadOnlyRun(Run):
 
 def delete_run(run: Run, root: Path | None = None) -> None:
     """Remove a run's folder; refused while it trains."""
-    if run.status().get("state") in ACTIVE_STATES:
+    if run.status().active:
         raise ValueError("Stop the run before deleting it.")
     base = Path(root or paths.runs_dir()).resolve()
     if run.path.resolve().parent != base:      # only ever a folder directly inside the runs dir

@@ -15,14 +15,11 @@ import time
 from pathlib import Path
 
 from core import paths
+from core.progress import Cancelled, Progress
 from core.serve import runqueue, store
 from core.serve.runqueue import Job
 
 PROGRESS_EVERY_S = 0.3
-
-
-class Cancelled(Exception):
-    """Stop was pressed, or the task reached its time cap."""
 
 
 def tasks_dir() -> Path:
@@ -85,8 +82,7 @@ def run_task(task_id: str, limit_s: float | None = None) -> int:
 
 
 def _ending(err: Exception, stop_event, timed_out, limit_s) -> tuple[str, str]:
-    from core.trust.embeddings import Cancelled as EmbeddingsCancelled
-    if isinstance(err, (Cancelled, EmbeddingsCancelled)) or stop_event.is_set():
+    if isinstance(err, Cancelled) or stop_event.is_set():
         if timed_out.is_set():
             return "stopped", f"Stopped at the teacher's limit of {limit_s / 60:g} minutes per task."
         return "stopped", "Stopped."
@@ -95,17 +91,18 @@ def _ending(err: Exception, stop_event, timed_out, limit_s) -> tuple[str, str]:
     return "failed", f"Unexpected error: {type(err).__name__}: {err}"
 
 
-def _progress(task: store.Run, stop_event: threading.Event):
-    """progress(text, fraction): written to status.json at most every PROGRESS_EVERY_S; raises
-    Cancelled once Stop was pressed."""
+def _progress(task: store.Run, stop_event: threading.Event) -> Progress:
+    """A core.progress callback whose message and fraction go to status.json at most every
+    PROGRESS_EVERY_S (the pages poll it); raises Cancelled once Stop was pressed."""
     last = [0.0]
 
-    def report(text: str, fraction: float) -> None:
+    def report(done: int, total: int, message: str) -> None:
         if stop_event.is_set():
             raise Cancelled()
+        fraction = min(max(done / max(total, 1), 0.0), 1.0)
         if time.monotonic() - last[0] >= PROGRESS_EVERY_S or fraction >= 1:
             last[0] = time.monotonic()
-            task.set_status("running", message=str(text)[:200], fraction=float(min(max(fraction, 0.0), 1.0)))
+            task.set_status("running", message=str(message)[:200], fraction=float(fraction))
     return report
 
 
@@ -124,10 +121,7 @@ def lr_task(task: store.Run, args: dict, progress, stop_event) -> None:
     from core.config import validate_config
     from core.train.lr_find import suggest_lr
     cfg = validate_config(args["config"])
-
-    def steps(done, total, message):
-        progress(message, done / max(total, 1))
-    task.write_json("result.json", suggest_lr(cfg, progress=steps))
+    task.write_json("result.json", suggest_lr(cfg, progress=progress))
 
 
 KINDS = {"doctor": doctor_task, "lr": lr_task}

@@ -12,7 +12,7 @@ from core.config import RunConfig
 from core.serve.store import ACTIVE_STATES, get_run, list_runs  # noqa: F401 - pages use them as common.X
 from core.serve.worker import MANAGER  # noqa: F401
 from pages.common import state  # noqa: F401
-from pages.common.state import lab
+from pages.common.state import bind, forget, init_widget, lab, set_widget, widget_value  # noqa: F401 - pages call common.bind etc.
 from pages.common.ownership import *  # noqa: F401,F403 - the pages call these as common.X
 from pages.common.ownership import ANONYMOUS, my_runs, sign_in, user
 from pages.common.panels import *  # noqa: F401,F403
@@ -25,7 +25,7 @@ def large_text() -> None:
     """A switch for teaching with a projector: everything a quarter larger (Streamlit sizes in
     rem, so the root font size scales the whole page)."""
     lab_state = lab()
-    st.session_state.setdefault("w_large_text", lab_state.large_text)
+    init_widget("w_large_text", lab_state.large_text)
     lab_state.large_text = st.toggle("Large text (projector)", key="w_large_text")
     if lab_state.large_text:
         st.html("<style>html { font-size: 20px; }</style>")

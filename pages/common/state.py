@@ -52,3 +52,40 @@ def reset(settings: dict) -> None:
 def forget_widgets() -> None:
     for key in [k for k in st.session_state if k != KEY]:
         del st.session_state[key]
+
+
+# ---------------------------------------------------------------- widget values
+# Streamlit keeps a widget's value under its key while its page is shown. Pages reach those
+# values only through these helpers, so every direct use of st.session_state sits in this file.
+
+def bind(widget, field: str, label: str, settings: dict, **kwargs):
+    """Draw `widget` showing settings[field] and store the user's choice back. Widget state is
+    dropped when a page is left; the settings dict survives page switches."""
+    key = f"w_{field}"
+    if key not in st.session_state:
+        st.session_state[key] = settings[field]
+    value = widget(label, key=key, **kwargs)
+    settings[field] = value
+    return value
+
+
+def widget_value(key: str, default=None):
+    """The value the widget `key` holds now (default before it was drawn)."""
+    return st.session_state.get(key, default)
+
+
+def set_widget(key: str, value) -> None:
+    """Show `value` in widget `key` at its next draw (before it is drawn in this run)."""
+    st.session_state[key] = value
+
+
+def init_widget(key: str, value):
+    """Give widget `key` its first value (kept if the user already chose one); returns it."""
+    return st.session_state.setdefault(key, value)
+
+
+def forget(*keys: str, prefix: tuple[str, ...] = ()) -> None:
+    """Drop widget values so those widgets redraw from the settings: the named keys and any key
+    that starts with one of `prefix`."""
+    for key in [k for k in st.session_state if k in keys or (prefix and str(k).startswith(prefix))]:
+        del st.session_state[key]

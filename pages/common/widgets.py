@@ -8,17 +8,6 @@ import streamlit as st
 from core.config import RANGES
 
 
-def bind(widget, field: str, label: str, settings: dict, **kwargs):
-    """Draw `widget` showing settings[field] and store the user's choice back. Widget state is
-    dropped when a page is left; the settings dict survives page switches."""
-    key = f"w_{field}"
-    if key not in st.session_state:
-        st.session_state[key] = settings[field]
-    value = widget(label, key=key, **kwargs)
-    settings[field] = value
-    return value
-
-
 def limits(field: str) -> dict:
     """min_value/max_value of a number widget, from the ranges runs and presets are held to."""
     low, high = RANGES[field]

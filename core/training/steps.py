@@ -18,12 +18,14 @@ from core.config import RunConfig
 from core.data import transforms
 from core.device import autocast
 from core.models import prefix
+from core.progress import Cancelled
 from core.serve.store import Run
 from core.train import distributed as dist
 
 
-class Stopped(Exception):
-    """Raised inside the loop when the user pressed Stop."""
+class Stopped(Cancelled):
+    """Raised inside the loop when the user pressed Stop; a Cancelled, so code that stops any
+    job catches it too, while `except Stopped` still means the training loop's own Stop."""
 
 
 class Diverged(Exception):

@@ -9,7 +9,7 @@ machine (seconds per image of each block, forward and training) and chooses:
 2. then the deepest fine-tune whose epochs still fit what is left: the top blocks trained on the
    frozen-prefix cache (with a bank of augmented views), or the whole network when even that fits.
 
-Learning rates follow the depth (`depth_lr`): the more of the backbone trains, the smaller.
+Learning rates follow the depth (`core.config.depth_lr`): the more of the backbone trains, the smaller.
 """
 from __future__ import annotations
 
@@ -19,13 +19,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from core.config import HEAD_LR, depth_lr
 from core.device import autocast
 from core.hooks import eval_mode, hooked
 from core.models import prefix
 from core.models.backbones import apply_freeze, block_groups
 
-HEAD_LR = 1e-3           # AdamW on a fresh linear head
-FULL_LR = 3e-4           # AdamW when every layer trains (a head's rate would wreck the features)
 PLAN_EPOCHS = 8          # fine-tuning epochs the planner aims for
 MIN_EPOCHS = 4           # fewer than this is not worth a phase (a cosine schedule needs room)
 HEAD_EPOCHS = 8          # a linear head converges in a few epochs on cached features; more overfits it
@@ -56,13 +55,6 @@ def cache_refusal(cfg) -> str:
         return ("augmentation runs live on every image; choose a number of augmented views to "
                 "cache instead.")
     return ""
-
-
-def depth_lr(trainable_fraction: float) -> float:
-    """A sensible AdamW learning rate for training this share of the backbone's blocks: the
-    head's 1e-3 with none, falling geometrically to 3e-4 for all."""
-    f = min(1.0, max(0.0, trainable_fraction))
-    return HEAD_LR * (FULL_LR / HEAD_LR) ** f
 
 
 def config_phases(cfg) -> list[Phase]:

@@ -1,0 +1,90 @@
+"""The phases a run trains and, under a time budget, their fit to the clock. The planner
+(core.train.budget) chooses the phases once from this machine's measured speed, and plan.json keeps
+them so a resume follows the same plan; while training, BudgetClock refits the running phase to the
+epoch times it sees. Each plan resolves the run's epochs (core.train.resolved)."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from core.config import RunConfig
+from core.models.backbones import apply_freeze
+from core.serve.store import Run
+from core.train import budget
+from core.train.parts import Parts
+from core.train.phase_caches import views
+from core.train.precision import Precision
+from core.train.resolved import resolved
+
+
+def phases_for(parts: Parts, cfg: RunConfig, precision: Precision, resumed: dict | None,
+               started: float) -> tuple[list[budget.Phase], RunConfig]:
+    """The config's phases; with a time budget, the planner's whatever the freeze setting (it
+    chooses the depth), with the config they resolve."""
+    if not cfg.time_budget_s or cfg.freeze == "scratch":     # from scratch: the budget only stops it
+        return budget.config_phases(cfg), cfg
+    saved = parts.run.read_json("plan.json")
+    if resumed and saved:
+        return budget.phases_from(saved["phases"]), cfg
+    return _plan(parts, cfg, precision, started)
+
+
+def _plan(parts: Parts, cfg: RunConfig, precision: Precision, started: float):
+    run = parts.run
+    parts.report("preparing", force=True, message="Measuring this machine to plan the time budget", phase="plan")
+    speeds = budget.measure(parts.model, cfg.image_size, parts.device, parts.train_tf, parts.images("train"),
+                            precision=precision.infer())
+    counts = budget.Counts(*(len(parts.labels(s)) for s in ("train", "val", "test")))
+    left = cfg.time_budget_s - (time.monotonic() - started)
+    phases, notes = budget.plan(cfg, parts.model, speeds, counts, left, views(cfg))
+    if cfg.max_epochs and budget.total_epochs(phases) > cfg.max_epochs:
+        phases = budget.cap_epochs(phases, cfg.max_epochs)
+        notes.append(f"Cut to the teacher's cap of {cfg.max_epochs} epochs.")
+    apply_freeze(parts.model, "head")      # measuring unfroze layers; each phase sets its own
+    run.write_json("plan.json", dict(phases=[p.to_dict() for p in phases], notes=notes, speeds=speeds.summary(),
+                                     budget_s=cfg.time_budget_s, planned_after_s=round(cfg.time_budget_s - left, 1)))
+    cfg = resolved(run, cfg, epochs=budget.total_epochs(phases))
+    run.set_status("preparing", plan=notes)
+    return phases, cfg
+
+
+def test_reserve(n_test: int) -> float:
+    """Seconds kept back from a time budget for the final test pass."""
+    return 2.0 + 0.02 * n_test
+
+
+class BudgetClock:
+    """When training must end to leave the test pass its time (no deadline without a budget)."""
+
+    def __init__(self, deadline: float | None = None):
+        self.deadline = deadline
+
+    @classmethod
+    def start(cls, cfg: RunConfig, started: float, n_test: int) -> "BudgetClock":
+        return cls(started + cfg.time_budget_s - test_reserve(n_test) if cfg.time_budget_s else None)
+
+    def running(self) -> bool:
+        return bool(self.deadline)
+
+    def over(self) -> bool:
+        return self.running() and time.monotonic() > self.deadline
+
+    def refit(self, phases: list[budget.Phase], index: int, epoch: int, first: int, last: int,
+              epoch_s: float) -> int:
+        """The epoch phase `index` (epochs first+1..last) should end at, from its measured epoch
+        time: after its first epoch the last phase takes as many epochs as fit (up to 3x the plan,
+        as the estimate may have been pessimistic); any phase running late is cut."""
+        fit = int(max(0.0, self.deadline - time.monotonic()) // max(epoch_s, 1e-6))
+        if epoch == first + 1 and index == len(phases) - 1:
+            return min(epoch + fit, first + 3 * phases[index].epochs)
+        return min(epoch + fit, last)
+
+
+def refitted(run: Run, cfg: RunConfig, phases: list[budget.Phase], index: int, epochs: int,
+             at_epoch: int) -> tuple[list[budget.Phase], RunConfig]:
+    """The plan with phase `index` at `epochs` epochs, kept in plan.json, and the config it resolves."""
+    phases = [replace(p, epochs=epochs) if i == index else p for i, p in enumerate(phases)]
+    plan = run.read_json("plan.json", {}) or {}
+    plan.update(phases=[p.to_dict() for p in phases], refitted_at_epoch=at_epoch)
+    run.write_json("plan.json", plan)
+    return phases, resolved(run, cfg, epochs=budget.total_epochs(phases))
