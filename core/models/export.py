@@ -18,7 +18,8 @@ import timm
 import torch
 from torch import nn
 
-from core.models.backbones import FineTuneModel, make_head
+from core.hooks import eval_mode
+from core.models.backbones import FineTuneModel, feature_dim, make_head
 from core.models.backbones import load_run_model, run_normalization
 from core.serve.store import Run
 
@@ -63,7 +64,7 @@ def _load_exported(weights: str | Path, meta: dict) -> FineTuneModel:
     state = safetensors.torch.load_file(str(weights))
     backbone = timm.create_model(meta["arch"], pretrained=False, num_classes=0)
     head_cfg = meta.get("head", {})
-    head = make_head(backbone.num_features, len(meta["classes"]), head_cfg.get("type", "linear"),
+    head = make_head(feature_dim(backbone), len(meta["classes"]), head_cfg.get("type", "linear"),
                      head_cfg.get("hidden", 128), head_cfg.get("dropout", 0.0))
     model = FineTuneModel(backbone, head)
     if meta.get("keys") == "timm":
@@ -79,15 +80,12 @@ def _load_exported(weights: str | Path, meta: dict) -> FineTuneModel:
 def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path | None:
     """ONNX via torch's exporter; RuntimeError with the reason if the architecture can't export."""
     dummy = torch.randn(1, 3, image_size, image_size)
-    was_training = model.training
-    model.eval()
     try:
-        torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        with eval_mode(model):
+            torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     except Exception as err:  # noqa: BLE001 - exporter support varies by architecture
         raise RuntimeError(f"ONNX export failed for this architecture: {type(err).__name__}: {err}") from err
-    finally:
-        model.train(was_training)
     path = Path(path)
     if (path.parent / "model.json").exists():
         (path.parent / "predict_onnx.py").write_text(ONNX_SCRIPT.replace("model.onnx", path.name),
@@ -162,6 +160,7 @@ _TIMM_MODEL = 'model = timm.create_model(META["arch"], num_classes=len(CLASSES))
 # The other key layout (an MLP head, or a backbone whose classifier timm names in parts):
 # the app's FineTuneModel, i.e. timm without its classifier followed by the new head.
 _OWN_MODEL = '''backbone = timm.create_model(META["arch"], num_classes=0)
+WIDTH = getattr(backbone, "head_hidden_size", None) or backbone.num_features   # VGG: pre-logits width
 head = nn.Sequential({head})
 model = nn.Sequential(OrderedDict(backbone=backbone, head=head))'''
 
@@ -190,9 +189,9 @@ def predict_script(meta: dict) -> str:
         model, extra = _TIMM_MODEL, ""
     else:
         head = meta.get("head", {})
-        layers = ("nn.Linear(backbone.num_features, {h}), nn.ReLU(), nn.Dropout(), nn.Linear({h}, len(CLASSES))"
+        layers = ("nn.Linear(WIDTH, {h}), nn.ReLU(), nn.Dropout(), nn.Linear({h}, len(CLASSES))"
                   .format(h=int(head.get("hidden", 128))) if head.get("type") == "mlp"
-                  else "nn.Dropout(), nn.Linear(backbone.num_features, len(CLASSES))")
+                  else "nn.Dropout(), nn.Linear(WIDTH, len(CLASSES))")
         model, extra = _OWN_MODEL.format(head=layers), "from collections import OrderedDict\n"
     imports = ("import timm\nimport torch\nfrom safetensors.torch import load_file\n"
                + ("from torch import nn\n" if extra else "") + "from torchvision.transforms import v2")

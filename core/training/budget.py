@@ -23,7 +23,7 @@ from core.config import HEAD_LR, depth_lr
 from core.device import autocast
 from core.hooks import eval_mode, hooked
 from core.models import prefix
-from core.models.backbones import apply_freeze, block_groups
+from core.models.backbones import apply_freeze, block_groups, feature_dim
 
 PLAN_EPOCHS = 8          # fine-tuning epochs the planner aims for
 MIN_EPOCHS = 4           # fewer than this is not worth a phase (a cosine schedule needs room)
@@ -318,7 +318,7 @@ def cache_sentence(cfg, model, counts: Counts, views: int, refusal: str) -> dict
         return dict(cache="No caching: from scratch, every layer trains.", cache_mb=0.0)
     apply_freeze(model, cfg.freeze, cfg.top_k)
     if cfg.freeze == "head":
-        per_image, where = 2 * model.backbone.num_features, "the backbone's pooled features"
+        per_image, where = 2 * feature_dim(model.backbone), "the backbone's pooled features"
     else:
         split = prefix.find_split(model.backbone, cfg.image_size)
         if not split.ok:
