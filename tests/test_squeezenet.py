@@ -281,3 +281,23 @@ def test_inspection_works_through_the_contract(trained):
     assert conv.shape[0] == 64 and act is not None and act_name == "features.1"
     heat = inspection.grad_cam_maps(model, x.requires_grad_(True), 0)
     assert not isinstance(heat, str) and heat.shape[-2:] == (64, 64)
+
+
+def test_the_standalone_predict_script_runs_without_the_app(trained, tmp_path):
+    """Plain timm has no SqueezeNet: the export ships the model file and predict.py imports it,
+    so the script works from a folder with no Finetune Lab on the path."""
+    import subprocess
+    import sys
+    from conftest import class_image
+    from core.models.export import export_run
+    from core.models.predict import from_run, predict_files
+    out = tmp_path / "export"
+    export_run(trained, out)
+    assert (out / "squeezenet.py").is_file() and "import squeezenet" in (out / "predict.py").read_text()
+    image = tmp_path / "one.png"
+    class_image(1, 7, 48).save(image)
+    done = subprocess.run([sys.executable, str(out / "predict.py"), str(image)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    predicted = done.stdout.splitlines()[1].split(",")[1]
+    assert predicted == predict_files(from_run(trained), [image])["predicted"][0]

@@ -11,6 +11,8 @@ With a linear head the tensors use timm's own names (the new classifier under
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import safetensors.torch
@@ -46,9 +48,23 @@ def export_run(run: Run, out_dir: str | Path) -> tuple[Path, Path]:
     weights, info = out / "model.safetensors", out / "model.json"
     safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                                 str(weights), metadata={"format": "pt"})
+    module = ship_model_module(model.backbone, out)
+    if module:
+        meta["model_module"] = module
     info.write_text(json.dumps(meta, indent=1), encoding="utf-8")
     (out / "predict.py").write_text(predict_script(meta), encoding="utf-8")
     return weights, info
+
+
+def ship_model_module(backbone: torch.nn.Module, out: Path) -> str | None:
+    """A backbone registered with timm by this app (not by timm itself) can't be rebuilt by plain
+    timm: its self-contained model file goes beside the export, and predict.py imports it."""
+    module = sys.modules.get(type(backbone).__module__)
+    if module is None or module.__name__.split(".")[0] == "timm" or not getattr(module, "__file__", None):
+        return None
+    name = module.__name__.rsplit(".", 1)[-1]
+    shutil.copyfile(module.__file__, out / f"{name}.py")
+    return name
 
 
 def load_exported(weights: str | Path, meta: dict) -> FineTuneModel:
@@ -195,6 +211,8 @@ def predict_script(meta: dict) -> str:
         model, extra = _OWN_MODEL.format(head=layers), "from collections import OrderedDict\n"
     imports = ("import timm\nimport torch\nfrom safetensors.torch import load_file\n"
                + ("from torch import nn\n" if extra else "") + "from torchvision.transforms import v2")
+    if meta.get("model_module"):
+        imports += f"\n\nimport {meta['model_module']}  # noqa: F401 - registers {meta['arch']} with timm (shipped beside this script)"
     header = _HEADER.format(name="predict.py", needs="torch, timm (with its torchvision), safetensors and Pillow",
                             stdlib=extra, imports=imports)
     return header + _LOAD + _TORCH_TAIL.format(model=model)
