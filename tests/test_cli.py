@@ -20,12 +20,13 @@ import torch.distributed
 import core
 from conftest import class_image
 from core import cli
-from core.train import distributed as dist
-from core.train import checkpoints
-from core.train import loop as training_loop
-from core.train import run as training
+from core.training import distributed as dist
+from core.training import checkpoints
+from core.training import run as training
 from core.config import ConfigError
 from core.serve.store import get_run, list_runs
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -78,6 +79,7 @@ needs_gloo = pytest.mark.skipif(
     reason="torch.distributed with the Gloo backend is not available in this torch build")
 
 
+@pytest.mark.distributed
 @needs_gloo
 @pytest.mark.parametrize("settings", [
     dict(arch="test_resnet", freeze="head", epochs=3, lr=5e-2),       # frozen backbone: feature cache
@@ -118,13 +120,14 @@ def stopped_after_first_epoch(cfg, monkeypatch):
         original(*args)
         stop.set()
     with monkeypatch.context() as patch:
-        patch.setattr(training_loop, "save_resume_state", save_and_stop)
+        patch.setattr(checkpoints, "save_resume_state", save_and_stop)
         run = core.Run.create(cfg)
         assert training.train_run(run, stop=stop)["state"] == "stopped"
     assert len(run.epochs()) == 1 and run.resumable()
     return run
 
 
+@pytest.mark.distributed
 @needs_gloo
 def test_torchrun_resume_matches_an_uninterrupted_run(tiny_config, lab_home, monkeypatch):
     """`torchrun ... -m core resume RUN` goes on from a stop in data-parallel mode (rank 0 checks

@@ -17,7 +17,6 @@ from torch import nn
 import core
 from conftest import class_folders, class_image, tiny_run_config
 from core.training import budget
-from core.training import loop as training_loop
 from core.training import run as training
 from core import config
 from core import device as devices
@@ -26,6 +25,8 @@ from core.models.backbones import (FineTuneModel, apply_freeze, block_groups, bu
                             make_head, native_input_size)
 from core.data.transforms import build_transform
 from core.config import RunConfig
+
+pytestmark = pytest.mark.slow
 
 ARCHS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
 
@@ -610,7 +611,7 @@ def _stop_after(monkeypatch, epoch: int) -> threading.Event:
         original(run, model, optimizer, scheduler, scaler, progress)
         if progress["epoch"] == epoch:
             stop.set()
-    monkeypatch.setattr(training_loop, "save_resume_state", save_and_stop)
+    monkeypatch.setattr(checkpoints, "save_resume_state", save_and_stop)
     return stop
 
 

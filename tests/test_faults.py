@@ -19,16 +19,18 @@ import torch
 
 import core
 from core import cli
-from core.train import sweeps
-from core.train import checkpoints
-from core.train import loop as training_loop
-from core.train import run as training
-from core.train import steps
+from core.training import sweeps
+from core.training import checkpoints
+from core.training import loop as training_loop
+from core.training import run as training
+from core.training import steps
 from core.results.evaluate import evaluate_run
 from core.models.backbones import load_run_model
 from core.config import RunConfig
 from core.serve.store import Run, delete_run, get_run, list_runs
 from core.serve.worker import MANAGER
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 180
@@ -193,7 +195,7 @@ def test_stop_after_training_then_resume_tests(tiny_config, monkeypatch, when):
             original_save(run, model, optimizer, scheduler, scaler, progress)
             if progress["epoch"] == run.config.epochs:
                 stop.set()
-        monkeypatch.setattr(training_loop, "save_resume_state", save_and_stop)
+        monkeypatch.setattr(checkpoints, "save_resume_state", save_and_stop)
     run = Run.create(tiny_config(freeze="full", epochs=2))     # no feature cache: predict_probs
     status = training.train_run(run, stop=stop)
     assert status["state"] == "stopped" and "test_acc" not in status, status
@@ -252,15 +254,15 @@ def test_out_of_memory_fails_clearly(tiny_config, monkeypatch, error):
 
 def test_class_weights_are_inverse_frequency():
     on, off = RunConfig(class_weights=True), RunConfig()
-    weights = training_loop.class_weights(on, [0] * 6 + [1] * 3 + [2], 3, "cpu")
+    weights = training.class_weights(on, [0] * 6 + [1] * 3 + [2], 3, "cpu")
     # total / (classes x count): 10/18, 10/9, 10/3 -- each class contributes equally overall
     assert weights.tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])
-    assert training_loop.class_weights(off, [0, 1], 2, "cpu") is None
-    assert torch.isfinite(training_loop.class_weights(on, [0, 0], 2, "cpu")).all()    # absent class: no 1/0
+    assert training.class_weights(off, [0, 1], 2, "cpu") is None
+    assert torch.isfinite(training.class_weights(on, [0, 0], 2, "cpu")).all()    # absent class: no 1/0
 
 
 def test_class_weighted_run_on_imbalanced_data(tiny_config, image_folder, monkeypatch):
-    original, seen = training_loop.class_weights, []
+    original, seen = training.class_weights, []
 
     def spy(*args):
         seen.append(original(*args))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from core.models import prefix
-from core.train import distributed as dist
-from core.train.parts import Parts
-from core.train.steps import feature_batches, loader
+from core.training import distributed as dist
+from core.training.parts import Parts
+from core.training.steps import feature_batches, loader
 
 
 class PhaseBatches:

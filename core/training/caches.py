@@ -7,7 +7,7 @@ from collections import OrderedDict
 from core.config import RunConfig
 from core.data import images as imaging
 from core.paths import resolve_data_root
-from core.train.steps import extract_features
+from core.training.steps import extract_features
 
 
 def uses_feature_cache(cfg: RunConfig) -> bool:

@@ -1,4 +1,5 @@
-"""What a run writes to survive: the best weights (atomically) and the state Resume needs."""
+"""What a run writes to survive: the best weights (atomically), the epoch rows, and the state
+Resume needs (ResumeState: saved after every epoch, restored when a run goes on)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ from torch import nn
 
 from core import paths
 from core.serve.store import Run
-from core.train import distributed as dist
+from core.training import distributed as dist
 
 
 def save_checkpoint(model: nn.Module, run: Run, name: str = "best.safetensors") -> None:
@@ -64,3 +65,40 @@ def save_resume_state(run: Run, model, optimizer, scheduler, scaler, progress: d
 
 def load_resume_state(run: Run) -> dict:
     return torch.load(run.file("last_state.pt"), map_location="cpu", weights_only=True)
+
+
+def record_epoch(run: Run, row: dict) -> None:
+    run.append_epoch(row)
+    if row["best"]:
+        run.set_status("running", best_epoch=row["epoch"], best_val_acc=row["val_acc"])
+
+
+class ResumeState:
+    """A run's end-of-epoch state (`state`, from load_resume_state, when the run is resumed). The
+    weights and counters come back before the first phase; the optimiser, schedule and loss scaler
+    when the phase they belong to starts, as only then do they exist."""
+
+    def __init__(self, run: Run, state: dict | None = None):
+        self.run, self.state = run, state
+
+    def restore(self, model: nn.Module, device) -> tuple[float, int, int]:
+        """The last finished epoch's weights into `model`; returns (best score, epochs since it, epoch)."""
+        run, state = self.run, self.state
+        model.load_state_dict(safetensors.torch.load_file(str(run.file("last.safetensors")), device=str(device)))
+        epoch = state["epoch"]
+        run.keep_epochs(epoch)
+        if state.get("row") and not any(r["epoch"] == epoch for r in run.epochs()):
+            record_epoch(run, state["row"])
+        run.set_status("running", message=f"Resuming after epoch {epoch}")
+        return state["best"], state["since_best"], epoch
+
+    def load_optimizer(self, phase_index: int, optimizer, scheduler, scaler) -> None:
+        if not self.state or self.state.get("phase_index") != phase_index:
+            return
+        optimizer.load_state_dict(self.state["optimizer"])
+        if scheduler and self.state.get("scheduler"):
+            scheduler.load_state_dict(self.state["scheduler"])
+        scaler.load_state_dict(self.state["scaler"])
+
+    def save(self, model: nn.Module, optimizer, scheduler, scaler, progress: dict) -> None:
+        save_resume_state(self.run, model, optimizer, scheduler, scaler, progress)

@@ -22,8 +22,8 @@ from core.models import prefix
 from core.models.backbones import apply_freeze, build_model, freeze_norm_stats
 from core.paths import resolve_data_root
 from core.models.backbones import data_config
-from core.train import estimate
-from core.train.steps import make_optimizer
+from core.training import estimate
+from core.training.steps import make_optimizer
 
 START_LR, END_LR = 1e-6, 1.0
 

@@ -1,4 +1,4 @@
-"""What the pieces of one run's training share (core.train.loop and the caches, precision, plan
+"""What the pieces of one run's training share (core.training.loop and the caches, precision, plan
 and resume pieces it uses), fixed once the model is built."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from core import rng
 from core.config import RunConfig
 from core.data import transforms
 from core.serve.store import Run
-from core.train.steps import Reporter
+from core.training.steps import Reporter
 
 
 @dataclass(frozen=True)

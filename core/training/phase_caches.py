@@ -1,16 +1,16 @@
 """The frozen layers' output a phase trains on, so they run once per image rather than once per
 epoch: the backbone's features for a head-only phase (shared with later runs of a sweep through
-core.train.caches), a frozen prefix's output for a top-k phase, with a bank of augmented views
+core.training.caches), a frozen prefix's output for a top-k phase, with a bank of augmented views
 when the run augments. Phases that freeze the same layers share one cache."""
 from __future__ import annotations
 
 from core import paths
 from core.config import RunConfig
 from core.models import prefix
-from core.train.budget import Phase, cache_refusal
-from core.train.caches import features_cached
-from core.train.parts import Parts
-from core.train.precision import Precision
+from core.training.budget import Phase, cache_refusal
+from core.training.caches import features_cached
+from core.training.parts import Parts
+from core.training.precision import Precision
 
 
 def augmenting(cfg: RunConfig, phase: Phase | None = None) -> bool:

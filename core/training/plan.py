@@ -1,7 +1,7 @@
 """The phases a run trains and, under a time budget, their fit to the clock. The planner
-(core.train.budget) chooses the phases once from this machine's measured speed, and plan.json keeps
+(core.training.budget) chooses the phases once from this machine's measured speed, and plan.json keeps
 them so a resume follows the same plan; while training, BudgetClock refits the running phase to the
-epoch times it sees. Each plan resolves the run's epochs (core.train.resolved)."""
+epoch times it sees. Each plan resolves the run's epochs (core.training.resolved)."""
 from __future__ import annotations
 
 import time
@@ -10,11 +10,11 @@ from dataclasses import replace
 from core.config import RunConfig
 from core.models.backbones import apply_freeze
 from core.serve.store import Run
-from core.train import budget
-from core.train.parts import Parts
-from core.train.phase_caches import views
-from core.train.precision import Precision
-from core.train.resolved import resolved
+from core.training import budget
+from core.training.parts import Parts
+from core.training.phase_caches import views
+from core.training.precision import Precision
+from core.training.resolved import resolved
 
 
 def phases_for(parts: Parts, cfg: RunConfig, precision: Precision, resumed: dict | None,
@@ -40,7 +40,7 @@ def _plan(parts: Parts, cfg: RunConfig, precision: Precision, started: float):
     if cfg.max_epochs and budget.total_epochs(phases) > cfg.max_epochs:
         phases = budget.cap_epochs(phases, cfg.max_epochs)
         notes.append(f"Cut to the teacher's cap of {cfg.max_epochs} epochs.")
-    apply_freeze(parts.model, "head")      # measuring unfroze layers; each phase sets its own
+    apply_freeze(parts.model, "head")
     run.write_json("plan.json", dict(phases=[p.to_dict() for p in phases], notes=notes, speeds=speeds.summary(),
                                      budget_s=cfg.time_budget_s, planned_after_s=round(cfg.time_budget_s - left, 1)))
     cfg = resolved(run, cfg, epochs=budget.total_epochs(phases))
@@ -48,7 +48,7 @@ def _plan(parts: Parts, cfg: RunConfig, precision: Precision, started: float):
     return phases, cfg
 
 
-def test_reserve(n_test: int) -> float:
+def reserve_for_testing(n_test: int) -> float:
     """Seconds kept back from a time budget for the final test pass."""
     return 2.0 + 0.02 * n_test
 
@@ -61,7 +61,7 @@ class BudgetClock:
 
     @classmethod
     def start(cls, cfg: RunConfig, started: float, n_test: int) -> "BudgetClock":
-        return cls(started + cfg.time_budget_s - test_reserve(n_test) if cfg.time_budget_s else None)
+        return cls(started + cfg.time_budget_s - reserve_for_testing(n_test) if cfg.time_budget_s else None)
 
     def running(self) -> bool:
         return bool(self.deadline)

@@ -9,7 +9,7 @@ from core import paths
 from core.config import RunConfig
 from core.device import autocast, choose_precision, precision_key
 from core.hooks import eval_mode
-from core.train.parts import Parts
+from core.training.parts import Parts
 
 
 class Precision:

@@ -16,18 +16,22 @@ from core.config import RunConfig
 from core.data import DataError, folders, transforms
 from core.data import splits as splitting
 from core.device import pick_device, set_cpu_threads
-from core.models.backbones import build_model, native_input_size
+from core.models.backbones import build_model, data_config
 from core.paths import resolve_data_root
-from core.models.backbones import data_config
 from core.results.evaluate import predict_probs, save_evaluation
 from core.serve.store import Run, RunBusy, disk_problem
-from core.train import budget
-from core.train import distributed as dist
-from core.train import estimate
-from core.train.caches import decode_cached
-from core.train.checkpoints import load_resume_state
-from core.train.loop import Loop, class_weights, phases_for
-from core.train.steps import Diverged, Reporter, Stopped, seed_everything
+from core.training import budget
+from core.training import distributed as dist
+from core.training import estimate
+from core.training.caches import decode_cached
+from core.training.checkpoints import ResumeState, load_resume_state
+from core.training.loop import Loop
+from core.training.parts import Parts
+from core.training.phase_caches import PhaseCaches
+from core.training.plan import BudgetClock, phases_for
+from core.training.precision import Precision
+from core.training.resolved import at_native_size
+from core.training.steps import Diverged, Reporter, Stopped, seed_everything
 
 
 def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
@@ -74,10 +78,7 @@ def _train_held(run: Run, stop: threading.Event | None, resume: bool) -> dict:
     cfg = run.config
     report = Reporter(run, stop)
     try:
-        native = native_input_size(cfg.arch)
-        if native and native != cfg.image_size:       # e.g. ViT: position embeddings fix the size
-            cfg.image_size = native
-            run.write_json("config.json", cfg.to_dict())
+        cfg = at_native_size(run, cfg)
         return _train(run, cfg, report, load_resume_state(run) if resume else None)
     except Stopped:
         run.set_status("stopped", message="Stopped by the user. Finished epochs and the best "
@@ -123,60 +124,82 @@ def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = No
         set_cpu_threads()
     classes, data = prepare_data(run, cfg, report)
     if cfg.baseline == "logreg":
-        from core.train.baselines import train_logreg
+        from core.training.baselines import train_logreg
         return train_logreg(run, cfg, classes, data)
-    weights = "random" if cfg.freeze == "scratch" else cfg.weights
-    source = {"random": "random weights", "file": "your weights file", "hub": "a download from the hub",
-              "hub-cache": "the hub cache"}.get(weights, f"{weights} weights")
-    report("preparing", force=True, message=f"Building {cfg.arch} with {source} (step 1 of 3: model)",
-           phase="model", step=0, steps=3)
     stream = rng.Stream(cfg.seed)      # the run's own random numbers, whatever else the process draws
-    with stream.active():
-        model = build_model(cfg.arch, len(classes), weights, cfg.weights_file, cfg.head, cfg.hidden,
-                            cfg.dropout)
-    report("preparing", force=True, message=f"Moving the model to {device.type} (step 2 of 3: model)",
-           phase="model", step=1, steps=3)
-    model.to(device, memory_format=torch.channels_last)
-    estimate.check_training(model, cfg.arch, cfg.image_size, cfg.batch_size, estimate.TRAINED_SHARE.get(cfg.freeze, 1.0), device)
+    model = _model(cfg, report, len(classes), device, stream)
     report("preparing", force=True, message="Normalisation and loss (step 3 of 3: model)",
            phase="model", step=2, steps=3)
     mean, std = normalization(run, cfg, model, data["train"][0])
     weight = class_weights(cfg, data["train"][1], len(classes), device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    loop = Loop(run, cfg, report, model, data, criterion, device, mean, std, stream)
-    try:
-        loop.phases = phases_for(run, cfg, loop, resumed, started)
-        if resumed:
-            loop.restore(resumed)
-        if cfg.time_budget_s:
-            loop.deadline = started + cfg.time_budget_s - loop.test_reserve()
-        loop.fit()
-    finally:
-        loop.close()
+    loop = _fit(Parts.build(run, cfg, report, model, data, device, mean, std, stream), cfg, criterion,
+                resumed, started)
     if not dist.is_main():
         return {}
-    return finish(run, cfg, loop, data)
+    return finish(loop)
 
 
-def finish(run: Run, cfg: RunConfig, loop: Loop, data) -> dict:
+def _model(cfg: RunConfig, report: Reporter, n_classes: int, device, stream: rng.Stream):
+    weights = "random" if cfg.freeze == "scratch" else cfg.weights
+    source = {"random": "random weights", "file": "your weights file", "hub": "a download from the hub",
+              "hub-cache": "the hub cache"}.get(weights, f"{weights} weights")
+    report("preparing", force=True, message=f"Building {cfg.arch} with {source} (step 1 of 3: model)",
+           phase="model", step=0, steps=3)
+    with stream.active():
+        model = build_model(cfg.arch, n_classes, weights, cfg.weights_file, cfg.head, cfg.hidden, cfg.dropout)
+    report("preparing", force=True, message=f"Moving the model to {device.type} (step 2 of 3: model)",
+           phase="model", step=1, steps=3)
+    model.to(device, memory_format=torch.channels_last)
+    estimate.check_training(model, cfg.arch, cfg.image_size, cfg.batch_size,
+                            estimate.TRAINED_SHARE.get(cfg.freeze, 1.0), device)
+    return model
+
+
+def class_weights(cfg: RunConfig, labels, n_classes: int, device) -> torch.Tensor | None:
+    """Inverse class frequency, so a rare class counts as much as a common one in the loss."""
+    if not cfg.class_weights:
+        return None
+    counts = torch.bincount(torch.as_tensor(labels), minlength=n_classes).float().clamp(min=1)
+    return (counts.sum() / (n_classes * counts)).to(device)
+
+
+def _fit(parts: Parts, cfg: RunConfig, criterion, resumed: dict | None, started: float) -> Loop:
+    """Every phase's epochs, planned first under a time budget."""
+    precision = Precision(parts, cfg)
+    caches = PhaseCaches(parts, cfg, precision)
+    try:
+        phases, cfg = phases_for(parts, cfg, precision, resumed, started)
+        clock = BudgetClock.start(cfg, started, len(parts.labels("test")))
+        loop = Loop(parts, cfg, criterion, phases, caches, precision, clock, ResumeState(parts.run, resumed))
+        if resumed:
+            loop.restore()
+        loop.fit()
+    finally:
+        caches.close()
+    return loop
+
+
+def finish(loop: Loop) -> dict:
     """Test the best checkpoint (rank 0 only) and record the final status."""
-    report, model, device = loop.report, loop.model, loop.device
+    parts, epoch = loop.parts, loop.epoch
+    run, report, model = parts.run, parts.report, parts.model
     report("running", force=True, message="Testing the best checkpoint", phase="test")
-    model.load_state_dict(safetensors.torch.load_file(str(run.checkpoint), device=str(device)))
-    images, labels, files = data["test"]
-    epoch = loop.epoch
-    done = "Finished" + (f" (early stop at epoch {epoch})" if epoch < cfg.epochs else "")
-    if labels:
-        if loop.feats and not any(p.requires_grad for p in model.backbone.parameters()):
-            with torch.inference_mode():     # backbone never changed: reuse its test features
-                probs = model.head.eval()(loop.feats["test"]).float().softmax(-1).cpu().numpy()
-        else:
-            probs = predict_probs(model, images, loop.eval_tf, device, progress=lambda done, total: report(
-                "running", message="Testing the best checkpoint", phase="test", step=done, steps=total))
-        metrics = save_evaluation(run, "test", files, labels, probs)
-        run.set_status("finished", message=done, test_acc=metrics["accuracy"], phase="done")
-    else:
+    model.load_state_dict(safetensors.torch.load_file(str(run.checkpoint), device=str(parts.device)))
+    images, labels, files = parts.data["test"]
+    done = "Finished" + (f" (early stop at epoch {epoch})" if epoch < loop.cfg.epochs else "")
+    if not labels:
         run.set_status("finished", message=done + ", no test images", phase="done")
+        return run.status()
+    features = loop.caches.features
+    if features and not any(p.requires_grad for p in model.backbone.parameters()):
+        with torch.inference_mode():     # backbone never changed: reuse its test features
+            probs = model.head.eval()(features["test"]).float().softmax(-1).cpu().numpy()
+    else:
+        probs = predict_probs(model, images, parts.eval_tf, parts.device, progress=lambda done, total: report(
+            "running", message="Testing the best checkpoint", phase="test", step=done, steps=total))
+    metrics = save_evaluation(run, "test", files, labels, probs)
+    run.set_status("finished", message=done, test_acc=metrics["accuracy"], phase="done")
     return run.status()
 
 

@@ -20,7 +20,7 @@ from core.device import autocast
 from core.models import prefix
 from core.progress import Cancelled
 from core.serve.store import Run
-from core.train import distributed as dist
+from core.training import distributed as dist
 
 
 class Stopped(Cancelled):
@@ -60,7 +60,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def loader(images, labels, transform, batch_size, order, device: torch.device | None = None):
-    """Batches of this rank's `order`: a list of indices or a sampler (core.train.distributed).
+    """Batches of this rank's `order`: a list of indices or a sampler (core.training.distributed).
     On CUDA, worker processes run the augmentations and hand over pinned memory; on CPU they would
     only compete with the training threads for the same cores."""
     dataset = transforms.TensorDataset(images, labels, transform)

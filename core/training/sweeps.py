@@ -3,13 +3,15 @@ normal run; and the results table over any set of runs (report 004's ablation ta
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 from dataclasses import replace
 from datetime import datetime
 
 import pandas as pd
 
-from core.config import RunConfig
+from core import config
+from core.config import FREEZE_MODES, RunConfig
 from core.data.transforms import PRESETS
 from core.serve.store import Run, list_runs
 from core.serve.worker import MANAGER
@@ -102,3 +104,61 @@ def sweeps(runs: list[Run] | None = None) -> dict[str, list[Run]]:
         if sweep:
             groups.setdefault(sweep, []).insert(0, run)     # oldest first within a sweep
     return groups
+
+
+# ---------------------------------------------------------------- what the Experiments page offers per axis
+
+NUMBER_AXES = {"lr": float, "max_per_class": int}        # typed as text; each value cast with this
+INITS = ("pretrained", "random")
+# what each axis starts with: a small contrast worth running ("model" adds the current backbone)
+AXIS_DEFAULTS = {"lr": (0.01, 0.001, 0.0001), "max_per_class": (5, 20, 0), "batch_size": (16, 32),
+                 "optimizer": ("sgd", "adam"), "freeze": ("head", "full"), "augment": ("none", "photos"),
+                 "init": INITS, "model": ("logreg",)}
+
+
+def axis_options(axis: str) -> list:
+    """The values a sweep may pick for an axis chosen from a list (not NUMBER_AXES): the
+    setting's own options where it is a setting, so a sweep offers what the pages offer."""
+    from core.models.backbones import CATALOG
+    if axis in ("optimizer", "freeze", "batch_size"):
+        return config.options(axis)
+    return {"augment": list(PRESETS), "init": list(INITS), "model": list(CATALOG) + list(BASELINES)}[axis]
+
+
+def axis_defaults(axis: str, arch: str) -> list:
+    """The values an axis starts with; for "model", the current backbone `arch` first. Values
+    the axis doesn't offer are left out."""
+    defaults = ((arch,) if axis == "model" else ()) + AXIS_DEFAULTS[axis]
+    if axis in NUMBER_AXES:
+        return list(defaults)
+    options = axis_options(axis)
+    return [value for value in defaults if value in options]
+
+
+def parse_numbers(text: str, cast=float) -> list:
+    """"0.01, 0.001; 1e-4" -> [0.01, 0.001, 0.0001] (commas or semicolons, blanks ignored);
+    ValueError when a part is not a number."""
+    return [cast(value) for value in text.replace(";", ",").split(",") if value.strip()]
+
+
+def value_label(value) -> str:
+    """How a sweep value reads in a list: freeze modes and baselines by their names."""
+    return {**FREEZE_MODES, **BASELINES}.get(value, str(value))
+
+
+def run_count(axes: dict[str, list]) -> int:
+    """How many runs the sweep queues: one per combination of the axes' values."""
+    return math.prod(len(values) for values in axes.values())
+
+
+def problems(base: RunConfig, axes: dict[str, list]) -> list[str]:
+    """Every setting problem (config.setting_problems) any run of the sweep would have, once each."""
+    configs = expand(base, axes) if run_count(axes) else []
+    return sorted({problem for cfg in configs for problem in config.setting_problems(cfg.to_dict())})
+
+
+def curves(runs: list[Run], ids: list[str]) -> pd.DataFrame:
+    """The per-epoch metrics of the runs in `ids`, one row per epoch, each with its run's name
+    (the config's name, else the run id) in a "run" column; empty when there are none."""
+    return pd.DataFrame([dict(epoch, run=run.config.name or run.id)
+                         for run in runs if run.id in ids for epoch in run.epochs()])
