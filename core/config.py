@@ -49,6 +49,10 @@ class RunConfig:
     aug_views: int = 0               # augmented views per training image cached through frozen layers
                                      # (0: augmentations run live, so caching is off when augmenting)
     time_budget_s: int = 0           # >0: plan the phases to fit this many seconds (core.training.budget)
+    pick_backbone: bool = False      # with a time budget: probe the offline backbones and image sizes
+                                     # on this data and train the best (core.training.choose)
+    tta: str = ""                    # test-time augmentation: "" none, "hflip" average with the
+                                     # mirrored image, "auto" hflip when it helps on validation
     max_epochs: int = 0              # the teacher's epoch cap, which a time budget's plan keeps to (0 = none)
     device: str = "auto"
     name: str = ""
@@ -95,7 +99,8 @@ CHOICES = {"optimizer": ("sgd", "adam", "adamw", "rmsprop"),
            "scheduler": ("none", "step", "cosine", "onecycle"),
            "freeze": tuple(FREEZE_MODES), "head": ("linear", "mlp"),
            "normalize": ("backbone", "dataset"), "baseline": ("", "logreg"),
-           "weights": ("auto", "bundled", "hub-cache", "hub", "file", "random")}
+           "weights": ("auto", "bundled", "hub-cache", "hub", "file", "random"),
+           "tta": ("", "hflip", "auto")}
 WIDGET_CHOICES = {"batch_size": (4, 8, 16, 32, 64, 128, 256),
                   "image_size": (64, 96, 128, 160, 192, 224, 256, 288, 320, 384)}
 
@@ -132,7 +137,8 @@ def split_problems(split, for_widgets: bool = False) -> list[str]:
         return [f"split is {list(split)}; it must be three fractions (train, val, test) adding up to 1, "
                 "with some training images."]
     train, val = round(split[0] * 100), round(split[1] * 100)
-    if for_widgets and not (1 <= train <= 98 and 0 <= val <= 98):
+    (train_low, train_high), (val_low, val_high) = SPLIT_PERCENT["train"], SPLIT_PERCENT["val"]
+    if for_widgets and not (train_low <= train <= train_high and val_low <= val <= val_high):
         return [f"split is {list(split)}; the Data page offers 1-98 % for train and 0-98 % for "
                 "validation, so keep some images for validation or test."]
     return []
@@ -340,7 +346,9 @@ def with_backbone(settings: dict, arch: str) -> dict:
     for the old one means nothing for it."""
     if arch == settings.get("arch"):
         return settings
-    return {**settings, "arch": arch, "weights": "auto", "weights_file": None, "top_k": 1}
+    # a backbone the user picks is pinned: a time budget no longer chooses one
+    return {**settings, "arch": arch, "weights": "auto", "weights_file": None, "top_k": 1,
+            "pick_backbone": False}
 
 
 def clamp_top_k(settings: dict, blocks: int) -> dict:
@@ -387,3 +395,46 @@ def weights_problems(settings: dict) -> list[str]:
         return ["weights is 'file' but no weights_file is given: upload a weights file on the "
                 "Model page (or pass weights_file=PATH), or pick other weights."]
     return []
+
+
+HEAD_KINDS = {"linear": "Linear", "mlp": "MLP (hidden layer + dropout)"}   # the head choices, as shown
+SPLIT_PERCENT = {"train": (1, 98), "val": (0, 98)}     # what the Data page offers, in whole percent
+
+
+def split_percents(split) -> tuple[int, int]:
+    """A split's train and validation shares in whole percent, as the Data page shows them."""
+    return int(round(split[0] * 100)), int(round(split[1] * 100))
+
+
+def split_from_percents(train_pct: int, val_pct: int) -> tuple[float, float, float] | None:
+    """The split for whole-percent train and validation shares, test taking the rest; None when
+    train and validation add up to more than 100 %."""
+    test_pct = 100 - train_pct - val_pct
+    if test_pct < 0:
+        return None
+    return train_pct / 100, val_pct / 100, test_pct / 100
+
+
+# The Train page's choices, as shown (the values are CHOICES'; a label missing here shows the value).
+OPTIMIZER_LABELS = {"sgd": "SGD + momentum", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
+SCHEDULER_LABELS = {"none": "Constant", "step": "StepLR", "cosine": "Cosine (+ warm-up)",
+                    "onecycle": "One-cycle"}
+NORMALIZE_LABELS = {"backbone": "Backbone's mean/std", "dataset": "This data set's mean/std"}
+MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")       # the optimizers that take a momentum
+BUDGET_MINUTES = (0.0, 600.0)    # the Train page's time budget in minutes; a config file may ask for more
+
+
+def uses_momentum(optimizer: str) -> bool:
+    """Whether `optimizer` has a momentum setting (Adam's betas play that part and aren't offered)."""
+    return optimizer in MOMENTUM_OPTIMIZERS
+
+
+def two_phase_applies(freeze: str) -> bool:
+    """Head-only epochs first, then unfreezing, needs a pretrained backbone that trains: not with
+    the backbone frozen throughout, nor from scratch (nothing pretrained to protect)."""
+    return freeze not in ("head", "scratch")
+
+
+def budget_seconds(minutes: float) -> int:
+    """The time budget a number of minutes typed on the Train page stands for."""
+    return int(round(minutes * 60))

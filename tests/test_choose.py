@@ -51,6 +51,7 @@ def test_fits_counts_the_head_pass_and_the_fine_tune_epochs():
     assert choose.fits(p, counts, need / SAFETY + 1) and not choose.fits(p, counts, need / SAFETY - 1)
 
 
+@pytest.mark.slow
 def test_probe_measures_each_candidate_on_generated_classes(image_folder, monkeypatch):
     """Colour-coded classes are separable from pooled features of a random network already."""
     monkeypatch.setattr(choose, "candidates", lambda device_type="cpu": [("test_resnet", "random", 32),
@@ -74,3 +75,31 @@ def test_sizes_follow_the_device_default():
 @pytest.mark.parametrize("acc,n", [(0.5, 100), (0.99, 400)])
 def test_standard_error_is_the_binomial_one(acc, n):
     assert choose.standard_error(acc, n) == pytest.approx(np.sqrt(acc * (1 - acc) / n), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_budget_run_trains_the_backbone_its_probe_chose(tiny_config, monkeypatch):
+    """pick_backbone: the run probes the candidates, writes probe.json, and its config.json
+    holds the chosen backbone and size (so Resume, Evaluate and exports see what trained)."""
+    import core
+    monkeypatch.setattr(choose, "candidates", lambda device_type="cpu": [("test_resnet", "random", 32),
+                                                                          ("test_efficientnet", "random", 40)])
+    run = core.train(tiny_config(arch="mobilenetv2_100", pick_backbone=True, time_budget_s=60,
+                                 freeze="top_k", tta="auto"))
+    status, cfg, probed = run.status(), run.config, run.read_json("probe.json")
+    assert status.state == "finished", status.message
+    assert (cfg.arch, cfg.image_size) == (probed["chosen"]["arch"], probed["chosen"]["size"])
+    assert cfg.arch in ("test_resnet", "test_efficientnet") and not cfg.pick_backbone
+    assert len(probed["probes"]) == 2 and probed["notes"] and cfg.tta in ("", "hflip")
+
+
+@pytest.mark.slow
+def test_a_pinned_backbone_is_not_probed(tiny_config):
+    import core
+    run = core.train(tiny_config(pick_backbone=False, time_budget_s=30, freeze="top_k"))
+    assert run.read_json("probe.json") is None and run.config.arch == "test_resnet"
+
+
+def test_choosing_a_backbone_pins_it():
+    from core.config import with_backbone
+    assert with_backbone({"arch": "a", "pick_backbone": True}, "b")["pick_backbone"] is False

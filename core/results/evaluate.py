@@ -1,6 +1,9 @@
 """Predictions and metrics for a trained run."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 import pandas as pd
 import torch
@@ -12,29 +15,34 @@ from core.data import folders
 from core.data import images as imaging
 from core.data import transforms
 from core.models.backbones import load_run_model, run_normalization
-from core.device import autocast, pick_device
+from core.device import pick_device
+from core.progress import Progress, batched_forward, part
 from core.serve.store import Run
 
 
-@torch.inference_mode()
 def predict_probs(model: torch.nn.Module, images: list[torch.Tensor], transform,
-                  device: torch.device, batch_size: int = 64, progress=None) -> np.ndarray:
-    """Softmax probabilities for pre-decoded uint8 images. `progress(done, total)` is called per
-    batch (and may raise to stop)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
-            batch = batch.to(device, memory_format=torch.channels_last)
-            with autocast(device):
-                out.append(model(batch).float().softmax(-1).cpu())
-            if progress:
-                progress(min(start + batch_size, len(images)), len(images))
-    finally:
-        model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+                  device: torch.device, batch_size: int = 64,
+                  progress: Callable[[int, int], None] | None = None, flip: bool = False) -> np.ndarray:
+    """Softmax probabilities for pre-decoded uint8 images; with `flip`, the mean of the image's
+    and its mirror image's. `progress(done, total)` per batch (it may raise to stop)."""
+    counts = (lambda done, total, _message: progress(done, total)) if progress else None
+    net = FlipAverage(model) if flip else model
+    logits = batched_forward(net, images, batch_size, device, counts,
+                             prepare=lambda chunk: torch.stack([transform(img) for img in chunk]))
+    return logits.softmax(-1).numpy() if len(logits) else np.zeros((0, 0))
+
+
+class FlipAverage(torch.nn.Module):
+    """Test-time augmentation: log of the mean probability over the image and its horizontal
+    mirror, so a softmax of the output gives that mean."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.model(x).float().softmax(-1) + self.model(x.flip(-1)).float().softmax(-1)
+        return (probs / 2).clamp_min(1e-12).log()
 
 
 def summarize(probs: np.ndarray, labels: list[int], classes: list[str]) -> dict:
@@ -71,9 +79,10 @@ def predictions_frame(files: list[str], labels: list[int], probs: np.ndarray,
     return frame
 
 
-def evaluate_run(run: Run, split: str = "test", device: str = "auto", progress=None) -> dict:
+def evaluate_run(run: Run, split: str = "test", device: str = "auto", progress: Progress | None = None) -> dict:
     """Evaluate the run's best checkpoint on one of its stored splits; writes
-    `{split}_metrics.json` and `{split}_predictions.csv` into the run folder."""
+    `{split}_metrics.json` and `{split}_predictions.csv` into the run folder. `progress(done,
+    total, message)`: reading the images, then predicting them."""
     cfg = run.config
     splits = run.read_json("splits.json", {})
     items = [folders.Item(p, label) for p, label in splits.get(split, [])]
@@ -81,14 +90,16 @@ def evaluate_run(run: Run, split: str = "test", device: str = "auto", progress=N
         raise ValueError(f"The run's {split} split is empty.")
     dev = pick_device(device)
     model = load_run_model(run, dev)
-    images, failures = imaging.decode_images(splits["root"], items, cfg.image_size, progress=progress)
+    images, failures = imaging.decode_images(splits["root"], items, cfg.image_size,
+                                             progress=part(progress, 0.0, 0.5, "Reading images"))
     keep = [i for i, img in enumerate(images) if img is not None]
     if not keep:
         raise DataError(f"None of the {len(items)} {split} images can be read any more: was the "
                          f"data set at {splits['root']} moved or deleted?")
     mean, std = run_normalization(run, model)
     transform = transforms.build_transform(cfg.image_size, mean, std)
-    probs = predict_probs(model, [images[i] for i in keep], transform, dev)
+    probs = predict_probs(model, [images[i] for i in keep], transform, dev,
+                          progress=part(progress, 0.5, 1.0, "Predicting images"), flip=cfg.tta == "hflip")
     return save_evaluation(run, split, [items[i].path for i in keep],
                            [items[i].label for i in keep], probs, failures)
 
@@ -139,3 +150,38 @@ def cell(frame: pd.DataFrame, true: str, predicted: str) -> pd.DataFrame:
     """Images in one confusion-matrix cell, most confident first."""
     hit = frame[(frame["true"] == true) & (frame["predicted"] == predicted)]
     return hit.sort_values("confidence", ascending=False)
+
+
+# ---------------------------------------------------------------- what the Evaluate page shows
+
+def is_stale(metrics: dict | None, checkpoint: Path) -> bool:
+    """Whether stored metrics must be computed again: there are none, they predate mAP, or they
+    were computed from another checkpoint than the one the run holds now (a resumed or re-trained
+    run's best epoch moved on)."""
+    if metrics is None or "mAP" not in metrics:
+        return True
+    mtime = checkpoint.stat().st_mtime if checkpoint.exists() else None
+    return metrics.get("checkpoint_mtime") != mtime
+
+
+def stored_evaluation(run: Run, split: str) -> tuple[pd.DataFrame, dict] | None:
+    """The split's stored predictions and metrics, or None when evaluate_run must (re)compute them."""
+    frame, metrics = load_predictions(run, split), run.read_json(f"{split}_metrics.json")
+    if frame is None or is_stale(metrics, run.checkpoint):
+        return None
+    return frame, metrics
+
+
+def images_root(run: Run) -> Path:
+    """The folder the run's split files are relative to (where the Evaluate page finds images)."""
+    return Path(run.read_json("splits.json", {}).get("root", "."))
+
+
+def confusion_frame(metrics: dict) -> pd.DataFrame:
+    """The confusion matrix in long form, one row per (true, predicted) cell: its count, and its
+    share of the true class's images (a class without images shares 0)."""
+    classes = metrics["classes"]
+    long = pd.DataFrame(metrics["confusion"], index=classes, columns=classes).rename_axis("true") \
+        .reset_index().melt("true", var_name="predicted", value_name="count")
+    long["share"] = long["count"] / long.groupby("true")["count"].transform("sum").clip(lower=1)
+    return long

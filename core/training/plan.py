@@ -48,9 +48,11 @@ def _plan(parts: Parts, cfg: RunConfig, precision: Precision, started: float):
     return phases, cfg
 
 
-def reserve_for_testing(n_test: int) -> float:
-    """Seconds kept back from a time budget for the final test pass."""
-    return 2.0 + 0.02 * n_test
+def reserve_for_testing(n_test: int, n_val: int = 0, tta: str = "") -> float:
+    """Seconds kept back from a time budget for the final test pass: mirrored test images cost
+    a second pass, and deciding on them ("auto") two passes over validation."""
+    images = n_test * (2 if tta else 1) + (2 * n_val if tta == "auto" else 0)
+    return 2.0 + 0.02 * images
 
 
 class BudgetClock:
@@ -60,8 +62,10 @@ class BudgetClock:
         self.deadline = deadline
 
     @classmethod
-    def start(cls, cfg: RunConfig, started: float, n_test: int) -> "BudgetClock":
-        return cls(started + cfg.time_budget_s - reserve_for_testing(n_test) if cfg.time_budget_s else None)
+    def start(cls, cfg: RunConfig, started: float, n_test: int, n_val: int = 0) -> "BudgetClock":
+        if not cfg.time_budget_s:
+            return cls(None)
+        return cls(started + cfg.time_budget_s - reserve_for_testing(n_test, n_val, cfg.tta))
 
     def running(self) -> bool:
         return bool(self.deadline)

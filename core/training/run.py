@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 
+import numpy as np
 import safetensors.torch
 import torch
 from torch import nn
@@ -30,7 +31,8 @@ from core.training.parts import Parts
 from core.training.phase_caches import PhaseCaches
 from core.training.plan import BudgetClock, phases_for
 from core.training.precision import Precision
-from core.training.resolved import at_native_size
+from core.training import choose
+from core.training.resolved import at_native_size, resolved
 from core.training.steps import Diverged, Reporter, Stopped, seed_everything
 
 
@@ -122,6 +124,8 @@ def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = No
     device = pick_device(cfg.device)
     if device.type == "cpu":
         set_cpu_threads()
+    if cfg.pick_backbone and cfg.time_budget_s and not resumed:
+        cfg = pick_backbone(run, cfg, report, device)
     classes, data = prepare_data(run, cfg, report)
     if cfg.baseline == "logreg":
         from core.training.baselines import train_logreg
@@ -138,6 +142,25 @@ def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = No
     if not dist.is_main():
         return {}
     return finish(loop)
+
+
+def pick_backbone(run: Run, cfg: RunConfig, report: Reporter, device) -> RunConfig:
+    """Probe the backbones whose weights are here on a sample of the training split and train
+    the best that fits the budget (core.training.choose); probe.json keeps the table and why."""
+    scan = folders.scan_folder(resolve_data_root(cfg.data_root), check=False)
+    splits = splitting.split_items(scan, cfg.split, cfg.split_seed, cfg.max_per_class)
+    counts = {name: len(items) for name, items in splits.items()}
+
+    def progress(done, total, message):
+        report("preparing", message=message, phase="probe", step=done, steps=total)
+    probes = choose.probe(scan.root, splits["train"], counts, cfg.time_budget_s, device, progress, cfg.seed)
+    pick, notes = choose.choose(probes)
+    run.write_json("probe.json", dict(probes=[p.to_dict() for p in probes], notes=notes,
+                                      chosen=pick and dict(arch=pick.arch, size=pick.size)))
+    if pick is None:
+        return resolved(run, cfg, pick_backbone=False)
+    return resolved(run, cfg, arch=pick.arch, image_size=pick.size, weights=pick.weights,
+                    weights_file=None, pick_backbone=False)
 
 
 def _model(cfg: RunConfig, report: Reporter, n_classes: int, device, stream: rng.Stream):
@@ -170,7 +193,7 @@ def _fit(parts: Parts, cfg: RunConfig, criterion, resumed: dict | None, started:
     caches = PhaseCaches(parts, cfg, precision)
     try:
         phases, cfg = phases_for(parts, cfg, precision, resumed, started)
-        clock = BudgetClock.start(cfg, started, len(parts.labels("test")))
+        clock = BudgetClock.start(cfg, started, len(parts.labels("test")), len(parts.labels("val")))
         loop = Loop(parts, cfg, criterion, phases, caches, precision, clock, ResumeState(parts.run, resumed))
         if resumed:
             loop.restore()
@@ -191,16 +214,33 @@ def finish(loop: Loop) -> dict:
     if not labels:
         run.set_status("finished", message=done + ", no test images", phase="done")
         return run.status()
+    cfg = choose_flip(loop)
     features = loop.caches.features
-    if features and not any(p.requires_grad for p in model.backbone.parameters()):
+    if features and not cfg.tta and not any(p.requires_grad for p in model.backbone.parameters()):
         with torch.inference_mode():     # backbone never changed: reuse its test features
             probs = model.head.eval()(features["test"]).float().softmax(-1).cpu().numpy()
     else:
         probs = predict_probs(model, images, parts.eval_tf, parts.device, progress=lambda done, total: report(
-            "running", message="Testing the best checkpoint", phase="test", step=done, steps=total))
+            "running", message="Testing the best checkpoint", phase="test", step=done, steps=total),
+            flip=cfg.tta == "hflip")
     metrics = save_evaluation(run, "test", files, labels, probs)
     run.set_status("finished", message=done, test_acc=metrics["accuracy"], phase="done")
     return run.status()
+
+
+def choose_flip(loop: Loop) -> RunConfig:
+    """tta="auto": mirror-averaged predictions when they beat plain ones on validation (ties
+    keep the plain, cheaper ones); the answer is written as the run's tta setting."""
+    cfg, parts = loop.cfg, loop.parts
+    if cfg.tta != "auto":
+        return cfg
+    images, labels, _ = parts.data["val"]
+    if not labels:
+        return resolved(parts.run, cfg, tta="")
+    parts.report("running", force=True, message="Trying mirrored test images on validation", phase="test")
+    scores = [(predict_probs(parts.model, images, parts.eval_tf, parts.device, flip=flip).argmax(1)
+               == np.asarray(labels)).mean() for flip in (False, True)]
+    return resolved(parts.run, cfg, tta="hflip" if scores[1] > scores[0] else "")
 
 
 def normalization(run: Run, cfg: RunConfig, model, train_images) -> tuple[list, list]:
