@@ -364,9 +364,9 @@ def cmd_doctor(args) -> int:
     from core.data import DataError
     last = [""]
 
-    def progress(text, fraction):
+    def progress(done, total, text):
         step = " ".join(text.split()[:2])      # one line per step, not per batch
-        if not args.quiet and (step != last[0] or fraction >= 1):
+        if not args.quiet and (step != last[0] or done >= total):
             last[0] = step
             print(f"  {text}", flush=True)
     try:

@@ -9,7 +9,7 @@ Why this shape: most jobs count something (images decoded, embedded, predicted, 
 a job made of parts reports each on its own scale through `part`.
 
 A job stops early by raising `Cancelled`: `batched_forward` does when its `cancel` event is set, and
-any progress callback may raise it (a page's Stop, a task's time cap). `core.train.steps.Stopped`
+any progress callback may raise it (a page's Stop, a task's time cap). `core.training.steps.Stopped`
 is the training loop's subclass of it.
 
     vectors = batched_forward(model, images, 64, device, progress, cancel=stop, prepare=to_batch)
@@ -47,7 +47,7 @@ def part(progress: Progress | None, start: float, end: float, text: str = "") ->
     return report
 
 
-def check(cancel: threading.Event | None) -> None:
+def check_cancel(cancel: threading.Event | None) -> None:
     """Raise Cancelled once `cancel` is set."""
     if cancel is not None and cancel.is_set():
         raise Cancelled("Stopped.")
@@ -69,7 +69,7 @@ def batched_forward(model: torch.nn.Module, inputs: torch.Tensor | Sequence, bat
     say, total, outs = progress or silent, len(inputs), []
     with eval_mode(model), torch.inference_mode():
         for start in range(0, total, batch_size):
-            check(cancel)
+            check_cancel(cancel)
             batch = inputs[start:start + batch_size]
             batch = prepare(batch) if prepare else batch
             if batch is not None and len(batch):

@@ -133,7 +133,7 @@ def test_dataset_frame_uses_the_cached_pretrained_embeddings(image_folder, monke
     scan = folders.scan_folder(image_folder(classes=2, per_class=4))
     steps = []
     frame = embedding_map.dataset_frame(scan.root, scan.items, scan.classes, "pca", flags=[scan.items[0].path],
-                            arch="test_resnet", size=32, progress=lambda text, f: steps.append(text))
+                            arch="test_resnet", size=32, progress=lambda d, t, text: steps.append(text))
     assert len(frame) == 8 and frame["flag"].tolist() == ["flagged"] + [""] * 7
     assert steps[0].startswith("Embedding images with the pretrained backbone") and "Projecting (PCA)…" in steps
     monkeypatch.setattr(embeddings, "_compute", lambda *a, **k: pytest.fail("embedded again"))
@@ -144,9 +144,10 @@ def test_dataset_frame_uses_the_cached_pretrained_embeddings(image_folder, monke
 
 # ---------------------------------------------------------------- a trained run
 
+@pytest.mark.slow
 def test_run_map_frames_before_and_after(full_run):
     steps = []
-    before, after = embedding_map.run_map_frames(full_run, "pca", progress=lambda text, f: steps.append((text, f)))
+    before, after = embedding_map.run_map_frames(full_run, "pca", progress=lambda d, t, text: steps.append((text, d / t)))
     assert len(before) == len(after) == 36
     assert before["path"].tolist() == after["path"].tolist()
     assert not np.allclose(before[["x", "y"]].to_numpy(), after[["x", "y"]].to_numpy())
@@ -214,6 +215,7 @@ def test_evaluate_page_embedding_map_tab(full_run, monkeypatch):
 
 
 def show_dataset_map(root: str, classes: list[str], flags: list[str]):
+    from core.data import folders           # AppTest runs this function's source alone: imports inside
     from pages.common import maps
     maps.dataset_map(root, folders.scan_folder(root).items, classes, flags, arch="test_resnet", size=32)
 
@@ -231,6 +233,7 @@ def test_dataset_map_component(image_folder):
     assert any("Ringed points" in c.value for c in at.caption)
 
 
+@pytest.mark.slow
 def test_maps_kept_with_the_run_appear_in_its_report(tmp_path):
     """Frames saved by the Evaluate tab come back equal (thumbnails aside) and the report draws them."""
     from conftest import class_folders, tiny_run_config, train_apart

@@ -58,10 +58,11 @@ def perturb(weights: Path) -> None:
 
 # ---------------------------------------------------------------- core
 
+@pytest.mark.slow
 def test_safetensors_and_onnx_exports_agree(run):
     import onnxruntime  # noqa: F401 - a runtime requirement: a broken install must fail, not skip
     seen = []
-    first = export_check.export_checked(run, "safetensors", progress=lambda text, f: seen.append((text, f)))
+    first = export_check.export_checked(run, "safetensors", progress=lambda d, t, text: seen.append((text, d / t)))
     second = export_check.export_checked(run, "onnx")
     n = len(run.read_json("splits.json")["test"])
     for result in (first, second):
@@ -147,6 +148,7 @@ def script_probs(script: Path, files: list[Path], in_process: bool = False) -> t
     return [r[1] for r in rows[1:]], np.array([[float(v) for v in r[3:]] for r in rows[1:]])
 
 
+@pytest.mark.slow
 def test_predict_scripts_reproduce_the_apps_predictions(run, tmp_path):
     export_check.export_checked(run, "safetensors")
     files = odd_images(tmp_path / "images")

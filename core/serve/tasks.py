@@ -119,7 +119,7 @@ def doctor_task(task: store.Run, args: dict, progress, stop_event) -> None:
 def lr_task(task: store.Run, args: dict, progress, stop_event) -> None:
     """The learning-rate range test of a configuration; its curve and suggestion in result.json."""
     from core.config import validate_config
-    from core.train.lr_find import suggest_lr
+    from core.training.lr_find import suggest_lr
     cfg = validate_config(args["config"])
     task.write_json("result.json", suggest_lr(cfg, progress=progress))
 

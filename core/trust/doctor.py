@@ -26,7 +26,6 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -37,6 +36,7 @@ from core.data import images as imaging
 from core.data import splits as splitting
 from core.trust import embeddings
 from core.models.backbones import DEFAULT_ARCH
+from core.progress import Progress, check_cancel, part, silent
 
 ISSUES = {   # issue -> what it means, in a few words (the page's gallery titles and the CSV)
     "label": "labelled as one class, looks like another",
@@ -97,31 +97,30 @@ class Audit:
 
 def audit(folder: str | os.PathLike, arch: str = DEFAULT_ARCH, weights: str = "auto",
           size: int = embeddings.DEFAULT_SIZE, folds: int = 5, split=(0.7, 0.15, 0.15), split_seed: int = 0,
-          progress: Callable[[str, float], None] | None = None,
+          progress: Progress | None = None,
           stop: threading.Event | None = None) -> Audit:
-    """Audit the data set at `folder`. `progress(text, fraction)` names each step; setting
-    `stop` raises core.trust.embeddings.Cancelled between batches."""
+    """Audit the data set at `folder`. `progress(done, total, message)` names each step; setting
+    `stop` raises core.progress.Cancelled between batches."""
     import time
-    say = progress or (lambda text, fraction: None)
+    say = progress or silent
     scan = folders.scan_folder(folder)
     seconds = {}
     start = time.perf_counter()
     vectors = embeddings.embed_items(scan.root, scan.items, arch, weights, size, stop=stop,
-                             progress=lambda d, t: say(f"Embedding images {d}/{t}", 0.6 * d / max(t, 1)))
+                             progress=part(say, 0.0, 0.6, "Embedding images"))
     seconds["embeddings"] = time.perf_counter() - start
     labels = np.array([it.label for it in scan.items])
     ok = ~np.isnan(vectors).any(axis=1)
     rows: list[dict] = []
-    say("Looking for label errors (cross-validation, cleanlab)…", 0.62)
+    say(62, 100, "Looking for label errors (cross-validation, cleanlab)…")
     probs = out_of_sample_probs(vectors, labels, ok, folds)
     rows += label_issues(scan, labels, probs, ok)
-    say("Looking for duplicates and outliers…", 0.75)
+    say(75, 100, "Looking for duplicates and outliers…")
     groups, dup_rows = duplicates(scan, vectors, ok)
     rows += dup_rows
     rows += outliers(scan, vectors, ok)
-    say("Measuring brightness, sharpness and size…", 0.8)
-    rows += property_issues(scan, stop=stop,
-                            progress=lambda d, t: say(f"Measuring image properties {d}/{t}", 0.8 + 0.2 * d / max(t, 1)))
+    say(80, 100, "Measuring brightness, sharpness and size…")
+    rows += property_issues(scan, stop=stop, progress=part(say, 0.8, 1.0, "Measuring image properties"))
     seconds["total"] = time.perf_counter() - start
     splits = splitting.split_items(scan, split, split_seed)
     split_of = {it.path: name for name, items in splits.items() for it in items}
@@ -130,7 +129,7 @@ def audit(folder: str | os.PathLike, arch: str = DEFAULT_ARCH, weights: str = "a
                    vectors=vectors, pred_probs=probs, seconds=seconds)
     result.verdicts = verdicts(result)
     save(result)
-    say("Done", 1.0)
+    say(100, 100, "Done")
     return result
 
 
@@ -327,10 +326,9 @@ def property_issues(scan: folders.DataScan, stop=None, progress=None) -> list[di
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for n, value in enumerate(pool.map(one, scan.items), 1):
             stats.append(value)
-            if stop is not None and stop.is_set():
-                raise embeddings.Cancelled("Stopped.")
+            check_cancel(stop)
             if progress and (n % 64 == 0 or n == len(scan.items)):
-                progress(n, len(scan.items))
+                progress(n, len(scan.items), f"Measuring image properties {n}/{len(scan.items)}")
     known = [s for s in stats if s]
     if not known:
         return []
@@ -490,3 +488,97 @@ def fixed_from(root: str | os.PathLike) -> dict | None:
         return json.loads((Path(root) / ".doctor.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+# ---------------------------------------------------------------- what the Doctor page shows and fixes
+
+PROPERTY_ISSUES = ("outlier", "dark", "bright", "blurry", "tiny", "aspect")   # the "odd images" tab, in order
+DUPLICATE_ISSUES = ("exact duplicate", "near duplicate")
+
+
+def findings_of(result: Audit, issues: tuple[str, ...]) -> pd.DataFrame:
+    """The findings whose issue is one of `issues`."""
+    return result.findings[result.findings["issue"].isin(list(issues))]
+
+
+def crossing_groups(result: Audit) -> list[list[str]]:
+    """Duplicate groups the audit's split puts in more than one split: the model would be tested
+    on pictures it trained on."""
+    return [g for g in result.groups if len({result.split_of.get(p) for p in g}) > 1]
+
+
+def group_kinds(result: Audit, group: list[str]) -> set[str]:
+    """Which duplicate issues ("exact duplicate", "near duplicate") link the images of `group`."""
+    dups = findings_of(result, DUPLICATE_ISSUES)
+    return set(dups[dups["path"].isin(group)]["issue"])
+
+
+@dataclass
+class Fixes:
+    """The fixes chosen for the next fixed copy: images to leave out, images to move to another
+    class ({path: class}), and whether duplicate groups stay in one split. An image is either
+    left out or moved, never both."""
+    exclude: set[str] = field(default_factory=set)
+    move: dict[str, str] = field(default_factory=dict)
+    together: bool = False
+
+    def toggle_exclude(self, path: str) -> None:
+        """Leave `path` out, or (a second time) keep it again; either way it is not moved."""
+        self.exclude.symmetric_difference_update({path})
+        self.move.pop(path, None)
+
+    def toggle_move(self, path: str, to: str) -> None:
+        """Move `path` to class `to`, or (a second time) take the move back."""
+        if path in self.move:
+            self.move.pop(path)
+        else:
+            self.move[path] = to
+            self.exclude.discard(path)
+
+    def move_all(self, moves: dict[str, str]) -> None:
+        self.move.update(moves)
+        self.exclude.difference_update(moves)
+
+    def exclude_all(self, paths) -> None:
+        paths = list(paths)
+        self.exclude.update(paths)
+        for path in paths:
+            self.move.pop(path, None)
+
+    def groups(self, result: Audit) -> list[list[str]]:
+        """The duplicate groups to keep in one split: all of the audit's, or none."""
+        return result.groups if self.together else []
+
+    def any(self, result: Audit) -> bool:
+        """Whether a fixed copy would differ from the original."""
+        return bool(self.exclude or self.move or self.groups(result))
+
+
+class NoRoom(ValueError):
+    """The fixed copy would take more than what is left of the user's allowance."""
+
+
+def fixed_copy_bytes(result: Audit, exclude=()) -> int:
+    """Bytes of the images a fixed copy keeps (hard links count against a quota like copies)."""
+    root, skip = Path(result.root), set(exclude)
+    return sum((root / it.path).stat().st_size for it in result.items
+               if it.path not in skip and (root / it.path).exists())
+
+
+def fixed_copy_dest(parent: Path, name: str) -> Path:
+    """A free folder name for the fixed copy of data set `name` below `parent`: name-fixed, then
+    name-fixed-2, name-fixed-3, ..."""
+    dest, n = parent / f"{name}-fixed", 2
+    while dest.exists():
+        dest, n = parent / f"{name}-fixed-{n}", n + 1
+    return dest
+
+
+def fixed_copy_plan(result: Audit, exclude, parent: Path, room: int) -> Path:
+    """Where the fixed copy of the audited data set goes below `parent` (write it there with
+    write_fixed_copy); raises NoRoom when its images take more than `room` bytes."""
+    needed = fixed_copy_bytes(result, exclude)
+    if needed > room:
+        raise NoRoom(f"The fixed copy needs {needed / 2**20:,.0f} MB; your allowance has "
+                     f"{room / 2**20:,.0f} MB left. Delete old uploads on the Data page first.")
+    return fixed_copy_dest(Path(parent), Path(result.root).name)

@@ -18,13 +18,14 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from core.data import DataError
 from core.data import images as imaging
+from core.hooks import eval_mode
+from core.progress import Progress, part
 from core.trust import embeddings
 
 MAX_IMAGES = 2000           # a map of more points is slow to project and to send to a browser
@@ -34,9 +35,6 @@ THUMB_BUDGET = 6_000_000    # bytes of thumbnail data per map at most (a page se
 PCA_DIMS = 50               # UMAP runs on the top principal components: same map, much faster
 EXACT_BELOW = 4096          # umap-learn's own threshold for exact (all-pairs) neighbours
 METHODS = {"umap": "UMAP", "pca": "PCA"}
-
-Progress = Callable[[str, float], None]        # progress(text, fraction done)
-
 
 # ---------------------------------------------------------------- projection
 
@@ -183,12 +181,6 @@ def sample(items: list, cap: int = MAX_IMAGES, seed: int = 0) -> list:
     return [items[i] for i in keep]
 
 
-def _embedding_progress(progress: Progress | None, text: str, start: float, end: float):
-    if progress is None:
-        return None
-    return lambda done, total: progress(f"{text} {done}/{total}", start + (end - start) * done / max(total, 1))
-
-
 def dataset_frame(root: str, items: list, classes: list[str], method: str = "umap", flags=None,
                   arch: str = embeddings.DEFAULT_ARCH, size: int = embeddings.DEFAULT_SIZE, seed: int = 0,
                   progress: Progress | None = None, stop: threading.Event | None = None) -> pd.DataFrame:
@@ -198,14 +190,14 @@ def dataset_frame(root: str, items: list, classes: list[str], method: str = "uma
     if method == "umap":
         warm_up()
     rels = [_path_label(it)[0] for it in items]
-    vectors = embeddings.embed_items(root, rels, arch=arch, size=size, stop=stop, progress=_embedding_progress(
-        progress, "Embedding images with the pretrained backbone", 0.0, 0.8))
+    vectors = embeddings.embed_items(root, rels, arch=arch, size=size, stop=stop, progress=part(
+        progress, 0.0, 0.8, "Embedding images with the pretrained backbone"))
     return _finish(root, items, classes, vectors, method, None, flags, None, seed, progress, 0.8)
 
 
 def _finish(root, items, classes, vectors, method, predictions, flags, thumbs, seed, progress, start):
     if progress:
-        progress(f"Projecting ({METHODS.get(method, method)})…", start)
+        progress(round(100 * start), 100, f"Projecting ({METHODS.get(method, method)})…")
     return map_frame(root, items, classes, vectors, method, predictions, flags, thumbs, seed)
 
 
@@ -266,7 +258,7 @@ def run_map_frames(run, method: str = "umap", progress: Progress | None = None,
     predictions = _test_predictions(run, progress)
     rels = [path for path, _ in items]
     backbone, what, before_note = before_model(run)
-    tick = _embedding_progress(progress, f"Embedding images with the {what}", 0.1, 0.45)
+    tick = part(progress, 0.1, 0.45, f"Embedding images with the {what}")
     if backbone is None:
         before = embeddings.embed_items(root, rels, arch=cfg.arch, weights=cfg.weights, size=cfg.image_size,
                                 progress=tick, stop=stop)
@@ -274,7 +266,7 @@ def run_map_frames(run, method: str = "umap", progress: Progress | None = None,
         before = embeddings.embed_items(root, rels, model=backbone, size=cfg.image_size, progress=tick, stop=stop)
     model = load_run_model(run)
     mean, std = run_normalization(run, model)
-    tick = _embedding_progress(progress, "Embedding images with the fine-tuned model", 0.45, 0.8)
+    tick = part(progress, 0.45, 0.8, "Embedding images with the fine-tuned model")
     after = embeddings.embed_items(root, rels, model=model, mean=mean, std=std, size=cfg.image_size,
                            progress=tick, stop=stop)
     after_note = "After: the backbone of the run's best checkpoint."
@@ -289,7 +281,7 @@ def run_map_frames(run, method: str = "umap", progress: Progress | None = None,
         after_note = ("The backbone stayed frozen in this run, so its features are the same as before: "
                       "'after' maps the fine-tuned head's class scores instead.")
     if progress:
-        progress("Making hover thumbnails…", 0.8)
+        progress(80, 100, "Making hover thumbnails…")
     thumbs = thumb_uris(root, rels)
     frames = []
     for vectors, title, note, start in ((before, "Before fine-tuning", before_note, 0.85),
@@ -299,7 +291,7 @@ def run_map_frames(run, method: str = "umap", progress: Progress | None = None,
         frame.attrs.update(title=title, note=note)
         frames.append(frame)
     if progress:
-        progress("Done", 1.0)
+        progress(100, 100, "Done")
     return frames[0], frames[1]
 
 
@@ -320,17 +312,12 @@ def head_scores(model, features: np.ndarray) -> np.ndarray:
     head = getattr(model, "head", None)
     if head is None:
         return features
-    was_training = head.training
-    head.eval()
-    try:
-        with torch.inference_mode():
-            param = next(head.parameters(), None)
-            x = torch.from_numpy(np.ascontiguousarray(features))
-            if param is not None:
-                x = x.to(param.device, param.dtype)
-            return head(x).float().cpu().numpy()
-    finally:
-        head.train(was_training)
+    with eval_mode(head), torch.inference_mode():
+        param = next(head.parameters(), None)
+        x = torch.from_numpy(np.ascontiguousarray(features))
+        if param is not None:
+            x = x.to(param.device, param.dtype)
+        return head(x).float().cpu().numpy()
 
 
 def _test_predictions(run, progress: Progress | None) -> pd.DataFrame | None:
@@ -339,7 +326,7 @@ def _test_predictions(run, progress: Progress | None) -> pd.DataFrame | None:
     frame = evaluation.load_predictions(run, "test")
     if frame is not None or not (run.read_json("splits.json", {}) or {}).get("test"):
         return frame
-    tick = _embedding_progress(progress, "Predicting the test images", 0.0, 0.1)
+    tick = part(progress, 0.0, 0.1, "Predicting the test images")
     try:
         evaluation.evaluate_run(run, "test", progress=tick)
     except (ValueError, FileNotFoundError):

@@ -16,8 +16,6 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import safetensors.torch
 import timm
@@ -28,15 +26,12 @@ from core.data import images as imaging
 from core.data import transforms
 from core import paths
 from core.models.backbones import DEFAULT_ARCH, create_backbone, default_weights
-from core.device import autocast, pick_device
+from core.device import pick_device
+from core.progress import Progress, batched_forward
 
 DEFAULT_SIZE = 128       # the app's default training size: a 2,000-image audit fits in a minute on 2 cores
 _MODELS: dict = {}
 _LOCK = threading.Lock()
-
-
-class Cancelled(Exception):
-    """Raised when the `stop` event is set between batches."""
 
 
 def pretrained(arch: str = DEFAULT_ARCH, weights: str = "auto") -> tuple[torch.nn.Module, list, list]:
@@ -89,12 +84,12 @@ def _write_cache(path: Path, known: dict[str, np.ndarray]) -> None:
 def embed_items(root: str, items: list, arch: str = DEFAULT_ARCH, weights: str = "auto",
                 size: int = DEFAULT_SIZE, model: torch.nn.Module | None = None,
                 mean=None, std=None, batch_size: int = 64,
-                progress: Callable[[int, int], None] | None = None,
+                progress: Progress | None = None,
                 stop: threading.Event | None = None, device: str = "auto") -> np.ndarray:
     """An (N, D) float32 array, one row per item (folders.Item or relative path) of the folder `root`;
     unreadable images get a row of NaN. With `model` (a FineTuneModel or a backbone), its pooled
-    features and no cache; otherwise the pretrained `arch`, cached on disk. `progress(done, total)`
-    is called per batch; setting `stop` raises Cancelled."""
+    features and no cache; otherwise the pretrained `arch`, cached on disk. `progress(done, total,
+    message)` is called per batch; setting `stop` raises core.progress.Cancelled."""
     rels = [getattr(it, "path", it) for it in items]
     if model is not None:
         backbone = getattr(model, "backbone", model)
@@ -113,39 +108,25 @@ def embed_items(root: str, items: list, arch: str = DEFAULT_ARCH, weights: str =
         known.update({_stamp(root, rel): vec for rel, vec in zip(missing, fresh)})
         _write_cache(path, {k: known[k] for k in set(stamps) | set(known)})
     elif progress:
-        progress(len(rels), len(rels))
+        progress(len(rels), len(rels), "Embeddings read from the cache")
     return np.stack([known[s] for s in stamps]) if stamps else np.zeros((0, 0), np.float32)
 
 
-@torch.inference_mode()
 def _compute(root, rels, backbone, mean, std, size, batch_size, progress, stop, device) -> np.ndarray:
     device = pick_device(device)
     transform = transforms.build_transform(size, mean, std)
-    was_training = backbone.training
-    backbone.eval().to(device)
-    rows: list[np.ndarray] = []
-    width = None
-    try:
-        for start in range(0, len(rels), batch_size):
-            if stop is not None and stop.is_set():
-                raise Cancelled("Stopped.")
-            chunk = [folders.Item(rel, 0) for rel in rels[start:start + batch_size]]
-            images, _ = imaging.decode_images(root, chunk, size)
-            good = [i for i, img in enumerate(images) if img is not None]
-            out = None
-            if good:
-                batch = torch.stack([transform(images[i]) for i in good]).to(device, memory_format=torch.channels_last)
-                with autocast(device):
-                    out = backbone(batch).float().cpu().numpy()
-                width = out.shape[1]
-            block = np.full((len(chunk), width or 1), np.nan, np.float32)
-            if out is not None:
-                block[good] = out
-            rows.append(block)
-            if progress:
-                progress(min(start + batch_size, len(rels)), len(rels))
-    finally:
-        backbone.train(was_training)
-    width = width or 1
-    rows = [r if r.shape[1] == width else np.full((len(r), width), np.nan, np.float32) for r in rows]
-    return np.concatenate(rows) if rows else np.zeros((0, width), np.float32)
+    readable: list[bool] = []
+
+    def prepare(chunk):
+        # decoded per batch, so a big folder never sits in memory whole
+        images, _ = imaging.decode_images(root, [folders.Item(rel, 0) for rel in chunk], size)
+        readable.extend(img is not None for img in images)
+        good = [transform(img) for img in images if img is not None]
+        return torch.stack(good) if good else None
+
+    out = batched_forward(backbone.to(device), rels, batch_size, device, progress, stop,
+                          "Embedding images", prepare).numpy()
+    rows = np.full((len(rels), out.shape[1] or 1), np.nan, np.float32)
+    if len(out):
+        rows[np.array(readable)] = out
+    return rows

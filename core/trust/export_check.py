@@ -24,15 +24,13 @@ from core.data import images as imaging
 from core.data import transforms
 from core import paths
 from core.models.backbones import load_run_model, run_normalization
+from core.progress import Progress, batched_forward, part, silent
 from core.serve.store import Run
 
 TOLERANCE = 1e-3          # largest probability difference that still counts as the same model
 MAX_IMAGES = 200          # enough to catch a broken export, few enough to check in seconds
 BATCH = 32
 FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx"}
-
-Progress = Callable[[str, float], None]       # progress(text, fraction), as in core.results.report
-
 
 class CheckSet(NamedTuple):
     split: str                      # "test", or "val" for a run without test images
@@ -48,10 +46,10 @@ def check_images(run: Run, limit: int = MAX_IMAGES, progress: Progress | None = 
     items = [folders.Item(p, label) for p, label in splits.get(split, [])]
     if len(items) > limit:
         items = [items[int(i)] for i in np.linspace(0, len(items) - 1, limit).round()]
-    say = progress or (lambda _text, _fraction: None)
-    say(f"Reading {len(items)} {split} images…", 0.0)
+    say = progress or silent
+    say(0, 100, f"Reading {len(items)} {split} images…")
     images, _failures = imaging.decode_images(splits.get("root", "."), items, run.config.image_size,
-                                        progress=lambda d, t: say(f"Reading {split} images {d}/{t}", 0.2 * d / t))
+                                              progress=part(say, 0.0, 0.2, f"Reading {split} images"))
     return CheckSet(split, [img for img in images if img is not None], len(splits.get(split, [])))
 
 
@@ -61,7 +59,7 @@ def check_export(run: Run, kind: str, path: str | Path, images: CheckSet | None 
     check images (default: check_images(run)); returns the result (see check_line) and stores
     it in the folder's check.json."""
     path = Path(path)
-    say = progress or (lambda _text, _fraction: None)
+    say = progress or silent
     result = dict(kind=kind, file=path.name, size_bytes=_size(path), split="test", available=0, n=0,
                   agree=0, agreement=0.0, max_prob_diff=None, ms_per_image=None, tolerance=TOLERANCE,
                   problem="", file_mtime=_mtime(path), checkpoint_mtime=_mtime(run.checkpoint),
@@ -72,7 +70,7 @@ def check_export(run: Run, kind: str, path: str | Path, images: CheckSet | None 
         result["problem"] = f"it could not be run ({type(err).__name__}: {str(err)[:300]})"
     result["ok"] = not result["problem"]
     save_check(path.parent, result)
-    say("Checked.", 1.0)
+    say(100, 100, "Checked.")
     return result
 
 
@@ -81,7 +79,6 @@ def check_export(run: Run, kind: str, path: str | Path, images: CheckSet | None 
 _LAST: dict = {}          # {key: value}, one entry
 
 
-@torch.inference_mode()
 def _reference(run: Run, images: CheckSet | None, say: Progress):
     """(images, checkpoint probabilities, transform) for the check."""
     key = (str(run.path), _mtime(run.checkpoint), _mtime(run.file("splits.json")))
@@ -92,13 +89,13 @@ def _reference(run: Run, images: CheckSet | None, say: Progress):
     model = load_run_model(run).to(memory_format=torch.channels_last)
     mean, std = run_normalization(run, model)
     transform = transforms.build_transform(run.config.image_size, mean, std)
-    n, probs = len(images.images), []
-    for start in range(0, n, BATCH):
-        batch = torch.stack([transform(img) for img in images.images[start:start + BATCH]])
-        probs.append(model(batch.contiguous(memory_format=torch.channels_last)).float().softmax(-1).numpy())
-        say(f"Checking on {n} {images.split} images {min(start + BATCH, n)}/{n} (trained model)",
-            0.2 + 0.4 * min(start + BATCH, n) / n)
-    value = images, (np.concatenate(probs) if probs else np.zeros((0, 0))), transform, (list(mean), list(std))
+    # fp32 on the CPU: the reference must not carry autocast's round-off into the comparison
+    logits = batched_forward(model, images.images, BATCH, "cpu", precision="fp32",
+                             progress=part(say, 0.2, 0.6, f"Checking on {len(images.images)} {images.split} "
+                                                          "images with the trained model"),
+                             prepare=lambda chunk: torch.stack([transform(img) for img in chunk]))
+    probs = logits.softmax(-1).numpy() if len(logits) else np.zeros((0, 0))
+    value = images, probs, transform, (list(mean), list(std))
     if cached:
         _LAST.clear()
         _LAST[key] = value
@@ -117,12 +114,13 @@ def _compare(run: Run, kind: str, path: Path, images: CheckSet | None, say: Prog
     # warm-up at the batch shape, so the timing leaves out one-off kernel set-up
     export(torch.stack([transform(img) for img in images.images[:BATCH]]))
     n, got, seconds = len(images.images), [], 0.0
+    tick = part(say, 0.6, 1.0, f"Checking on {n} {images.split} images")
     for start in range(0, n, BATCH):
         batch = torch.stack([transform(img) for img in images.images[start:start + BATCH]])
         t0 = time.perf_counter()
         got.append(export(batch))
         seconds += time.perf_counter() - t0
-        say(f"Checking on {n} {images.split} images {min(start + BATCH, n)}/{n}", 0.6 + 0.4 * min(start + BATCH, n) / n)
+        tick(min(start + BATCH, n), n)
     got = np.concatenate(got)
     agree, diff = int((ref.argmax(1) == got.argmax(1)).sum()), float(np.abs(ref - got).max())
     problem = ""
@@ -211,9 +209,9 @@ def export_checked(run: Run, kind: str, out_dir: str | Path | None = None,
     ONNX needs the safetensors export's model.json next to it, so that is written first when
     missing. RuntimeError when the architecture can't be exported to ONNX."""
     from core.models.export import export_onnx, export_run
-    say = progress or (lambda _text, _fraction: None)
+    say = progress or silent
     out = Path(out_dir or run.file("export"))
-    say("Writing…", 0.0)
+    say(0, 100, "Writing…")
     if kind == "safetensors" or not (out / "model.json").exists():
         path, _info = export_run(run, out)
     if kind == "onnx":

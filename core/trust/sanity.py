@@ -40,6 +40,7 @@ from matplotlib import colormaps
 from torch import nn
 
 from core.hooks import eval_mode
+from core.progress import Progress
 from core.results import inspection
 from core import rng
 
@@ -55,7 +56,6 @@ CHECKS = {              # row key -> what was done to the model, in the order th
 STEPS = {"top": "Randomising the top block", "all": "Randomising all weights",
          "labels": "Refitting the head on shuffled labels"}
 
-Progress = Callable[[int, int, str], None]
 MapFn = Callable[[nn.Module, torch.Tensor, int], np.ndarray]
 
 
@@ -386,7 +386,7 @@ def split_items(run, split: str, per_class: int | None = None, seed: int = 0) ->
 
 
 def run_training_features(run, model: nn.Module, mean, std, limit: int = TRAIN_FEATURES, seed: int = 0,
-                      progress: Callable[[int, int], None] | None = None):
+                      progress: Progress | None = None):
     """(pooled features, labels) of up to `limit` of the run's training images through `model`'s
     backbone, or None when the run has no readable training images."""
     from core.trust.embeddings import embed_items

@@ -14,8 +14,10 @@ import streamlit as st
 from core.trust import embedding_map
 from core.models.backbones import WeightsError
 from core.data import DataError
-from core.trust.embeddings import DEFAULT_ARCH, DEFAULT_SIZE, Cancelled
+from core.progress import Cancelled
+from core.trust.embeddings import DEFAULT_ARCH, DEFAULT_SIZE
 from pages.common.panels import run_heavy
+from pages.common.progress import progress_bar
 from pages.common.state import lab
 from pages.common.widgets import image_grid, thumbnail
 
@@ -119,11 +121,6 @@ def embedding_map_chart(frame: pd.DataFrame, title: str, key: str, classes: list
     return rows
 
 
-def _progress_bar():
-    bar = st.progress(0.0, text="Starting…")
-    return bar, lambda text, fraction: bar.progress(min(max(fraction, 0.0), 1.0), text=text)
-
-
 def before_after_maps(run) -> None:
     """The run's images as the pretrained backbone saw them and as the fine-tuned model sees
     them, side by side; computed on request and kept for this session (per run and method)."""
@@ -134,15 +131,13 @@ def before_after_maps(run) -> None:
                  icon=":material/scatter_plot:",
                  help=f"Embeds up to {embedding_map.MAX_IMAGES:,} of the run's images twice (pretrained and fine-tuned), "
                       "then projects them to 2-D."):
-        bar, progress = _progress_bar()
         try:
-            frames = run_heavy("embedding map", lambda checked: embedding_map.run_map_frames(run, method, progress=checked),
-                               progress)
+            with progress_bar() as progress:
+                frames = run_heavy("embedding map", lambda checked: embedding_map.run_map_frames(
+                    run, method, progress=checked), progress)
         except FAILURES as err:
-            bar.empty()
             st.error(f"No map: {err}")
             return
-        bar.empty()
         if frames is None:
             return
         for old in [k for k in store if not k.startswith(f"{run.id}:")]:   # one run's maps are enough memory
@@ -168,15 +163,13 @@ def dataset_map(root, items, classes: list[str], flags=None, key: str = "dataset
     ident = hashlib.sha1(f"{root}|{arch}|{size}|{method}|{paths}".encode()).hexdigest()
     store = lab().page.setdefault("dataset_maps", {})
     if st.button("Compute the map", key=f"{key}_compute", icon=":material/scatter_plot:"):
-        bar, progress = _progress_bar()
         try:
-            frame = run_heavy("embedding map", lambda checked: embedding_map.dataset_frame(
-                str(root), items, classes, method, arch=arch, size=size, progress=checked), progress)
+            with progress_bar() as progress:
+                frame = run_heavy("embedding map", lambda checked: embedding_map.dataset_frame(
+                    str(root), items, classes, method, arch=arch, size=size, progress=checked), progress)
         except FAILURES as err:
-            bar.empty()
             st.error(f"No map: {err}")
             return
-        bar.empty()
         if frame is None:
             return
         store.clear()                 # only the latest map: a frame holds thousands of thumbnails
