@@ -17,7 +17,7 @@ from core.serve.worker import MANAGER
 
 def train(config: RunConfig, root=None) -> Run:
     """Train in the foreground and return the finished run (its folder holds everything)."""
-    from core.train.run import train_run
+    from core.training.run import train_run
     run = Run.create(config, root)
     train_run(run)
     return run

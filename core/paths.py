@@ -153,3 +153,10 @@ def removed_on_error(tmp: Path):
 def resolve_data_root(root: str) -> str:
     """Configs may store the demo set relative to the repo, so presets travel between machines."""
     return str(REPO_ROOT / root) if root.startswith("assets/") else root
+
+
+def data_root_path(root: str) -> Path:
+    """The folder a setting's data_root names, as the pages show it and access checks it:
+    resolve_data_root's, and any other relative path taken below the app's folder."""
+    path = Path(resolve_data_root(root))
+    return path if path.is_absolute() else REPO_ROOT / path

@@ -4,193 +4,291 @@ import streamlit as st
 
 from pages import show_loading
 
-loading = show_loading()      # the imports below take seconds on a server's first visit
+LOADING = show_loading()      # the imports below take seconds on a server's first visit; main() clears it
 
 import io
-import random
 from pathlib import Path
 
 import altair as alt
 import numpy as np
-from torchvision.transforms import v2
 import pandas as pd
-import timm
 import torch
 
-from core.hooks import eval_mode
-from core.models import backbones
+from core import paths
 from core.data import DataError
 from core.data import folders
 from core.data import images as imaging
-from core.data import transforms
+from core.models import backbones
+from core.progress import Progress, part
 from core.results import inspection
-from core import paths
+from core.results.inspection import Inspected, ModelChoice
 from core.trust import sanity
-from core.models.backbones import load_run_model, run_normalization
 from pages import common
+from pages.common.progress import progress_bar
 from pages.common.teaching import explain
 
-loading.empty()
+MODEL_KINDS = {"run": "A trained run", "pretrained": "Pretrained backbone"}
+IMAGE_SOURCES = {"data": "From the current data set", "upload": "Upload an image"}
+TABS = ["Feature maps", "First conv", "Sparsity", "Filters", "Attributions"]
+# how many channels a grid may show, doubling (written as powers: the page-rule test reads a literal
+# list of these numbers as a restated batch-size list)
+STAGE_CHANNELS = [2 ** k for k in range(2, 7)]       # 4 … 64
+CONV_CHANNELS = [2 ** k for k in range(3, 7)]        # 8 … 64
+TEST_IMAGES_PER_CLASS = [10, 25, 50, 100, "all"]
+CAM_TARGETS = {"label": "each image's true class", "predicted": "the predicted class"}
+METHODS = ("Grad-CAM", "Integrated Gradients", "Occlusion")     # the fast one first
+VERDICT_ICONS = {"ok": ":green[:material/check_circle:]", "flagged": ":orange[:material/warning:]",
+                 "unavailable": ":material/info:"}
 
-settings = common.setup("Inspect")
-st.title("Inspect")
 
+def main() -> None:
+    LOADING.empty()
+    settings = common.setup("Inspect")
+    st.title("Inspect")
+    choice = pick_model("Model", "ins", settings["arch"])
+    if choice is None:
+        common.stop()
+    inspected = load_or_stop(choice)
+    root = paths.resolve_data_root(settings["data_root"])
+    source, picture = pick_picture(root)
+    x, image = inspection.model_input(picture, inspected)
+    probs = inspection.class_probabilities(inspected.model, x)
+    show_prediction(image, inspected, probs)
+    tabs = st.tabs(TABS)
+    with tabs[0]:
+        show_feature_maps(inspected.model, x)
+    with tabs[1]:
+        show_first_conv(inspected.model, x)
+    with tabs[2]:
+        show_sparsity(choice, root, settings["arch"])
+    with tabs[3]:
+        show_filters(inspected.model)
+    with tabs[4]:
+        show_explanations(choice, inspected, x, image, probs, source)
+    common.finish()
+
+
+# ---------------------------------------------------------------- the model and the picture
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model…")
-def load_model(kind: str, name: str, stamp: float = 0.0):
-    """(model, class names, image size, mean, std) for a pretrained backbone or a run; `stamp`
-    (the run's checkpoint time) is part of the key, so a run that trained on is reloaded."""
-    if kind == "run":
-        run = common.get_run(name)
-        model = load_run_model(run)
-        mean, std = run_normalization(run, model)
-        return model, run.classes, run.config.image_size, mean, std
-    model = backbones.create_backbone(name, "auto", num_classes=1000).eval()
-    cfg = timm.data.resolve_model_data_config(model)
-    info = timm.data.ImageNetInfo()
-    return model, [info.index_to_description(i) for i in range(1000)], int(cfg["input_size"][-1]), cfg["mean"], cfg["std"]
+def load_model(kind: str, name: str, stamp: float = 0.0) -> Inspected:
+    """A pretrained backbone or a run's model; `stamp` (the run's checkpoint time) is part of the
+    key, so a run that trained on is reloaded."""
+    return inspection.load_inspected(kind, name)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def scan(root: str):
+def scan(root: str) -> folders.DataScan:
     return folders.scan_folder(root, check=False)
 
 
-def pick_model(label: str, key: str):
-    kinds = {"run": "A trained run", "pretrained": "Pretrained backbone"}
-    trained = any(r.checkpoint.exists() for r in common.my_runs())      # the user's model first
-    kind = st.radio(label, list(kinds), format_func=kinds.get, horizontal=True, key=f"{key}_kind",
-                    index=0 if trained else 1)
-    if kind == "run":
-        run = common.pick_run("Run", only_with_checkpoint=True, key=f"{key}_run")
-        if run is None:
-            st.info("No trained run yet.")
-            return None
-        return kind, run.id, run.checkpoint.stat().st_mtime
-    arch = st.selectbox("Backbone", list(backbones.CATALOG), key=f"{key}_arch",
-                        index=list(backbones.CATALOG).index(settings["arch"]) if settings["arch"] in backbones.CATALOG else 0)
-    if backbones.default_weights(arch) == "random":
-        st.caption("No pretrained weights for this backbone are available here: it shows a random init.")
-    return kind, arch
-
-
-choice = pick_model("Model", "ins")
-if choice is None:
-    common.stop()
-try:
-    model, classes, size, mean, std = load_model(*choice)
-except (backbones.WeightsError, FileNotFoundError, RuntimeError) as err:
-    st.error(f"Can't load that model: {err}")
-    common.stop()
-transform = transforms.build_transform(size, mean, std)
-
-root = Path(settings["data_root"])
-root = root if root.is_absolute() else paths.REPO_ROOT / root
-source = st.radio("Image", ["data", "upload"], horizontal=True, key="ins_img_src",
-                  format_func={"data": "From the current data set", "upload": "Upload an image"}.get)
-picture = None
-if source == "upload":
-    upload = st.file_uploader("Image", type=sorted(e[1:] for e in imaging.IMAGE_EXTENSIONS), key="ins_upload")
-    if upload is not None:
-        try:
-            picture = imaging.open_rgb(io.BytesIO(upload.getvalue()))
-        except Exception as err:  # noqa: BLE001 - any decoder error
-            st.error(f"Not a readable image ({type(err).__name__}).")
-else:
+def load_or_stop(choice: ModelChoice) -> Inspected:
     try:
-        data_scan = scan(str(root))
+        return load_model(*choice)
+    except (backbones.WeightsError, FileNotFoundError, RuntimeError) as err:
+        st.error(f"Can't load that model: {err}")
+        common.stop()
+
+
+def pick_model(label: str, key: str, arch: str) -> ModelChoice | None:
+    """A trained run (offered first once the user has one) or a pretrained backbone."""
+    trained = any(r.checkpoint.exists() for r in common.my_runs())
+    kind = st.radio(label, list(MODEL_KINDS), format_func=MODEL_KINDS.get, horizontal=True, key=f"{key}_kind",
+                    index=0 if trained else 1)
+    return pick_trained(key) if kind == "run" else pick_backbone(key, arch)
+
+
+def pick_trained(key: str) -> ModelChoice | None:
+    run = common.pick_run("Run", only_with_checkpoint=True, key=f"{key}_run")
+    if run is None:
+        st.info("No trained run yet.")
+        return None
+    return ModelChoice("run", run.id, run.checkpoint.stat().st_mtime)
+
+
+def pick_backbone(key: str, arch: str) -> ModelChoice:
+    """A backbone of the catalogue, the current settings' one first."""
+    archs = list(backbones.CATALOG)
+    name = st.selectbox("Backbone", archs, key=f"{key}_arch", index=archs.index(arch) if arch in archs else 0)
+    if backbones.default_weights(name) == "random":
+        st.caption("No pretrained weights for this backbone are available here: it shows a random init.")
+    return ModelChoice("pretrained", name)
+
+
+def pick_picture(root: str):
+    """(where the picture came from, the picture); stops the page while there is none."""
+    source = st.radio("Image", list(IMAGE_SOURCES), horizontal=True, key="ins_img_src",
+                      format_func=IMAGE_SOURCES.get)
+    picture = uploaded_picture() if source == "upload" else data_picture(root)
+    if picture is None:
+        common.stop()
+    return source, picture
+
+
+def uploaded_picture():
+    upload = st.file_uploader("Image", type=sorted(e[1:] for e in imaging.IMAGE_EXTENSIONS), key="ins_upload")
+    if upload is None:
+        return None
+    try:
+        return imaging.open_rgb(io.BytesIO(upload.getvalue()))
+    except Exception as err:  # noqa: BLE001 - any decoder error
+        st.error(f"Not a readable image ({type(err).__name__}).")
+        return None
+
+
+def data_picture(root: str):
+    try:
+        data_scan = scan(root)
         c1, c2 = st.columns(2)
         cls = c1.selectbox("Class", data_scan.classes, key="ins_class")
-        items = [it for it in data_scan.items if data_scan.classes[it.label] == cls]
+        items = inspection.class_items(data_scan, cls)
         index = c2.number_input("Image number", 0, len(items) - 1, 0, key="ins_index")
-        picture = imaging.open_rgb(Path(data_scan.root) / items[index].path)
+        return imaging.open_rgb(Path(data_scan.root) / items[index].path)
     except DataError as err:
         st.error(str(err))
-if picture is None:
-    common.stop()
+        return None
 
-tensor = v2.functional.pil_to_tensor(picture)
-x = transform(tensor)[None]
-shown = transforms.build_transform(size, (0, 0, 0), (1, 1, 1))(tensor)   # same crop, unnormalised
-image = (shown.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
-with torch.inference_mode(), eval_mode(model):
-    probs = model(x).softmax(-1)[0]
-predicted = int(probs.argmax())
-c1, c2 = st.columns([1, 3])
-c1.image(image, caption=f"input, {size}×{size}", width=160)
-c2.markdown(f"Predicted: **{classes[predicted]}** ({probs[predicted]:.0%})")
 
-tabs = st.tabs(["Feature maps", "First conv", "Sparsity", "Filters", "Attributions"])
+def show_prediction(image: np.ndarray, inspected: Inspected, probs: torch.Tensor) -> None:
+    predicted = int(probs.argmax())
+    c1, c2 = st.columns([1, 3])
+    c1.image(image, caption=f"input, {inspected.size}×{inspected.size}", width=160)
+    c2.markdown(f"Predicted: **{inspected.classes[predicted]}** ({probs[predicted]:.0%})")
 
-with tabs[0]:
-    n = st.select_slider("Channels per stage", [4, 8, 16, 32, 64], 16, key="ins_nchan")
+
+# ---------------------------------------------------------------- feature maps, first conv, filters
+
+def show_feature_maps(model: torch.nn.Module, x: torch.Tensor) -> None:
+    n = st.select_slider("Channels per stage", STAGE_CHANNELS, 16, key="ins_nchan")
     for fmap in inspection.feature_maps(model, x):
         st.markdown(f"**{fmap.name}** · {fmap.shape[0]} channels × {fmap.shape[1]}×{fmap.shape[2]}")
         st.image(inspection.channel_grid(fmap.tensor, n, ncol=16), width="stretch")
 
-with tabs[1]:
+
+def show_first_conv(model: torch.nn.Module, x: torch.Tensor) -> None:
     conv, act, act_name = inspection.first_conv_outputs(model, x)
     name, _ = inspection.first_conv(model)
-    n1 = st.select_slider("Channels", [8, 16, 32, 64], 16, key="ins_nconv")
+    n = st.select_slider("Channels", CONV_CHANNELS, 16, key="ins_nconv")
     left, right = st.columns(2)
     left.markdown(f"**First convolution's output** (layer `{name}`), before the nonlinearity")
-    left.image(inspection.channel_grid(conv, n1), width="stretch")
+    left.image(inspection.channel_grid(conv, n), width="stretch")
     if act is None:
         right.info("No separate activation follows the first conv before the first stage "
                    "(e.g. ConvNeXt's stem or a ViT patch embedding), so there is no 'after' view.")
     else:
         right.markdown(f"**After the nonlinearity** (layer `{act_name}`): negative values become 0 "
                        "(ReLU) or small, so many maps go dark")
-        right.image(inspection.channel_grid(act, n1), width="stretch")
+        right.image(inspection.channel_grid(act, n), width="stretch")
 
-with tabs[2]:
+
+def show_filters(model: torch.nn.Module) -> None:
+    name, conv_module = inspection.first_conv(model)
+    st.markdown(f"**`{name}`**: {tuple(conv_module.weight.shape)} (each filter normalised to its own range)")
+    st.image(inspection.filter_grid(model), width="stretch")
+
+
+# ---------------------------------------------------------------- sparsity
+
+def show_sparsity(choice: ModelChoice, root: str, arch: str) -> None:
     st.caption("Fraction of activation outputs that are non-zero (ReLU-like) or positive (smooth "
                "activations such as GELU/SiLU, labelled so), per stage, averaged over images of the "
                "current data set.")
     explain("sparsity")
     count = st.slider("Images", 10, 1000, 200, step=10, key="ins_sparse_n")
     compare = st.checkbox("Compare with a second model", key="ins_compare")
-    other = pick_model("Second model", "ins2") if compare else None
-
-    def measure(label, spec):
-        net, _, sz, mu, sd = load_model(*spec)
-        tf = transforms.build_transform(sz, mu, sd)
-        data_scan = scan(str(root))
-        picks = random.Random(0).sample(data_scan.items, min(count, len(data_scan.items)))
-        bar = st.progress(0.0, text=f"{label}: decoding images…")
-        images, _ = imaging.decode_images(data_scan.root, picks, sz)
-        images = [img for img in images if img is not None]
-        batches = (torch.stack([tf(img) for img in images[i:i + 16]]) for i in range(0, len(images), 16))
-        rows = inspection.sparsity(net, batches, progress=lambda done: bar.progress(done / len(images),
-                                                                             text=f"{label}: {done}/{len(images)} images"))
-        bar.empty()
-        return [dict(r, model=label) for r in rows]
-
-    sparse_key = (choice, other, count, str(root))
+    other = pick_model("Second model", "ins2", arch) if compare else None
+    sparse_key = (choice, other, count, root)
     if st.button("Measure sparsity", type="primary", key="ins_measure"):
-        try:
-            rows = measure(" ".join(map(str, choice[:2])), choice)
-            if other:
-                rows += measure(" ".join(map(str, other[:2])), other)
-            common.lab().page["sparsity_rows"] = (sparse_key, rows)
-        except DataError as err:
-            st.error(str(err))
+        measure_models([c for c in (choice, other) if c], count, root, sparse_key)
     stored_key, rows = common.lab().page.get("sparsity_rows", (None, None))
     if rows and stored_key == sparse_key:
-        frame = pd.DataFrame(rows)
-        frame["label"] = frame["stage"] + " (" + frame["measure"] + ")"
-        order = frame.sort_values("order")["label"].drop_duplicates().tolist()
-        st.altair_chart(alt.Chart(frame).mark_bar().encode(
-            x=alt.X("label:N", sort=order, title="stage (shallow → deep)"),
-            xOffset="model:N", y=alt.Y("fraction:Q", scale=alt.Scale(domain=[0, 1]), title="fraction"),
-            color=alt.Color("model:N"), tooltip=["model", "stage", "measure", alt.Tooltip("fraction:Q", format=".2f")]),
-            width="stretch")
-        st.dataframe(frame[["model", "stage", "measure", "fraction"]], hide_index=True)
+        show_sparsity_chart(rows)
 
-with tabs[3]:
-    name, conv_module = inspection.first_conv(model)
-    st.markdown(f"**`{name}`**: {tuple(conv_module.weight.shape)} (each filter normalised to its own range)")
-    st.image(inspection.filter_grid(model), width="stretch")
+
+def measure_models(choices: list[ModelChoice], count: int, root: str, key: tuple) -> None:
+    """Measure each model on the same sample and keep the rows for the chart."""
+    try:
+        rows = []
+        for choice in choices:
+            data_scan = scan(root)
+            with progress_bar(f"{choice.label}: decoding images…") as progress:
+                rows += inspection.measure_sparsity(load_model(*choice), data_scan.root, data_scan.items, count,
+                                                    choice.label, labelled(progress, choice.label))
+        common.lab().page["sparsity_rows"] = (key, rows)
+    except DataError as err:
+        st.error(str(err))
+
+
+def labelled(progress: Progress, label: str) -> Progress:
+    """The bar names the model it measures: two models are measured one after the other."""
+    def report(done: int, total: int, message: str = "") -> None:
+        progress(done, total, f"{label}: {message}")
+    return report
+
+
+def show_sparsity_chart(rows: list[dict]) -> None:
+    frame, order = inspection.sparsity_table(rows)
+    st.altair_chart(alt.Chart(frame).mark_bar().encode(
+        x=alt.X("label:N", sort=order, title="stage (shallow → deep)"),
+        xOffset="model:N", y=alt.Y("fraction:Q", scale=alt.Scale(domain=[0, 1]), title="fraction"),
+        color=alt.Color("model:N"), tooltip=["model", "stage", "measure", alt.Tooltip("fraction:Q", format=".2f")]),
+        width="stretch")
+    st.dataframe(frame[["model", "stage", "measure", "fraction"]], hide_index=True)
+
+
+# ---------------------------------------------------------------- attributions and their checks
+
+def show_explanations(choice: ModelChoice, inspected: Inspected, x: torch.Tensor, image: np.ndarray,
+                      probs: torch.Tensor, source: str) -> None:
+    """Attribution maps for one target class, their sanity check, and class-average Grad-CAM."""
+    target = int(st.selectbox("Target class", range(len(inspected.classes)), index=int(probs.argmax()),
+                              format_func=lambda i: f"{inspected.classes[i]} ({probs[i]:.0%})", key="ins_target"))
+    attr_key = (choice, source, hash(image.tobytes()), target)
+    show_attributions(inspected.model, x, image, target, attr_key)
+    st.markdown("#### Do these maps depend on the model?")
+    explain("sanity")
+    if st.button("Check these maps (sanity check)", icon=":material/fact_check:", key="ins_sanity"):
+        rows = check_maps(choice, inspected, x, target)
+        if rows is not None:
+            common.lab().page["sanity"] = (attr_key, rows)
+    stored_key, rows = common.lab().page.get("sanity", (None, None))
+    if rows and stored_key == attr_key:
+        show_sanity(rows, image)
+    st.markdown("#### Average Grad-CAM per class (test images)")
+    if choice.kind != "run":
+        st.info("Only for a trained run: a pretrained backbone has no test images here. Pick "
+                "*A trained run* at the top.", icon=":material/info:")
+    else:
+        show_class_averages(common.get_run(choice.name), choice, inspected)
+
+
+def show_attributions(model: torch.nn.Module, x: torch.Tensor, image: np.ndarray, target: int,
+                      key: tuple) -> None:
+    """The maps kept for this picture and target, or computed on click."""
+    stored_key, maps = common.lab().page.get("attr", (None, None))
+    maps = maps if stored_key == key else None
+    clicked = st.button("Compute attributions", type="primary", key="ins_attr")
+    if not (clicked or maps):
+        return
+    cols = st.columns(len(METHODS) + 1)
+    cols[0].image(image, caption="input", width="stretch")
+    slots = dict(zip(METHODS, cols[1:]))
+    if clicked:
+        common.lab().page["attr"] = (key, compute_attributions(model, x, image, target, slots))
+        return
+    for method, result in maps.items():
+        show_attribution(slots[method], method, result)
+
+
+def compute_attributions(model: torch.nn.Module, x: torch.Tensor, image: np.ndarray, target: int,
+                         slots: dict) -> dict:
+    maps = {}
+    for method, slot in slots.items():        # each map appears as soon as it is done
+        with slot, st.spinner(f"{method}…"):
+            maps.update(inspection.attributions(model, x, image, target, methods=(method,)))
+        show_attribution(slot, method, maps[method])
+    return maps
+
 
 def show_attribution(col, method: str, result) -> None:
     if isinstance(result, str):
@@ -199,8 +297,16 @@ def show_attribution(col, method: str, result) -> None:
         col.image(result, caption=method, width="stretch")
 
 
-VERDICT_ICONS = {"ok": ":green[:material/check_circle:]", "flagged": ":orange[:material/warning:]",
-                 "unavailable": ":material/info:"}
+def check_maps(choice: ModelChoice, inspected: Inspected, x: torch.Tensor, target: int) -> list[dict] | None:
+    """The sanity check's rows (None when the server is busy or the time cap was reached)."""
+    with progress_bar("Starting…") as progress:
+        features = None
+        if choice.kind == "run":            # the label test refits the head on the run's own images
+            features = sanity.run_training_features(
+                common.get_run(choice.name), inspected.model, inspected.mean, inspected.std,
+                progress=part(progress, 0, 1, "Computing training features for the shuffled-label head"))
+        return common.run_heavy("sanity check", lambda checked: sanity.sanity_check(
+            inspected.model, x, target, METHODS, train_features=features, progress=checked), progress)
 
 
 def show_sanity(rows: list[dict], picture: np.ndarray) -> None:
@@ -210,20 +316,10 @@ def show_sanity(rows: list[dict], picture: np.ndarray) -> None:
     scored = pd.DataFrame([dict(method=r["method"], check=r["label"], similarity=r["spearman"])
                            for r in rows if r["spearman"] is not None and r["check"] != "original"])
     if not scored.empty:
-        bars = alt.Chart(scored).mark_bar().encode(
-            x=alt.X("method:N", title=None, axis=alt.Axis(labelAngle=0)),
-            xOffset=alt.XOffset("check:N", sort=list(sanity.CHECKS.values())),
-            y=alt.Y("similarity:Q", scale=alt.Scale(domain=[-1, 1]), title="similarity to the real map"),
-            color=alt.Color("check:N", sort=list(sanity.CHECKS.values()), title="model"),
-            tooltip=["method", "check", alt.Tooltip("similarity:Q", format=".2f")])
-        limit = alt.Chart(pd.DataFrame({"y": [sanity.SIMILAR]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
-        st.altair_chart((bars + limit).properties(height=220), width="stretch")
-        st.caption(f"Spearman rank correlation of the absolute maps; above the dashed line ({sanity.SIMILAR}) "
-                   "after randomising, a map did not really change.")
+        show_similarities(scored)
     for method in dict.fromkeys(r["method"] for r in rows):
         st.markdown(f"**{method}**")
-        cols = st.columns(len(sanity.CHECKS))
-        for col, row in zip(cols, [r for r in rows if r["method"] == method]):
+        for col, row in zip(st.columns(len(sanity.CHECKS)), [r for r in rows if r["method"] == method]):
             if row["map"] is None:
                 col.caption(f"{row['label']}: {row['note']}")
                 continue
@@ -232,88 +328,54 @@ def show_sanity(rows: list[dict], picture: np.ndarray) -> None:
             col.image(sanity.heat_image(row["map"], picture), caption=row["label"] + score, width="stretch")
 
 
-def show_class_averages(run) -> None:
+def show_similarities(scored: pd.DataFrame) -> None:
+    checks = list(sanity.CHECKS.values())
+    bars = alt.Chart(scored).mark_bar().encode(
+        x=alt.X("method:N", title=None, axis=alt.Axis(labelAngle=0)),
+        xOffset=alt.XOffset("check:N", sort=checks),
+        y=alt.Y("similarity:Q", scale=alt.Scale(domain=[-1, 1]), title="similarity to the real map"),
+        color=alt.Color("check:N", sort=checks, title="model"),
+        tooltip=["method", "check", alt.Tooltip("similarity:Q", format=".2f")])
+    limit = alt.Chart(pd.DataFrame({"y": [sanity.SIMILAR]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
+    st.altair_chart((bars + limit).properties(height=220), width="stretch")
+    st.caption(f"Spearman rank correlation of the absolute maps; above the dashed line ({sanity.SIMILAR}) "
+               "after randomising, a map did not really change.")
+
+
+# ---------------------------------------------------------------- average Grad-CAM per class
+
+def show_class_averages(run, choice: ModelChoice, inspected: Inspected) -> None:
     c1, c2 = st.columns(2)
-    per_class = c1.select_slider("Test images per class (at most)", [10, 25, 50, 100, "all"], 25,
-                                 key="ins_avg_n")
-    aim = c2.radio("Explain", ["label", "predicted"], horizontal=True, key="ins_avg_target",
-                   format_func={"label": "each image's true class", "predicted": "the predicted class"}.get)
+    per_class = c1.select_slider("Test images per class (at most)", TEST_IMAGES_PER_CLASS, 25, key="ins_avg_n")
+    aim = c2.radio("Explain", list(CAM_TARGETS), horizontal=True, key="ins_avg_target", format_func=CAM_TARGETS.get)
     avg_key = (choice, per_class, aim)
     if st.button("Average Grad-CAM per class", icon=":material/grid_view:", key="ins_avg"):
-        bar = st.progress(0.0, text="Decoding the test images…")
-        images, labels = sanity.run_test_images(run, None if per_class == "all" else int(per_class),
-                                           progress=lambda d, t: bar.progress(
-                                               d / max(t, 1) / 2, text=f"Decoding test images ({d} of {t})"))
-        try:
-            heat = common.run_heavy("class-average Grad-CAM", lambda checked: sanity.class_average_gradcam(
-                model, images, labels, transform, aim, progress=checked),
-                lambda d, t: bar.progress(0.5 + d / max(t, 1) / 2, text=f"Grad-CAM ({d} of {t} images)"))
-            if heat is not None:
-                common.lab().page["class_cam"] = (avg_key, heat, sanity.class_mean_images(images, labels, size),
-                                                  {c: labels.count(c) for c in heat})
-        except ValueError as err:            # a transformer: no spatial map to average
-            st.info(str(err), icon=":material/info:")
-        bar.empty()
-        if not images:
-            st.warning("None of the run's test images can be read: was the data set moved or deleted?")
+        average_maps(run, inspected, None if per_class == "all" else int(per_class), aim, avg_key)
     stored = common.lab().page.get("class_cam")
     if stored and stored[0] == avg_key:
         _, heat, means, counts = stored
         common.image_grid([sanity.heat_image(heat[c], means[c]) for c in heat],
-                          [f"**{classes[c]}** ({counts[c]} images)" for c in heat], per_row=5)
+                          [f"**{inspected.classes[c]}** ({counts[c]} images)" for c in heat], per_row=5)
         st.caption("Each map is the average heat over a class's test images, on the class's average "
                    "picture. Heat on the borders or background of a class (not where the object is) "
                    "means the model may recognise the class by its background: a shortcut.")
 
 
-with tabs[4]:
-    target = st.selectbox("Target class", range(len(classes)), index=predicted,
-                          format_func=lambda i: f"{classes[i]} ({probs[i]:.0%})", key="ins_target")
-    attr_key = (choice, source, hash(image.tobytes()), int(target))
-    methods = ("Grad-CAM", "Integrated Gradients", "Occlusion")     # the fast one first
-    stored_key, maps = common.lab().page.get("attr", (None, None))
-    if stored_key != attr_key:
-        maps = None
-    clicked = st.button("Compute attributions", type="primary", key="ins_attr")
-    if clicked or maps:
-        cols = st.columns(len(methods) + 1)
-        cols[0].image(image, caption="input", width="stretch")
-        slots = dict(zip(methods, cols[1:]))
-    if clicked:
-        maps = {}
-        for method in methods:        # each map appears as soon as it is done
-            with slots[method], st.spinner(f"{method}…"):
-                maps.update(inspection.attributions(model, x, image, int(target), methods=(method,)))
-            show_attribution(slots[method], method, maps[method])
-        common.lab().page["attr"] = (attr_key, maps)
-    elif maps:
-        for method, result in maps.items():
-            show_attribution(slots[method], method, result)
+def average_maps(run, inspected: Inspected, per_class: int | None, aim: str, key: tuple) -> None:
+    """Decode the run's test images, average Grad-CAM per class, keep the maps under `key`."""
+    with progress_bar("Decoding the test images…") as progress:
+        images, labels = sanity.run_test_images(run, per_class, progress=part(progress, 0, 0.5, "Decoding test images"))
+        try:
+            heat = common.run_heavy("class-average Grad-CAM", lambda checked: sanity.class_average_gradcam(
+                inspected.model, images, labels, inspected.transform(), aim, progress=checked),
+                part(progress, 0.5, 1, "Grad-CAM"))
+            if heat is not None:
+                common.lab().page["class_cam"] = (key, heat, sanity.class_mean_images(images, labels, inspected.size),
+                                                  {c: labels.count(c) for c in heat})
+        except ValueError as err:            # a transformer: no spatial map to average
+            st.info(str(err), icon=":material/info:")
+    if not images:
+        st.warning("None of the run's test images can be read: was the data set moved or deleted?")
 
-    st.markdown("#### Do these maps depend on the model?")
-    explain("sanity")
-    if st.button("Check these maps (sanity check)", icon=":material/fact_check:", key="ins_sanity"):
-        bar = st.progress(0.0, text="Starting…")
-        features = None
-        if choice[0] == "run":            # the label test refits the head on the run's own images
-            features = sanity.run_training_features(common.get_run(choice[1]), model, mean, std, progress=lambda d, t:
-                                               bar.progress(d / max(t, 1), text="Computing training features "
-                                                            f"for the shuffled-label head ({d} of {t} images)"))
-        rows = common.run_heavy("sanity check", lambda checked: sanity.sanity_check(
-            model, x, int(target), methods, train_features=features, progress=checked),
-            lambda d, t, text: bar.progress(d / max(t, 1), text=text))
-        bar.empty()
-        if rows is not None:
-            common.lab().page["sanity"] = (attr_key, rows)
-    stored_key, rows = common.lab().page.get("sanity", (None, None))
-    if rows and stored_key == attr_key:
-        show_sanity(rows, image)
 
-    st.markdown("#### Average Grad-CAM per class (test images)")
-    if choice[0] != "run":
-        st.info("Only for a trained run: a pretrained backbone has no test images here. Pick "
-                "*A trained run* at the top.", icon=":material/info:")
-    else:
-        show_class_averages(common.get_run(choice[1]))
-
-common.finish()
+main()

@@ -154,30 +154,40 @@ def tiny_config(image_folder):
     return make
 
 
-# ---------------------------------------------------------------- markers
+# ---------------------------------------------------------------- speed: markers and workers
+# Each test module says how fast it is where the tests are: `pytestmark = pytest.mark.slow` (or
+# per test, where a module mixes quick and slow tests); the markers are declared in
+# pyproject.toml. `-m "not slow"` is the quick subset. Whatever a module says, a test outside
+# `slow` that took longer than QUICK_TEST_S is named at the end of the run, so a new slow test
+# can't hide in the quick subset.
 
-BROWSER_MODULES = {"test_browser", "test_browser_lab", "test_browser_report", "test_browser_flow",
-                   "test_browser_trust"}
-# Modules that drive whole pages (AppTest) or train many small runs: minutes, not seconds.
-SLOW_MODULES = {"test_sessions", "test_pages", "test_home_presets", "test_results_pages",
-                "test_experiments_page", "test_train_speed_page", "test_inspect_page",
-                "test_shared_server", "test_faults", "test_fast_finetune", "test_experiments",
-                "test_training", "test_results", "test_report", "test_cli", "test_inspect", "test_doctor"}
+QUICK_TEST_S = 10.0
+_unmarked_seconds: dict[str, float] = {}
+
+# Under pytest-xdist (./lab.sh test runs 2 workers) the workers share the cores: each process
+# computes with its share, set before anything imports torch (FINETUNE_LAB_THREADS is what
+# core.device.set_cpu_threads reads; a run's own process still gets its slot's size).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _share = str(max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _name in ("FINETUNE_LAB_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, _share)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["FINETUNE_LAB_THREADS"]))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "browser: drives Chromium through Playwright")
-    config.addinivalue_line("markers", "distributed: starts torchrun processes")
-    config.addinivalue_line("markers", "slow: whole pages (AppTest) or many training runs")
+def pytest_runtest_logreport(report):
+    """Add up setup, call and teardown of every test outside `slow` (xdist hands the workers'
+    reports to this hook in the main process)."""
+    if "slow" not in report.keywords:
+        _unmarked_seconds[report.nodeid] = _unmarked_seconds.get(report.nodeid, 0.0) + report.duration
 
 
-def pytest_collection_modifyitems(items):
-    """Markers by module (and torchrun by name), so `-m "not slow"` is the quick subset."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        if module in BROWSER_MODULES:
-            item.add_marker(pytest.mark.browser)
-        if "torchrun" in item.name:
-            item.add_marker(pytest.mark.distributed)
-        if module in SLOW_MODULES or module in BROWSER_MODULES:
-            item.add_marker(pytest.mark.slow)
+def pytest_terminal_summary(terminalreporter):
+    slow = sorted(((s, n) for n, s in _unmarked_seconds.items() if s > QUICK_TEST_S), reverse=True)
+    if slow:
+        terminalreporter.section(f"not marked slow, but took over {QUICK_TEST_S:.0f} s", sep="!", red=True, bold=True)
+        for seconds, nodeid in slow:
+            terminalreporter.line(f"{seconds:6.1f} s  {nodeid}")
+        terminalreporter.line("Mark them @pytest.mark.slow (or the module: pytestmark = pytest.mark.slow), "
+                              "or make them faster: `-m \"not slow\"` is the quick subset.")

@@ -293,12 +293,12 @@ IMAGENET_CATS = range(281, 286)      # tabby, tiger cat, Persian, Siamese, Egypt
 ESPRESSO, CUP = 967, 968
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mobilenetv2_100", "tf_efficientnet_lite0"])
 def test_bundled_weights_classify_imagenet_photos(arch):
     """The positional remap of the bundled files must give a working ImageNet classifier."""
-    skdata = pytest.importorskip("skimage.data")
-    if backbones.bundled_file(arch) is None:
-        pytest.skip(f"bundled weights package for {arch} not installed")
+    from skimage import data as skdata
+    assert backbones.bundled_file(arch), "the bundled weights are a runtime requirement (requirements-offline.txt)"
     from PIL import Image
     model = backbones.create_backbone(arch, "bundled", num_classes=1000).eval()
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))

@@ -1,8 +1,9 @@
 """One real-browser test of the main flow: a `streamlit run` server and Debian's chromium driven
 by Playwright. Data (demo) -> Train (1 epoch, MobileNetV2 head-only) -> Evaluate.
 
-Skipped when playwright or /usr/bin/chromium is missing (CI installs both). Never runs
-`playwright install`: the system chromium is used through `executable_path`.
+Playwright is a test requirement (tests/requirements.txt): missing, it fails. Skipped when
+/usr/bin/chromium is missing (`./lab.sh test` installs Debian's). Never runs `playwright install`:
+the system chromium is used through `executable_path`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright import sync_api
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -25,10 +27,11 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
     pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
 expect = sync_api.expect
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
 def free_port() -> int:

@@ -24,10 +24,11 @@ import zipfile
 
 import pytest
 
-pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 # Importing test_browser skips this module too when chromium is missing.
-from test_browser import (ARTIFACTS, app_page, browser, expect, go_to, metric_value, screenshot,  # noqa: E402,F401
+from test_browser import (ARTIFACTS, app_page, browser, expect, go_to, metric_value, screenshot,  # noqa: F401 - fixtures by name
                           server, settle, sidebar_link)
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 QUICK_DEMO_TIMEOUT_MS = 240_000
 RUN_TIMEOUT_MS = 240_000

@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 # Importing test_browser skips this module too when chromium is missing.
-from test_browser import app_page, browser, expect, metric_value, screenshot, server, settle  # noqa: E402,F401
+from test_browser import app_page, browser, expect, metric_value, screenshot, server, settle  # noqa: F401 - fixtures by name
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 QUICK_DEMO_TIMEOUT_MS = 150_000
 

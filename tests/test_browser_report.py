@@ -12,10 +12,10 @@ import pytest
 
 from conftest import class_folders, tiny_run_config, train_apart
 from core.results.report import RUN_SECTIONS, save_run_report
-
-pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 # Importing test_browser skips this module too when chromium is missing.
-from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, expect, sync_api  # noqa: E402
+from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, expect, sync_api
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
 @pytest.fixture(scope="module")

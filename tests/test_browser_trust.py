@@ -9,11 +9,13 @@ import shutil
 
 import pytest
 
-pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-from conftest import class_folders  # noqa: E402
-from test_browser import (app_page, browser, expect, go_to, metric_value, screenshot,  # noqa: E402,F401
+from conftest import class_folders
+# Importing test_browser skips this module too when chromium is missing.
+from test_browser import (app_page, browser, expect, go_to, metric_value, screenshot,  # noqa: F401 - fixtures by name
                           server, settle)
-from test_browser_flow import main, make_zip, set_epochs, watch  # noqa: E402
+from test_browser_flow import main, make_zip, set_epochs, watch
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CLASSES = ["red", "green", "blue"]
 

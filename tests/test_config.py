@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from core.config import RunConfig
-from core.train import sweeps
+from core.training import sweeps
 from core.config import RunConfig, validate_config
 from core.serve.store import Run
 

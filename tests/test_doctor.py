@@ -17,6 +17,8 @@ from core.data import splits as splitting
 from core.trust import doctor
 from core.cli import main as cli
 
+pytestmark = pytest.mark.slow
+
 CLASSES = ["red", "green", "blue"]
 FLIPPED = {"red/img_003.png": "green", "green/img_005.png": "blue"}    # file -> folder it is moved to
 

@@ -144,7 +144,6 @@ def test_dataset_frame_uses_the_cached_pretrained_embeddings(image_folder, monke
 
 # ---------------------------------------------------------------- a trained run
 
-@pytest.mark.slow
 def test_run_map_frames_before_and_after(full_run):
     steps = []
     before, after = embedding_map.run_map_frames(full_run, "pca", progress=lambda d, t, text: steps.append((text, d / t)))

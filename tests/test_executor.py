@@ -103,6 +103,7 @@ def test_death_sentences():
 
 # ---------------------------------------------------------------- processes
 
+@pytest.mark.slow
 def test_two_slots_train_at_once_in_fair_order(tiny_config, stop_all):
     """A teacher and two students queue six runs on 2 slots: two train at once, each user's
     first run starts before anyone's second, and none trains in this process."""
@@ -128,6 +129,7 @@ def test_two_slots_train_at_once_in_fair_order(tiny_config, stop_all):
     assert {r.status()["where"].split(" · ")[0] for r in runs} == {"slot 1", "slot 2"}
 
 
+@pytest.mark.slow
 def test_kill_9_is_one_runs_problem(tiny_config, stop_all):
     """kill -9 of a training process mid-epoch: that run is interrupted with a sentence and
     resumable; the other runs (one training beside it, one queued) finish."""
@@ -153,6 +155,7 @@ def test_kill_9_is_one_runs_problem(tiny_config, stop_all):
     assert victim.status()["state"] == "finished", victim.status()
 
 
+@pytest.mark.slow
 def test_stop_reaches_the_process(tiny_config, stop_all):
     m = manager()
     stop_all(m)
@@ -178,6 +181,7 @@ def test_stop_a_queued_run_removes_it(tiny_config):
     assert run.status()["state"] == "stopped"
 
 
+@pytest.mark.slow
 def test_a_restart_loses_no_queued_run(tiny_config, stop_all):
     """Runs queued by a server that then went away (its dispatcher never ran) stay 'queued'
     across the restart, and the next server trains them."""

@@ -25,16 +25,16 @@ from core.data import images as imaging
 from core.data import transforms
 from core import device as devices
 from core.serve import store
-from core.train import sweeps
-from core.train import caches
-from core.train import run as training
+from core.training import sweeps
+from core.training import caches
+from core.training import run as training
 from core.models.backbones import build_model
 from core.models.backbones import data_config
 from core.results.evaluate import evaluate_run, load_predictions
 from core.serve.store import Run
 from core.serve.worker import MANAGER
 
-pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("idle_manager")]   # the queue is process-wide
 
 
 def metric_rows(run: Run) -> list[dict]:

@@ -23,7 +23,7 @@ from core.config import RunConfig
 from core.serve.store import list_runs
 from core.serve.worker import MANAGER
 
-pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("idle_manager")]   # the queue is process-wide
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")

@@ -15,7 +15,7 @@ import torch
 from core import paths
 from core import tables
 from core.serve import access, store
-from core.train import budget, estimate
+from core.training import budget, estimate
 from core.data import folders
 from core.data import splits as splitting
 from core.trust import doctor
@@ -90,13 +90,14 @@ def test_a_disk_cache_larger_than_the_free_disk_is_refused_before_the_file(tmp_p
 
 
 def test_decoding_more_than_memory_holds_is_refused(tiny_config, monkeypatch):
-    from core.train import run as training
+    from core.training import run as training
     monkeypatch.setattr(estimate, "free_memory", lambda: 1000)
     run = store.Run.create(tiny_config())
     status = training.train_run(run)
     assert status["state"] == "failed" and "Decoding" in status["message"] and "memory" in status["message"]
 
 
+@pytest.mark.slow
 def test_near_duplicates_of_20000_look_alikes_stay_small():
     """20,000 blank scans (all one vector): memory grows with images, not with the 200 million
     look-alike pairs; the pairs found still join them into groups."""
@@ -159,12 +160,13 @@ def small_disk(tmp_path):
     where = tmp_path / "small-disk"
     where.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(where)],
-                      capture_output=True).returncode != 0:
+                      capture_output=True, timeout=60).returncode != 0:
         pytest.skip("mounting a tmpfs needs root")
     yield where
-    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_a_cache_bigger_than_the_disk_is_a_sentence_not_a_sigbus(small_disk, image_folder):
     """The issue's case: a frozen-prefix cache memory-mapped on a nearly full 20 MB disk died of
     SIGBUS (exit 135) and left a 157 MB sparse file. Now the training process ends normally with
@@ -222,6 +224,7 @@ def test_a_students_upload_keeps_its_caches_inside_it(tmp_path):
     assert sorted(p.name for p in shared.parent.glob("*.bin")) == ["f3.bin", "f4.bin"]     # the newest stay
 
 
+@pytest.mark.slow
 def test_under_a_memory_cap_a_run_too_big_for_it_is_refused(image_folder, tmp_path):
     """A training process in a memory cgroup of 1.5 GB (root only; skipped elsewhere): settings
     whose step needs more are refused with a sentence before the first batch, instead of the

@@ -18,6 +18,8 @@ from core.models import backbones
 from core.data import transforms
 from core.results import inspection
 
+pytestmark = pytest.mark.slow
+
 # arch -> input size: a ViT has fixed position embeddings (160 px for test_vit); CNNs take 64 px.
 ARCHS = {"test_resnet": 64, "test_efficientnet": 64, "test_convnext": 64, "test_vit": 160}
 RELU_ARCHS = {"test_resnet"}                       # ReLU: sparsity counts non-zeros
@@ -347,9 +349,8 @@ def test_mixed_train_eval_state_restored():
 def test_bundled_mobilenet_sparsity_falls_with_depth():
     """A ReLU6 network's activations get sparser from the first stage to the top (the DESIGN
     note measured about 0.72 non-zero in the stem block and 0.42 after the last stage)."""
-    skdata = pytest.importorskip("skimage.data")
-    if backbones.bundled_file("mobilenetv2_100") is None:
-        pytest.skip("bundled MobileNetV2 weights package not installed")
+    from skimage import data as skdata
+    assert backbones.bundled_file("mobilenetv2_100"), "the bundled weights are a runtime requirement (requirements-offline.txt)"
     model = backbones.create_backbone("mobilenetv2_100", "bundled", num_classes=1000)
     cfg = timm.data.resolve_model_data_config(model)
     transform = transforms.build_transform(224, cfg["mean"], cfg["std"])

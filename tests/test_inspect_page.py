@@ -15,6 +15,8 @@ import core
 from core.models import backbones
 from core.config import RunConfig
 
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
 INSPECT = "pages/6_Inspect.py"
@@ -53,8 +55,7 @@ def inspect_page(**settings) -> AppTest:
 def test_default_pretrained_model_on_demo_data():
     """The defaults (demo data, MobileNetV2 with its bundled weights) at 224 px: render, then
     measure sparsity on 10 images and compute the three attributions."""
-    if backbones.bundled_file("mobilenetv2_100") is None:
-        pytest.skip("bundled MobileNetV2 weights package not installed: the default shows a random init")
+    assert backbones.bundled_file("mobilenetv2_100"), "the bundled weights are a runtime requirement (requirements-offline.txt)"
     at = inspect_page()
     assert at.title[0].value.endswith("Inspect")
     assert predicted(at).startswith("Predicted: **")

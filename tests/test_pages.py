@@ -22,7 +22,7 @@ from apptest_helpers import assert_ok, texts, use_small_settings
 from apptest_helpers import opened as opened_with
 from core.serve.store import list_runs
 
-pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("idle_manager")]   # the queue is process-wide
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")

@@ -48,7 +48,7 @@ def ray_head(tmp_path_factory):
             try:
                 JobSubmissionClient(address).list_jobs()
                 break
-            except Exception:  # noqa: BLE001 - the dashboard takes a few seconds to answer
+            except Exception:  # the dashboard takes a few seconds to answer (re-raised at the deadline)
                 if time.monotonic() > end:
                     raise
                 time.sleep(1)

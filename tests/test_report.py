@@ -25,8 +25,10 @@ from conftest import train_apart as train
 from core import paths
 from core.results import evaluate as evaluation, inspection
 from core.results import report as reports
-from core.train import sweeps
+from core.training import sweeps
 from core.serve.store import Run, get_run
+
+pytestmark = pytest.mark.slow
 
 CLASSES = ["<b>cat&dog", "plain", "price $5 & $6"]
 IMG_SRC = re.compile(r'<img\b[^>]*?\bsrc="([^"]*)"')

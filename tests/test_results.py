@@ -26,6 +26,8 @@ from core.models.export import export_onnx, export_run, load_exported
 from core.serve.store import Run
 from core.serve.worker import MANAGER
 
+pytestmark = pytest.mark.slow
+
 CLASSES = ["a", "b", "c"]
 # Seven images, true classes a a a b b c c. No ties inside any probability column, so each
 # class's average precision is the mean of the precisions at the ranks of its positives.
@@ -328,9 +330,8 @@ def test_probs_treats_transparency_like_training(trained, tmp_path):
 
 
 def test_imagenet_predictor_knows_cats_and_espresso():
-    if bundled_file("mobilenetv2_100") is None:
-        pytest.skip("the bundled mobilenetv2_100 weights are not installed")
-    skimage_data = pytest.importorskip("skimage.data")
+    assert bundled_file("mobilenetv2_100"), "the bundled weights are a runtime requirement (requirements-offline.txt)"
+    from skimage import data as skimage_data
     predictor = predict.imagenet("mobilenetv2_100")
     assert len(predictor.classes) == 1000 and predictor.image_size == 224
     images = [Image.fromarray(skimage_data.chelsea()), Image.fromarray(skimage_data.coffee())]

@@ -26,6 +26,8 @@ from core.models.backbones import bundled_file
 from core.serve.store import get_run
 from core.serve.worker import MANAGER
 
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")
 EVALUATE, PREDICT = "pages/4_Evaluate.py", "pages/5_Predict.py"
@@ -133,7 +135,6 @@ def test_evaluate_export_writes_model_files(run):
     assert meta["arch"] == "test_resnet" and meta["classes"] == run.classes
     downloads = {b.label for b in at.get("download_button")}
     assert {"model.safetensors", "model.json"} <= downloads
-    pytest.importorskip("onnx")
     at.button(key="onnx").click().run()
     assert_ok(at)
     assert run.file("export/model.onnx").is_file()
@@ -230,8 +231,7 @@ def test_predict_rejects_a_bad_export_upload_politely(run, case):
 
 
 def test_predict_with_imagenet_backbone():
-    if bundled_file("mobilenetv2_100") is None:
-        pytest.skip("the bundled mobilenetv2_100 weights are not installed")
+    assert bundled_file("mobilenetv2_100"), "the bundled weights are a runtime requirement (requirements-offline.txt)"
     at = opened(PREDICT)
     at.radio(key="pred_source").set_value("imagenet").run()
     assert_ok(at)

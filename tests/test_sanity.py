@@ -60,11 +60,11 @@ def test_model_independent_method_is_flagged_and_grad_cam_is_not_identical():
     assert verdicts["Grad-CAM"]["similarity"] < 0.99
 
 
+@pytest.mark.slow
 def test_grad_cam_of_a_pretrained_model_changes_when_randomised():
     """On a real network (bundled MobileNetV2 with its ImageNet classifier) and a real photo,
     Grad-CAM's map for the predicted class loses its structure once the weights are random."""
-    if backbones.bundled_file("mobilenetv2_100") is None:
-        pytest.skip("bundled MobileNetV2 weights package not installed")
+    assert backbones.bundled_file("mobilenetv2_100"), "the bundled weights are a runtime requirement (requirements-offline.txt)"
     from skimage import data as photos
     model = backbones.create_backbone("mobilenetv2_100", "bundled", num_classes=1000).eval()
     image = np.array(imaging.to_rgb(Image.fromarray(photos.chelsea())).resize((96, 96)))
@@ -104,6 +104,7 @@ def test_original_model_is_left_as_it_was():
     assert calls[-1][0] == calls[-1][1] == 8
 
 
+@pytest.mark.slow
 def test_reproducible_with_a_seed():
     model = tiny().eval()
     x = normalised(picture())

@@ -23,7 +23,7 @@ from apptest_helpers import assert_ok, start_button
 from core.serve.store import get_run, list_runs
 from core.serve.worker import MANAGER
 
-pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("idle_manager")]   # the queue is process-wide
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO_ROOT / "streamlit_app.py")

@@ -21,10 +21,10 @@ from core.config import ConfigError, RunConfig
 from core import paths
 from core.serve import access, presets
 from core.serve import store
-from core.train import run as training
+from core.training import run as training
 from core.serve.worker import MANAGER, QueueFull, RunManager
 
-pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("idle_manager")]   # the queue is process-wide
 
 TOKEN = "teacher-secret-" + "0123456789abcdefghij"
 TRAIN, DATA, EVALUATE, PREDICT = "pages/3_Train.py", "pages/1_Data.py", "pages/4_Evaluate.py", "pages/5_Predict.py"
@@ -462,7 +462,7 @@ def test_a_student_can_queue_only_so_many(monkeypatch, tmp_path):
         manager.submit(cfg, owner="alice", max_queued=2)
     assert len(store.list_runs()) == before                    # nothing created for the refused one
     manager.submit(cfg, owner="bob", max_queued=2)          # others are not affected
-    from core.train import sweeps
+    from core.training import sweeps
     monkeypatch.setattr(sweeps, "MANAGER", manager)
     with pytest.raises(QueueFull):
         sweeps.queue([cfg, cfg], owner="alice", max_queued=2)

@@ -4,7 +4,7 @@ import torch
 
 import core
 from core import device as devices
-from core.train import caches
+from core.training import caches
 
 
 def test_bf16_switch(monkeypatch):

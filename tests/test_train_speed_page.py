@@ -10,7 +10,7 @@ from apptest_helpers import assert_ok, opened, use_small_settings
 from core.serve.store import list_runs
 from test_pages import button, charts, texts, wait_for_state
 
-pytestmark = pytest.mark.usefixtures("idle_manager")   # the queue is process-wide
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("idle_manager")]   # the queue is process-wide
 
 TRAIN = "pages/3_Train.py"
 

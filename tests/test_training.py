@@ -1,4 +1,4 @@
-"""core.train.run, core.serve.store and core.results.evaluate: whole runs on tiny models and generated images."""
+"""core.training.run, core.serve.store and core.results.evaluate: whole runs on tiny models and generated images."""
 from __future__ import annotations
 
 import contextlib
@@ -16,13 +16,15 @@ import torch
 
 import core
 from conftest import class_image
-from core.train import caches
-from core.train import run as training
+from core.training import caches
+from core.training import run as training
 from core.data import DataError
 from core.results.evaluate import evaluate_run
 from core.models.backbones import load_run_model
 from core.serve.store import Run, get_run, list_runs
 from core.serve.worker import MANAGER
+
+pytestmark = pytest.mark.slow
 
 EPOCH_KEYS = {"epoch", "lr", "train_loss", "val_loss", "val_acc", "seconds"}
 

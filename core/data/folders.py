@@ -22,6 +22,7 @@ SPLITS = ("train", "val", "test")
 ZIP_NOTES = ".unpack_skipped.json"    # entries extraction left out, with reasons; scan_folder lists them
 MIN_SPLITTABLE = 3                    # images a class needs to appear in train, val and test
 IMBALANCE_WARN = 5.0                  # largest / smallest class size from which the Data page warns
+                                      # and the Train page suggests the class-weighted loss
 
 
 @dataclass
@@ -66,7 +67,7 @@ class DataScan:
             if n < MIN_SPLITTABLE:
                 notes.append(f"Class '{name}' has only {n} image(s): it can't appear in train, "
                              "val and test at once, so its results will be unreliable. Add images.")
-        if self.imbalance() >= IMBALANCE_WARN:
+        if is_imbalanced(self.imbalance()):
             sized = {name: n for name, n in counts.items() if n >= MIN_SPLITTABLE}
             big, small = max(sized, key=sized.get), min(sized, key=sized.get)
             notes.append(f"The classes are imbalanced: '{big}' has {self.imbalance():.0f}× the images of "
@@ -74,6 +75,20 @@ class DataScan:
                          "favouring the big classes. Consider the class-weighted loss option on the "
                          "Train page, or add images to the small classes.")
         return notes
+
+
+def is_imbalanced(ratio: float) -> bool:
+    """Whether a largest-over-smallest class ratio (DataScan.imbalance) is worth a warning: the one
+    rule behind the Data page's warning and the Train page's hint at the class-weighted loss."""
+    return ratio >= IMBALANCE_WARN
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image file below `folder`, sorted, leaving out hidden files and folders (.git,
+    __MACOSX): the images a batch prediction runs on."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(is_hidden(part) for part in p.relative_to(folder).parts))
 
 
 def is_hidden(part: str) -> bool:
@@ -185,3 +200,34 @@ def _zip_notes(folder: Path) -> list[tuple[str, str]]:
 def demo_dataset() -> Path:
     """The built-in demo set: 10 Fashion-MNIST classes, 100 photos each, shipped in assets/."""
     return paths.DEMO_DATA
+
+
+# ---------------------------------------------------------------- what the Data and Model pages show
+
+def tree_stamp(root: Path) -> float:
+    """A number that changes when files are added to a data set: the sum of the mtimes of `root`,
+    its folders and their sub-folders (a cache key for a scan); 0.0 when it can't be read."""
+    try:
+        return sum(p.stat().st_mtime for p in [root, *root.iterdir(), *root.glob("*/*")] if p.is_dir())
+    except OSError:
+        return 0.0
+
+
+def class_count(root: str | os.PathLike, fallback: int = 10) -> int:
+    """How many classes the data set at `root` has (a new head's size); `fallback` when it can't
+    be read, so a model can still be shown before a data set is chosen."""
+    try:
+        return len(scan_folder(root, check=False).classes)
+    except (DataError, OSError):
+        return fallback
+
+
+def class_folder_name(name: str) -> str:
+    """A class name typed by a user as a folder name: letters, digits, space, '-' and '_', at
+    most 60 characters; "class" when nothing is left."""
+    return "".join(c for c in name.strip() if c.isalnum() or c in " -_")[:60] or "class"
+
+
+def class_counts(folder: Path) -> dict[str, int]:
+    """Files per class folder directly below `folder` (by name), e.g. photos taken so far."""
+    return {p.name: len(list(p.glob("*.*"))) for p in sorted(folder.iterdir()) if p.is_dir()}

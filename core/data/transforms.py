@@ -1,9 +1,15 @@
 """Training and evaluation transforms (torchvision.transforms.v2), augmentation options and their previews."""
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import numpy as np
 import torch
 from torchvision.transforms import v2
+
+from core.data import folders
+from core.data import images as imaging
 
 # ---------------------------------------------------------------- datasets and transforms
 
@@ -120,3 +126,24 @@ class TensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.transform(self.images[i]), self.labels[i]
+
+
+# ---------------------------------------------------------------- a data set folder, for the Train page
+
+def folder_stats(root: str | Path, image_size: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of every readable image below `root` at `image_size`: what
+    normalize="dataset" normalises with. DataError when `root` is no data set."""
+    scan = folders.scan_folder(root, check=False)
+    images, _failures = imaging.decode_images(scan.root, scan.items, image_size)
+    return dataset_stats(img for img in images if img is not None)
+
+
+def folder_preview(root: str | Path, image_size: int, augment: dict, seed: int,
+                   picks: int = 4, copies: int = 4) -> list[np.ndarray]:
+    """`copies` augmented versions of `picks` images drawn (by `seed`) from the data set at
+    `root`: a new seed shows other images and other augmentations. DataError when `root` is no
+    data set."""
+    scan = folders.scan_folder(root, check=False)
+    chosen = random.Random(seed).sample(scan.items, min(picks, len(scan.items)))
+    images, _failures = imaging.decode_images(scan.root, chosen, image_size)
+    return preview_augmentations(images, image_size, augment, seed, copies)

@@ -19,7 +19,7 @@ from typing import IO
 
 from core import paths
 from core.data import DataError
-from core.data.folders import ZIP_NOTES, is_hidden
+from core.data.folders import ZIP_NOTES, class_folder_name, is_hidden
 
 # Zip bomb guards, checked against the sizes the zip declares before anything is written and
 # counted across a zip and the zips inside it. Module constants so tests and admins can change them.
@@ -338,3 +338,25 @@ def save_upload_file(folder: Path, relative_name: str, data: bytes) -> Path | No
     except OSError as err:
         raise DataError(f"Could not save {parts[-1]!r}: {err.strerror or err}.") from err
     return target
+
+
+def save_upload_files(folder: Path, files: list[tuple[str, bytes]]) -> list[str]:
+    """Store uploaded (relative name, bytes) files below `folder`; returns the names refused
+    (see save_upload_file), so the page can list them."""
+    return [name for name, data in files if save_upload_file(folder, name, data) is None]
+
+
+def folder_upload_dir(files: list[tuple[str, int]], parent: Path) -> Path:
+    """The folder below `parent` for a browser folder upload of (relative name, size) files: named
+    by the names and sizes, so the page's reruns (which see the same upload) reuse it."""
+    blob = b"".join(name.encode() + size.to_bytes(8, "little") for name, size in files)
+    return upload_dir(blob, "folder", parent=parent)
+
+
+def save_snapshot(folder: Path, class_name: str, data: bytes) -> tuple[str, int]:
+    """Add one camera snapshot (JPEG bytes) to the class `class_name` below `folder`, numbered
+    after the ones already there. Returns (the class folder's name, the snapshot's number)."""
+    name = class_folder_name(class_name)
+    count = len(list((folder / name).glob("*.jpg"))) if (folder / name).exists() else 0
+    save_upload_file(folder / name, f"camera-{count + 1:04d}.jpg", data)
+    return name, count + 1

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from core.progress import batched_forward
 from core.data import images as imaging
 from core.data import transforms
-from core.models.backbones import create_backbone
+from core.models.backbones import create_backbone, weight_sources
 from core.models.backbones import load_run_model, run_normalization
 from core.models.export import load_exported
 from core.serve.store import Run
@@ -35,16 +36,14 @@ class Predictor:
     def transform(self):
         return transforms.build_transform(self.image_size, self.mean, self.std)
 
-    @torch.inference_mode()
     def probs(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
         """Softmax probabilities for PIL images (any mode, any size)."""
-        out, tf = [], self.transform
-        self.model.eval()
-        for start in range(0, len(images), batch_size):
-            chunk = [v2.functional.pil_to_tensor(imaging.to_rgb(img)) for img in images[start:start + batch_size]]
-            batch = torch.stack([tf(t) for t in chunk])
-            out.append(self.model(batch).float().softmax(-1))
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)))
+        tf = self.transform
+
+        def prepare(chunk):
+            return torch.stack([tf(v2.functional.pil_to_tensor(imaging.to_rgb(img))) for img in chunk])
+        logits = batched_forward(self.model, images, batch_size, prepare=prepare)
+        return logits.softmax(-1).numpy() if len(logits) else np.zeros((0, len(self.classes)))
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[tuple[str, float]]:
         order = np.argsort(-probs)[:k]
@@ -118,3 +117,21 @@ def predict_files(predictor: Predictor, files: list[str | Path], batch_size: int
         if progress:
             progress(min(start + batch_size, len(files)), len(files))
     return pd.DataFrame(rows)
+
+
+IMAGENET_SOURCES = ("bundled", "hub-cache", "hub")    # weights that come with the ImageNet head
+
+
+def imagenet_available(arch: str) -> bool:
+    """Whether `arch` has pretrained ImageNet weights to load now (bundled, cached or reachable):
+    an uploaded file or a random init has no ImageNet head to predict with."""
+    return any(s.available and s.kind in IMAGENET_SOURCES for s in weight_sources(arch))
+
+
+def predict_folder(predictor: Predictor, folder: str | Path, files: list[Path],
+                   progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+    """predict_files on `files` below `folder`, each named by its path relative to `folder`."""
+    frame = predict_files(predictor, files, progress=progress)
+    if "file" in frame:
+        frame["file"] = [str(Path(f).relative_to(folder)) for f in frame["file"]]
+    return frame

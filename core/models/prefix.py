@@ -24,7 +24,7 @@ from torch import nn
 
 from core import rng
 from core.device import autocast
-from core.train import estimate
+from core.training import estimate
 from core.hooks import eval_mode, hooked
 
 

@@ -7,18 +7,27 @@ only inside `hooked()`, which removes them in `finally`; train/eval state is res
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
+import pandas as pd
+import timm
 import timm.layers.activations as timm_acts
 import torch
 from matplotlib import colormaps
+from PIL import Image
 from torch import nn
 from torch.nn.modules import activation as torch_acts
+from torchvision.transforms import v2
 from torchvision.utils import make_grid
 
+from core.data.images import decode_images
+from core.data.transforms import build_transform
 from core.hooks import eval_mode, hooked
+from core.models import backbones
+from core.progress import Progress, silent
 
 GATES = (nn.Sigmoid, nn.Softmax, nn.Softmax2d, nn.Hardsigmoid, nn.Tanh, nn.Softmin, nn.LogSoftmax,
          nn.MultiheadAttention, nn.Linear, timm_acts.Sigmoid, timm_acts.HardSigmoid, timm_acts.Tanh)
@@ -264,3 +273,112 @@ def grad_cam_maps(model: nn.Module, x: torch.Tensor, target, layer: nn.Module | 
         cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
         cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
     return cam[:, 0].detach().float().cpu().numpy()
+
+
+# ---------------------------------------------------------------- what a page inspects: the model and its input
+
+class ModelChoice(NamedTuple):
+    """A model to look inside: kind "run" (name = the run's id; stamp = its checkpoint's time, so
+    a run that trained on is loaded again) or kind "pretrained" (name = a backbone)."""
+    kind: str
+    name: str
+    stamp: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """How charts name the model: "run <id>" or "pretrained <backbone>"."""
+        return f"{self.kind} {self.name}"
+
+
+@dataclass
+class Inspected:
+    """A model in eval mode with what its input needs: class names, image size, normalisation."""
+    model: nn.Module
+    classes: list[str]
+    size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def transform(self):
+        """The eval transform the model was made for: resize, centre crop to `size`, normalise."""
+        return build_transform(self.size, self.mean, self.std)
+
+
+def load_inspected(kind: str, name: str) -> Inspected:
+    """A run's fine-tuned model (kind "run", `name` its id) or a pretrained backbone with its
+    ImageNet head (kind "pretrained", `name` the architecture)."""
+    if kind == "run":
+        from core.serve.store import get_run
+        return run_model(get_run(name))
+    return pretrained_model(name)
+
+
+def run_model(run) -> Inspected:
+    """The run's best checkpoint, its classes and image size, and the normalisation it trained with."""
+    model = backbones.load_run_model(run)
+    mean, std = backbones.run_normalization(run, model)
+    return Inspected(model, list(run.classes), run.config.image_size, mean, std)
+
+
+def pretrained_model(arch: str) -> Inspected:
+    """The backbone with its 1000-class ImageNet head, at the input size and normalisation of its
+    pretrained weights (a backbone without weights here comes with a random init)."""
+    model = backbones.create_backbone(arch, "auto", num_classes=1000).eval()
+    cfg = timm.data.resolve_model_data_config(model)
+    info = timm.data.ImageNetInfo()
+    classes = [info.index_to_description(i) for i in range(1000)]
+    return Inspected(model, classes, int(cfg["input_size"][-1]), cfg["mean"], cfg["std"])
+
+
+def model_input(picture: Image.Image, inspected: Inspected) -> tuple[torch.Tensor, np.ndarray]:
+    """(the normalised batch of one the model takes, the same crop as HxWx3 uint8 to show and to
+    draw attributions on)."""
+    tensor = v2.functional.pil_to_tensor(picture)
+    x = inspected.transform()(tensor)[None]
+    shown = build_transform(inspected.size, (0, 0, 0), (1, 1, 1))(tensor)     # same crop, unnormalised
+    return x, (shown.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+
+
+@torch.inference_mode()
+def class_probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the classes for the first image of `x`."""
+    with eval_mode(model):
+        return model(x).softmax(-1)[0]
+
+
+def class_items(scan, cls: str) -> list:
+    """The items of a folders.Scan that belong to class `cls`, in scan order."""
+    return [item for item in scan.items if scan.classes[item.label] == cls]
+
+
+# ---------------------------------------------------------------- sparsity over a sample of a data set
+
+SPARSITY_BATCH = 16
+
+
+def sparsity_sample(items: Sequence, count: int, seed: int = 0) -> list:
+    """`count` of `items` (all when fewer), the same ones on every call: two models compared on
+    one chart must see the same images."""
+    return random.Random(seed).sample(list(items), min(count, len(items)))
+
+
+def measure_sparsity(inspected: Inspected, root: str, items: Sequence, count: int, label: str,
+                     progress: Progress | None = None) -> list[dict]:
+    """`sparsity` rows of `inspected`'s model over a seeded sample of `count` items under `root`,
+    each tagged with model=`label`. Unreadable images are left out; `progress(done, total,
+    "done/total images")` follows the images measured."""
+    images, _ = decode_images(root, sparsity_sample(items, count), inspected.size)
+    images = [img for img in images if img is not None]
+    transform, say = inspected.transform(), progress or silent
+    batches = (torch.stack([transform(img) for img in images[i:i + SPARSITY_BATCH]])
+               for i in range(0, len(images), SPARSITY_BATCH))
+    rows = sparsity(inspected.model, batches,
+                    progress=lambda done: say(done, len(images), f"{done}/{len(images)} images"))
+    return [dict(row, model=label) for row in rows]
+
+
+def sparsity_table(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
+    """(the rows as a table with a "stage (measure)" label column, those labels shallow to deep)."""
+    frame = pd.DataFrame(rows)
+    frame["label"] = frame["stage"] + " (" + frame["measure"] + ")"
+    return frame, frame.sort_values("order")["label"].drop_duplicates().tolist()

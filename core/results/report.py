@@ -40,7 +40,7 @@ from core.data import transforms
 from core.results import evaluate as evaluation
 from core.results import inspection
 from core import paths
-from core.train import sweeps
+from core.training import sweeps
 from core.serve.store import Run
 
 RUN_SECTIONS = {

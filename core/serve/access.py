@@ -307,6 +307,23 @@ def upload_allowance(user: User, policy: Policy) -> int:
     return min(policy.upload_mb * MB, left_user, left_total)
 
 
+def check_room(user: User, policy: Policy, nbytes: int) -> None:
+    """Refuse (AccessError) an upload of `nbytes` bigger than what is left of this user's
+    allowance (upload_allowance), with both sizes in the sentence."""
+    allowed = upload_allowance(user, policy)
+    if nbytes > allowed:
+        raise AccessError(f"These files take {nbytes / MB:,.0f} MB; you have "
+                          f"{allowed / MB:,.0f} MB left. Delete old uploads (My uploads below).")
+
+
+def save_files(user: User, policy: Policy, folder: Path, files: list[tuple[str, bytes]]) -> list[str]:
+    """Store uploaded (relative name, bytes) files below `folder` if they fit this user's
+    allowance (else AccessError, nothing written). Returns the names refused as unsafe."""
+    from core.data import zips
+    check_room(user, policy, sum(len(data) for _, data in files))
+    return zips.save_upload_files(folder, files)
+
+
 def my_uploads(user: User) -> list[tuple[str, int, float]]:
     """(name, bytes, last modified) of a user's uploads, newest first."""
     out = []

@@ -41,7 +41,7 @@ def run_job(run_id: str, resume: bool = False, limit_s: float | None = None) -> 
     another process holds it."""
     run = store.get_run(run_id)
     with child_of_the_queue(run, limit_s) as (stop, timed_out):
-        from core.train.run import train_run
+        from core.training.run import train_run
         try:
             train_run(run, stop=stop, resume=resume)
         except store.RunBusy:

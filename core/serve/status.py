@@ -129,3 +129,15 @@ def _state(value) -> State:
     except ValueError:
         raise ValueError(f"{value!r} is not a run state; it must be one of "
                          f"{', '.join(s.value for s in State)}.") from None
+
+
+def overall_fraction(status: RunStatus) -> float | None:
+    """How far along the run is, 0..1, for a progress bar; None when nothing counts yet. While
+    epochs train it is the share of all epochs (the current one by its step); in any other phase
+    (decoding, building the model, testing) the share of that phase's steps."""
+    if not status.steps:
+        return None
+    within = (status.step or 0) / status.steps
+    if status.epochs and status.phase in ("train", "val"):
+        within = (max((status.epoch or 0) - 1, 0) + within) / status.epochs
+    return min(1.0, within)

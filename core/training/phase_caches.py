@@ -7,6 +7,7 @@ from __future__ import annotations
 from core import paths
 from core.config import RunConfig
 from core.models import prefix
+from core.models.backbones import feature_dim
 from core.training.budget import Phase, cache_refusal
 from core.training.caches import features_cached
 from core.training.parts import Parts
@@ -65,7 +66,7 @@ class PhaseCaches:
         parts, backbone = self.parts, self.parts.model.backbone
         n_train, n_val = len(parts.labels("train")), len(parts.labels("val"))
         per_image = (prefix.bytes_per_image(backbone, split, self.cfg.image_size) if split
-                     else 2 * backbone.num_features)
+                     else 2 * feature_dim(backbone))
         total = per_image * (views * n_train + n_val)
         on_disk = total > prefix.ram_budget_bytes()     # memory-mapped when it would not fit in memory
         what = f"block {split.cut_name}" if split else "the backbone's features"

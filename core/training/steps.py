@@ -17,6 +17,8 @@ from core import rng
 from core.config import RunConfig
 from core.data import transforms
 from core.device import autocast
+from core.hooks import eval_mode
+from core.models.backbones import feature_dim
 from core.models import prefix
 from core.progress import Cancelled
 from core.serve.store import Run
@@ -73,19 +75,17 @@ def loader(images, labels, transform, batch_size, order, device: torch.device | 
 @torch.inference_mode()
 def extract_features(backbone: nn.Module, images, transform, device, batch_size, report, label,
                      precision: str | None = None):
-    was_training = backbone.training
-    backbone.eval()
+    """Pooled features of every image, kept on `device` for the head to train on (no_grad, not
+    inference_mode: the head's backward saves its inputs)."""
     feats = []
-    try:
+    with eval_mode(backbone), torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
             with autocast(device, precision):
                 feats.append(backbone(batch.to(device, memory_format=torch.channels_last)).float())
             report("preparing", message=f"Computing backbone features ({label})", phase="features",
                    step=min(start + batch_size, len(images)), steps=len(images))
-    finally:
-        backbone.train(was_training)
-    return torch.cat(feats) if feats else torch.zeros(0, backbone.num_features, device=device)
+    return torch.cat(feats) if feats else torch.zeros(0, feature_dim(backbone), device=device)
 
 
 def make_optimizer(cfg: RunConfig, model: nn.Module, head_only: bool, lr: float | None = None,

@@ -117,7 +117,7 @@ def submit(cfg: RunConfig) -> Run:
 
 def queue_sweep(configs: list[RunConfig]) -> list[Run]:
     """Queue a sweep's runs for this user, all within the admin's caps or none."""
-    from core.train import sweeps
+    from core.training import sweeps
     who, rules = user(), policy()
     if configs and (problem := access.run_data_problem(who, configs[0].data_root, rules)):
         raise access.AccessError(problem)

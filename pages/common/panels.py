@@ -15,7 +15,7 @@ from core.serve.worker import MANAGER
 from pages.common import state
 from pages.common.ownership import (can_manage, mine, my_runs, open_run, owner_name, policy, session_owner,
                                     student_limits, user)
-from pages.common.state import lab
+from pages.common.state import init_widget, lab, set_widget, widget_value
 
 
 def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = "run_pick"):
@@ -27,7 +27,7 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
         runs = [r for r in runs if r.checkpoint.exists()]
     who = user()
     admin = who.admin
-    mine_only = admin and st.session_state.setdefault(f"{key}_mine", True)
+    mine_only = admin and init_widget(f"{key}_mine", True)
     if mine_only:
         runs = [r for r in runs if mine(r, who)]
     if not runs:
@@ -39,7 +39,7 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
     labels = {r.id: ("★ " if r.id in own and admin else "") + r.label()
               + ("" if r.id in own or not admin else f" · {owner_name(r)}") for r in runs}
     current = lab().current_run
-    st.session_state[key] = current if current in ids else ids[0]
+    set_widget(key, current if current in ids else ids[0])
     if current and current not in ids:
         st.caption(f"Your current run {current} isn't listed here"
                    + (" (no checkpoint yet)" if only_with_checkpoint else "") + f"; showing {ids[0]}.")
@@ -53,7 +53,7 @@ def pick_run(label: str = "Run", only_with_checkpoint: bool = False, key: str = 
 
 def _follow(key: str) -> None:
     """The run picked on one page becomes the current run of every page."""
-    lab().current_run = st.session_state[key]
+    lab().current_run = widget_value(key)
 
 def run_actions(run: Run, active: bool) -> None:
     """Stop (while it trains), Resume (stopped or interrupted) and Delete, for runs this user

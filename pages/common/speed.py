@@ -6,8 +6,10 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.train import budget
+from core import config
+from core.training import budget
 from core.config import RunConfig
+from core.serve.status import State
 from pages import common
 
 
@@ -28,13 +30,13 @@ def speed_panel(settings: dict) -> None:
     """Time budget, augmented views to cache, and what the run will cache and plan."""
     st.markdown(":material/bolt: **Speed on this machine**")
     c = st.columns([1, 1, 2])
-    if "w_budget_min" not in st.session_state:
-        st.session_state["w_budget_min"] = settings.get("time_budget_s", 0) / 60
-    minutes = c[0].number_input("Train for (minutes, 0 = no limit)", 0.0, 600.0, step=1.0, key="w_budget_min",
+    common.init_widget("w_budget_min", settings.get("time_budget_s", 0) / 60)
+    minutes = c[0].number_input("Train for (minutes, 0 = no limit)", *config.BUDGET_MINUTES, step=1.0,
+                                key="w_budget_min",
                                 help="The app measures this model on your images, then plans: the head "
                                      "on cached features first, then as deep a fine-tune as fits, at a "
                                      "learning rate suited to its depth. The best checkpoint is kept.")
-    settings["time_budget_s"] = int(round(minutes * 60))
+    settings["time_budget_s"] = config.budget_seconds(minutes)
     common.bind(c[1].number_input, "aug_views", "Augmented views to cache", settings, **common.limits("aug_views"),
                 help="With augmentation on, the frozen layers normally run on every image every epoch. "
                      "Instead, compute K augmented versions of each training image once, and each epoch "
@@ -126,29 +128,29 @@ def _lr_progress(task_and_key: tuple) -> None:
         common.lab().page.pop("lr_task", None)
         return
     status = task.status()
-    if status.get("state") in common.ACTIVE_STATES:
-        st.progress(float(status.get("fraction") or 0.0), text=status.get("message", "Waiting…"))
+    if status.active:
+        st.progress(float(status.fraction or 0.0), text=status.message or "Waiting…")
         st.button("Stop", key="lr_stop", icon=":material/stop_circle:", on_click=tasks.stop, args=(task_id,))
         return
     common.lab().page.pop("lr_task", None)
-    result = task.read_json("result.json") if status.get("state") == "finished" else None
-    common.lab().page["lr_test"] = (key, result or dict(error=status.get("message", status.get("state"))))
+    result = task.read_json("result.json") if status.state == State.FINISHED else None
+    common.lab().page["lr_test"] = (key, result or dict(error=status.message or str(status.state)))
     st.rerun(scope="app")
 
 
 def _use_lr(settings: dict, lr: float) -> None:
     settings["lr"] = lr
-    st.session_state["w_lr"] = lr
+    common.set_widget("w_lr", lr)
 
 
 def run_speed_info(run) -> None:
     """What a run used: its plan, caches and precision (from the run folder)."""
     status = run.status()
     parts = []
-    if status.get("precision"):
-        parts.append("precision " + ", ".join(f"{k}: {v}" for k, v in status["precision"].items()))
-    if status.get("cache"):
-        cache = status["cache"]
+    if status.precision:
+        parts.append("precision " + ", ".join(f"{k}: {v}" for k, v in status.precision.items()))
+    if status.cache:
+        cache = status.cache
         parts.append(f"cached {cache['what']} ({cache['views']} view(s), {cache['mb']:g} MB in {cache['where']})")
     elif status.get("feature_cache"):
         parts.append("backbone features cached")
