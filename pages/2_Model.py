@@ -75,8 +75,21 @@ def choose_backbone(settings: dict) -> str:
     arch = pick if pick != OTHER else typed_backbone(current)
     if arch != settings["arch"]:
         settings.update(config.with_backbone(settings, arch))
-        common.forget("w_top_k")
+        common.forget("w_top_k", "w_pick_backbone")
+    budget_picks(settings)
     return arch
+
+
+def budget_picks(settings: dict) -> None:
+    """With a time budget, the run may probe the backbones on the data and choose; off pins the
+    backbone above."""
+    if not settings.get("time_budget_s"):
+        return
+    common.bind(st.toggle, "pick_backbone", "Let the time budget pick the backbone and image size", settings,
+                help="Before training, the run probes every backbone whose weights are here, at two image "
+                     "sizes, on a sample of your training images (a cross-validated linear probe), and "
+                     "trains the most accurate one that still leaves fine-tuning its epochs. The Train "
+                     "page shows the probe table. Off: the backbone above trains.")
 
 
 def typed_backbone(current: str) -> str:

@@ -9,6 +9,7 @@ import pandas as pd
 import timm  # the package first: two sessions entering timm's import cycle at different
 #              modules (timm.data here, timm via core elsewhere) got a half-initialised module
 
+from core.training import choose
 from core import config
 from core.data import DataError
 from core.data import folders
@@ -197,6 +198,10 @@ def preview(settings: dict) -> None:
 
 def plan_notes(cfg: config.RunConfig) -> None:
     """What the run will do differently from the settings as typed: size, phases, caching."""
+    if cfg.pick_backbone and cfg.time_budget_s:
+        st.caption(":material/science: The budget first probes the backbones whose weights are here, at "
+                   f"{' and '.join(map(str, choose.sizes_for(pick_device().type)))} px, on a sample of your "
+                   "training images, and trains the best that fits (pin one on the Model page).")
     native = native_input_size(cfg.arch)
     if native and native != cfg.image_size:
         st.caption(f"`{cfg.arch}` only accepts {native}×{native} images (fixed position "

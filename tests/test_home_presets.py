@@ -50,7 +50,7 @@ def changed_settings(data_root: str) -> dict:
         scheduler="step", step_size=3, gamma=0.5, warmup_epochs=1, label_smoothing=0.1,
         patience=4, phase1_epochs=2, backbone_lr_mult=0.1, normalize="dataset", epochs=7,
         batch_size=16, image_size=96, seed=11, augment={"hflip": True, "rotation": 15.0},
-        cache_features=False, aug_views=4, time_budget_s=300, max_epochs=6, device="cpu", class_weights=True,
+        cache_features=False, aug_views=4, time_budget_s=300, pick_backbone=True, tta="hflip", max_epochs=6, device="cpu", class_weights=True,
         baseline="logreg",
         # per run / per machine, never saved:
         name="my run", sweep="sw1", tags={"lr": 0.005}, weights_file="/tmp/w.safetensors")

@@ -153,3 +153,12 @@ def choose(probes: list[Probe]) -> tuple[Probe | None, list[str]]:
 
 def standard_error(accuracy: float, n: int) -> float:
     return float(np.sqrt(max(accuracy * (1 - accuracy), 1e-4) / max(n, 1)))
+
+
+def table_row(probe: dict, chosen: dict) -> dict:
+    """One row of the probe table the Train page shows (a probe as stored in probe.json)."""
+    picked = chosen.get("arch") == probe["arch"] and chosen.get("size") == probe["size"]
+    return {"backbone": probe["arch"], "size (px)": probe["size"],
+            "probe accuracy": None if np.isnan(probe["accuracy"]) else round(100 * probe["accuracy"], 1),
+            "s per fine-tune epoch": round(probe["epoch_s"], 1), "fits the budget": probe["fits"],
+            "chosen": "✓" if picked else ""}

@@ -6,6 +6,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from core.training import choose
 from core import config
 from core.training import budget
 from core.config import RunConfig
@@ -158,8 +159,20 @@ def run_speed_info(run) -> None:
         parts.append(f"no cache: {status['cache_off']}")
     if parts:
         st.caption(" · ".join(parts))
+    probe_table(run.read_json("probe.json"))
     plan = run.read_json("plan.json")
     if plan:
         with st.expander(f":material/timer: Plan for a {plan['budget_s'] / 60:g}-minute budget", expanded=False):
             st.table(_plan_frame(budget.describe_plan(budget.phases_from(plan["phases"]))))
             st.caption(" ".join(plan.get("notes", [])))
+
+
+def probe_table(probed: dict | None) -> None:
+    """The backbones and sizes the budget probed, and why it chose the one that trained."""
+    if not probed or not probed.get("probes"):
+        return
+    chosen = probed.get("chosen") or {}
+    with st.expander(":material/science: Backbones probed on your data", expanded=False):
+        st.dataframe(pd.DataFrame([choose.table_row(p, chosen) for p in probed["probes"]]),
+                     hide_index=True, width="stretch")
+        st.caption(" ".join(probed.get("notes", [])))
