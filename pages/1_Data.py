@@ -182,8 +182,7 @@ def download_source(settings: dict) -> None:
     elif st.button("Download", type="primary"):
         try:
             with progress_bar("Checking the connection…") as progress:
-                folder = downloads.download(name, cap or None,
-                                            lambda text, f: progress(round(min(f, 1.0) * 1000), 1000, text))
+                folder = downloads.download(name, cap or None, progress)
             use_folder(settings, folder, downloads.STANDARD_SETS[name].title)
         except Exception as err:  # noqa: BLE001 - network and archive errors all end here
             st.error(f"Download failed: {err}")

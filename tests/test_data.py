@@ -399,7 +399,7 @@ def test_decode_images_records_truncated_jpeg(tmp_path):
     items = [Item("full.jpg", 0), Item("cut.jpg", 1), Item("ok.png", 0), Item("missing.png", 1)]
     calls = []
     tensors, failures = imaging.decode_images(str(tmp_path), items, 24, workers=2,
-                                        progress=lambda done, total: calls.append((done, total)))
+                                        progress=lambda done, total, _m: calls.append((done, total)))
     assert len(tensors) == 4
     assert tensors[1] is None and tensors[3] is None
     for t in (tensors[0], tensors[2]):

@@ -155,8 +155,8 @@ def test_sparsity_rows_and_measure(arch):
     model, x = make(arch, batch=2)
     stages = [i["module"] for i in model.backbone.feature_info]
     seen = []
-    rows = inspection.sparsity(model, [x, x[:1]], progress=seen.append)
-    assert seen == [2, 3]
+    rows = inspection.sparsity(model, [x, x[:1]], progress=lambda done, total, _m: seen.append((done, total)), total=3)
+    assert seen == [(2, 3), (3, 3)]
     names = [r["stage"] for r in rows]
     assert [r["order"] for r in rows] == sorted(r["order"] for r in rows)
     assert len(set(r["order"] for r in rows)) == len(rows)

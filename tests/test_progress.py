@@ -162,7 +162,7 @@ def test_predict_probs_is_the_softmax_of_the_forward(model):
         want = model.eval()(torch.stack([to_float(img) for img in raw])).softmax(-1).numpy()
     seen = []
     got = predict_probs(model, raw, to_float, torch.device("cpu"), batch_size=2,
-                        progress=lambda done, total: seen.append((done, total)))
+                        progress=lambda done, total, _m: seen.append((done, total)))
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert seen == [(2, 3), (3, 3)]
     assert predict_probs(model, [], to_float, torch.device("cpu")).shape == (0, 0)

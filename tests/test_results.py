@@ -301,7 +301,7 @@ def test_predict_files_reports_unreadable_files(trained, tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     files = sorted(good + [broken])
     seen = []
-    frame = predict.predict_files(predictor, files, batch_size=4, progress=lambda d, t: seen.append((d, t)))
+    frame = predict.predict_files(predictor, files, batch_size=4, progress=lambda d, t, _m: seen.append((d, t)))
     assert len(frame) == len(files)
     assert set(frame["file"]) == {str(f) for f in files}
     rows = frame.set_index("file")

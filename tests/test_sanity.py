@@ -167,7 +167,7 @@ def test_class_average_gradcam():
     transform = transforms.build_transform(SIZE, (0.5,) * 3, (0.25,) * 3)
     seen = []
     heat = sanity.class_average_gradcam(model, images, labels, transform, batch_size=4,
-                                   progress=lambda d, t: seen.append((d, t)))
+                                   progress=lambda d, t, _m: seen.append((d, t)))
     assert sorted(heat) == [0, 1, 2]
     for cam in heat.values():
         assert cam.shape == (SIZE, SIZE) and np.isfinite(cam).all()

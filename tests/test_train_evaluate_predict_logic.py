@@ -209,7 +209,7 @@ def test_predict_folder_names_files_relative_to_the_folder(tmp_path):
     (tmp_path / "photos" / "bad.jpg").write_bytes(b"garbage")
     files = folders.image_files(tmp_path / "photos")
     seen = []
-    frame = predict.predict_folder(TwoClasses(), tmp_path / "photos", files, progress=lambda d, t: seen.append((d, t)))
+    frame = predict.predict_folder(TwoClasses(), tmp_path / "photos", files, progress=lambda d, t, _m: seen.append((d, t)))
     rows = frame.set_index("file")
     assert set(rows.index) == {"bad.jpg", "class_a/img_000.png", "class_a/img_001.png"}
     assert isinstance(rows.loc["bad.jpg", "error"], str)

@@ -9,11 +9,11 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import torchvision.datasets as tvd
 
+from core.progress import Progress, part, silent
 from core import paths
 
 
@@ -60,7 +60,7 @@ def target_dir(name: str) -> Path:
 
 
 def download(name: str, max_per_class: int | None = None,
-             progress: Callable[[str, float], None] | None = None) -> Path:
+             progress: Progress | None = None) -> Path:
     """Download with torchvision, then write `train/`, `val/`, `test/` class folders of JPEGs
     (at most `max_per_class` per class and split). Returns the folder; reuses a finished one."""
     spec = STANDARD_SETS[name]
@@ -72,13 +72,12 @@ def download(name: str, max_per_class: int | None = None,
                               "offline. Use the built-in demo, a zip, or a folder instead.")
     raw = paths.datasets_dir() / "raw" / name
     shutil.rmtree(out, ignore_errors=True)
+    say = progress or silent
     for i, (split, kwargs) in enumerate(spec.splits.items()):
-        if progress:
-            progress(f"Downloading {spec.title} ({split}, about {spec.size_mb} MB in all)…",
-                     i / len(spec.splits))
+        share = (i / len(spec.splits), (i + 1) / len(spec.splits))
+        say(i, len(spec.splits), f"Downloading {spec.title} ({split}, about {spec.size_mb} MB in all)…")
         dataset = getattr(tvd, spec.cls)(str(raw), download=True, **kwargs)
-        _export(dataset, out / split, max_per_class, lambda f, s=split, k=i: progress and progress(
-            f"Writing {s} images…", (k + f) / len(spec.splits)))
+        _export(dataset, out / split, max_per_class, part(say, *share, f"Writing {split} images"))
     (out / ".complete").touch()
     return out
 
@@ -97,5 +96,5 @@ def _export(dataset, folder: Path, max_per_class, progress) -> None:
         target = folder / cls.replace("/", "_") / f"{i:06d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         image.convert("RGB").save(target, quality=92)
-        if progress and i % 200 == 0:
-            progress(i / total)
+        if i % 200 == 0:
+            progress(i, total)

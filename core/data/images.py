@@ -149,7 +149,7 @@ def decode_images(root: str, items: list[Item], size: int, workers: int | None =
             if reason:
                 failures.append((items[i - 1].path, reason))
             if progress and (i % 32 == 0 or i == len(items)):
-                progress(i, len(items))   # may raise to stop: pending decodes are cancelled
+                progress(i, len(items), "Decoding images")   # may raise to stop: pending decodes are cancelled
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return out, failures

@@ -115,7 +115,7 @@ def predict_files(predictor: Predictor, files: list[str | Path], batch_size: int
             row.update({f"p_{c}": float(v) for c, v in zip(predictor.classes, p)})
             rows.append(row)
         if progress:
-            progress(min(start + batch_size, len(files)), len(files))
+            progress(min(start + batch_size, len(files)), len(files), "Predicting images")
     return pd.DataFrame(rows)
 
 

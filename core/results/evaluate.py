@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -22,12 +21,11 @@ from core.serve.store import Run
 
 def predict_probs(model: torch.nn.Module, images: list[torch.Tensor], transform,
                   device: torch.device, batch_size: int = 64,
-                  progress: Callable[[int, int], None] | None = None, flip: bool = False) -> np.ndarray:
+                  progress: Progress | None = None, flip: bool = False) -> np.ndarray:
     """Softmax probabilities for pre-decoded uint8 images; with `flip`, the mean of the image's
-    and its mirror image's. `progress(done, total)` per batch (it may raise to stop)."""
-    counts = (lambda done, total, _message: progress(done, total)) if progress else None
+    and its mirror image's. `progress(done, total, message)` per batch (it may raise to stop)."""
     net = FlipAverage(model) if flip else model
-    logits = batched_forward(net, images, batch_size, device, counts,
+    logits = batched_forward(net, images, batch_size, device, progress, message="Predicting images",
                              prepare=lambda chunk: torch.stack([transform(img) for img in chunk]))
     return logits.softmax(-1).numpy() if len(logits) else np.zeros((0, 0))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -148,7 +148,7 @@ def filter_grid(model: nn.Module, ncol: int = 16, scale: int = 4) -> np.ndarray:
 
 @torch.inference_mode()
 def sparsity(model: nn.Module, batches: Iterable[torch.Tensor],
-             progress: Callable[[int], None] | None = None) -> list[dict]:
+             progress: Progress | None = None, total: int | None = None) -> list[dict]:
     """Per stage (in execution order, as timm's feature_info splits the network), the fraction of
     activation outputs that are non-zero (ReLU-like) or positive (smooth activations), averaged
     over every element of every image. Activations after the last stage form a final group."""
@@ -182,7 +182,7 @@ def sparsity(model: nn.Module, batches: Iterable[torch.Tensor],
             backbone(batch)
             seen += len(batch)
             if progress:
-                progress(seen)
+                progress(seen, total or seen, f"{seen} images")
     rows = []
     for index in sorted(totals):
         nonzero, count, zero_kind = totals[index]
@@ -372,8 +372,7 @@ def measure_sparsity(inspected: Inspected, root: str, items: Sequence, count: in
     transform, say = inspected.transform(), progress or silent
     batches = (torch.stack([transform(img) for img in images[i:i + SPARSITY_BATCH]])
                for i in range(0, len(images), SPARSITY_BATCH))
-    rows = sparsity(inspected.model, batches,
-                    progress=lambda done: say(done, len(images), f"{done}/{len(images)} images"))
+    rows = sparsity(inspected.model, batches, progress=say, total=len(images))
     return [dict(row, model=label) for row in rows]
 
 

@@ -265,7 +265,7 @@ def sparsity_figure(rows: list[dict]) -> Figure:
 
 def run_report(run: Run, include_inspection: bool = True, split: str = "test", progress=None) -> str:
     """The whole report of `run` as one HTML string; `split` picks the stored predictions
-    (test or val) that the metrics and galleries show. `progress(text, fraction)` hears of each
+    (test or val) that the metrics and galleries show. `progress(done, total, message)` hears of each
     section before it is built (the network's inspection is the slow one)."""
     cfg, status, classes = run.config, run.status(), run.classes
     splits = run.read_json("splits.json", {}) or {}
@@ -291,10 +291,10 @@ def run_report(run: Run, include_inspection: bool = True, split: str = "test", p
     bodies = {}
     for i, (name, build) in enumerate(sections.items()):
         if progress:
-            progress(f"Report: {SECTION_TITLES.get(name, name)}…", i / len(sections))
+            progress(i, len(sections), f"Report: {SECTION_TITLES.get(name, name)}…")
         bodies[name] = build()
     if progress:
-        progress("Report: writing the file…", 1.0)
+        progress(len(sections), len(sections), "Report: writing the file…")
     return _render("run", f"Run {run.id}", f"{cfg.name or cfg.arch} · {status.get('state', '?')}", bodies)
 
 

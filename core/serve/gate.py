@@ -5,7 +5,7 @@ Grad-CAM, which need the page's loaded model or draw as they go). Doctor audits 
 test go further: they are queued tasks in worker processes (core.serve.tasks).
 
     with gate.slot("embedding map", limit_s=600) as check:
-        frames = M.run_map_frames(run, method, progress=lambda t, f: (check(), bar(t, f)))
+        frames = embedding_map.run_map_frames(run, method, progress=lambda d, t, m: (check(), bar(d, t, m)))
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def decode_cached(root: str, items, size: int, progress):
     known.update({it.path: img for it, img in zip(missing, fresh)})
     _remember(_DECODED, key, known, keep=2)
     if progress:
-        progress(len(items), len(items))
+        progress(len(items), len(items), "Decoded")
     failed = {path for path, _ in failures}
     return [known.get(it.path) if it.path not in failed else None for it in items], failures
 

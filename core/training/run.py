@@ -51,7 +51,7 @@ def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
                                                           for s, items in splits.items()}))
     out, skipped = {}, []
     for name, items in splits.items():
-        def progress(done, total, name=name):
+        def progress(done, total, _message="", name=name):
             report("preparing", message=f"Decoding {name} images", phase="decode",
                    step=done, steps=total)
         images, failures = decode_cached(scan.root, items, cfg.image_size, progress)
@@ -220,7 +220,7 @@ def finish(loop: Loop) -> dict:
         with torch.inference_mode():     # backbone never changed: reuse its test features
             probs = model.head.eval()(features["test"]).float().softmax(-1).cpu().numpy()
     else:
-        probs = predict_probs(model, images, parts.eval_tf, parts.device, progress=lambda done, total: report(
+        probs = predict_probs(model, images, parts.eval_tf, parts.device, progress=lambda done, total, _m: report(
             "running", message="Testing the best checkpoint", phase="test", step=done, steps=total),
             flip=cfg.tta == "hflip")
     metrics = save_evaluation(run, "test", files, labels, probs)

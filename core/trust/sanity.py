@@ -336,7 +336,7 @@ def class_average_gradcam(model: nn.Module, images: list, labels: list[int], tra
             sums[lab] = sums.get(lab, 0) + cam
             counts[lab] = counts.get(lab, 0) + 1
         if progress:
-            progress(start + len(chunk), len(pairs))
+            progress(start + len(chunk), len(pairs), "Explaining images")
     return {lab: sums[lab] / counts[lab] for lab in sorted(sums)}
 
 

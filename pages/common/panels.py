@@ -12,6 +12,7 @@ from core.serve import access
 from core.config import RunConfig
 from core.serve.store import Run, delete_run, get_run
 from core.serve.worker import MANAGER
+from pages.common.progress import progress_bar
 from pages.common import state
 from pages.common.ownership import (can_manage, mine, my_runs, open_run, owner_name, policy, session_owner,
                                     student_limits, user)
@@ -118,7 +119,7 @@ def queue_place(run_id: str) -> str | None:
 
 def run_heavy(what: str, job, progress=None):
     """`job(progress)` while holding one of the server's page task slots, within the teacher's
-    minute cap for students; `progress(text, fraction)` is checked against the cap on every call.
+    minute cap for students; `progress(done, total, message)` is checked against the cap on every call.
     None (and a warning on the page) when the server is busy or the cap was reached."""
     from core.serve import gate
     rules, who = policy(), user()
@@ -248,13 +249,12 @@ def use_preset(settings: dict, preset: dict) -> None:
 
 def report_button(key: str, subject: str, build, filename: str, caption: str, disabled: bool = False) -> None:
     """Build an HTML report of `subject` (a run and split, a sweep) on click (`build(progress)`
-    returns its path; progress(text, fraction) names each section as it starts), then offer it
+    returns its path; progress(done, total, message) names each section as it starts), then offer it
     for download."""
     stored = f"report_path:{subject}"
     if st.button("Build HTML report", key=f"build_{key}", disabled=disabled):
-        bar = st.progress(0.0, text="Writing the report…")
-        lab().page[stored] = str(build(lambda text, fraction: bar.progress(min(fraction, 1.0), text=text)))
-        bar.empty()
+        with progress_bar("Writing the report…") as progress:
+            lab().page[stored] = str(build(progress))
     path = Path(lab().page.get(stored, ""))
     if stored in lab().page and path.exists():
         st.download_button("report.html", path.read_bytes(), filename, "text/html", key=f"{key}_download")
