@@ -37,6 +37,7 @@ AUTO_AUGMENTS = ("trivialaugment", "randaugment")
 PRESETS = {
     "none": {},
     "flips": {"hflip": True},
+    "flips + colour jitter": {"hflip": True, "color_jitter": 0.3},   # report 004's colour ablation
     "light": {"hflip": True, "random_resized_crop": 0.8},
     "report 003": {"rotation": 30.0, "random_resized_crop": 0.5, "hflip": True, "vflip": True,
                    "color_jitter": 0.2},
