@@ -13,6 +13,9 @@
     python -m core export RUN_ID --onnx
     python -m core doctor FOLDER --out doctor.csv    # audit a data set: label errors, duplicates, ...
     python -m core queue                             # the lab's slots, runs training and waiting
+    python -m core data snapshot FOLDER flowers --note "as collected"   # a data set's first version
+    python -m core data versions flowers             # its versions: id, parent, files, note, author
+    python -m core data diff flowers v1 v2           # what changed between two versions
 """
 from __future__ import annotations
 
@@ -441,6 +444,46 @@ def cmd_accounts(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    """Data set versions (core.data.versions): list a data set's versions, compare two, or
+    snapshot a class folder as a new version."""
+    return {"versions": data_versions, "diff": data_diff, "snapshot": data_snapshot}[args.data_command](args)
+
+
+def data_snapshot(args) -> int:
+    from core.data import versions
+    v = versions.snapshot(args.folder, args.name, args.author, args.note)
+    print(f"{v.ref}: {len(v.files)} files, {v.note} (hash {v.manifest_hash[:12]})")
+    print(f"folder: {v.folder}")
+    return 0
+
+
+def data_diff(args) -> int:
+    from core.data import versions
+    change = versions.diff(versions.get(args.name, args.a), versions.get(args.name, args.b))
+    print(f"{args.name} {args.a} -> {args.b}: {change.summary()}")
+    for title, rows in (("added", [e["path"] for e in change.added]),
+                        ("removed", [e["path"] for e in change.removed]),
+                        ("changed", [b["path"] for _, b in change.changed]),
+                        ("relabelled", [f"{a['path']} -> {b['path']} ({a['label']} -> {b['label']})"
+                                        for a, b in change.relabelled])):
+        print("\n".join([f"{title}:"] + [f"  {row}" for row in rows]) if rows else f"{title}: none")
+    return 0
+
+
+def data_versions(args) -> int:
+    from core.data import versions
+    chain = versions.versions(args.name)
+    if not chain:
+        raise ValueError(f"No data set called {args.name!r} (make one with `python -m core data snapshot`).")
+    rows = [("id", "parent", "files", "note", "author", "created")]
+    rows += [(v.id, v.parent or "-", str(len(v.files)), v.note, v.author, v.created) for v in chain]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m core", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -489,6 +532,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the flagged images as CSV")
     p.add_argument("--arch", default="mobilenetv2_100", help="backbone whose embeddings are used")
     p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("data", help="data set versions: list them, compare two, snapshot a folder")
+    data = p.add_subparsers(dest="data_command", required=True)
+    data.add_parser("versions", help="a data set's versions").add_argument("name")
+    p = data.add_parser("diff", help="what changed between two versions of a data set")
+    for name in ("name", "a", "b"):
+        p.add_argument(name, metavar={"a": "V1", "b": "V2"}.get(name, "NAME"))
+    p = data.add_parser("snapshot", help="a class folder as a data set's (next) version")
+    p.add_argument("folder")
+    p.add_argument("name")
+    p.add_argument("--note", default="")
+    p.add_argument("--author", default="cli")
     return ap
 
 
@@ -497,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     command = {"config": cmd_config, "train": cmd_train, "resume": cmd_resume, "evaluate": cmd_evaluate,
                "predict": cmd_predict, "sweep": cmd_sweep, "export": cmd_export, "lr": cmd_lr,
                "doctor": cmd_doctor, "job": cmd_job, "task": cmd_task, "queue": cmd_queue,
-               "token": cmd_token, "accounts": cmd_accounts}[args.command]
+               "token": cmd_token, "accounts": cmd_accounts, "data": cmd_data}[args.command]
     if args.command != "config" and (problem := paths.write_problem()):
         print(f"error: {problem}", file=sys.stderr)
         return 2

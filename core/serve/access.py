@@ -281,14 +281,28 @@ def image_files_only(skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- disk
 
 def folder_bytes(path: Path) -> int:
-    total = 0
+    """Bytes below `path`, a file with several hard links counted once (a data set version's
+    folder is links to the version store's objects: ten versions cost about one copy)."""
+    total, seen = 0, set()
     for root, _, files in os.walk(path):
         for name in files:
             try:
-                total += os.lstat(os.path.join(root, name)).st_size
+                st = os.lstat(os.path.join(root, name))
             except OSError:
-                pass
+                continue
+            if st.st_nlink > 1:
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
     return total
+
+
+def user_bytes(user: User) -> int:
+    """What counts toward a student's quota: their uploads, their weight files, and what their
+    data set versions brought into the version store (core.data.versions.usage)."""
+    from core.data import versions
+    return folder_bytes(uploads_dir(user)) + folder_bytes(weights_dir(user)) + versions.usage(user.id)
 
 
 def upload_allowance(user: User, policy: Policy) -> int:
@@ -300,10 +314,10 @@ def upload_allowance(user: User, policy: Policy) -> int:
                           "teacher to free space.")
     if user.admin:
         return left_total
-    left_user = policy.user_mb * MB - folder_bytes(uploads_dir(user)) - folder_bytes(weights_dir(user))
+    left_user = policy.user_mb * MB - user_bytes(user)
     if left_user <= 0:
-        raise AccessError(f"Your uploads use your whole quota of {policy.user_mb:,} MB: delete old "
-                          "ones (Data page, My uploads) first.")
+        raise AccessError(f"Your uploads (and data set versions) use your whole quota of {policy.user_mb:,} MB: "
+                          "delete old uploads (Data page, My uploads) first.")
     return min(policy.upload_mb * MB, left_user, left_total)
 
 

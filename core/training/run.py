@@ -14,7 +14,7 @@ from torch import nn
 
 from core import rng
 from core.config import RunConfig
-from core.data import DataError, folders, transforms
+from core.data import DataError, folders, transforms, versions
 from core.data import splits as splitting
 from core.device import pick_device, set_cpu_threads
 from core.models.backbones import build_model, data_config
@@ -47,8 +47,11 @@ def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
     estimate.check_memory(int(n_images * 3 * cfg.image_size ** 2 * estimate.DECODED_ASPECT), f"Decoding {n_images:,} images at "
                    f"{cfg.image_size} px", "use a smaller image size, or fewer images per class.")
     run.write_json("classes.json", scan.classes)
-    run.write_json("splits.json", dict(root=scan.root, **{s: [(it.path, it.label) for it in items]
-                                                          for s, items in splits.items()}))
+    rows = dict(root=scan.root, **{s: [(it.path, it.label) for it in items] for s, items in splits.items()})
+    if dist.is_main():      # the exact files (sha256) the run used: Evaluate and Resume check them
+        report("preparing", force=True, message="Fingerprinting the data set", phase="scan")
+        rows["pin"] = versions.pin_for(scan.root, splits)
+    run.write_json("splits.json", rows)
     out, skipped = {}, []
     for name, items in splits.items():
         def progress(done, total, _message="", name=name):
