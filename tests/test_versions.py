@@ -258,3 +258,16 @@ def test_pre_split_sets_keep_their_splits(image_folder, tmp_path):
     assert [b["path"] for _, b in change.relabelled] == ["test/class_b/img_000-2.png"]
     scan = scan_folder(v2.folder)
     assert scan.presplit and len(scan.items) == 17 and scan.classes == ["class_a", "class_b"]
+
+
+def test_a_student_may_train_on_versions_of_their_data_set_only(image_folder):
+    """Version folders sit outside a student's uploads: the author (and whoever made a version
+    of the same data set) may read them, another student may not."""
+    from core.serve import access
+    rules = access.Policy(server_folders=False)
+    alice, carol = access.User("alice"), access.User("carol")
+    v1 = V.snapshot(image_folder(), "flowers", "alice")
+    assert access.data_problem(alice, v1.folder.resolve(), rules) is None
+    assert access.data_problem(alice, (v1.folder / "class_a").resolve(), rules) is None
+    assert access.data_problem(carol, v1.folder.resolve(), rules) is not None
+    assert access.data_problem(carol, (V.store() / "objects").resolve(), rules) is not None

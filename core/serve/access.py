@@ -253,7 +253,7 @@ def data_problem(user: User, path: Path, policy: Policy) -> str | None:
     if user.admin:
         return None
     own = uploads_dir(user)
-    if path.is_relative_to(own) or path.is_relative_to(paths.DEMO_DATA.parent):
+    if path.is_relative_to(own) or path.is_relative_to(paths.DEMO_DATA.parent) or own_version(user, path):
         return None
     allowed = roots(policy)
     if not policy.server_folders:
@@ -262,6 +262,18 @@ def data_problem(user: User, path: Path, policy: Policy) -> str | None:
         return None
     shown = ", ".join(str(r) for r in allowed)
     return f"Students may open folders only below: {shown}."
+
+
+def own_version(user: User, path: Path) -> bool:
+    """A data set version (or a folder inside one) of a data set this user made a version of:
+    a student's versions are theirs, like their uploads."""
+    from core.data import versions
+    store = (versions.store() / "sets").resolve()
+    if not path.is_relative_to(store):
+        return False
+    rel = path.relative_to(store).parts
+    version = versions.version_of(store.joinpath(*rel[:2])) if len(rel) >= 2 else None
+    return version is not None and any(v.author == user.id for v in versions.versions(version.name))
 
 
 def run_data_problem(user: User, data_root: str, policy: Policy) -> str | None:
