@@ -28,10 +28,23 @@ def hooked(pairs: Iterable[tuple[nn.Module, Callable]], pre: Iterable[tuple[nn.M
 def eval_mode(model: nn.Module):
     """Eval mode for the block; afterwards every submodule gets back its own mode (frozen batch
     norms inside a training model stay in eval)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with _mode(model, training=False):
         yield model
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module):
+    """Train mode for the block (a timed training step), every submodule's own mode put back."""
+    with _mode(model, training=True):
+        yield model
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool):
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield
     finally:
-        for module, training in modes.items():
-            module.training = training
+        for module, was in modes.items():
+            module.training = was

@@ -21,7 +21,7 @@ from torch import nn
 
 from core.config import HEAD_LR, depth_lr
 from core.device import autocast
-from core.hooks import eval_mode, hooked
+from core.hooks import eval_mode, hooked, train_mode
 from core.models import prefix
 from core.models.backbones import apply_freeze, block_groups, feature_dim
 
@@ -129,12 +129,10 @@ def _train_factor(model: nn.Module, x, device, precision) -> float:
     batch-norm statistics, train/eval flags and the RNG are put back after."""
     flags = {p: p.requires_grad for p in model.parameters()}
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    modes = {m: m.training for m in model.modules()}
     for p in model.parameters():
         p.requires_grad_(True)
     try:
-        with torch.random.fork_rng(devices=[]):
-            model.train()
+        with torch.random.fork_rng(devices=[]), train_mode(model):
             start = time.perf_counter()
             with autocast(device, precision):
                 loss = model(x).float().logsumexp(1).mean()
@@ -144,8 +142,6 @@ def _train_factor(model: nn.Module, x, device, precision) -> float:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
-        for m, mode in modes.items():
-            m.training = mode
         for p, flag in flags.items():
             p.grad = None
             p.requires_grad_(flag)
