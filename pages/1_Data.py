@@ -1,4 +1,5 @@
-"""Data: choose a data set, see what is in it, and decide how to split it."""
+"""Data: choose a data set, see what is in it, and decide how to split it. A stored data set
+(core.data.versions) lists its versions, and any of them can become the data set of the next run."""
 import streamlit as st
 
 from pages import show_loading
@@ -12,7 +13,7 @@ import altair as alt
 import pandas as pd
 
 from core import config, paths
-from core.data import DataError, downloads, folders, zips
+from core.data import DataError, downloads, feedback, folders, versions, zips
 from core.data import splits as splitting
 from core.data.images import IMAGE_EXTENSIONS
 from core.serve import access
@@ -27,6 +28,7 @@ SOURCES = {
     "camera": "Take photos with the camera",
     "path": "Folder on this server",
     "download": "Download a standard data set",
+    "version": "A stored data set version",
 }
 DEMO_LABEL = "Built-in demo: Fashion-MNIST (10 classes × 100 photos)"
 
@@ -37,9 +39,11 @@ def main() -> None:
     st.title("Data")
     source = choose_source()
     {"demo": demo_source, "zip": zip_source, "folder": folder_source, "images": images_source,
-     "camera": camera_source, "path": path_source, "download": download_source}[source](settings)
+     "camera": camera_source, "path": path_source, "download": download_source,
+     "version": version_source}[source](settings)
     my_uploads()
     root = data_folder(settings)
+    versions_panel(settings, root)
     result = read_data_set(root)
     overview(result)
     samples(result)
@@ -202,6 +206,61 @@ def path_source(settings: dict) -> None:
         except access.AccessError as err:
             st.error(str(err))
             common.stop()
+
+
+def version_source(settings: dict) -> None:
+    """A version of a data set this user may read (their own; every one for the teacher)."""
+    who = common.user()
+    names = feedback.readable_names(who)
+    if not names:
+        st.info("No stored data set versions yet. They are made on the Predict page (predictions you "
+                "mark right or wrong go back into the run's data set) and on the Evaluate page "
+                "(a mislabelled image), or with `python -m core data snapshot FOLDER NAME`.")
+        return
+    if common.widget_value("ver_name") not in names:
+        common.set_widget("ver_name", names[0])
+    name = st.selectbox("Data set", names, key="ver_name")
+    chain = {v.id: v for v in reversed(versions.versions(name)) if feedback.may_read(who, v)}   # newest first
+    if common.widget_value("ver_id") not in chain:
+        common.set_widget("ver_id", next(iter(chain)))
+    vid = st.selectbox("Version", list(chain), key="ver_id", format_func=lambda i: f"{i} · {chain[i].note}")
+    use_folder(settings, chain[vid].folder, f"Data set {chain[vid].ref}")
+
+
+def versions_panel(settings: dict, root: Path) -> None:
+    """The versions of the current data set when it is a stored one (its version's folder, or a
+    folder stored under the name the Predict page gives it), and a switch to another version."""
+    who = common.user()
+    current = versions.version_of(root)
+    name = current.name if current else feedback.data_set_name(root, who)
+    chain = [v for v in versions.versions(name) if feedback.may_read(who, v)] if versions.NAME_RE.fullmatch(name) else []
+    if not chain:
+        return
+    with st.expander(f":material/history: Versions of data set {name} ({len(chain)})", expanded=current is not None):
+        if current is None:
+            st.caption("This folder is stored as a data set; its versions are listed below. The folder "
+                       "itself may have changed since.")
+        table = pd.DataFrame([dict(id=v.id, parent=v.parent or "", note=v.note, author=v.author, files=len(v.files),
+                                   created=v.created, current="←" if current and v.id == current.id else "")
+                              for v in reversed(chain)])
+        st.dataframe(table, hide_index=True, width="stretch")
+        others = [v.id for v in reversed(chain) if not current or v.id != current.id]
+        if not others:
+            return
+        left, right = st.columns([3, 1], vertical_alignment="bottom")
+        pick = left.selectbox("Switch to version", others, key="ver_switch",
+                              format_func=lambda i: f"{i} · {versions.get(name, i).note}")
+        right.button("Use this version", key="ver_use", on_click=switch_version, args=(settings, name, pick))
+
+
+def switch_version(settings: dict, name: str, vid: str) -> None:
+    """Make a version the draft's data set, shown through the "stored version" source."""
+    version = versions.get(name, vid)
+    use_folder(settings, version.folder, f"Data set {version.ref}")
+    common.lab().page["data_source_value"] = "version"
+    common.forget("data_source", "ver_switch")
+    common.set_widget("ver_name", name)
+    common.set_widget("ver_id", vid)
 
 
 def my_uploads() -> None:

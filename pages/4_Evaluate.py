@@ -1,5 +1,10 @@
 """Evaluate: metrics, confusion matrix with drill-down, best/worst images per class,
-misclassified images with top-3, curves, downloads and export of a run's best checkpoint."""
+misclassified images with top-3, curves, downloads and export of a run's best checkpoint.
+
+A run's pin (splits.json) records the files it trained on: when they changed since, the page says
+what changed before any metric, and scores the run on the pinned files or, when asked, on the
+current ones (kept apart as `<split>-current`), never on changed files unasked. A mislabelled
+image in the misclassified gallery moves to its class in a new data set version."""
 import streamlit as st
 
 from pages import show_loading
@@ -12,6 +17,7 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
+from core.data import feedback
 from core.results import evaluate as evaluation
 from core.results.report import save_run_report
 from core.serve.store import Run
@@ -27,6 +33,7 @@ TABS = ["Confusion matrix", "Per class", "Best & worst", "Misclassified", "Curve
 MIME = {".json": "application/json", ".py": "text/x-python"}
 EXPORTS = {"safetensors": ["model.safetensors", "model.json", "predict.py"],
            "onnx": ["model.onnx", "predict_onnx.py"]}
+DATA_CHOICES = {"pinned": "Evaluate on the pinned version", "current": "Evaluate on the current files"}
 
 
 def main() -> None:
@@ -39,9 +46,12 @@ def main() -> None:
         common.link("train", "Go to Train", ":material/model_training:")
         common.stop()
     split = st.radio("Split", list(SPLITS), horizontal=True, key="eval_split", format_func=SPLITS.get)
-    frame, metrics = evaluation_of(run, split)
-    headline(metrics, split)
-    root, classes = evaluation.images_root(run), metrics["classes"]
+    check = data_check(str(run.path), splits_stamp(run))
+    on = data_choice(check)
+    frame, metrics = evaluation_of(run, split, check, on)
+    headline(metrics, split, check, on)
+    root = check.pinned.folder if on == "pinned" and check.pinned else evaluation.images_root(run)
+    classes = metrics["classes"]
     tabs = st.tabs(TABS)
     with tabs[0]:
         confusion_tab(metrics, frame, root)
@@ -50,7 +60,7 @@ def main() -> None:
     with tabs[2]:
         ranking_tab(frame, classes, root)
     with tabs[3]:
-        misclassified_tab(frame, root)
+        misclassified_tab(frame, root, run, split)
     with tabs[4]:
         curves_tab(run)
     with tabs[5]:
@@ -62,29 +72,78 @@ def main() -> None:
     common.finish()
 
 
-def evaluation_of(run: Run, split: str) -> tuple[pd.DataFrame, dict]:
+def splits_stamp(run: Run) -> int:
+    try:
+        return run.file("splits.json").stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@st.cache_data(ttl=15, max_entries=32, show_spinner="Checking the run's files…")
+def data_check(run_path: str, stamp: int) -> feedback.DataCheck:     # stamp: splits.json's, part of the key
+    return feedback.data_check(Run(run_path))
+
+
+def data_choice(check: feedback.DataCheck) -> str | None:
+    """When the files changed since training: what changed, then which files to score ("pinned"
+    or "current"). None when nothing changed (or the run predates pins)."""
+    if not check.changed:
+        return None
+    if check.gone:
+        st.error(f"None of the {check.n_files} files this run trained on are at `{check.root}` any more: was "
+                 "the data set moved or deleted?")
+    else:
+        st.warning(f"**The data set changed since this run trained** (`{check.root}`):\n\n"
+                   + "\n".join(f"- {line}" for line in feedback.describe_change(check.change)),
+                   icon=":material/difference:")
+    on = st.radio("Score the run on", list(DATA_CHOICES), format_func=DATA_CHOICES.get, horizontal=True,
+                  key="eval_data")
+    if on == "pinned":
+        st.caption(f"The files it trained on are stored as data set version **{check.pinned.ref}**, whose "
+                   "folder never changes." if check.pinned else
+                   "No stored version holds the files it trained on: the scores kept from training are shown; "
+                   "a split without them can only be scored on the current files.")
+    else:
+        st.caption("The run is scored on the files as they are now; these scores are kept apart from the ones "
+                   "on the files it trained on.")
+    return on
+
+
+def evaluation_of(run: Run, split: str, check: feedback.DataCheck, on: str | None) -> tuple[pd.DataFrame, dict]:
     """The split's stored predictions and metrics; computed (once, kept with the run) when missing
-    or older than the checkpoint. Stops the page with the reason when they can't be."""
-    stored = evaluation.stored_evaluation(run, split)
-    if stored is not None:
+    or older than the checkpoint, on the files `on` names when they changed since training. Stops
+    the page with the reason when they can't be."""
+    name = f"{split}-current" if on == "current" else split
+    stored = evaluation.stored_evaluation(run, name)
+    if stored is not None and (on != "current" or stored[1].get("data", {}).get("change") == check.change.summary()):
         return stored
+    root, data = None, None
+    if on == "pinned":
+        if check.pinned is None:
+            st.info(f"The {split} split was never scored on the files this run trained on, and they are not "
+                    "stored: choose *Evaluate on the current files*.")
+            common.stop()
+        root, data = check.pinned.folder, dict(files="pinned", version=check.pinned.ref)
+    elif on == "current":
+        root, data = check.root, dict(files="current", change=check.change.summary())
     try:
         with progress_bar(f"Predicting the {split} split once; the result is kept with the run…") as progress:
-            metrics = evaluation.evaluate_run(run, split, progress=progress)
+            metrics = evaluation.evaluate_run(run, split, progress=progress, root=root, store_as=name, data=data)
     except (ValueError, FileNotFoundError) as err:
         st.error(str(err))
         common.stop()
-    return evaluation.load_predictions(run, split), metrics
+    return evaluation.load_predictions(run, name), metrics
 
 
-def headline(metrics: dict, split: str) -> None:
+def headline(metrics: dict, split: str, check: feedback.DataCheck, on: str | None) -> None:
     m = st.columns(5)
     m[0].metric("Accuracy", f"{metrics['accuracy']:.1%}")
     m[1].metric("mAP", f"{metrics['mAP']:.1%}", help="Mean average precision, one-vs-rest, macro over classes")
     m[2].metric("Macro precision", f"{metrics['macro_precision']:.1%}")
     m[3].metric("Macro recall", f"{metrics['macro_recall']:.1%}")
     m[4].metric("Macro F1", f"{metrics['macro_f1']:.1%}")
-    st.caption(f"{metrics['n']} {split} images · best epoch's checkpoint")
+    data = {"current": "the current files", "pinned": "the files it trained on"}.get(on, f"data {check.label}")
+    st.caption(f"{metrics['n']} {split} images · best epoch's checkpoint · {data}")
     explain("validation")
 
 
@@ -149,7 +208,7 @@ def ranking_tab(frame: pd.DataFrame, classes: list[str], root: Path) -> None:
     gallery(worst, root, lambda r: f"{r['p_' + cls]:.0%}", per_row=n)
 
 
-def misclassified_tab(frame: pd.DataFrame, root: Path) -> None:
+def misclassified_tab(frame: pd.DataFrame, root: Path, run: Run, split: str) -> None:
     wrong = evaluation.misclassified(frame, 3)
     order = st.radio("Sort", ["most confident first", "least confident first"], horizontal=True, key="mis_sort")
     if order.startswith("least"):
@@ -157,6 +216,26 @@ def misclassified_tab(frame: pd.DataFrame, root: Path) -> None:
     limit = st.slider("Show", 4, 100, 24, key="mis_n")
     st.markdown(f"**{len(wrong)} misclassified** of {len(frame)}")
     gallery(wrong.head(limit), root, misclassified_caption, per_row=6)
+    mislabelled(run, wrong.head(limit), split)
+
+
+def mislabelled(run: Run, wrong: pd.DataFrame, split: str) -> None:
+    """A wrong prediction that is right (the label is wrong): a new data set version with the
+    image moved to its class (it stays in its split)."""
+    if wrong.empty:
+        return
+    with st.expander(f"Is one of these {split} images mislabelled? Fix its label in a new data set version"):
+        if problem := feedback.base_problem(run, common.user()):
+            st.caption(problem)
+            return
+        rows = {r["file"]: r for r in wrong.to_dict("records")}
+        file = st.selectbox("Image", list(rows), key="fix_file",
+                            format_func=lambda f: f"{f} (labelled {rows[f]['true']}, predicted {rows[f]['predicted']})")
+        others = [c for c in run.classes if c != rows[file]["true"]]
+        target = st.selectbox("Its class", others, key=f"fix_to_{file}",
+                              index=others.index(rows[file]["predicted"]) if rows[file]["predicted"] in others else 0)
+        common.save_version_button(run, f"This {split} image is mislabelled → move it to {target}", "eval_fb",
+                                   relabel={file: target})
 
 
 def misclassified_caption(row: dict) -> str:

@@ -10,6 +10,7 @@ LOADING = show_loading()      # the imports below take seconds on a server's fir
 import altair as alt
 
 from core.config import RunConfig
+from core.data import feedback
 from core.results.report import save_sweep_report
 from core.serve.status import RunStatus, State
 from core.serve.store import Run
@@ -135,6 +136,9 @@ def show_results(runs: list[Run]) -> None:
     if frame.empty:
         st.info("No runs yet.")
         return
+    frame.insert(1, "data", [feedback.data_label(run) for run in runs])      # the pin: version or files
+    if note := feedback.data_versions_note(runs):
+        st.warning(note, icon=":material/difference:")
     show_table(frame)
     if common.lab().page.get("sweep_was_active") and not active:
         common.lab().page["sweep_was_active"] = False
@@ -155,7 +159,10 @@ def show_table(frame) -> None:
         "best_val_acc": st.column_config.NumberColumn("best val acc", **pct),
         "test_acc": st.column_config.NumberColumn("test acc", **pct),
         "s_per_epoch": st.column_config.NumberColumn("s/epoch", format="%.2f"),
-        "lr": st.column_config.NumberColumn("lr", format="%.0e")})
+        "lr": st.column_config.NumberColumn("lr", format="%.0e"),
+        "data": st.column_config.TextColumn("data", help="The data set version the run trained on (from its "
+                                            "pin), or the first digits of its files' hash for a folder that "
+                                            "is not a stored version")})
     st.download_button("Results (CSV)", common.csv_text(frame).encode(), "results.csv", "text/csv",
                        key="results_csv")
 

@@ -77,34 +77,41 @@ def predictions_frame(files: list[str], labels: list[int], probs: np.ndarray,
     return frame
 
 
-def evaluate_run(run: Run, split: str = "test", device: str = "auto", progress: Progress | None = None) -> dict:
+def evaluate_run(run: Run, split: str = "test", device: str = "auto", progress: Progress | None = None,
+                 root: str | Path | None = None, store_as: str | None = None, data: dict | None = None) -> dict:
     """Evaluate the run's best checkpoint on one of its stored splits; writes
     `{split}_metrics.json` and `{split}_predictions.csv` into the run folder. `progress(done,
-    total, message)`: reading the images, then predicting them."""
+    total, message)`: reading the images, then predicting them. `root` reads the split's files
+    from another folder with the same layout (a stored version holding the pinned files);
+    `store_as` names the files instead of `split` (an evaluation on changed files kept apart);
+    `data` is recorded in the metrics (what was scored)."""
     cfg = run.config
     splits = run.read_json("splits.json", {})
     items = [folders.Item(p, label) for p, label in splits.get(split, [])]
     if not items:
         raise ValueError(f"The run's {split} split is empty.")
+    root = str(root or splits["root"])
     dev = pick_device(device)
     model = load_run_model(run, dev)
-    images, failures = imaging.decode_images(splits["root"], items, cfg.image_size,
+    images, failures = imaging.decode_images(root, items, cfg.image_size,
                                              progress=part(progress, 0.0, 0.5, "Reading images"))
     keep = [i for i, img in enumerate(images) if img is not None]
     if not keep:
         raise DataError(f"None of the {len(items)} {split} images can be read any more: was the "
-                         f"data set at {splits['root']} moved or deleted?")
+                         f"data set at {root} moved or deleted?")
     mean, std = run_normalization(run, model)
     transform = transforms.build_transform(cfg.image_size, mean, std)
     probs = predict_probs(model, [images[i] for i in keep], transform, dev,
                           progress=part(progress, 0.5, 1.0, "Predicting images"), flip=cfg.tta == "hflip")
-    return save_evaluation(run, split, [items[i].path for i in keep],
-                           [items[i].label for i in keep], probs, failures)
+    return save_evaluation(run, store_as or split, [items[i].path for i in keep],
+                           [items[i].label for i in keep], probs, failures, data=dict(data or {}, root=root))
 
 
-def save_evaluation(run: Run, split: str, files, labels, probs, failures=()) -> dict:
+def save_evaluation(run: Run, split: str, files, labels, probs, failures=(), data: dict | None = None) -> dict:
     metrics = summarize(probs, labels, run.classes)
     metrics["skipped"] = list(failures)
+    if data is not None:
+        metrics["data"] = data
     metrics["checkpoint_mtime"] = run.checkpoint.stat().st_mtime if run.checkpoint.exists() else None
     run.write_json(f"{split}_metrics.json", metrics)
     predictions_frame(files, labels, probs, run.classes).to_csv(

@@ -16,6 +16,7 @@ from pages.common.state import bind, forget, init_widget, lab, set_widget, widge
 from pages.common.ownership import *  # noqa: F401,F403 - the pages call these as common.X
 from pages.common.ownership import ANONYMOUS, my_runs, sign_in, user
 from pages.common.panels import *  # noqa: F401,F403
+from pages.common.data_versions import save_version_button, saved_panel, verdict  # noqa: F401
 from pages.common.widgets import *  # noqa: F401,F403
 
 from pages import NAV, PAGES  # noqa: E402,F401 - the table lives where the entry file can read it cheaply
