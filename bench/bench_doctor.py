@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.data import folders
-from core.trust import doctor  # noqa: E402
+from core.trust import doctor
 
 SHARED = ROOT.parent / "shared" / "datasets" / "eurosat_rgb"
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 from core.data import folders
 from core.data import images as imaging
 from core.data import transforms
-from core.models.backbones import build_model  # noqa: E402
+from core.models.backbones import build_model
 from core.models.backbones import data_config
 from core.results.evaluate import predict_probs, summarize
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FINETUNE_LAB_LOCAL", "1")      # the pages as the one local user sees them
 
-from conftest import class_folders, tiny_run_config  # noqa: E402
+from conftest import class_folders, tiny_run_config
 
 RESULTS: list[dict] = []
 

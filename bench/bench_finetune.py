@@ -23,17 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 from core.data import folders
 from core.data import images as imaging
 from core.data import transforms
-from core import device as devices  # noqa: E402
-from core.models import prefix  # noqa: E402
-from core.models.backbones import apply_freeze, build_model, freeze_norm_stats  # noqa: E402
-from core.train.distributed import train_order  # noqa: E402
-from core.train.steps import feature_batches, loader, run_epoch  # noqa: E402
+from core import device as devices
+from core.models import prefix
+from core.models.backbones import apply_freeze, build_model, freeze_norm_stats
+from core.training.distributed import train_order
+from core.training.steps import feature_batches, loader, run_epoch
 
 SHARED = ROOT.parent / "shared" / "datasets"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.models.backbones import CATALOG, default_weights  # noqa: E402
-from core.training.choose import OFFLINE  # noqa: E402
+from core.models.backbones import CATALOG, default_weights
+from core.training.choose import OFFLINE
 
 SHARED = ROOT.parent / "shared" / "datasets"
 PRESET = ROOT / "assets" / "presets" / "lab-best-in-5-minutes.json"

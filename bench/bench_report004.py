@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import core  # noqa: E402
-from core.config import validate_config  # noqa: E402
-from core.training import sweeps  # noqa: E402
+import core
+from core.config import validate_config
+from core.training import sweeps
 
 SHARED = ROOT.parent / "shared" / "datasets"
 PRESET = ROOT / "assets" / "presets" / "report-004-squeezenet.json"

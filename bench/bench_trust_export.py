@@ -16,15 +16,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import safetensors.torch  # noqa: E402
-import torch  # noqa: E402
+import safetensors.torch
+import torch
 
 from core.data import folders
-from core.trust import export_check  # noqa: E402
-from core.models.backbones import build_model, load_run_model  # noqa: E402
-from core.config import RunConfig  # noqa: E402
-from core.models.export import export_onnx, export_run  # noqa: E402
-from core.serve.store import Run  # noqa: E402
+from core.trust import export_check
+from core.models.backbones import build_model, load_run_model
+from core.config import RunConfig
+from core.models.export import export_onnx, export_run
+from core.serve.store import Run
 
 TARGET_S = 10.0
 N_IMAGES = 200

@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 from core.data import folders
-from core.trust import embedding_map  # noqa: E402
+from core.trust import embedding_map
 
 TARGET_S = 20.0
 

@@ -17,15 +17,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 from core.data import images as imaging
 from core.data import transforms
-from core.results import inspection  # noqa: E402
-from core import rng  # noqa: E402
-from core.trust import sanity  # noqa: E402
-from core.models.backbones import build_model  # noqa: E402
+from core.results import inspection
+from core import rng
+from core.trust import sanity
+from core.models.backbones import build_model
 
 TARGET_S = 15       # three times the attributions row (<= 5 s) plus the copies and the head fit
 

@@ -75,7 +75,7 @@ def first_paint(page: str = "") -> tuple[float, float]:
 
 def available() -> bool:
     try:
-        import playwright.sync_api  # noqa: F401
+        import playwright.sync_api  # noqa: F401 - only whether it imports
     except ImportError:
         return False
     return os.path.exists(CHROMIUM) or bool(shutil.which("chromium"))

@@ -20,16 +20,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 from core.data import folders
 from core.data import images as imaging
 from core.data import transforms
-from core.models.backbones import apply_freeze, build_model  # noqa: E402
-from core.device import autocast, cpu_bf16, describe, set_cpu_threads  # noqa: E402
-from core.train.distributed import train_order  # noqa: E402
-from core.train.steps import extract_features, feature_batches, loader, run_epoch  # noqa: E402
+from core.models.backbones import apply_freeze, build_model
+from core.device import autocast, cpu_bf16, describe, set_cpu_threads
+from core.training.distributed import train_order
+from core.training.steps import extract_features, feature_batches, loader, run_epoch
 
 RESULTS: list[dict] = []
 

@@ -99,6 +99,33 @@ def lab_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def no_stray_dispatcher():
+    """A test that starts a dispatcher of its own (RunManager(...), Executor(...)) closes it: a
+    dispatcher reads FINETUNE_LAB_HOME on every tick, so it would follow into the next test and
+    take its runs, as a second server would, and that test would fail for no reason of its own
+    (which one depends on the order, so on the xdist worker). Only the lab's MANAGER may stay."""
+    yield
+    if "core.serve.worker" not in sys.modules:
+        return
+    import threading
+    import time
+
+    from core.serve.worker import MANAGER
+    executor = MANAGER._executor
+    lab = executor._thread if executor is not None else None
+    end = time.monotonic() + 15          # a closed one ends after its current tick
+    while strays := [t for t in threading.enumerate()
+                     if t.name == "finetune-lab-dispatcher" and t is not lab and t.is_alive()]:
+        if time.monotonic() > end:
+            for thread in strays:        # closed here, so only the test that left it fails
+                if (owner := getattr(getattr(thread, "_target", None), "__self__", None)) is not None:
+                    owner.close()
+            pytest.fail(f"{len(strays)} dispatcher(s) besides the lab's MANAGER still running: close the "
+                        "RunManager/Executor this test started (manager.close(), executor.close())")
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def idle_manager(lab_home):
     """The background queue is process-wide: no run of another test may be in it, before or

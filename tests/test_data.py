@@ -181,7 +181,9 @@ def test_split_70_15_15_stratified(image_folder):
 
 def test_split_is_seeded_and_reproducible(image_folder):
     scan = scan_folder(image_folder(classes=3, per_class=20), check=False)
-    as_paths = lambda s: {k: [it.path for it in v] for k, v in s.items()}  # noqa: E731
+
+    def as_paths(s):
+        return {k: [it.path for it in v] for k, v in s.items()}
     first = as_paths(split_items(scan, seed=7))
     assert first == as_paths(split_items(scan, seed=7))
     assert first != as_paths(split_items(scan, seed=8))

@@ -65,15 +65,18 @@ def test_runs_train_and_stop_as_ray_jobs(ray_head, tiny_config):
     launcher = RayLauncher(ray_head)
     assert len(launcher.slots()) == 2            # 2 CPUs, 1 per run
     m = RunManager(Executor(launcher))
-    short = m.submit(tiny_config(epochs=2), owner="a")
-    long = m.submit(tiny_config(freeze="full", epochs=400), owner="b")
-    end = time.monotonic() + 300
-    while not long.epochs():
-        assert time.monotonic() < end, long.status()
-        time.sleep(0.2)
-    assert long.status()["where"].startswith("Ray")
-    m.stop(long.id)
-    assert m.wait(long.id, 120) and m.wait(short.id, 300)
+    try:
+        short = m.submit(tiny_config(epochs=2), owner="a")
+        long = m.submit(tiny_config(freeze="full", epochs=400), owner="b")
+        end = time.monotonic() + 300
+        while not long.epochs():
+            assert time.monotonic() < end, long.status()
+            time.sleep(0.2)
+        assert long.status()["where"].startswith("Ray")
+        m.stop(long.id)
+        assert m.wait(long.id, 120) and m.wait(short.id, 300)
+    finally:
+        m.close()           # its dispatcher would follow FINETUNE_LAB_HOME into later tests
     assert short.status()["state"] == "finished", short.status()
     assert (short.path / "best.safetensors").exists() and (short.path / "test_metrics.json").exists()
     status = long.status()

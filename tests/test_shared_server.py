@@ -476,8 +476,11 @@ def test_a_student_can_queue_only_so_many(monkeypatch, tmp_path):
 def test_the_teachers_minute_cap_stops_a_student_run(tiny_config):
     """A real training process, stopped by its time cap (the clock starts with the process)."""
     manager = RunManager()
-    run = manager.submit(tiny_config(freeze="full", epochs=400), owner="alice", limit_s=3)
-    assert manager.wait(run.id, timeout=120)
+    try:
+        run = manager.submit(tiny_config(freeze="full", epochs=400), owner="alice", limit_s=3)
+        assert manager.wait(run.id, timeout=120)
+    finally:
+        manager.close()     # its dispatcher would follow FINETUNE_LAB_HOME into later tests
     status = run.status()
     assert status["state"] == "stopped" and "teacher's time limit" in status["message"], status
 
