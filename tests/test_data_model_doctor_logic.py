@@ -41,6 +41,8 @@ def test_class_folder_name_keeps_only_safe_characters(typed, name):
 
 
 def test_snapshots_are_numbered_per_class_and_counted(tmp_path):
+    tmp_path = tmp_path / "uploads"          # beside lab_home, which is no class folder
+    tmp_path.mkdir()
     assert zips.save_snapshot(tmp_path, "mug!", b"jpeg") == ("mug", 1)
     assert zips.save_snapshot(tmp_path, "mug", b"jpeg") == ("mug", 2)
     assert zips.save_snapshot(tmp_path, "pen", b"jpeg") == ("pen", 1)

@@ -182,7 +182,7 @@ def sparsity(model: nn.Module, batches: Iterable[torch.Tensor],
             backbone(batch)
             seen += len(batch)
             if progress:
-                progress(seen, total or seen, f"{seen} images")
+                progress(seen, total or seen, f"{seen}/{total} images" if total else f"{seen} images")
     rows = []
     for index in sorted(totals):
         nonzero, count, zero_kind = totals[index]
