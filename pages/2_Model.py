@@ -11,6 +11,7 @@ import pandas as pd
 import timm
 import torch
 
+from core.models import WeightsError
 from core import config
 from core.data import folders
 from core.models import backbones
@@ -136,7 +137,7 @@ def weights_upload(settings: dict, arch: str) -> None:
                                                      access.upload_allowance(who, common.policy()))
         settings["weights_file"] = str(target)
         st.success(f"{upload.name} fits {arch}.")
-    except (backbones.WeightsError, access.AccessError) as err:
+    except (WeightsError, access.AccessError) as err:
         settings["weights_file"] = None
         st.error(str(err))
 

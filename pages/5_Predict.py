@@ -17,6 +17,7 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
+from core.models import WeightsError
 from core.data import DataError
 from core.data import feedback
 from core.data import folders
@@ -42,7 +43,7 @@ def main() -> None:
     run = common.pick_run("Run", only_with_checkpoint=True, key="pred_run_pick") if source == "run" else None
     try:
         predictor = pick_predictor(source, run)
-    except (backbones.WeightsError, ValueError, KeyError, FileNotFoundError) as err:
+    except (WeightsError, ValueError, KeyError, FileNotFoundError) as err:
         st.error(f"Can't load that model: {err}")
         predictor = None
     if predictor is None:

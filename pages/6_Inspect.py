@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core.models import WeightsError
 from core import paths
 from core.data import DataError
 from core.data import folders
@@ -85,7 +86,7 @@ def scan(root: str) -> folders.DataScan:
 def load_or_stop(choice: ModelChoice) -> Inspected:
     try:
         return load_model(*choice)
-    except (backbones.WeightsError, FileNotFoundError, RuntimeError) as err:
+    except (WeightsError, FileNotFoundError, RuntimeError) as err:
         st.error(f"Can't load that model: {err}")
         common.stop()
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from core.models import backbones
-from core.models.backbones import WeightsError, apply_freeze, block_groups, build_model, parameter_table
+from core.models import WeightsError
+from core.models.backbones import apply_freeze, block_groups, build_model, parameter_table
 
 TEST_ARCHS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from apptest_helpers import assert_ok, opened
 from conftest import REPO_ROOT, class_image
+from core.models import WeightsError
 from core.models import backbones
 from core.data import folders
 from core.data import images as imaging
@@ -432,7 +433,7 @@ def test_weights_for_another_class_count_name_the_mismatching_tensor(tmp_path):
     path = tmp_path / "five.safetensors"
     save_state(timm.create_model("test_resnet", num_classes=5), path)
     target = timm.create_model("test_resnet", num_classes=3)
-    with pytest.raises(backbones.WeightsError) as err:
+    with pytest.raises(WeightsError) as err:
         backbones.load_weights_file(target, path)
     head = target.default_cfg["classifier"]
     width = target.get_classifier().in_features
@@ -446,7 +447,7 @@ def test_weights_for_another_class_count_name_the_mismatching_tensor(tmp_path):
 def test_weights_for_another_architecture_say_which_shapes_differ(tmp_path):
     path = tmp_path / "vit.safetensors"
     save_state(timm.create_model("test_vit", num_classes=0), path)
-    with pytest.raises(backbones.WeightsError, match="don't fit test_resnet") as err:
+    with pytest.raises(WeightsError, match="don't fit test_resnet") as err:
         backbones.load_weights_file(backbones.create_backbone("test_resnet", "random"), path)
     assert "in the file" in str(err.value) and "another architecture" in str(err.value)
 
@@ -466,7 +467,7 @@ def test_weights_pickle_that_runs_code_is_refused_unrun(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": timm.create_model("test_resnet", num_classes=0).state_dict(),
                 "extra": TouchMarker(marker)}, path)
-    with pytest.raises(backbones.WeightsError) as err:
+    with pytest.raises(WeightsError) as err:
         backbones.create_backbone("test_resnet", "file", weights_file=str(path))
     assert "holds Python objects besides tensors, and loading them could run code" in str(err.value)
     assert "only .safetensors" in str(err.value)
@@ -482,7 +483,7 @@ def test_truncated_weights_file_is_reported_as_damaged(tmp_path, kind):
     else:
         torch.save(model.state_dict(), path, _use_new_zipfile_serialization=kind == "pth")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(backbones.WeightsError) as err:
+    with pytest.raises(WeightsError) as err:
         backbones.create_backbone("test_resnet", "file", weights_file=str(path))
     assert str(err.value).startswith(f"Can't read weights file {path.name}: it is damaged, incomplete")
 

@@ -9,6 +9,7 @@ import safetensors.torch
 import timm
 
 from conftest import class_folders
+from core.models import WeightsError
 from core import config, paths
 from core.data import folders, zips
 from core.models import backbones
@@ -139,15 +140,15 @@ def test_an_uploaded_weights_file_is_kept_by_content_when_it_fits(owner_dir, wei
 
 
 def test_an_uploaded_weights_file_over_the_quota_is_not_written(owner_dir, weights_bytes):
-    with pytest.raises(backbones.WeightsError, match="larger than what is left of your upload quota"):
+    with pytest.raises(WeightsError, match="larger than what is left of your upload quota"):
         backbones.save_uploaded_weights(weights_bytes, "w.safetensors", "test_resnet", owner_dir, 10)
     assert list(owner_dir.iterdir()) == []
 
 
 def test_an_uploaded_weights_file_that_does_not_fit_is_removed(owner_dir, weights_bytes):
-    with pytest.raises(backbones.WeightsError):
+    with pytest.raises(WeightsError):
         backbones.save_uploaded_weights(weights_bytes, "w.safetensors", "resnet18", owner_dir, 10**9)
-    with pytest.raises(backbones.WeightsError):
+    with pytest.raises(WeightsError):
         backbones.save_uploaded_weights(b"not a weights file", "w.pth", "test_resnet", owner_dir, 10**9)
     assert list(owner_dir.iterdir()) == []
 

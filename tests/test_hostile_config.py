@@ -18,6 +18,7 @@ import safetensors.torch
 import timm
 import torch
 
+from core.models import WeightsError
 from core.models import backbones
 from core import cli
 from core.serve import presets
@@ -283,7 +284,7 @@ def test_weights_file_with_nan_or_inf_is_refused(tmp_path, kind, bad):
         safetensors.torch.save_file(state, str(path))
     else:
         torch.save(state, path)
-    with pytest.raises(backbones.WeightsError) as err:
+    with pytest.raises(WeightsError) as err:
         backbones.create_backbone("test_resnet", "file", weights_file=str(path))
     assert f"the weights file holds nan or infinite values in {name}" in str(err.value).lower()
     state[name].view(-1)[3] = 0.0                      # the same file without it loads

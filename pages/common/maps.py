@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from core.trust import embedding_map
-from core.models.backbones import WeightsError
+from core.models import WeightsError
 from core.data import DataError
 from core.progress import Cancelled
 from core.trust.embeddings import DEFAULT_ARCH, DEFAULT_SIZE
