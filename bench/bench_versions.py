@@ -38,17 +38,6 @@ def make_images(folder: Path, classes: int, per_class: int, size: int = 128, sta
     return made
 
 
-def distinct_bytes(*folders: Path) -> int:
-    seen, total = set(), 0
-    for folder in folders:
-        for path in folder.rglob("*"):
-            st = path.lstat()
-            if path.is_file() and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
-
-
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
@@ -57,6 +46,7 @@ def timed(fn, *args, **kwargs):
 
 def bench_versions(show, data: str | None, n_versions: int = 10) -> None:
     from core.data import versions
+    from core.serve.access import folder_bytes
     work = Path(tempfile.mkdtemp(prefix="bench-versions-"))
     os.environ["FINETUNE_LAB_HOME"] = str(work / "home")
     source = Path(data) if data else work / "data"
@@ -88,10 +78,10 @@ def bench_versions(show, data: str | None, n_versions: int = 10) -> None:
 
 
 def report_storage(show, source: Path, chain, versions) -> None:
-    one_copy = distinct_bytes(source)
+    one_copy = folder_bytes(source)
     plain = sum(v.size() for v in chain)
-    stored = distinct_bytes(versions.store() / "objects", *(v.folder for v in chain))
-    books = distinct_bytes(versions.store() / "manifests") + (versions.store() / "hashes.sqlite").stat().st_size
+    stored = folder_bytes(versions.store() / "objects", *(v.folder for v in chain))
+    books = folder_bytes(versions.store() / "manifests") + (versions.store() / "hashes.sqlite").stat().st_size
     mb = 1024 ** 2
     show("one copy of the data set", one_copy / mb, "MB")
     show(f"{len(chain)} versions as plain copies", plain / mb, "MB")

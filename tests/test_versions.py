@@ -10,6 +10,7 @@ import pytest
 from conftest import class_image, tiny_run_config
 
 from core.data import versions as V
+from core.serve.access import folder_bytes
 from core.data.folders import scan_folder
 
 
@@ -18,18 +19,6 @@ def new_image(tmp_path: Path, label: int, index: int, name: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     class_image(label, index).save(path)
     return path
-
-
-def distinct_bytes(*folders: Path) -> int:
-    """Bytes on disk below the folders, each inode once (what du reports)."""
-    seen, total = set(), 0
-    for folder in folders:
-        for path in folder.rglob("*"):
-            st = path.lstat()
-            if path.is_file() and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
 
 
 @pytest.fixture
@@ -84,8 +73,8 @@ def test_ten_versions_cost_about_one_copy(flowers, tmp_path):
                               remove=[chain[-1].files[0]["path"]], author="alice"))
     one_copy = chain[-1].size()
     folders = [v.folder for v in chain]
-    assert sum(distinct_bytes(f) for f in folders) > 9 * one_copy    # as if each were a copy...
-    stored = distinct_bytes(V.store() / "objects", *folders)
+    assert sum(folder_bytes(f) for f in folders) > 9 * one_copy    # as if each were a copy...
+    stored = folder_bytes(V.store() / "objects", *folders)
     assert stored < 1.6 * one_copy                                   # ...but it is links to one
     kept = chain[0].files[-1]        # in every version: the object plus ten links, one inode
     inode = os.stat(V.object_path(kept["sha256"]))

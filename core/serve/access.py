@@ -292,21 +292,22 @@ def image_files_only(skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 # ---------------------------------------------------------------- disk
 
-def folder_bytes(path: Path) -> int:
-    """Bytes below `path`, a file with several hard links counted once (a data set version's
+def folder_bytes(*folders: Path) -> int:
+    """Bytes below the folders, a file with several hard links counted once (a data set version's
     folder is links to the version store's objects: ten versions cost about one copy)."""
     total, seen = 0, set()
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue
-            if st.st_nlink > 1:
-                if (st.st_dev, st.st_ino) in seen:
+    for path in folders:
+        for root, _, files in os.walk(path):
+            for name in files:
+                try:
+                    st = os.lstat(os.path.join(root, name))
+                except OSError:
                     continue
-                seen.add((st.st_dev, st.st_ino))
-            total += st.st_size
+                if st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
     return total
 
 
