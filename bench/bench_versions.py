@@ -46,7 +46,6 @@ def timed(fn, *args, **kwargs):
 
 def bench_versions(show, data: str | None, n_versions: int = 10) -> None:
     from core.data import versions
-    from core.serve.access import folder_bytes
     work = Path(tempfile.mkdtemp(prefix="bench-versions-"))
     os.environ["FINETUNE_LAB_HOME"] = str(work / "home")
     source = Path(data) if data else work / "data"
@@ -78,6 +77,7 @@ def bench_versions(show, data: str | None, n_versions: int = 10) -> None:
 
 
 def report_storage(show, source: Path, chain, versions) -> None:
+    from core.serve.access import folder_bytes
     one_copy = folder_bytes(source)
     plain = sum(v.size() for v in chain)
     stored = folder_bytes(versions.store() / "objects", *(v.folder for v in chain))
