@@ -21,7 +21,8 @@ from core.training import run as training
 from core.data import DataError
 from core.results.evaluate import evaluate_run
 from core.models.backbones import load_run_model
-from core.serve.store import Run, get_run, list_runs
+from core.serve import runqueue
+from core.serve.store import HOST, Run, get_run, list_runs
 from core.serve.worker import MANAGER
 
 pytestmark = pytest.mark.slow
@@ -266,6 +267,10 @@ def test_run_status_liveness_rules(tiny_config):
         assert run.status()["state"] == "running"                     # another live process
         run.write_json("status.json", dict(state="running", pid=sleeper.pid, updated=time.time() - 3600))
         assert run.status()["state"] == "interrupted"                 # alive but silent for an hour
+        # ...unless the queue started it: a worker starved of CPU between two beats is not dead
+        runqueue.update_running(runqueue.Job(run.id, "", False, None, pid=sleeper.pid, host=HOST))
+        assert run.status()["state"] == "running"
+        runqueue.done(run.id)
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -273,6 +278,34 @@ def test_run_status_liveness_rules(tiny_config):
     assert run.status()["state"] == "interrupted"                     # this process, not training it
     run.write_json("status.json", dict(state="finished", pid=dead_pid(), updated=0))
     assert run.status()["state"] == "finished"                        # final states stay as written
+
+
+def test_a_silent_process_holding_the_lock_is_alive(tiny_config):
+    """A page task's worker holds its folder's lock, so a step that sends no progress for minutes
+    (a starved CPU) never reads as a dead process."""
+    run = Run.create(tiny_config())
+    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run.file(".lock"))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        run.write_json("status.json", dict(state="running", pid=holder.pid, updated=time.time() - 3600))
+        assert run.status()["state"] == "running"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.status()["state"] == "interrupted"
+
+
+def test_a_task_worker_holds_its_folders_lock(monkeypatch):
+    from core.serve import tasks
+    seen = []
+    monkeypatch.setitem(tasks.KINDS, "probe", lambda task, *_: seen.append(Run(task.path).busy()))
+    monkeypatch.setattr("signal.signal", lambda *_: None)      # pytest keeps its own SIGTERM handler
+    task = tasks.submit("probe", {})
+    runqueue.remove_waiting(task.id)
+    tasks.run_task(task.id)
+    assert seen == [True] and task.status()["state"] == "finished" and not task.busy()
 
 
 def test_list_runs_and_get_run(tiny_config):

@@ -197,8 +197,9 @@ class Run:
             os.kill(int(status.pid), 0)
         except (OSError, ValueError):
             return False
-        # a trainer paused (Ctrl+Z) sends no heartbeat yet still holds the run
-        return beat or self.busy()
+        # a trainer paused (Ctrl+Z) or starved of CPU sends no heartbeat yet still holds the run;
+        # so does a process the queue started and records, before it takes the lock
+        return beat or self.busy() or _queue_pid(self.id) == int(status.pid)
 
     # epochs
     def append_epoch(self, row: dict) -> None:
@@ -278,6 +279,11 @@ def hold(run_id: str) -> None:
 def release(run_id: str) -> None:
     with _HELD_LOCK:
         _HELD.discard(run_id)
+
+
+def _queue_pid(run_id: str) -> int | None:
+    job = runqueue.get(run_id)
+    return job.pid if job is not None and job.host == HOST else None
 
 
 def held(run_id: str) -> bool:

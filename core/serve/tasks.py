@@ -71,7 +71,8 @@ def run_task(task_id: str, limit_s: float | None = None) -> int:
     from core.serve.jobs import child_of_the_queue
     task = get_task(task_id)
     spec = task.read_json("task.json", {}) or {}
-    with child_of_the_queue(task, limit_s) as (stop_event, timed_out):
+    # the lock says "alive" to every reader however long a step goes without a progress beat
+    with child_of_the_queue(task, limit_s) as (stop_event, timed_out), task.training_lock():
         try:
             task.set_status("running", message="Starting", fraction=0.0)
             KINDS[spec.get("kind")](task, dict(spec.get("args") or {}), _progress(task, stop_event), stop_event)
