@@ -94,7 +94,7 @@ def data_choice(check: feedback.DataCheck) -> str | None:
                  "the data set moved or deleted?")
     else:
         st.warning(f"**The data set changed since this run trained** (`{check.root}`):\n\n"
-                   + "\n".join(f"- {line}" for line in feedback.describe_change(check.change)),
+                   + "\n".join(f"- {line}" for line in check.change.lines()),
                    icon=":material/difference:")
     on = st.radio("Score the run on", list(DATA_CHOICES), format_func=DATA_CHOICES.get, horizontal=True,
                   key="eval_data")
@@ -225,7 +225,7 @@ def mislabelled(run: Run, wrong: pd.DataFrame, split: str) -> None:
     if wrong.empty:
         return
     with st.expander(f"Is one of these {split} images mislabelled? Fix its label in a new data set version"):
-        if problem := feedback.base_problem(run, common.user()):
+        if problem := feedback.base_problem(run, common.user(), common.policy()):
             st.caption(problem)
             return
         rows = {r["file"]: r for r in wrong.to_dict("records")}

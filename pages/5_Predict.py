@@ -200,7 +200,7 @@ def feedback_panel(run, examples: list[feedback.Example]) -> None:
     "Train again on the new version"."""
     st.divider()
     st.subheader("Back into the data set")
-    if problem := feedback.base_problem(run, common.user()):
+    if problem := feedback.base_problem(run, common.user(), common.policy()):
         st.caption(problem)
         return
     chosen = feedback.judged(examples)

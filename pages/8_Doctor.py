@@ -1,5 +1,6 @@
 """Dataset doctor: likely label errors, duplicates, outliers and odd images in the current data
-set, each with a one-click fix that goes into a new copy (the user's files are never changed)."""
+set, each with a one-click fix that goes into the data set's next version (core.data.versions;
+the user's files are never changed)."""
 import streamlit as st
 
 from pages import show_loading
@@ -12,6 +13,7 @@ import altair as alt
 import pandas as pd
 
 from core import paths
+from core.data import feedback
 from core.serve import access
 from core.trust import doctor
 from pages import common
@@ -42,8 +44,8 @@ def main() -> None:
 def intro() -> None:
     st.title("Dataset doctor")
     st.caption("One check of the current data set, from what the pretrained backbone sees in each image: "
-               "labels that look wrong, copies, images unlike the rest. Fixes are written to a new copy; "
-               "your own files are never changed.")
+               "labels that look wrong, copies, images unlike the rest. Fixes make the data set's next "
+               "version; your own files are never changed.")
     explain("doctor")
     if message := common.lab().take("doctor"):
         st.success(message, icon=":material/check_circle:")
@@ -55,7 +57,9 @@ def data_set(settings: dict, root: Path) -> None:
         st.error(f"{problem} Pick another data set on the Data page.")
         common.stop()
     st.markdown(f"Data set: **{settings.get('data_label') or root.name}**")
-    if origin := doctor.fixed_from(root):
+    if fixed := feedback.doctors_version(root):
+        st.info(f"This is version {fixed.ref}: {fixed.note}.", icon=":material/history:")
+    elif origin := doctor.fixed_from(root):
         st.info(f"This is a fixed copy: {len(origin['excluded'])} image(s) left out and {len(origin['moved'])} "
                 f"moved to another class; {origin['kept_together']} group(s) kept in one split.")
 
@@ -156,7 +160,7 @@ def duplicates(result: doctor.Audit, state: dict) -> None:
     fixes: doctor.Fixes = state["fixes"]
     st.caption(f"{len(doctor.crossing_groups(result))} group(s) would be split across train, validation and "
                "test with the current split: the model would be tested on pictures it trained on.")
-    fixes.together = st.toggle("Keep each group in one split (in the fixed copy)", value=fixes.together,
+    fixes.together = st.toggle("Keep each group in one split (in the new version)", value=fixes.together,
                                key="together")
     for n, group in enumerate(result.groups[:30]):
         st.markdown(f"**Group {n + 1}** · {' and '.join(sorted(doctor.group_kinds(result, group)))} · splits: "
@@ -215,7 +219,7 @@ def fix_buttons(col, row, key: str, fixes: doctor.Fixes) -> None:
 
 
 def chosen(path: str, fixes: doctor.Fixes) -> str:
-    """What the fixed copy will do with this image, for its caption."""
+    """What the new version will do with this image, for its caption."""
     if path in fixes.exclude:
         return " · :red[**left out**]"
     if path in fixes.move:
@@ -223,39 +227,33 @@ def chosen(path: str, fixes: doctor.Fixes) -> str:
     return ""
 
 
-# ---------------------------------------------------------------- the fixed copy
+# ---------------------------------------------------------------- the fixes, as a new version
 
 def fix_section(settings: dict, result: doctor.Audit, state: dict) -> None:
     fixes: doctor.Fixes = state["fixes"]
     st.subheader("Fix")
     st.markdown(f"Chosen: **{len(fixes.exclude)}** to leave out, **{len(fixes.move)}** to move, "
                 f"**{len(fixes.groups(result))}** group(s) to keep in one split.")
-    if st.button("Save a fixed copy and use it", type="primary", icon=":material/save:", key="write_fixed",
-                 disabled=not fixes.any(result)):
-        written = save_fixed_copy(result, fixes)
-        settings["data_root"], settings["data_label"] = str(written), f"Fixed copy: {written.name}"
+    if st.button("Save the fixes as a new version and use it", type="primary", icon=":material/save:",
+                 key="write_fixed", disabled=not fixes.any(result)):
+        new, first = save_fixes(result, fixes)
+        settings["data_root"], settings["data_label"] = str(new.folder), f"Data set {new.ref}, fixed by the Doctor"
         state.clear()
-        common.lab().note("doctor", f"Now using the fixed copy {written.name}. Train again and compare "
-                                    "with the earlier run.")
+        stored = f" (the audited folder was stored first, as {first.ref})" if first else ""
+        common.lab().note("doctor", f"Now using the fixed version {new.ref}{stored}: {new.note}. Train again "
+                                    "and compare with the earlier run on the Experiments page.")
         st.rerun()
 
 
-def save_fixed_copy(result: doctor.Audit, fixes: doctor.Fixes) -> Path:
-    """Write the fixed copy into the user's uploads (it counts against their quota like an
-    upload); stops the page with the reason where it can't."""
-    who = common.user()
-    try:
-        room = access.upload_allowance(who, common.policy())
-        dest = doctor.fixed_copy_plan(result, fixes.exclude, access.uploads_dir(who), room)
-    except (access.AccessError, doctor.NoRoom) as err:
-        st.error(str(err))
-        common.stop()
-    with st.spinner("Writing the fixed copy (hard links where possible)…"):
+def save_fixes(result: doctor.Audit, fixes: doctor.Fixes):
+    """The data set's next version with the fixes (stored within the user's quota; hard links,
+    so unchanged images cost nothing); stops the page with the reason where it can't."""
+    with st.spinner("Storing the new version…"):
         try:
-            return doctor.write_fixed_copy(result, dest, exclude=fixes.exclude, move=fixes.move,
-                                           together=fixes.groups(result))
-        except OSError as err:
-            st.error(f"Could not write the copy: {err}")
+            return feedback.fix_as_version(result.root, common.user(), common.policy(), exclude=sorted(fixes.exclude),
+                                           move=fixes.move, together=fixes.groups(result))
+        except (ValueError, OSError) as err:      # FeedbackError, AccessError (quota), VersionError
+            st.error(str(err))
             common.stop()
 
 

@@ -1,5 +1,5 @@
 """Issue 17's flow in a real browser: upload a zip with two mislabelled images -> Doctor: audit,
-"Move all to the suggested class", "Save a fixed copy and use it" -> train on the fixed copy ->
+"Move all to the suggested class", "Save the fixes as a new version" -> train on that version ->
 Evaluate: the before/after embedding map and a checked export ("agrees on 100%") -> Inspect:
 the heat-map sanity check. Screenshots in test-artifacts/trust_*.png."""
 from __future__ import annotations
@@ -47,8 +47,8 @@ def test_audit_fix_retrain_and_check(server, browser, tmp_path):
         screenshot(page, "trust_doctor.png")
         page.get_by_role("button", name=re.compile(r"Move all \d+ to the suggested class")).click()
         settle(page)
-        page.get_by_role("button", name=re.compile("Save a fixed copy and use it")).click()
-        expect(main(page).get_by_text(re.compile("Now using the fixed copy"))).to_be_visible(timeout=60_000)
+        page.get_by_role("button", name=re.compile("Save the fixes as a new version")).click()
+        expect(main(page).get_by_text(re.compile("Now using the fixed version"))).to_be_visible(timeout=60_000)
         settle(page)
 
         go_to(page, "Train")

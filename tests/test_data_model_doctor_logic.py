@@ -203,24 +203,10 @@ def test_keeping_groups_together_counts_as_a_fix(audited):
     assert doctor.Fixes().groups(audited) == []
 
 
-def test_the_fixed_copy_plan_takes_a_free_name_and_checks_the_room(audited, tmp_path):
-    parent = tmp_path / "uploads"
-    parent.mkdir()
-    sizes = {it.path: (tmp_path / "pets" / it.path).stat().st_size for it in audited.items}
-    kept = sum(sizes.values()) - sizes["cat/img_000.png"]
-    assert doctor.fixed_copy_bytes(audited, {"cat/img_000.png"}) == kept
-    assert doctor.fixed_copy_plan(audited, {"cat/img_000.png"}, parent, kept) == parent / "pets-fixed"
-    (parent / "pets-fixed").mkdir()
-    (parent / "pets-fixed-2").mkdir()
-    assert doctor.fixed_copy_plan(audited, (), parent, 10**9) == parent / "pets-fixed-3"
-    with pytest.raises(doctor.NoRoom, match="The fixed copy needs 0 MB; your allowance has 0 MB left"):
-        doctor.fixed_copy_plan(audited, {"cat/img_000.png"}, parent, kept - 1)
-
-
-def test_a_planned_fixed_copy_is_written_there(audited, tmp_path):
+def test_a_fixed_copy_is_written_there(audited, tmp_path):
     fixes = doctor.Fixes()
     fixes.toggle_move("cat/img_000.png", "dog")
-    dest = doctor.fixed_copy_plan(audited, fixes.exclude, tmp_path, 10**9)
+    dest = tmp_path / "pets-fixed"
     written = doctor.write_fixed_copy(audited, dest, exclude=fixes.exclude, move=fixes.move,
                                       together=fixes.groups(audited))
     assert written == dest and folders.scan_folder(written).counts() == {"cat": 2, "dog": 4}

@@ -130,7 +130,7 @@ def finish_task(at, timeout: float = 180) -> None:
     assert_ok(at)
 
 
-def test_doctor_page_audits_and_writes_a_fixed_copy(planted):
+def test_doctor_page_audits_and_saves_the_fixes_as_a_version(planted):
     root, moved = planted
     at = opened("pages/8_Doctor.py")
     at.session_state["lab"].settings["data_root"] = str(root)
@@ -142,10 +142,15 @@ def test_doctor_page_audits_and_writes_a_fixed_copy(planted):
     at.button(key="move_all").click().run()
     at.button(key="write_fixed").click().run()
     assert_ok(at)
+    from core.data import feedback, versions
     new_root = at.session_state["lab"].settings["data_root"]
-    assert new_root != str(root) and "fixed" in new_root
-    assert any("fixed copy" in s.value for s in at.success), [s.value for s in at.success]
+    fixed = versions.version_of(new_root)
+    assert fixed is not None and fixed == feedback.doctors_version(new_root) and fixed.id == "v2"
+    assert len(versions.diff(versions.get(fixed.name, "v1"), fixed).relabelled) == len(moved)
+    assert any(f"Now using the fixed version {fixed.ref}" in s.value for s in at.success), [s.value for s in at.success]
     assert (root / next(iter(moved))).exists(), "the original folder was changed"
+    at.run()
+    assert any(f"This is version {fixed.ref}" in i.value for i in at.info), [i.value for i in at.info]
 
 
 def test_the_run_report_shows_the_audit(planted, tmp_path):

@@ -212,6 +212,34 @@ def test_stop_after_training_then_resume_tests(tiny_config, monkeypatch, when):
     assert evaluate_run(run)["accuracy"] == status["test_acc"]
 
 
+def test_resume_keeps_its_split_and_refuses_changed_files(tiny_config, monkeypatch):
+    """Resume goes on with the split the run started with: an image added since stays out of it
+    (a re-split would move old images between train and test); a pinned file that was deleted
+    fails the resume with a sentence naming it."""
+    stop = threading.Event()
+    original_save = checkpoints.save_resume_state
+
+    def save_and_stop(run, model, optimizer, scheduler, scaler, progress):
+        original_save(run, model, optimizer, scheduler, scaler, progress)
+        stop.set()
+    monkeypatch.setattr(checkpoints, "save_resume_state", save_and_stop)
+    run = Run.create(tiny_config(freeze="full", epochs=2))
+    assert training.train_run(run, stop=stop)["state"] == "stopped"
+    monkeypatch.undo()
+    before = run.read_json("splits.json")
+    root = Path(before["root"])
+    victim = before["train"][0][0]
+    kept = (root / victim).read_bytes()
+    (root / victim).unlink()
+    status = training.train_run(run, resume=True)
+    assert status["state"] == "failed" and victim in status["message"] and "1 image removed" in status["message"], status
+    (root / victim).write_bytes(kept)
+    shutil.copyfile(root / victim, root / Path(victim).parent / "added_later.png")
+    assert training.train_run(run, resume=True)["state"] == "finished", run.status()
+    assert run.read_json("splits.json") == before
+    check_epochs_once(run, 2)
+
+
 def test_stop_one_run_of_a_sweep(tiny_config):
     configs = sweeps.expand(tiny_config(epochs=1), {"lr": [1e-3, 1e-2, 3e-2]})
     configs[1].epochs = 1000                  # surely still training when it is stopped

@@ -228,10 +228,40 @@ def test_the_snapshot_and_the_additions_are_checked_against_the_quota_at_once(im
     assert made and base.size() == folder_bytes and V.usage("alice") == folder_bytes
 
 
-def test_a_student_cannot_snapshot_a_shared_folder(image_folder):
-    run = made_run(image_folder(classes=2, per_class=8), owner="alice")
-    with pytest.raises(F.FeedbackError, match="Only your own uploads"):
-        F.save_feedback(run, access.User("alice"), ROOMY, [F.Example("a.png", "class_a", "class_b", data=png(1, 67))])
+def test_a_student_versions_a_shared_folder_they_may_train_on_and_pays_for_it(image_folder):
+    """The demo and the teacher's shared folders: a data set of the student's own, on their quota."""
+    folder = image_folder(classes=2, per_class=8)
+    alice = access.User("alice")
+    run = made_run(folder, owner="alice")
+    closed = access.Policy(server_folders=False)
+    with pytest.raises(F.FeedbackError, match="turned off server folders"):
+        F.save_feedback(run, alice, closed, [F.Example("a.png", "class_a", "class_b", data=png(1, 67))])
+    shared = access.Policy(roots=[str(folder.parent)])
+    saved = F.save_feedback(run, alice, shared, [F.Example("a.png", "class_a", "class_b", data=png(1, 67))])
+    assert saved.snapshotted and saved.base.name.startswith("alice.") and saved.version.author == "alice"
+    assert V.usage("alice") == saved.version.size()
+    assert F.base_problem(run, access.User("bob"), shared) is None     # bob may make his own
+
+
+def test_the_doctors_fixes_are_a_version(image_folder):
+    """Left out, moved and kept-together images make the next version of the audited folder's
+    data set (stored first when it isn't); the original folder is not touched."""
+    folder = image_folder(classes=2, per_class=8)
+    before = V.manifest_of_folder(folder)
+    new, first = F.fix_as_version(folder, LOCAL, ROOMY, exclude=["class_a/img_001.png"],
+                                  move={"class_a/img_002.png": "class_b"},
+                                  together=[["class_a/img_003.png", "class_b/img_003.png"]])
+    assert first is not None and first.hash == V.entries_hash(before) and new.parent == first.id
+    assert new.note == "the Doctor's fixes: 1 left out, 1 moved to 'class_b', 1 group(s) of near copies kept in one split"
+    change = V.diff(first, new)
+    assert [e["path"] for e in change.removed] == ["class_a/img_001.png"]
+    assert [(a["path"], b["label"]) for a, b in change.relabelled] == [("class_a/img_002.png", "class_b")]
+    assert new.groups == [["class_a/img_003.png", "class_b/img_003.png"]]
+    assert V.manifest_of_folder(folder) == before
+    again, none = F.fix_as_version(new.folder, LOCAL, ROOMY, exclude=["class_b/img_004.png"])
+    assert none is None and again.parent == new.id and again.groups == new.groups
+    with pytest.raises(F.FeedbackError, match="turned off server folders"):
+        F.fix_as_version(folder, access.User("alice"), access.Policy(server_folders=False), exclude=["class_a/img_001.png"])
 
 
 # ---------------------------------------------------------------- training again, and the pins
@@ -261,7 +291,7 @@ def test_data_labels_changes_and_mixed_versions(flat_run, image_folder):
     (root / used[1]).unlink()
     check = F.data_check(flat_run)
     assert check.changed and not check.gone and check.pinned == saved.base      # its snapshot holds the files
-    lines = F.describe_change(check.change)
+    lines = check.change.lines()
     assert lines == [f"1 image removed: `{used[1]}`", f"1 image changed content: `{used[0]}`"]
     shutil.rmtree(root)
     assert F.data_check(flat_run).gone

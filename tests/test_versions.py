@@ -3,6 +3,7 @@ manifests, hostile names, the pin every run records, the CLI and the quota."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -47,6 +48,24 @@ def test_snapshot_derive_diff(flowers, tmp_path):
     assert V.get("flowers", "v2").manifest_hash == v2.manifest_hash == V.entries_hash(v2.files)
     assert V.version_of(v2.folder).ref == "flowers/v2" and V.version_of(tmp_path) is None
     assert not V.diff(flowers, flowers) and V.diff(flowers, flowers).summary() == "no changes"
+
+
+def test_groups_of_near_copies_follow_their_files_into_children(flowers, tmp_path):
+    """The Doctor's "keep in one split" groups live in the manifest and in the folder's
+    SAME_SPLIT_FILE, which the split reads; a relabel moves a member, a removal drops it."""
+    v2 = V.derive(flowers, together=[["class_a/img_000.png", "class_b/img_000.png"],
+                                     ["class_b/img_000.png", "class_c/img_001.png"], ["class_c/img_002.png"]],
+                  author="alice")
+    assert v2.groups == [["class_a/img_000.png", "class_b/img_000.png", "class_c/img_001.png"]]
+    assert v2.note == "1 group(s) of near copies kept in one split" and not V.diff(flowers, v2)
+    assert scan_folder(v2.folder).together == v2.groups
+    v3 = V.derive(v2, relabel={"class_a/img_000.png": "class_c"}, remove=["class_c/img_001.png"], author="alice")
+    assert v3.groups == [["class_b/img_000.png", "class_c/img_000-2.png"]]
+    shutil.rmtree(v3.folder)
+    assert scan_folder(v3.folder).together == v3.groups            # made again, groups too
+    assert V.snapshot(v3.folder, "copied", "alice").groups == v3.groups
+    with pytest.raises(V.VersionError, match="nothing to save"):
+        V.derive(v3, together=[["class_c/img_000-2.png", "class_b/img_000.png"]])
 
 
 def test_added_names_are_unique_and_safe(flowers, tmp_path):
@@ -184,7 +203,7 @@ def test_a_run_pins_its_files_and_check_pin_sees_what_changed(image_folder):
     used = sorted(path for s in ("train", "val", "test") for path, _ in splits[s])
     assert sorted(pin["files"]) == used and pin["version"] is None
     assert pin["manifest"] == V.entries_hash(V.manifest_of_folder(folder))     # all of the folder
-    assert not V.check_pin(root, pin)
+    assert pin["unused"] == [] and not V.check_pin(root, pin)
     edited, deleted, moved = used[0], used[1], used[-1]
     class_image(1, 77).save(root / edited)
     (root / deleted).unlink()
@@ -195,6 +214,12 @@ def test_a_run_pins_its_files_and_check_pin_sees_what_changed(image_folder):
     assert [e["path"] for e in change.removed] == [deleted]
     assert [(a["path"], b["path"]) for a, b in change.relabelled] == [(moved, "class_a/moved.png")]
     assert change.added == [] and "1 changed" in change.summary()
+    class_image(0, 78).save(root / "class_b" / "new.png")
+    assert [e["path"] for e in V.check_pin(root, pin).added] == ["class_b/new.png"]
+    old_pin = {k: v for k, v in pin.items() if k != "unused"}          # pinned before "unused" was kept
+    assert V.check_pin(root, old_pin).added == []
+    left_out = dict(pin, files={k: v for k, v in pin["files"].items() if k != used[2]}, unused=[used[2]])
+    assert used[2] not in [e["path"] for e in V.check_pin(root, left_out).added]   # max_per_class left it out
     gone = root.parent / "gone"
     assert [e["path"] for e in V.check_pin(gone, pin).removed] == used and not gone.exists()
 

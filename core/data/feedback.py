@@ -9,7 +9,8 @@ what a run's pin says about the data it saw.
 
 The new version is a child of the run's data set version (core.data.versions). A run on a folder
 that is not a stored version yet gets one first: `snapshot` of that folder, named after it
-(`data_set_name`; a student may only snapshot their own uploads).
+(`data_set_name`; a student may snapshot what they may train on: it counts toward their quota).
+The Doctor's fixes are a version the same way (`fix_as_version`).
 
 Splits. `core.data.splits.split_items` shuffles each class with one seeded generator, so a single
 added image reshuffles every class after it: old test images would land in train, and the new run's
@@ -27,7 +28,7 @@ few-shot runs (`max_per_class`) draw their training images from the grown train 
 
 Provenance for the pages: `data_label(run)` ("flowers/v3", or "files 1a2b3c4d5e6f" for a folder
 that is not a stored version), `data_check(run)` (check_pin: what changed since training, and a
-stored version holding exactly the pinned files), `describe_change`, and for students
+stored version holding exactly the pinned files; Diff.lines() says it), and for students
 `may_read`: which versions a student may see (access.own_version's rule, by which they may
 train on those folders).
 """
@@ -142,35 +143,50 @@ def base_name(run: Run, user: access.User) -> str:
     return found.name if found else data_set_name(run_root(run), user)
 
 
-def base_problem(run: Run, user: access.User) -> str | None:
+def base_problem(run: Run, user: access.User, policy: access.Policy | None = None) -> str | None:
     """Why this user can't make a version of this run's data, or None."""
     root = run_root(run)
+    if versions.version_of(root) is None and (not root.is_dir() or not run.read_json("splits.json")):
+        return f"The data set this run trained on is gone ({root}): there is nothing to add to."
+    return folder_problem(root, user, policy)
+
+
+def folder_problem(root, user: access.User, policy: access.Policy | None = None) -> str | None:
+    """Why this user can't make a version of the data set at `root`, or None. A student may store
+    any folder they may train on (their uploads, the demo, the teacher's shared folders) as a data
+    set of their own; what it brings into the store counts toward their quota."""
+    root = Path(root)
     found = versions.version_of(root)
     if found is not None:
-        return None if may_read(user, found) else "This run's data set version belongs to someone else."
-    if not root.is_dir() or not run.read_json("splits.json"):
-        return f"The data set this run trained on is gone ({root}): there is nothing to add to."
-    if not user.admin and not _inside(root, access.uploads_dir(user)):
-        return ("Only your own uploads can be stored as a data set version, and this run trained on a "
-                "shared folder: ask the teacher to store it as a version first.")
-    return None
+        return None if may_read(user, found) else "This data set version belongs to someone else."
+    if not root.is_dir():
+        return f"There is no data set at {root}."
+    return access.run_data_problem(user, str(root), policy or access.load_policy())
 
 
 def base_version(run: Run, user: access.User, policy: access.Policy) -> tuple[versions.Version, bool]:
     """The stored version the run trained on, or one made now (snapshot) from its folder; and
     whether it was made now. A folder whose files equal one of its data set's versions reuses it."""
-    found, entries = _stored_base(run, user)
+    if problem := base_problem(run, user, policy):
+        raise FeedbackError(problem)
+    return folder_version(run_root(run), user, policy, note=f"the folder run {run.id} trained on")
+
+
+def folder_version(root, user: access.User, policy: access.Policy, note: str = "") -> tuple[versions.Version, bool]:
+    """The stored version of the data set at `root` (a version's folder, or a folder whose files
+    equal a version of the data set it is stored as), else a snapshot made now within the user's
+    quota; and whether it was made now."""
+    found, entries = _stored_base(root, user, policy)
     if found is not None:
         return found, False
     _check_room(user, policy, _bytes(entries))
-    return _snapshot(run, user), True
+    return _snapshot(root, user, note), True
 
 
-def _stored_base(run: Run, user: access.User) -> tuple[versions.Version | None, list[dict]]:
-    """(the stored version of the run's data or None, the entries of its files)."""
-    if problem := base_problem(run, user):
+def _stored_base(root, user: access.User, policy: access.Policy) -> tuple[versions.Version | None, list[dict]]:
+    """(the stored version of the data at `root` or None, the entries of its files)."""
+    if problem := folder_problem(root, user, policy):
         raise FeedbackError(problem)
-    root = run_root(run)
     if found := versions.version_of(root):
         return found, found.files
     entries = versions.manifest_of_folder(root)
@@ -179,9 +195,37 @@ def _stored_base(run: Run, user: access.User) -> tuple[versions.Version | None, 
     return reused, entries
 
 
-def _snapshot(run: Run, user: access.User) -> versions.Version:
-    root = run_root(run)
-    return versions.snapshot(root, data_set_name(root, user), user.id, note=f"the folder run {run.id} trained on")
+def _snapshot(root, user: access.User, note: str = "") -> versions.Version:
+    return versions.snapshot(root, data_set_name(root, user), user.id, note=note)
+
+
+def fix_as_version(root, user: access.User, policy: access.Policy, exclude=(), move: dict | None = None,
+                   together=()) -> tuple[versions.Version, versions.Version | None]:
+    """The Doctor's fixes as the next version of the data set at `root`: `exclude`d paths left
+    out, `move` = {path: class} relabelled, `together` groups kept in one split (paths relative to
+    `root`). The folder is stored first when it isn't yet (within the quota). Returns the new
+    version and, when made now, that first version."""
+    base, made = folder_version(root, user, policy, note="the folder the Doctor audited")
+    new = versions.derive(base, relabel=dict(move or {}), remove=list(exclude), together=together,
+                          note=_doctor_note(exclude, move or {}, together), author=user.id)
+    return new, base if made else None
+
+
+DOCTOR_NOTE = "the Doctor's fixes: "
+
+
+def _doctor_note(exclude, move: dict, together) -> str:
+    parts = [f"{len(exclude)} left out"] if exclude else []
+    parts += [f"{n} moved to '{label}'" for label, n in sorted(Counter(move.values()).items())]
+    parts += [f"{len(together)} group(s) of near copies kept in one split"] if together else []
+    return DOCTOR_NOTE + (", ".join(parts) or "none")
+
+
+def doctors_version(root) -> versions.Version | None:
+    """The version whose folder `root` is, when the Doctor's fixes made it (for the pages and
+    the report: what was changed, and from which version)."""
+    found = versions.version_of(root)
+    return found if found is not None and found.note.startswith(DOCTOR_NOTE) else None
 
 
 def _bytes(entries) -> int:
@@ -208,7 +252,9 @@ def save_feedback(run: Run, user: access.User, policy: access.Policy, examples=(
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         sources = _sources(chosen, Path(tmp))
-        base, entries = _stored_base(run, user)
+        if problem := base_problem(run, user, policy):
+            raise FeedbackError(problem)
+        base, entries = _stored_base(run_root(run), user, policy)
         relabel = _relabels(entries, relabel)
         adds, duplicates = _fresh(entries, sources)
         if not adds and not relabel:
@@ -217,7 +263,7 @@ def save_feedback(run: Run, user: access.User, policy: access.Policy, examples=(
         added = _bytes(dict(sha256=sha, size=size) for _, _, sha, size in adds)
         _check_room(user, policy, added + (0 if base else _bytes(entries)))     # snapshot and additions at once
         snapshotted = base is None
-        base = base or _snapshot(run, user)
+        base = base or _snapshot(run_root(run), user, note=f"the folder run {run.id} trained on")
         assignment = _assignment(base, run_splits(run))
         note = note or _note(run, adds, relabel)
         pairs = [(src, example.label) for (src, example, _, _) in adds]
@@ -402,13 +448,6 @@ def _place(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        return Path(path).resolve().is_relative_to(Path(folder).resolve())
-    except OSError:
-        return False
-
-
 def _images(n: int) -> str:
     return f"{n} image{'' if n == 1 else 's'}"
 
@@ -478,21 +517,6 @@ def pinned_version(pin: dict) -> versions.Version | None:
                 if v.hash == pin.get("manifest"):
                     return v
     return None
-
-
-def describe_change(change: versions.Diff, few: int = 3) -> list[str]:
-    """A line per kind of change since training, with a count and the first `few` names."""
-    def names(paths_) -> str:
-        shown = ", ".join(f"`{p}`" for p in paths_[:few])
-        return shown + (f" and {len(paths_) - few} more" if len(paths_) > few else "")
-    lines = []
-    for what, rows in (("added", [e["path"] for e in change.added]),
-                       ("removed", [e["path"] for e in change.removed]),
-                       ("changed content", [b["path"] for _, b in change.changed]),
-                       ("relabelled", [f"{a['path']} → {b['label']}" for a, b in change.relabelled])):
-        if rows:
-            lines.append(f"{_images(len(rows))} {what}: {names(rows)}")
-    return lines
 
 
 def data_label(run: Run) -> str:

@@ -13,10 +13,11 @@ API (core, no UI):
     v.folder          # the materialised class folder (made again if someone deleted it): train on it
     v.manifest_hash   # hash of the sorted (path, label, sha256) entries: equal files, equal hash
     v.files           # [{path, label, sha256, size}] (read-only: shared)   v.ref == "name/v2"
+    v.groups          # [[path, ...]]: near copies the split keeps together (the Doctor's fixes)
     diff(a, b) -> Diff(added, removed, changed, relabelled); .summary() "+12 images, 3 moved to 'tulip'"
     manifest_of_folder(folder) -> [entries]   # any class folder (server folders too); hashes cached
-    pin_for(root, splits) -> {"manifest", "version", "files": {rel_path: sha256}}   # into splits.json
-    check_pin(root, pin) -> Diff     # what happened to a run's files since: removed, changed, relabelled
+    pin_for(root, splits, present) -> {"manifest", "version", "files": {rel_path: sha256}, "unused"}  # splits.json
+    check_pin(root, pin) -> Diff     # what happened to a run's files since: added, removed, changed, relabelled
     usage(author) -> bytes           # what that author's versions brought into the store (quota)
 
 An entry is a dict {path: "class/file.png" (or "train/class/file.png" in a pre-split set), label:
@@ -63,7 +64,7 @@ from pathlib import Path, PurePosixPath
 
 from core import paths
 from core.data import DataError
-from core.data.folders import SPLIT_NAMES, is_hidden, scan_folder
+from core.data.folders import SAME_SPLIT_FILE, SPLIT_NAMES, is_hidden, scan_folder
 from core.data.images import IMAGE_EXTENSIONS
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -152,6 +153,7 @@ class Version:
     created: str
     hash: str
     files: list = field(repr=False)
+    groups: list = field(default_factory=list, repr=False)   # paths kept in one split (near copies)
 
     @property
     def ref(self) -> str:
@@ -168,7 +170,7 @@ class Version:
         if not path.is_dir():
             with _lock(self.name):
                 if not path.is_dir():
-                    _materialise(path, self.files)
+                    _materialise(path, self.files, self.groups)
         return path
 
     def size(self) -> int:
@@ -206,7 +208,7 @@ def get(name: str, id: str) -> Version:
 def _load(path: str, mtime_ns: int, size: int) -> Version:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     fields = ("name", "id", "parent", "note", "author", "created", "hash", "files")
-    return Version(**{k: data[k] for k in fields})
+    return Version(**{k: data[k] for k in fields}, groups=data.get("groups") or [])
 
 
 def version_of(folder) -> Version | None:
@@ -231,37 +233,56 @@ def snapshot(folder, name: str, author: str, note: str = "") -> Version:
     sources = [(Path(scan.root) / item.path, check_rel(item.path), scan.classes[item.label])
                for item in scan.items]
     files = [dict(path=rel, label=label, **_import(src)) for src, rel, label in sources]
+    groups = _kept_groups(scan.together, {f["path"]: f["path"] for f in files})
     with _lock(name):
         chain = versions(name)
         parent = chain[-1] if chain else None
         if not note:
             note = (diff(parent.files, files).summary() if parent else
                     f"first version: {_images(len(files))} in {len({f['label'] for f in files})} classes")
-        return _commit(name, parent, files, note, author)
+        return _commit(name, parent, files, note, author, groups)
 
 
-def derive(version: Version, add=(), relabel=None, remove=(), note: str = "", author: str = "") -> Version:
+def derive(version: Version, add=(), relabel=None, remove=(), note: str = "", author: str = "",
+           together=()) -> Version:
     """A child of `version`: `remove` these paths, move `relabel`'s paths to other class folders,
-    `add` these files (copied into the store) under unique names in their class folders. Old files
-    keep their paths. Callers check that the user may read the `add` files."""
+    `add` these files (copied into the store) under unique names in their class folders, and keep
+    each `together` group of paths (near copies) in one split, besides the parent's groups. Old
+    files keep their paths. Callers check that the user may read the `add` files."""
     author = _check_author(author or version.author)
     files = {e["path"]: dict(e) for e in version.files}
     for rel in remove:
         files.pop(_known(files, rel))
+    where = {rel: rel for rel in files}            # a parent's path -> its path in the child
     for rel, label in (relabel or {}).items():
-        _move(files, _known(files, rel), check_class(label))
+        where[rel] = _move(files, _known(files, rel), check_class(label))
     sources = [(_checked_source(src), check_class(label)) for src, label in add]   # all, before any copy
     for src, label in sources:
         rel = _free_path(files, _add_folder(version.files, label), src.name)
         files[rel] = dict(path=rel, label=label, **_import(src))
     new = sorted(files.values(), key=lambda e: e["path"])
+    groups = _kept_groups(list(version.groups) + [list(g) for g in together], where)
     change = diff(version.files, new)
-    if not change:
+    if not change and groups == version.groups:
         raise VersionError("These changes leave the data set as it is: nothing to save.")
     if not new:
         raise VersionError("A version needs at least one image.")
     with _lock(version.name):
-        return _commit(version.name, version, new, note or change.summary(), author)
+        return _commit(version.name, version, new, note or change.summary() if change else
+                       f"{len(groups)} group(s) of near copies kept in one split", author, groups)
+
+
+def _kept_groups(groups, where: dict) -> list[list[str]]:
+    """`groups` of paths with each path at `where` says (gone when absent), merged where they
+    share a path, sorted; a group needs two files."""
+    merged: list[set[str]] = []
+    for group in groups:
+        members = {where[p] for p in group if p in where}
+        for other in [m for m in merged if m & members]:
+            members |= other
+            merged.remove(other)
+        merged.append(members)
+    return sorted(sorted(m) for m in merged if len(m) > 1)
 
 
 def _known(files: dict, rel: str) -> str:
@@ -270,14 +291,16 @@ def _known(files: dict, rel: str) -> str:
     return rel
 
 
-def _move(files: dict, rel: str, label: str) -> None:
+def _move(files: dict, rel: str, label: str) -> str:
+    """Move a file to class `label`'s folder; its new path."""
     entry = files.pop(rel)
     if entry["label"] == label:
         files[rel] = entry
-        return
+        return rel
     parts, i = PurePosixPath(rel).parts, _class_index(rel)
     new = _free_path(files, "/".join(parts[:i] + (label,) + parts[i + 1:-1]), parts[-1])
     files[new] = dict(entry, path=new, label=label)
+    return new
 
 
 def _add_folder(entries: list, label: str) -> str:
@@ -331,7 +354,7 @@ def _lock(name: str):
         yield
 
 
-def _commit(name: str, parent: Version | None, files: list, note: str, author: str) -> Version:
+def _commit(name: str, parent: Version | None, files: list, note: str, author: str, groups=()) -> Version:
     """The next id, its folder, then its manifest: the manifest's rename is what makes the
     version exist, so a crash leaves no half version (a stale folder is replaced next time)."""
     chain = versions(name)
@@ -339,8 +362,8 @@ def _commit(name: str, parent: Version | None, files: list, note: str, author: s
     files = sorted(files, key=lambda e: e["path"])
     manifest = dict(format=1, id=vid, name=name, parent=parent.id if parent else None, note=note[:500],
                     author=author, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    hash=entries_hash(files), files=files)
-    _materialise(store() / "sets" / name / vid, files)
+                    hash=entries_hash(files), files=files, **({"groups": list(groups)} if groups else {}))
+    _materialise(store() / "sets" / name / vid, files, groups)
     path = store() / "manifests" / name / f"{vid}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     paths.atomic_write_text(path, json.dumps(manifest, indent=1))
@@ -349,8 +372,9 @@ def _commit(name: str, parent: Version | None, files: list, note: str, author: s
     return get(name, vid)
 
 
-def _materialise(final: Path, files: list) -> None:
-    """Class folders of hard links to the objects, built aside and renamed into place."""
+def _materialise(final: Path, files: list, groups=()) -> None:
+    """Class folders of hard links to the objects, built aside and renamed into place; the
+    groups in the folder's SAME_SPLIT_FILE, which the split reads."""
     tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     known = []
@@ -360,6 +384,8 @@ def _materialise(final: Path, files: list) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             _link(object_path(entry["sha256"]), dest)
             known.append((str(final / entry["path"]), entry["sha256"]))
+        if groups:
+            (tmp / SAME_SPLIT_FILE).write_text(json.dumps(list(groups), indent=1), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)      # a crash's leftover: no manifest names it
         os.replace(tmp, final)
     except BaseException:
@@ -429,6 +455,17 @@ class Diff:
         moved = Counter(b["label"] for _, b in self.relabelled)
         parts += [f"{n} moved to '{label}'" for label, n in sorted(moved.items(), key=lambda x: (-x[1], x[0]))]
         return ", ".join(parts) or "no changes"
+
+    def lines(self, few: int = 3, quote: str = "`") -> list[str]:
+        """A line per kind of change, with a count and the first `few` names."""
+        def names(rows) -> str:
+            shown = ", ".join(f"{quote}{p}{quote}" for p in rows[:few])
+            return shown + (f" and {len(rows) - few} more" if len(rows) > few else "")
+        kinds = (("added", [e["path"] for e in self.added]),
+                 ("removed", [e["path"] for e in self.removed]),
+                 ("changed content", [b["path"] for _, b in self.changed]),
+                 ("relabelled", [f"{a['path']} → {b['label']}" for a, b in self.relabelled]))
+        return [f"{_images(len(rows))} {what}: {names(rows)}" for what, rows in kinds if rows]
 
     def to_dict(self) -> dict:
         return dict(summary=self.summary(), added=self.added, removed=self.removed,
@@ -555,26 +592,35 @@ def file_sha256(path) -> str:
 
 # ---------------------------------------------------------------- pins
 
-def pin_for(root, splits) -> dict:
+def pin_for(root, splits, present=None) -> dict:
     """What a run trained on: {"manifest": entries_hash of its files, "version": "name/id" when
-    `root` is a version's folder else None, "files": {rel_path: sha256}}. `splits` is
-    {split: [Item or (rel_path, label)]}; other keys (splits.json's "root") are ignored."""
+    `root` is a version's folder else None, "files": {rel_path: sha256}, "unused": [rel_path]}.
+    `splits` is {split: [Item or (rel_path, label)]}; other keys (splits.json's "root") are
+    ignored. `present` (every image path there, used or not) lets check_pin tell files added
+    since from files the run left out (max_per_class)."""
     rels = sorted({_rel(item) for items in splits.values() if isinstance(items, list) for item in items})
     files = {rel: sha for rel, (sha, _) in hash_files(root, rels).items()}
     found = version_of(root)
-    return dict(manifest=entries_hash(_pinned(files)), version=found.ref if found else None, files=files)
+    pin = dict(manifest=entries_hash(_pinned(files)), version=found.ref if found else None, files=files)
+    if present is not None:
+        pin["unused"] = sorted(set(present) - set(files))
+    return pin
 
 
 def check_pin(root, pin: dict) -> Diff:
     """How the pinned files differ from the files now below `root`: a missing file is removed,
-    other content is changed, the same content in another class folder is relabelled. Files the
-    run didn't use are not listed (added stays empty)."""
+    other content is changed, the same content in another class folder is relabelled, an image
+    that wasn't there at training time is added (a pin without "unused" predates that record:
+    added stays empty)."""
     files, root = pin.get("files") or {}, Path(root)
+    knows_all = "unused" in pin
     now = _entries(root, files)
-    if len(now) < len(files) and root.is_dir():       # something went: look for it in other classes
-        now.update(_entries(root, [rel for rel in _image_rels(root) if rel not in files]))
+    if (knows_all or len(now) < len(files)) and root.is_dir():    # new files, or one went elsewhere
+        seen = set(files) | set(pin.get("unused") or ())
+        now.update(_entries(root, [rel for rel in _image_rels(root) if rel not in seen]))
     out = diff(_pinned(files), list(now.values()))
-    out.added = []
+    if not knows_all:
+        out.added = []
     return out
 
 

@@ -328,12 +328,10 @@ def _doctor(run: Run, thumbs: "Thumbnails") -> dict:
     what a fixed copy changed."""
     from core.trust import doctor
     root = paths.resolve_data_root(run.config.data_root)
-    audit, fixed = doctor.saved(root), doctor.fixed_from(root)
+    audit, fixed = doctor.saved(root), _fixed(root)
     if not audit and not fixed:
         return _note("This data set was not audited (Doctor page, or python -m core doctor FOLDER).")
-    body = {"fixed": fixed and (f"This data set is a fixed copy of {fixed['from']}: {len(fixed['excluded'])} "
-                                f"image(s) left out, {len(fixed['moved'])} moved to another class, "
-                                f"{fixed['kept_together']} group(s) kept in one split.")}
+    body = {"fixed": fixed}
     if audit:
         rows = audit["findings"]
         labels = [r for r in rows if r["issue"] == "label"][:MISCLASSIFIED]
@@ -345,6 +343,19 @@ def _doctor(run: Run, thumbs: "Thumbnails") -> dict:
                          [[r["path"], r["issue"], r["label"], r["suggested"] or "", num(r["score"], ".3f"),
                            r["detail"]] for r in rows[:200]], numeric={4}))
     return body
+
+
+def _fixed(root) -> str | None:
+    """What the Doctor's fixes changed, when the run's data set is their version (or a fixed copy
+    written by doctor.write_fixed_copy)."""
+    from core.data import feedback
+    from core.trust import doctor
+    if version := feedback.doctors_version(root):
+        return f"This data set is version {version.ref}, made from {version.parent}: {version.note}."
+    if fixed := doctor.fixed_from(root):
+        return (f"This data set is a fixed copy of {fixed['from']}: {len(fixed['excluded'])} image(s) left out, "
+                f"{len(fixed['moved'])} moved to another class, {fixed['kept_together']} group(s) kept in one split.")
+    return None
 
 
 def _summary(run: Run, status: dict, metrics: dict | None, split: str) -> dict:

@@ -36,22 +36,28 @@ from core.training.resolved import at_native_size, resolved
 from core.training.steps import Diverged, Reporter, Stopped, seed_everything
 
 
-def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
-    """Scan, split, decode once. Returns (classes, {split: (images, labels, files)})."""
+def prepare_data(run: Run, cfg: RunConfig, report: Reporter, resumed: bool = False):
+    """Scan, split, decode once. Returns (classes, {split: (images, labels, files)}). A resumed
+    run goes on with the split it started with, on the same files (checked against its pin)."""
     report("preparing", force=True, message="Scanning the data set", phase="scan")
     scan = folders.scan_folder(resolve_data_root(cfg.data_root), check=False)
-    splits = splitting.split_items(scan, cfg.split, cfg.split_seed, cfg.max_per_class)
+    stored = run.read_json("splits.json", {}) or {}
+    if resumed and stored.get("pin"):
+        classes, splits = pinned_splits(run, scan.root, stored)
+    else:
+        classes, splits = scan.classes, splitting.split_items(scan, cfg.split, cfg.split_seed, cfg.max_per_class)
     if not splits["train"]:
         raise DataError("The training split is empty.")
     n_images = sum(len(items) for items in splits.values())
     estimate.check_memory(int(n_images * 3 * cfg.image_size ** 2 * estimate.DECODED_ASPECT), f"Decoding {n_images:,} images at "
                    f"{cfg.image_size} px", "use a smaller image size, or fewer images per class.")
-    run.write_json("classes.json", scan.classes)
-    rows = dict(root=scan.root, **{s: [(it.path, it.label) for it in items] for s, items in splits.items()})
-    if dist.is_main():      # the exact files (sha256) the run used: Evaluate and Resume check them
-        report("preparing", force=True, message="Fingerprinting the data set", phase="scan")
-        rows["pin"] = versions.pin_for(scan.root, splits)
-    run.write_json("splits.json", rows)
+    if not (resumed and stored.get("pin")):
+        run.write_json("classes.json", classes)
+        rows = dict(root=scan.root, **{s: [(it.path, it.label) for it in items] for s, items in splits.items()})
+        if dist.is_main():      # the exact files (sha256) the run used: Evaluate and Resume check them
+            report("preparing", force=True, message="Fingerprinting the data set", phase="scan")
+            rows["pin"] = versions.pin_for(scan.root, splits, present=[it.path for it in scan.items])
+        run.write_json("splits.json", rows)
     out, skipped = {}, []
     for name, items in splits.items():
         def progress(done, total, _message="", name=name):
@@ -63,7 +69,20 @@ def prepare_data(run: Run, cfg: RunConfig, report: Reporter):
         out[name] = ([images[i] for i in keep], [items[i].label for i in keep],
                      [items[i].path for i in keep])
     run.write_json("skipped.json", skipped)
-    return scan.classes, out
+    return classes, out
+
+
+def pinned_splits(run: Run, root: str, stored: dict) -> tuple[list[str], dict[str, list[folders.Item]]]:
+    """The classes and split a run started with, when its pinned files are still there as they
+    were: a re-split would move images between train and test once one was added. DataError,
+    saying what changed, when one was removed, edited or moved to another class."""
+    change = versions.check_pin(root, stored["pin"])
+    if change.removed or change.changed or change.relabelled:
+        lines = "; ".join(line for line in change.lines(quote="") if "added:" not in line)
+        raise DataError(f"The data set changed since this run started ({lines}): Resume needs the files it "
+                        "trained on. Start a new run on the data as it is now, or put the files back.")
+    classes = run.read_json("classes.json", [])
+    return classes, {s: [folders.Item(path, label) for path, label in stored.get(s, [])] for s in folders.SPLITS}
 
 
 def train_run(run: Run, stop: threading.Event | None = None, resume: bool = False) -> dict:
@@ -129,7 +148,7 @@ def _train(run: Run, cfg: RunConfig, report: Reporter, resumed: dict | None = No
         set_cpu_threads()
     if cfg.pick_backbone and cfg.time_budget_s and not resumed:
         cfg = pick_backbone(run, cfg, report, device)
-    classes, data = prepare_data(run, cfg, report)
+    classes, data = prepare_data(run, cfg, report, resumed=resumed is not None)
     if cfg.baseline == "logreg":
         from core.training.baselines import train_logreg
         return train_logreg(run, cfg, classes, data)

@@ -552,33 +552,3 @@ class Fixes:
     def any(self, result: Audit) -> bool:
         """Whether a fixed copy would differ from the original."""
         return bool(self.exclude or self.move or self.groups(result))
-
-
-class NoRoom(ValueError):
-    """The fixed copy would take more than what is left of the user's allowance."""
-
-
-def fixed_copy_bytes(result: Audit, exclude=()) -> int:
-    """Bytes of the images a fixed copy keeps (hard links count against a quota like copies)."""
-    root, skip = Path(result.root), set(exclude)
-    return sum((root / it.path).stat().st_size for it in result.items
-               if it.path not in skip and (root / it.path).exists())
-
-
-def fixed_copy_dest(parent: Path, name: str) -> Path:
-    """A free folder name for the fixed copy of data set `name` below `parent`: name-fixed, then
-    name-fixed-2, name-fixed-3, ..."""
-    dest, n = parent / f"{name}-fixed", 2
-    while dest.exists():
-        dest, n = parent / f"{name}-fixed-{n}", n + 1
-    return dest
-
-
-def fixed_copy_plan(result: Audit, exclude, parent: Path, room: int) -> Path:
-    """Where the fixed copy of the audited data set goes below `parent` (write it there with
-    write_fixed_copy); raises NoRoom when its images take more than `room` bytes."""
-    needed = fixed_copy_bytes(result, exclude)
-    if needed > room:
-        raise NoRoom(f"The fixed copy needs {needed / 2**20:,.0f} MB; your allowance has "
-                     f"{room / 2**20:,.0f} MB left. Delete old uploads on the Data page first.")
-    return fixed_copy_dest(Path(parent), Path(result.root).name)
