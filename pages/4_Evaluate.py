@@ -23,7 +23,7 @@ from core.results.report import save_run_report
 from core.serve.store import Run
 from core.trust import export_check
 from pages import common
-from pages.common import maps
+from pages.common import data_versions, maps
 from pages.common.progress import progress_bar
 from pages.common.teaching import explain
 
@@ -46,7 +46,7 @@ def main() -> None:
         common.link("train", "Go to Train", ":material/model_training:")
         common.stop()
     split = st.radio("Split", list(SPLITS), horizontal=True, key="eval_split", format_func=SPLITS.get)
-    check = data_check(str(run.path), splits_stamp(run))
+    check = data_versions.checked(run)
     on = data_choice(check)
     frame, metrics = evaluation_of(run, split, check, on)
     headline(metrics, split, check, on)
@@ -70,18 +70,6 @@ def main() -> None:
                    "Before fine-tuning, classes often overlap; after it, each class should form its own group.")
         maps.before_after_maps(run)
     common.finish()
-
-
-def splits_stamp(run: Run) -> int:
-    try:
-        return run.file("splits.json").stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
-@st.cache_data(ttl=15, max_entries=32, show_spinner="Checking the run's files…")
-def data_check(run_path: str, stamp: int) -> feedback.DataCheck:     # stamp: splits.json's, part of the key
-    return feedback.data_check(Run(run_path))
 
 
 def data_choice(check: feedback.DataCheck) -> str | None:

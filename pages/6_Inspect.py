@@ -25,6 +25,7 @@ from core.results import inspection
 from core.results.inspection import Inspected, ModelChoice
 from core.trust import sanity
 from pages import common
+from pages.common import data_versions
 from pages.common.progress import progress_bar
 from pages.common.teaching import explain
 
@@ -49,6 +50,8 @@ def main() -> None:
     choice = pick_model("Model", "ins", settings["arch"])
     if choice is None:
         common.stop()
+    if choice.kind == "run":
+        data_versions.changed_warning(common.get_run(choice.name))
     inspected = load_or_stop(choice)
     root = paths.resolve_data_root(settings["data_root"])
     source, picture = pick_picture(root)

@@ -32,7 +32,7 @@ def made_run(folder: Path, owner: str = "local", **overrides) -> Run:
     run = Run.create(cfg, owner=owner)
     run.write_json("classes.json", scan.classes)
     rows = dict(root=scan.root, **{s: [(it.path, it.label) for it in items] for s, items in splits.items()})
-    rows["pin"] = V.pin_for(scan.root, splits)
+    rows["pin"] = V.pin_for(scan.root, splits, present=[it.path for it in scan.items])
     run.write_json("splits.json", rows)
     return run
 
@@ -293,6 +293,8 @@ def test_data_labels_changes_and_mixed_versions(flat_run, image_folder):
     assert check.changed and not check.gone and check.pinned == saved.base      # its snapshot holds the files
     lines = check.change.lines()
     assert lines == [f"1 image removed: `{used[1]}`", f"1 image changed content: `{used[0]}`"]
+    (root / "class_c" / "late.png").write_bytes(png(2, 98))
+    assert F.data_check(flat_run).change.lines()[0] == "1 image added: `class_c/late.png`"
     shutil.rmtree(root)
     assert F.data_check(flat_run).gone
     assert F.data_label(Run.create(tiny_run_config(root))) == "not recorded"

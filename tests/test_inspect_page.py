@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 import core
@@ -128,6 +129,16 @@ def test_trained_run_with_comparison_and_attributions(image_folder):
     at.button(key="ins_attr").click().run()
     assert_ok(at)
     assert len(images(at)) == before + 4
+    assert not at.warning
+
+    # a file of the run's data set edited since it trained: the page says so
+    edited = run.read_json("splits.json")["test"][0][0]
+    Path(root / edited).write_bytes((root / run.read_json("splits.json")["train"][0][0]).read_bytes())
+    st.cache_data.clear()             # the check is cached for 15 s
+    at.run()
+    assert_ok(at)
+    assert any("changed since it trained" in w.value and edited in w.value for w in at.warning), \
+        [w.value for w in at.warning]
 
 
 def test_upload_without_file_stops_quietly():

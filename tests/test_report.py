@@ -140,6 +140,11 @@ def test_report_of_moved_data_shows_placeholders(copied):
     assert "can be read any more" in html          # the inspection's note
     grey = [decoded(src).convert("RGB").getpixel((0, 0)) for src in THUMB_SRC.findall(html)]
     assert grey and all(max(abs(v - 200) for v in px) <= 3 for px in grey)   # JPEG: about 200
+    assert "The data set changed since this run trained" in html and "images removed" in html
+
+
+def test_report_names_the_data_and_says_nothing_changed(report):
+    assert "(data: files " in report and "changed since this run trained" not in report
 
 
 def test_report_without_predictions_or_checkpoint(copied):

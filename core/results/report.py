@@ -387,7 +387,10 @@ def _data(run: Run, splits: dict, classes: list[str], thumbs: Thumbnails) -> dic
     totals = ("all", *(sum(counts[s]) for s in folders.SPLITS), sum(map(sum, counts.values())))
     rows.append([_Bold(v) for v in totals])
     skipped = run.read_json("skipped.json", []) or []
-    return {"classes": len(classes), "root": splits.get("root", "?"),
+    from core.data import feedback
+    check = feedback.data_check(run)
+    return {"classes": len(classes), "root": splits.get("root", "?"), "pinned": check.label,
+            "changed": check.change.lines(quote="") if check.changed else [],
             "table": _table(["class", *folders.SPLITS, "total"], rows, numeric={1, 2, 3, 4}),
             "chart": figure_uri(counts_figure(counts, classes)), "skipped": len(skipped),
             "skipped_table": _table(["file", "reason"], skipped[:20]),

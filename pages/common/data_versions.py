@@ -78,6 +78,29 @@ def saved_panel(run: Run, key: str) -> None:
         st.rerun()
 
 
+@st.cache_data(ttl=15, max_entries=32, show_spinner="Checking the run's files…")
+def data_check(run_path: str, stamp: int) -> feedback.DataCheck:     # stamp: splits.json's, part of the key
+    return feedback.data_check(Run(run_path))
+
+
+def checked(run: Run) -> feedback.DataCheck:
+    """What changed in the run's files since it trained (check_pin), re-read every 15 s."""
+    try:
+        stamp = run.file("splits.json").stat().st_mtime_ns
+    except OSError:
+        stamp = 0
+    return data_check(str(run.path), stamp)
+
+
+def changed_warning(run: Run) -> None:
+    """The warning a page that reads a run's images shows when they changed since training."""
+    check = checked(run)
+    if check.changed:
+        st.warning(f"**Run {run.id}'s data set changed since it trained** (`{check.root}`); what is shown "
+                   "here reads the files as they are now:\n\n" + "\n".join(f"- {line}" for line in check.change.lines()),
+                   icon=":material/difference:")
+
+
 def _fingerprint(run: Run, examples, relabel: dict | None) -> str:
     digest = hashlib.sha256(run.id.encode())
     for e in feedback.judged(examples):
