@@ -16,6 +16,7 @@
     python -m core data snapshot FOLDER flowers --note "as collected"   # a data set's first version
     python -m core data versions flowers             # its versions: id, parent, files, note, author
     python -m core data diff flowers v1 v2           # what changed between two versions
+    python -m core data delete flowers v3            # a version no run uses; frees what only it held
 """
 from __future__ import annotations
 
@@ -447,7 +448,17 @@ def cmd_accounts(args) -> int:
 def cmd_data(args) -> int:
     """Data set versions (core.data.versions): list a data set's versions, compare two, or
     snapshot a class folder as a new version."""
-    return {"versions": data_versions, "diff": data_diff, "snapshot": data_snapshot}[args.data_command](args)
+    return {"versions": data_versions, "diff": data_diff, "snapshot": data_snapshot,
+            "delete": data_delete}[args.data_command](args)
+
+
+def data_delete(args) -> int:
+    """Delete a version nothing derives from and no run uses (as the teacher would)."""
+    from core.data import feedback, versions
+    from core.serve.access import User
+    freed = feedback.delete_version(User("cli", admin=True), versions.get(args.name, args.id))
+    print(f"deleted {args.name}/{args.id}; {freed / 2**20:,.1f} MB freed")
+    return 0
 
 
 def data_snapshot(args) -> int:
@@ -543,6 +554,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--note", default="")
     p.add_argument("--author", default="cli")
+    p = data.add_parser("delete", help="delete a version no run uses and nothing derives from")
+    p.add_argument("name")
+    p.add_argument("id", metavar="V")
     return ap
 
 

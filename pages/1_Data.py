@@ -245,12 +245,40 @@ def versions_panel(settings: dict, root: Path) -> None:
                               for v in reversed(chain)])
         st.dataframe(table, hide_index=True, width="stretch")
         others = [v.id for v in reversed(chain) if not current or v.id != current.id]
-        if not others:
-            return
-        left, right = st.columns([3, 1], vertical_alignment="bottom")
-        pick = left.selectbox("Switch to version", others, key="ver_switch",
-                              format_func=lambda i: f"{i} · {versions.get(name, i).note}")
-        right.button("Use this version", key="ver_use", on_click=switch_version, args=(settings, name, pick))
+        if others:
+            left, right = st.columns([3, 1], vertical_alignment="bottom")
+            pick = left.selectbox("Switch to version", others, key="ver_switch",
+                                  format_func=lambda i: f"{i} · {versions.get(name, i).note}")
+            right.button("Use this version", key="ver_use", on_click=switch_version, args=(settings, name, pick))
+        delete_controls(chain, current, who)
+
+
+def delete_controls(chain: list, current, who) -> None:
+    """Delete a version of one's own that nothing derives from (the newest first): what it alone
+    stored is freed, and no longer counts toward the quota. Refused while a run uses it."""
+    if message := common.lab().take("ver_deleted"):
+        st.success(message, icon=":material/delete:")
+    if problem := common.lab().take("ver_delete_error"):
+        st.error(problem)
+    leaves = [v for v in reversed(chain) if (who.admin or v.author == who.id)
+              and not any(c.parent == v.id for c in chain) and not (current and v.id == current.id)]
+    if not leaves:
+        return
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    pick = left.selectbox("Delete a version (only the newest of a line; runs trained on it must be deleted first)",
+                          [v.id for v in leaves], key="ver_delete_pick")
+    right.button("Delete", key="ver_delete", icon=":material/delete:", on_click=delete_version,
+                 args=(chain[0].name, pick))
+
+
+def delete_version(name: str, vid: str) -> None:
+    try:
+        freed = feedback.delete_version(common.user(), versions.get(name, vid))
+    except (ValueError, OSError) as err:      # FeedbackError, VersionError
+        common.lab().note("ver_delete_error", str(err))
+        return
+    common.lab().note("ver_deleted", f"Deleted {name}/{vid}; {freed / 2**20:,.1f} MB freed.")
+    common.forget("ver_delete_pick")
 
 
 def switch_version(settings: dict, name: str, vid: str) -> None:

@@ -298,3 +298,19 @@ def test_data_labels_changes_and_mixed_versions(flat_run, image_folder):
     shutil.rmtree(root)
     assert F.data_check(flat_run).gone
     assert F.data_label(Run.create(tiny_run_config(root))) == "not recorded"
+
+
+def test_deleting_a_version_checks_who_and_which_runs_use_it(flat_run):
+    saved = F.save_feedback(flat_run, LOCAL, ROOMY, [F.Example("a.png", "class_a", "class_b", data=png(1, 71))])
+    new = saved.version
+    alices = V.derive(new, remove=[new.files[0]["path"]], author="alice")
+    with pytest.raises(F.FeedbackError, match="someone else"):
+        F.delete_version(access.User("bob"), alices)
+    F.delete_version(access.User("alice"), alices)
+    on_it = made_run(new.folder)
+    with pytest.raises(F.FeedbackError, match=f"1 run\\(s\\) trained on {new.ref} \\({on_it.id}\\)"):
+        F.delete_version(LOCAL, new)
+    assert F.runs_on(saved.base) == [] and [r.id for r in F.runs_on(new)] == [on_it.id]
+    shutil.rmtree(on_it.path)
+    F.delete_version(LOCAL, new)
+    assert [v.id for v in V.versions(new.name)] == [saved.base.id]

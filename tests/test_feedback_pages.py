@@ -196,11 +196,17 @@ def test_data_page_lists_a_data_sets_versions_and_switches_between_them(run):
     assert at.session_state["lab"].settings["data_root"] == str(v1.folder)
     assert at.session_state["lab"].settings["data_label"] == "Data set data/v1"
     assert at.radio(key="data_source").value == "version" and at.selectbox(key="ver_id").value == "v1"
+    # v2, the newest and not in use, can be deleted from the list (v1 is the current data set)
+    assert at.selectbox(key="ver_delete_pick").options == ["v2"]
+    at.button(key="ver_delete").click().run()
+    assert_ok(at)
+    assert any("Deleted data/v2" in s.value for s in at.success), [s.value for s in at.success]
+    assert [v.id for v in V.versions("data")] == ["v1"]
     # the folder the run trained on is stored under its name: its versions show there too
     at.radio(key="data_source").set_value("path").run()
     at.text_input(key="w_typed_path").input(str(feedback.run_root(run))).run()
     assert_ok(at)
-    assert any("Versions of data set data (2)" in e.label for e in at.expander)
+    assert any("Versions of data set data (1)" in e.label for e in at.expander)
 
 
 def test_experiments_shows_each_runs_data_and_warns_when_they_differ(run):

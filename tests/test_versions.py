@@ -244,6 +244,10 @@ def test_cli(image_folder, tmp_path, capsys):
     assert main(["data", "versions", "nothing"]) == 2
     assert main(["data", "diff", "flowers", "v1", "v9"]) == 2
     assert "no version v9" in capsys.readouterr().err
+    assert main(["data", "delete", "flowers", "v1"]) == 2
+    assert "later versions" in capsys.readouterr().err
+    assert main(["data", "delete", "flowers", "v2"]) == 0
+    assert "deleted flowers/v2; 0.0 MB freed" in capsys.readouterr().out
 
 
 def test_usage_counts_toward_the_author_only(image_folder, tmp_path):
@@ -285,3 +289,20 @@ def test_a_student_may_train_on_versions_of_their_data_set_only(image_folder):
     assert access.data_problem(alice, (v1.folder / "class_a").resolve(), rules) is None
     assert access.data_problem(carol, v1.folder.resolve(), rules) is not None
     assert access.data_problem(carol, (V.store() / "objects").resolve(), rules) is not None
+
+
+def test_removing_the_newest_version_frees_what_only_it_held(flowers, tmp_path):
+    extra = new_image(tmp_path, 0, 90)
+    v2 = V.derive(flowers, add=[(extra, "class_a")], author="alice")
+    added = V.diff(flowers, v2).added[0]
+    with pytest.raises(V.VersionError, match="later versions"):
+        V.remove(flowers)
+    assert V.collect_garbage() == 0                         # every object is named
+    freed = V.remove(v2)
+    assert freed == 0 and V.object_path(added["sha256"]).exists()      # too young: it may be in flight
+    assert V.collect_garbage(min_age_s=0) == added["size"] and not V.object_path(added["sha256"]).exists()
+    assert [v.id for v in V.versions("flowers")] == ["v1"] and not (V.store() / "sets/flowers/v2").exists()
+    assert all(V.object_path(e["sha256"]).exists() for e in flowers.files)
+    with pytest.raises(V.VersionError, match="no version v2"):
+        V.get("flowers", "v2")
+    assert V.derive(flowers, add=[(extra, "class_a")], author="alice").id == "v2"    # the id is free again

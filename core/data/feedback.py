@@ -51,7 +51,7 @@ from core.data import DataError, folders, versions
 from core.data import splits as splitting
 from core.data.images import IMAGE_EXTENSIONS
 from core.serve import access
-from core.serve.store import Run
+from core.serve.store import Run, list_runs
 
 SPLITS = folders.SPLITS
 UPLOAD_HASH = re.compile(r"-([0-9a-f]{16})$")      # zips.upload_dir's suffix, shortened in names
@@ -464,6 +464,31 @@ def readable_names(user: access.User) -> list[str]:
     """The data sets this user may read (and list on the Data page)."""
     return [name for name in versions.names() if user.admin
             or any(v.author == user.id for v in versions.versions(name))]
+
+
+# ---------------------------------------------------------------- deleting a version
+
+def runs_on(version: versions.Version) -> list[Run]:
+    """The runs that trained (or wait to train) on `version`: its folder as their data, or it as
+    their pin."""
+    folder = (versions.store() / "sets" / version.name / version.id).resolve()
+    found = []
+    for run in list_runs():
+        root = Path(paths.resolve_data_root(run.config.data_root)).expanduser()
+        if root.resolve() == folder or (pin_of(run) or {}).get("version") == version.ref:
+            found.append(run)
+    return found
+
+
+def delete_version(user: access.User, version: versions.Version) -> int:
+    """Delete a version of one's own (the teacher: any) that no run uses and nothing derives from;
+    the bytes freed (what it alone held). FeedbackError with a sentence otherwise."""
+    if not (user.admin or version.author == user.id):
+        raise FeedbackError(f"{version.ref} was made by someone else: only they or the teacher can delete it.")
+    if used := runs_on(version):
+        raise FeedbackError(f"{len(used)} run(s) trained on {version.ref} ({', '.join(r.id for r in used[:3])}): "
+                            "delete those runs first, so that no run loses the files it was pinned to.")
+    return versions.remove(version)
 
 
 # ---------------------------------------------------------------- what a run's pin says

@@ -19,6 +19,7 @@ API (core, no UI):
     pin_for(root, splits, present) -> {"manifest", "version", "files": {rel_path: sha256}, "unused"}  # splits.json
     check_pin(root, pin) -> Diff     # what happened to a run's files since: added, removed, changed, relabelled
     usage(author) -> bytes           # what that author's versions brought into the store (quota)
+    remove(version) -> bytes freed   # a version nothing derives from; then unnamed objects go
 
 An entry is a dict {path: "class/file.png" (or "train/class/file.png" in a pre-split set), label:
 class name, sha256, size}. Invalid names (a data set's, a class's, a relative path's: '..',
@@ -37,8 +38,10 @@ an object several students' versions share is stored once:
     hashes.sqlite                      sha256 by (path, size, mtime_ns, inode): a second look is a stat
     .locks/<name>.lock                 one writer per data set at a time
 
-Ids are v1, v2, ... in order of creation (under the lock); `hash` identifies the content. Objects
-are never deleted: a run pinned to a version can always find its files. Quotas count what an
+Ids are v1, v2, ... in order of creation (under the lock); `hash` identifies the content. An
+object stays while a manifest names it: a version is deleted (`remove`) only when no version
+derives from it and (core.data.feedback.delete_version checks) no run trained on it, so a pinned
+run can always find its files. Quotas count what an
 author brought in (objects new in their versions relative to each version's parent), so a student
 who derives from the teacher's 5 GB set pays for their own additions, not for the teacher's set.
 Objects and manifests are made read-only; a process running as root can still write through a
@@ -433,6 +436,42 @@ def _keep_first(tmp: Path, final: Path) -> None:
         pass
     except OSError:            # no hard links on this file system: a rename does it
         os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------- deleting
+
+ORPHAN_AGE_S = 600       # an object younger than this may belong to a version being written
+
+
+def remove(version: Version) -> int:
+    """Delete a version no other version derives from (callers check that no run uses it): its
+    manifest, its folder, then every stored object no manifest names any more. Returns the bytes
+    freed. Delete the newest first to take back a whole chain."""
+    with _lock(version.name):
+        chain = versions(version.name)
+        if any(v.parent == version.id for v in chain):
+            raise VersionError(f"{version.ref} has later versions made from it: delete those first.")
+        path = store() / "manifests" / version.name / f"{version.id}.json"
+        if not path.exists():
+            raise VersionError(f"{version.ref} is already deleted.")
+        shutil.rmtree(store() / "sets" / version.name / version.id, ignore_errors=True)
+        path.unlink()
+        _load.cache_clear()
+    return collect_garbage()
+
+
+def collect_garbage(min_age_s: float = ORPHAN_AGE_S) -> int:
+    """Remove stored objects that no manifest names and no folder links to (older than
+    `min_age_s`: a version being written has imported objects before its manifest exists)."""
+    named = {e["sha256"] for name in names() for v in versions(name) for e in v.files}
+    freed, now = 0, time.time()
+    for path in (store() / "objects").glob("??/*"):
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if path.name not in named and st.st_nlink == 1 and now - st.st_mtime > min_age_s:
+                path.unlink()
+                freed += st.st_size
+    return freed
 
 
 # ---------------------------------------------------------------- comparing
