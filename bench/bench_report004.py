@@ -2,6 +2,7 @@
 
     python bench/bench_report004.py                       # imagenette_mini, split seeds 0 1 2
     python bench/bench_report004.py --data hymenoptera --seeds 0
+    python bench/bench_report004.py --data eurosat_rgb --axes freeze      # the ordering only
 
 Starts from the "Report 004 (SqueezeNet)" preset and sweeps (core.training.sweeps, the same code
 the Experiments page queues) freeze mode (scratch / head / full), optimizer (SGD vs Adam) and
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--data", default="imagenette_mini")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--axes", nargs="*", choices=list(AXES), default=list(AXES), help="the axes to vary")
     args = ap.parse_args()
     data = SHARED / args.data if (SHARED / args.data).is_dir() else Path(args.data)
     settings = dict(json.loads(PRESET.read_text())["settings"], data_root=str(data), epochs=args.epochs)
@@ -44,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             base = validate_config(dict(settings, split_seed=seed))
-            for axis, values in AXES.items():
+            for axis, values in ((a, AXES[a]) for a in args.axes):
                 for cfg in sweeps.expand(base, {axis: values}):
                     start = time.perf_counter()
                     run = core.train(cfg, root=Path(tmp) / "runs")

@@ -325,7 +325,7 @@ def _map(run: Run) -> dict:
 
 def _doctor(run: Run, thumbs: "Thumbnails") -> dict:
     """The last audit of the run's data folder (the Doctor page or `python -m core doctor`), and
-    what a fixed copy changed."""
+    what the Doctor's fixes changed."""
     from core.trust import doctor
     root = paths.resolve_data_root(run.config.data_root)
     audit, fixed = doctor.saved(root), _fixed(root)

@@ -515,7 +515,7 @@ def group_kinds(result: Audit, group: list[str]) -> set[str]:
 
 @dataclass
 class Fixes:
-    """The fixes chosen for the next fixed copy: images to leave out, images to move to another
+    """The fixes chosen for the next version (or fixed copy): images to leave out, images to move to another
     class ({path: class}), and whether duplicate groups stay in one split. An image is either
     left out or moved, never both."""
     exclude: set[str] = field(default_factory=set)
@@ -550,5 +550,5 @@ class Fixes:
         return result.groups if self.together else []
 
     def any(self, result: Audit) -> bool:
-        """Whether a fixed copy would differ from the original."""
+        """Whether the fixes would change the data set."""
         return bool(self.exclude or self.move or self.groups(result))
