@@ -185,7 +185,9 @@ def label_issues(scan: folders.DataScan, labels: np.ndarray, probs: np.ndarray, 
     sub_probs = probs[usable][:, present]
     sub_probs = sub_probs / sub_probs.sum(axis=1, keepdims=True)
     sub_labels = np.array([remap[c] for c in labels[usable]])
-    ranked = find_label_issues(sub_labels, sub_probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab would fork a process pool, and a fork of a process with threads (the
+    # task worker's stop watcher, torch's pool) can deadlock the child: the audit then never ends
+    ranked = find_label_issues(sub_labels, sub_probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     index = np.flatnonzero(usable)
     rows = []
     for i in ranked:
