@@ -18,7 +18,7 @@ import threading
 import time
 
 from core import paths
-from core.serve import runqueue, slots
+from core.serve import forked, runqueue, slots
 from core.serve.runqueue import Job
 from core.serve.store import ACTIVE_STATES, HOST, Run, get_run
 
@@ -78,19 +78,33 @@ class LocalLauncher:
     def __init__(self, plan=None, name: str = "local", verb: str = "job"):
         self.name, self.verb = name, verb
         self.slots = slots.Cached(plan or slots.plan, SLOTS_TTL_S)    # the teacher may change them on Home
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen | forked.Child] = {}
 
     def start(self, job: Job, slot: slots.Slot, run: Run) -> Job:
         env = dict(os.environ, **slot.env, **slots.thread_env(slot.threads),
                    FINETUNE_LAB_NICE=str(NICE), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "core", self.verb, job.run_id] + job_args(job)
-        with open(run.file("train.log"), "ab") as out:
-            # a session of its own: Ctrl+C on the server (or its crash) leaves the run training
-            proc = subprocess.Popen(cmd, cwd=paths.REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        argv = [self.verb, job.run_id] + job_args(job)
+        proc = self._forked(argv, env, slot, run)
+        if proc is None:
+            with open(run.file("train.log"), "ab") as out:
+                # a session of its own: Ctrl+C on the server (or its crash) leaves the run training
+                proc = subprocess.Popen([sys.executable, "-m", "core", *argv], cwd=paths.REPO_ROOT, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         self.procs[job.run_id] = proc
         job.pid = proc.pid
         return job
+
+    @staticmethod
+    def _forked(argv: list[str], env: dict, slot: slots.Slot, run: Run):
+        """The child from the warm fork server (core.serve.forked) on a CPU slot, else None."""
+        if slot.device != "cpu" or not forked.available():
+            return None
+        try:
+            return forked.start(argv, env, run.file("train.log"), paths.REPO_ROOT)
+        except Exception:  # noqa: BLE001 - a fresh interpreter still starts it
+            log.exception("the fork server could not start %s; starting a new process", argv)
+            return None
 
     def poll(self, job: Job) -> tuple[bool, int | None]:
         """(ended, exit code); a child of another (dead) server reads as ended with code None."""
@@ -154,6 +168,8 @@ class Executor:
         with self._lock:
             if self._closed.is_set():
                 return
+            if self._thread is None:
+                forked.warm()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="finetune-lab-dispatcher",
                                                 daemon=True)
