@@ -314,3 +314,19 @@ def test_deleting_a_version_checks_who_and_which_runs_use_it(flat_run):
     shutil.rmtree(on_it.path)
     F.delete_version(LOCAL, new)
     assert [v.id for v in V.versions(new.name)] == [saved.base.id]
+
+
+def test_a_student_on_the_demo_adds_corrected_images_to_a_version_of_their_own():
+    """The issue's walk as a student of a class: the demo is a shared folder, so the first save
+    stores it as the student's own data set (on their quota) and the new version derives from it."""
+    from core import paths as lab_paths
+    alice = access.User("alice")
+    run = made_run(lab_paths.DEMO_DATA, owner="alice")
+    assert F.base_problem(run, alice, ROOMY) is None
+    corrected = F.Example("shoe.png", predicted=run.classes[0], label=run.classes[1], data=png(1, 72))
+    saved = F.save_feedback(run, alice, ROOMY, [corrected])
+    assert saved.snapshotted and saved.base.name == "alice.fashion_mnist" and saved.version.author == "alice"
+    assert saved.corrected == 1 and V.usage("alice") == saved.version.size()
+    assert F.readable_names(alice) == ["alice.fashion_mnist"] and F.readable_names(access.User("bob")) == []
+    assert access.run_data_problem(alice, str(saved.version.folder), ROOMY) is None
+    assert lab_paths.DEMO_DATA.is_dir() and not V.version_of(lab_paths.DEMO_DATA)      # the demo is untouched

@@ -32,3 +32,18 @@ def test_a_child_runs_the_cli_with_the_environment_and_log_it_is_given(tmp_path,
     assert "pets/v1: 4 files" in log.read_text()
     assert (home / "datasets" / "versions" / "manifests" / "pets" / "v1.json").exists()
     assert not (tmp_path / "the-tests-home").exists()
+
+
+def test_a_pages_script_swapped_in_as_main_is_not_run_again(tmp_path, monkeypatch):
+    """Streamlit runs a page with the page's script as __main__: a child started meanwhile (the
+    dispatcher thread) must not run that page again (multiprocessing would, to 'prepare' it)."""
+    import types
+    page = tmp_path / "page.py"
+    page.write_text("raise SystemExit('the page ran in the child')\n")
+    main = types.ModuleType("__main__")
+    main.__file__, main.__spec__ = str(page), None
+    monkeypatch.setitem(__import__("sys").modules, "__main__", main)
+    log = tmp_path / "train.log"
+    env = {"PATH": "/usr/bin:/bin", "FINETUNE_LAB_HOME": str(tmp_path / "home")}
+    assert wait(forked.start(["data", "versions", "nothing"], env, log, tmp_path)) == 2
+    assert "the page ran" not in log.read_text() and "No data set called 'nothing'" in log.read_text()

@@ -4,8 +4,8 @@
 scikit-learn before it trains a single batch: on a class's 2-core server, thirty runs and every
 Doctor audit pay it again. Here a multiprocessing "forkserver" imports the worker's modules once
 (in its own single-threaded process, never the web server's) and forks each child from that state
-in milliseconds. A child is the same entry point (core.cli.main with the same arguments and
-environment), in a session of its own with its output in the run's train.log, so everything that
+in milliseconds. A child is the same program (`python -m core ARGS`, run with runpy, with the
+same environment), in a session of its own with its output in the run's train.log, so everything that
 watches children (exit codes and signals, killpg, the run folder) is unchanged.
 
 Only CPU slots use it: a process that forks must never have touched CUDA, and a GPU child's
@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.context
 import multiprocessing.process
 import os
+import runpy
 import sys
 import threading
+from multiprocessing import popen_forkserver, spawn
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 PRELOAD = ["core.cli", "core.serve.jobs", "core.serve.tasks", "core.training.run", "core.trust.doctor",
            "core.training.lr_find", "core.results.evaluate"]
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()
 _CONTEXT: list = []
 
 
@@ -66,9 +69,35 @@ class Child:
         return code
 
 
+class _Popen(popen_forkserver.Popen):
+    def _launch(self, process_obj) -> None:
+        """As multiprocessing's, without the parent's main module: a Streamlit page swaps its own
+        script in as __main__ while it runs, and the child would run that page again."""
+        with _LOCK:
+            original = spawn.get_preparation_data
+            spawn.get_preparation_data = _without_main(original)
+            try:
+                super()._launch(process_obj)
+            finally:
+                spawn.get_preparation_data = original
+
+
+def _without_main(get_data):
+    def prepared(name):
+        return {k: v for k, v in get_data(name).items() if k not in ("init_main_from_path", "init_main_from_name")}
+    return prepared
+
+
+class _Process(multiprocessing.context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _Popen(process_obj)
+
+
 def start(argv: list[str], env: dict, log_path: Path, cwd: Path) -> Child:
-    process = _context().Process(target=child_main, args=(list(argv), dict(env), str(log_path), str(cwd)),
-                                 name=f"finetune-lab {' '.join(argv[:2])}")
+    _context()
+    process = _Process(target=child_main, args=(list(argv), dict(env), str(log_path), str(cwd)),
+                       name=f"finetune-lab {' '.join(argv[:2])}")
     process.start()
     # multiprocessing joins its children when the server exits; a run must go on training (as a
     # Popen child in its own session does), so this one is not on that list
@@ -89,8 +118,8 @@ def child_main(argv: list[str], env: dict, log_path: str, cwd: str) -> None:
     os.environ.update(env)
     os.chdir(cwd)
     _size_thread_pools(env.get("FINETUNE_LAB_THREADS", ""))
-    from core.cli import main
-    sys.exit(main(argv))
+    sys.argv = [f"{sys.executable} -m core", *argv]
+    runpy.run_module("core", run_name="__main__", alter_sys=True)      # exits with the command's status
 
 
 def _size_thread_pools(threads: str) -> None:
