@@ -31,7 +31,7 @@ def test_a_child_runs_the_cli_with_the_environment_and_log_it_is_given(tmp_path,
     assert wait(child) == 0
     assert "pets/v1: 4 files" in log.read_text()
     assert (home / "datasets" / "versions" / "manifests" / "pets" / "v1.json").exists()
-    assert not (tmp_path / "the-tests-home").exists()
+    assert f"folder: {home}" in log.read_text() and "the-tests-home" not in log.read_text()
 
 
 def test_a_pages_script_swapped_in_as_main_is_not_run_again(tmp_path, monkeypatch):
