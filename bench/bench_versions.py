@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TARGET_RATIO = 1.5        # ten versions may cost at most this many single copies
+FLOOR_RATIO = 1.05        # ... and within a few percent of their distinct images stored once
 
 
 def make_images(folder: Path, classes: int, per_class: int, size: int = 128, start: int = 0) -> list[Path]:
@@ -44,13 +45,13 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def bench_versions(show, data: str | None, n_versions: int = 10) -> None:
+def bench_versions(show, data: str | None, n_versions: int = 10, per_class: int = 40) -> None:
     from core.data import versions
     work = Path(tempfile.mkdtemp(prefix="bench-versions-"))
     os.environ["FINETUNE_LAB_HOME"] = str(work / "home")
     source = Path(data) if data else work / "data"
     if not data:
-        make_images(source, classes=5, per_class=40)
+        make_images(source, classes=5, per_class=per_class)
     v, seconds = timed(versions.snapshot, source, "bench", "bench")
     show("snapshot (copy into the object store, hash, link)", seconds, "s")
     chain, derive_s, incoming = [v], [], work / "incoming"
@@ -89,15 +90,22 @@ def report_storage(show, source: Path, chain, versions) -> None:
     show("  + manifests and hash cache", books / mb, "MB")
     ratio = (stored + books) / one_copy
     show(f"{len(chain)} versions / one copy", ratio, "x", f"<= {TARGET_RATIO}", ratio <= TARGET_RATIO)
+    # the floor: every distinct image any version holds, once (what the versions added, and what
+    # later ones removed, is content the older versions need)
+    distinct = sum({e["sha256"]: e["size"] for v in chain for e in v.files}.values())
+    show(f"{len(chain)} versions' distinct images, once each (the floor)", distinct / mb, "MB")
+    floor = (stored + books) / distinct
+    show(f"{len(chain)} versions / the floor", floor, "x", f"<= {FLOOR_RATIO}", floor <= FLOOR_RATIO)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="a class folder (default: a generated one)")
     parser.add_argument("--versions", type=int, default=10)
+    parser.add_argument("--per-class", type=int, default=40, help="images per class of the generated set (5 classes)")
     args = parser.parse_args()
 
     def show(name, value, unit, target="", ok=None):
         print(f"{name:<66} {value:>9.2f} {unit:<4} {target:<8} {'' if ok is None else 'PASS' if ok else 'FAIL'}",
               flush=True)
-    bench_versions(show, args.data, args.versions)
+    bench_versions(show, args.data, args.versions, args.per_class)

@@ -35,7 +35,7 @@ an object several students' versions share is stored once:
     sets/<name>/<id>/<class>/<file>    the materialised version: hard links to the objects (a
                                        copy only where a hard link is impossible), so every reader
                                        of class folders trains on a version unchanged
-    hashes.sqlite                      sha256 by (path, size, mtime_ns, inode): a second look is a stat
+    hashes.sqlite                      sha256 by inode (size, mtime_ns checked): a second look is a stat
     .locks/<name>.lock                 one writer per data set at a time
 
 Ids are v1, v2, ... in order of creation (under the lock); `hash` identifies the content. An
@@ -571,8 +571,9 @@ def hash_files(root, rels) -> dict[str, tuple[str, int]]:
 
 
 class _HashCache:
-    """sha256 by (path, size, mtime_ns, inode) in SQLite, shared by the app's processes. Without
-    a usable database (a read-only data directory) every file is simply hashed."""
+    """sha256 by file (device, inode), checked against size and mtime_ns, in SQLite, shared by the
+    app's processes. Keyed by inode, not path: the ten versions' hard links to one object are one
+    row. Without a usable database (a read-only data directory) every file is simply hashed."""
 
     def __init__(self):
         self.db, self.new = None, []
@@ -580,35 +581,34 @@ class _HashCache:
     def __enter__(self):
         with contextlib.suppress(sqlite3.Error, OSError):
             self.db = sqlite3.connect(store() / "hashes.sqlite", timeout=30)
-            self.db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "
-                            "mtime_ns INTEGER, ino INTEGER, sha256 TEXT)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS inodes (dev INTEGER, ino INTEGER, size INTEGER, "
+                            "mtime_ns INTEGER, sha256 BLOB, PRIMARY KEY (dev, ino)) WITHOUT ROWID")
         return self
 
     def sha(self, path: Path) -> tuple[str, int]:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(f"not a file: {path}")
-        key = (st.st_size, st.st_mtime_ns, st.st_ino)
-        row = self._row(str(path))
-        if row and tuple(row[:3]) == key:
-            return row[3], st.st_size
+        row = self._row(st.st_dev, st.st_ino)
+        if row and tuple(row[:2]) == (st.st_size, st.st_mtime_ns):
+            return bytes(row[2]).hex(), st.st_size
         sha = file_sha256(path)
-        self.new.append((str(path), *key, sha))
+        self.new.append(_row_of(st, sha))
         return sha, st.st_size
 
-    def _row(self, path: str):
+    def _row(self, dev: int, ino: int):
         if self.db is None:
             return None
         with contextlib.suppress(sqlite3.Error):
-            return self.db.execute("SELECT size, mtime_ns, ino, sha256 FROM hashes WHERE path = ?",
-                                   (path,)).fetchone()
+            return self.db.execute("SELECT size, mtime_ns, sha256 FROM inodes WHERE dev = ? AND ino = ?",
+                                   (dev, ino)).fetchone()
         return None
 
     def __exit__(self, *exc):
         if self.db is not None:
             with contextlib.suppress(sqlite3.Error):
                 with self.db:
-                    self.db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?)", self.new)
+                    self.db.executemany("INSERT OR REPLACE INTO inodes VALUES (?, ?, ?, ?, ?)", self.new)
             self.db.close()
 
     @classmethod
@@ -617,8 +617,11 @@ class _HashCache:
         with cls() as cache:
             for path, sha in known:
                 with contextlib.suppress(OSError):
-                    st = os.stat(path)
-                    cache.new.append((path, st.st_size, st.st_mtime_ns, st.st_ino, sha))
+                    cache.new.append(_row_of(os.stat(path), sha))
+
+
+def _row_of(st: os.stat_result, sha: str) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, bytes.fromhex(sha))
 
 
 def file_sha256(path) -> str:
