@@ -1,8 +1,8 @@
 """Runs leave the web server (issue 22): each run trains in its own process on a slot, the queue
 lives on disk, a killed process is one run's problem, and two servers never take the same run.
 
-Every test here starts real child processes (`python -m core job RUN_ID`), each importing torch:
-a few seconds apiece on a 2-core machine."""
+Every test here starts real child processes (`python -m core job RUN_ID`, forked from the warm
+fork server on CPU slots: core.serve.forked)."""
 from __future__ import annotations
 
 import os
@@ -153,6 +153,25 @@ def test_kill_9_is_one_runs_problem(tiny_config, stop_all):
     m.resume(victim)
     assert m.wait(victim.id, TIMEOUT)
     assert victim.status()["state"] == "finished", victim.status()
+
+
+@pytest.mark.slow
+def test_a_dead_fork_server_does_not_end_its_children(tiny_config, stop_all):
+    """The fork server that reports a child's exit is killed (the OOM killer's favourite: it is
+    big): the run it started trains on, its slot stays taken, and it still finishes."""
+    from multiprocessing import forkserver
+    m = manager()
+    stop_all(m)
+    run = m.submit(tiny_config(freeze="full", epochs=400, image_size=48), owner="a")
+    wait_for(lambda: run.epochs(), what="the first epoch")
+    os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+    time.sleep(1)
+    assert run.status()["state"] == "running" and runqueue.get(run.id) is not None
+    done = len(run.epochs())
+    wait_for(lambda: len(run.epochs()) > done, what="an epoch after the fork server died")
+    m.stop(run.id)                              # still the executor's: Stop reaches it, it is reaped
+    assert m.wait(run.id, TIMEOUT)
+    assert run.status()["state"] == "stopped", run.status()
 
 
 @pytest.mark.slow

@@ -111,6 +111,8 @@ class LocalLauncher:
         proc = self.procs.get(job.run_id)
         if proc is not None:
             code = proc.poll()
+            if code == forked.LOST and pid_alive(job.pid):
+                return False, None          # the fork server died, not the child: watch its pid
             if code is not None:
                 self.procs.pop(job.run_id, None)
             return code is not None, code

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PRELOAD = ["core.cli", "core.serve.jobs", "core.serve.tasks", "core.training.run", "core.trust.doctor",
            "core.training.lr_find", "core.results.evaluate"]
 _LOCK = threading.RLock()
+LOST = 255           # the status a child reads as when the fork server that reports it went away
 _CONTEXT: list = []
 
 
@@ -117,6 +118,9 @@ def child_main(argv: list[str], env: dict, log_path: str, cwd: str) -> None:
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    if env.get("PYTHONUNBUFFERED"):          # set too late for the interpreter: the log must not lag
+        for stream in (sys.stdout, sys.stderr):
+            getattr(stream, "reconfigure", lambda **_: None)(write_through=True)
     _size_thread_pools(env.get("FINETUNE_LAB_THREADS", ""))
     sys.argv = [f"{sys.executable} -m core", *argv]
     runpy.run_module("core", run_name="__main__", alter_sys=True)      # exits with the command's status
