@@ -170,6 +170,8 @@ class Executor:
         with self._lock:
             if self._closed.is_set():
                 return
+            if self._thread is None:
+                forked.warm()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="finetune-lab-dispatcher",
                                                 daemon=True)

@@ -47,6 +47,14 @@ def _context():
         return _CONTEXT[0]
 
 
+def warm() -> None:
+    """Start the fork server (its imports take seconds) before the first run needs it."""
+    if available():
+        from multiprocessing import forkserver
+        _context()
+        threading.Thread(target=forkserver.ensure_running, name="finetune-lab-forkserver", daemon=True).start()
+
+
 class Child:
     """A started child, polled like subprocess.Popen: poll() is None while it runs, then its exit
     status (negative: the signal that ended it)."""
