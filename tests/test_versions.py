@@ -66,6 +66,7 @@ def test_groups_of_near_copies_follow_their_files_into_children(flowers, tmp_pat
     assert V.snapshot(v3.folder, "copied", "alice").groups == v3.groups
     with pytest.raises(V.VersionError, match="nothing to save"):
         V.derive(v3, together=[["class_c/img_000-2.png", "class_b/img_000.png"]])
+    assert V.derive(v3, together=[["class_a/img_001.png", "class_b/img_001.png"]], note="by hand").note == "by hand"
 
 
 def test_added_names_are_unique_and_safe(flowers, tmp_path):

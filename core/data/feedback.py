@@ -169,24 +169,29 @@ def base_version(run: Run, user: access.User, policy: access.Policy) -> tuple[ve
     whether it was made now. A folder whose files equal one of its data set's versions reuses it."""
     if problem := base_problem(run, user, policy):
         raise FeedbackError(problem)
-    return folder_version(run_root(run), user, policy, note=f"the folder run {run.id} trained on")
+    return _stored_or_snapshot(run_root(run), user, policy, note=f"the folder run {run.id} trained on")
 
 
 def folder_version(root, user: access.User, policy: access.Policy, note: str = "") -> tuple[versions.Version, bool]:
     """The stored version of the data set at `root` (a version's folder, or a folder whose files
     equal a version of the data set it is stored as), else a snapshot made now within the user's
     quota; and whether it was made now."""
-    found, entries = _stored_base(root, user, policy)
+    if problem := folder_problem(root, user, policy):
+        raise FeedbackError(problem)
+    return _stored_or_snapshot(root, user, policy, note)
+
+
+def _stored_or_snapshot(root, user: access.User, policy: access.Policy, note: str) -> tuple[versions.Version, bool]:
+    found, entries = _stored_base(root, user)
     if found is not None:
         return found, False
     _check_room(user, policy, _bytes(entries))
     return _snapshot(root, user, note), True
 
 
-def _stored_base(root, user: access.User, policy: access.Policy) -> tuple[versions.Version | None, list[dict]]:
-    """(the stored version of the data at `root` or None, the entries of its files)."""
-    if problem := folder_problem(root, user, policy):
-        raise FeedbackError(problem)
+def _stored_base(root, user: access.User) -> tuple[versions.Version | None, list[dict]]:
+    """(the stored version of the data at `root` or None, the entries of its files); callers
+    have checked folder_problem."""
     if found := versions.version_of(root):
         return found, found.files
     entries = versions.manifest_of_folder(root)
@@ -254,7 +259,7 @@ def save_feedback(run: Run, user: access.User, policy: access.Policy, examples=(
         sources = _sources(chosen, Path(tmp))
         if problem := base_problem(run, user, policy):
             raise FeedbackError(problem)
-        base, entries = _stored_base(run_root(run), user, policy)
+        base, entries = _stored_base(run_root(run), user)
         relabel = _relabels(entries, relabel)
         adds, duplicates = _fresh(entries, sources)
         if not adds and not relabel:
@@ -486,8 +491,10 @@ def delete_version(user: access.User, version: versions.Version) -> int:
     if not (user.admin or version.author == user.id):
         raise FeedbackError(f"{version.ref} was made by someone else: only they or the teacher can delete it.")
     if used := runs_on(version):
-        raise FeedbackError(f"{len(used)} run(s) trained on {version.ref} ({', '.join(r.id for r in used[:3])}): "
-                            "delete those runs first, so that no run loses the files it was pinned to.")
+        mine = [r.id for r in used if user.admin or r.owner == user.id][:3]      # others' run ids stay theirs
+        named = f" ({', '.join(mine)})" if mine else ""
+        raise FeedbackError(f"{len(used)} run(s) trained on {version.ref}{named}: delete those runs first, so "
+                            "that no run loses the files it was pinned to.")
     return versions.remove(version)
 
 

@@ -271,8 +271,8 @@ def derive(version: Version, add=(), relabel=None, remove=(), note: str = "", au
     if not new:
         raise VersionError("A version needs at least one image.")
     with _lock(version.name):
-        return _commit(version.name, version, new, note or change.summary() if change else
-                       f"{len(groups)} group(s) of near copies kept in one split", author, groups)
+        note = note or (change.summary() if change else f"{len(groups)} group(s) of near copies kept in one split")
+        return _commit(version.name, version, new, note, author, groups)
 
 
 def _kept_groups(groups, where: dict) -> list[list[str]]:
@@ -456,7 +456,6 @@ def remove(version: Version) -> int:
             raise VersionError(f"{version.ref} is already deleted.")
         shutil.rmtree(store() / "sets" / version.name / version.id, ignore_errors=True)
         path.unlink()
-        _load.cache_clear()
     return collect_garbage()
 
 
