@@ -513,6 +513,18 @@ def test_plan_with_no_time_trains_the_head_longer():
     assert len(notes) == 2 and all(_is_sentence(n) for n in notes)
 
 
+def test_the_test_pass_reserve_follows_the_measured_speed():
+    from core.training.plan import measured_image_s, reserve_for_testing
+    guess = reserve_for_testing(300, 300, "auto")
+    plan = dict(speeds=dict(forward_ms=3.5, augment_ms=0.8))      # MobileNetV2 at 160 px on 2 cores
+    measured = reserve_for_testing(300, 300, "auto", measured_image_s(plan))
+    assert guess == pytest.approx(2 + 0.02 * 1200)
+    assert 2 < measured < guess / 2          # a 90 s budget keeps ~12 s back, not 26 s
+    assert reserve_for_testing(300, 300, "auto", 1.0) == guess     # a slow model never gets less than the guess
+    for broken in (None, {}, dict(speeds=dict(forward_ms="x")), dict(speeds=dict(forward_ms=0))):
+        assert measured_image_s(broken) is None
+
+
 def test_depth_lr_falls_with_depth():
     assert config.depth_lr(0) == pytest.approx(config.HEAD_LR)
     assert config.depth_lr(1) == pytest.approx(config.FULL_LR)

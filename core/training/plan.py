@@ -48,11 +48,28 @@ def _plan(parts: Parts, cfg: RunConfig, precision: Precision, started: float):
     return phases, cfg
 
 
-def reserve_for_testing(n_test: int, n_val: int = 0, tta: str = "") -> float:
+UNMEASURED_IMAGE_S = 0.02   # a test image's cost when the plan measured none (a slow CPU's)
+TEST_SAFETY = 2.0           # the test pass decodes and transforms too, on a CPU that may be shared
+
+
+def reserve_for_testing(n_test: int, n_val: int = 0, tta: str = "", image_s: float | None = None) -> float:
     """Seconds kept back from a time budget for the final test pass: mirrored test images cost
-    a second pass, and deciding on them ("auto") two passes over validation."""
+    a second pass, and deciding on them ("auto") two passes over validation. `image_s` is the
+    plan's measured forward pass plus transform per image; a fixed guess without one held back a
+    quarter of a 90 s budget that a 3 s test pass never used."""
     images = n_test * (2 if tta else 1) + (2 * n_val if tta == "auto" else 0)
-    return 2.0 + 0.02 * images
+    per_image = UNMEASURED_IMAGE_S if image_s is None else min(UNMEASURED_IMAGE_S, TEST_SAFETY * image_s)
+    return 2.0 + per_image * images
+
+
+def measured_image_s(plan: dict | None) -> float | None:
+    """Seconds per image of an evaluation pass from plan.json's speeds (None when not measured)."""
+    speeds = (plan or {}).get("speeds") or {}
+    try:
+        ms = float(speeds["forward_ms"]) + float(speeds.get("augment_ms", 0.0))
+    except (KeyError, TypeError, ValueError):        # plan.json is a file anyone with the folder can edit
+        return None
+    return ms / 1000 if ms > 0 else None
 
 
 class BudgetClock:
@@ -62,10 +79,11 @@ class BudgetClock:
         self.deadline = deadline
 
     @classmethod
-    def start(cls, cfg: RunConfig, started: float, n_test: int, n_val: int = 0) -> "BudgetClock":
+    def start(cls, cfg: RunConfig, started: float, n_test: int, n_val: int = 0,
+              image_s: float | None = None) -> "BudgetClock":
         if not cfg.time_budget_s:
             return cls(None)
-        return cls(started + cfg.time_budget_s - reserve_for_testing(n_test, n_val, cfg.tta))
+        return cls(started + cfg.time_budget_s - reserve_for_testing(n_test, n_val, cfg.tta, image_s))
 
     def running(self) -> bool:
         return bool(self.deadline)

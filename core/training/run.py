@@ -29,7 +29,7 @@ from core.training.checkpoints import ResumeState, load_resume_state
 from core.training.loop import Loop
 from core.training.parts import Parts
 from core.training.phase_caches import PhaseCaches
-from core.training.plan import BudgetClock, phases_for
+from core.training.plan import BudgetClock, measured_image_s, phases_for
 from core.training.precision import Precision
 from core.training import choose
 from core.training.resolved import at_native_size, resolved
@@ -215,7 +215,8 @@ def _fit(parts: Parts, cfg: RunConfig, criterion, resumed: dict | None, started:
     caches = PhaseCaches(parts, cfg, precision)
     try:
         phases, cfg = phases_for(parts, cfg, precision, resumed, started)
-        clock = BudgetClock.start(cfg, started, len(parts.labels("test")), len(parts.labels("val")))
+        clock = BudgetClock.start(cfg, started, len(parts.labels("test")), len(parts.labels("val")),
+                                  measured_image_s(parts.run.read_json("plan.json")))
         loop = Loop(parts, cfg, criterion, phases, caches, precision, clock, ResumeState(parts.run, resumed))
         if resumed:
             loop.restore()
