@@ -77,6 +77,7 @@ class BudgetClock:
 
     def __init__(self, deadline: float | None = None):
         self.deadline = deadline
+        self.longest: dict[int, int] = {}      # phase index -> the last epoch it may be lengthened to
 
     @classmethod
     def start(cls, cfg: RunConfig, started: float, n_test: int, n_val: int = 0,
@@ -94,12 +95,14 @@ class BudgetClock:
     def refit(self, phases: list[budget.Phase], index: int, epoch: int, first: int, last: int,
               epoch_s: float) -> int:
         """The epoch phase `index` (epochs first+1..last) should end at, from its measured epoch
-        time: after its first epoch the last phase takes as many epochs as fit (up to 3x the plan,
-        as the estimate may have been pessimistic); any phase running late is cut."""
+        time: from its first epoch on, the last phase takes as many epochs as fit (up to 3x the
+        plan, as the estimate may have been pessimistic); any phase running late is cut."""
         fit = int(max(0.0, self.deadline - time.monotonic()) // max(epoch_s, 1e-6))
         if epoch == first + 1 and index == len(phases) - 1:
-            return min(epoch + fit, first + 3 * phases[index].epochs)
-        return min(epoch + fit, last)
+            self.longest[index] = first + 3 * phases[index].epochs
+        # Later epochs may lengthen it again within that cap: epoch times vary, and an estimate
+        # from one slow epoch left up to two epochs' time unused at the end.
+        return min(epoch + fit, max(last, self.longest.get(index, last)))
 
 
 def refitted(run: Run, cfg: RunConfig, phases: list[budget.Phase], index: int, epochs: int,
