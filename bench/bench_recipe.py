@@ -5,9 +5,10 @@
     python bench/bench_recipe.py --backbones mobilenetv2_100 squeezenet1_1
 
 For each data set and split seed (the only thing that changes between seeds), in a fresh process
-each: the "Best accuracy in 5 minutes" preset as shipped (it probes and picks the backbone and
-size), then the same preset pinned to each offline backbone (at the preset's image size). Prints
-one row per run and a summary (mean ± standard deviation of test accuracy and seconds), and
+each: the "Best accuracy in 5 minutes" preset as shipped (MobileNetV2 at 160 px; with
+pick_backbone on in the preset, it probes and picks the backbone and size), then the same preset
+pinned to each other offline backbone (at the preset's image size). Prints one row per run and a
+summary (mean ± standard deviation of test accuracy, seconds, share of the budget used), and
 writes bench/recipe.json. Run it on a quiet machine: the budget is wall-clock time.
 """
 from __future__ import annotations
