@@ -3,6 +3,7 @@
     python bench/bench_recipe.py                                  # every shared set, 3 seeds, 300 s
     python bench/bench_recipe.py --data hymenoptera --budget 60 --seeds 0 1 2
     python bench/bench_recipe.py --backbones mobilenetv2_100 squeezenet1_1
+    python bench/bench_recipe.py --no-recipe --backbones tf_efficientnet_lite2   # pinned runs only
 
 For each data set and split seed (the only thing that changes between seeds), in a fresh process
 each: the "Best accuracy in 5 minutes" preset as shipped (MobileNetV2 at 160 px; with
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=300)
     ap.add_argument("--backbones", nargs="*", help="pinned backbones to compare (default: every offline one)")
+    ap.add_argument("--no-recipe", action="store_true", help="run only the pinned backbones")
     ap.add_argument("--out", default=str(ROOT / "bench" / "recipe.json"))
     args = ap.parse_args()
     pinned = args.backbones if args.backbones is not None else offline_backbones()
@@ -117,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for data in data_sets(args.data).values():
             for seed in args.seeds:
-                for what in [None, *pinned]:
+                for what in ([] if args.no_recipe else [None]) + pinned:
                     row = one_run(data, seed, args.budget, Path(tmp), what)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
