@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import threading
 import time
 
@@ -528,17 +529,44 @@ def test_the_test_pass_reserve_follows_the_measured_speed():
 def test_the_last_phase_fills_the_budget_within_ten_times_its_plan():
     from core.training.plan import LONGEST, BudgetClock
     phases = [budget.Phase("head", "head", 8), budget.Phase("fine-tune", "full", 8)]
-    clock = BudgetClock(time.monotonic() + 100)
-    assert clock.refit(phases, 1, 9, 8, 16, epoch_s=5) == 28          # 19 more epochs fit
-    clock.deadline = time.monotonic() + 62
-    assert clock.refit(phases, 1, 20, 8, 28, epoch_s=5) == 32         # later epochs lengthen it too
-    clock.deadline = time.monotonic() + 12
+    clock = BudgetClock(time.monotonic() + 101)
+    assert clock.refit(phases, 1, 9, 8, 16, epoch_s=5) == 29          # 20 more epochs fit
+    clock.deadline = time.monotonic() + 61
+    assert clock.refit(phases, 1, 20, 8, 29, epoch_s=5) == 32         # later epochs lengthen it too
+    clock.deadline = time.monotonic() + 11
     assert clock.refit(phases, 1, 21, 8, 32, epoch_s=5) == 23         # running late: cut
     clock.deadline = time.monotonic() + 1e6
     assert clock.refit(phases, 1, 22, 8, 23, epoch_s=5) == 8 + LONGEST * 8     # never past the cap
     resumed = BudgetClock(time.monotonic() + 100)                     # no first epoch seen: only cuts
     assert resumed.refit(phases, 1, 12, 8, 16, epoch_s=5) == 16
     assert BudgetClock(time.monotonic() + 100).refit(phases, 0, 1, 0, 8, epoch_s=1) == 8   # not the last phase
+
+
+def test_a_last_epoch_that_partly_fits_starts_and_stops_at_the_deadline():
+    from core.training.loop import Until
+    from core.training.plan import SHORT_EPOCH, BudgetClock
+    phases = [budget.Phase("head", "head", 8), budget.Phase("fine-tune", "full", 8)]
+    share = SHORT_EPOCH + 0.1                                          # of one more 10 s epoch
+    assert BudgetClock(time.monotonic() + 20 + 10 * share).refit(phases, 1, 9, 8, 16, epoch_s=10) == 12
+    whole_only = BudgetClock(time.monotonic() + 20 + 10 * share, short_epochs=False)   # several processes
+    assert whole_only.refit(phases, 1, 9, 8, 16, epoch_s=10) == 11
+    assert BudgetClock(time.monotonic() + 20 + 10 * share).refit(phases, 0, 1, 0, 16, epoch_s=10) == 3
+    assert BudgetClock(time.monotonic() + 100).stop_training_at(4.0) == pytest.approx(time.monotonic() + 96, abs=1)
+    assert whole_only.stop_training_at(4.0) is None and BudgetClock(None).stop_training_at(4.0) is None
+    past, future = Until(range(5), time.monotonic() - 1), Until(range(5), time.monotonic() + 100)
+    assert (list(past), past.taken, past.cut) == ([0], 1, True)        # at least one batch
+    assert (list(future), future.taken, future.cut) == ([0, 1, 2, 3, 4], 5, False)
+    assert list(Until(range(3), None)) == [0, 1, 2]
+
+
+def test_a_run_whose_epochs_are_cut_at_the_deadline_still_validates_and_tests(folder, monkeypatch):
+    from core.training.plan import BudgetClock
+    monkeypatch.setattr(BudgetClock, "stop_training_at", lambda self, validate_s: 0.0)   # always past
+    run = core.train(tiny_run_config(folder, time_budget_s=60))
+    status, rows = run.status(), run.epochs()
+    assert status["state"] == "finished" and status.get("test_acc") is not None, status
+    assert rows and all(r["train_batches"] == 1 for r in rows)         # each pass trained one batch
+    assert all(math.isfinite(r["train_loss"]) and r["val_acc"] is not None for r in rows)
 
 
 def test_depth_lr_falls_with_depth():

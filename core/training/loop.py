@@ -32,6 +32,7 @@ class Loop:
         self.cfg, self.phases = cfg, phases
         self.scaler = grad_scaler(parts.device)
         self.best, self.since_best, self.epoch = -math.inf, 0, 0
+        self.validate_s = 0.0        # the last validation pass's seconds: a short epoch leaves it time
 
     def restore(self) -> None:
         self.best, self.since_best, self.epoch = self.resume.restore(self.parts.model, self.parts.device)
@@ -96,24 +97,28 @@ class Loop:
     def one_epoch(self, index: int, batches: PhaseBatches, step_model, optimizer, scheduler, precision) -> None:
         parts, epoch, start = self.parts, self.epoch, time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        (train_loss, train_acc), (val_loss, val_acc), n_train = self.passes(batches, step_model, optimizer,
-                                                                             precision)
+        (train_loss, train_acc), (val_loss, val_acc), n_train, cut = self.passes(batches, step_model, optimizer,
+                                                                                  precision)
         if scheduler:
             scheduler.step()
         improved = self.keep_best(val_acc if parts.labels("val") else -train_loss)
         row = dict(epoch=epoch, phase=self.phases[index].name, lr=lr, train_loss=train_loss, train_acc=train_acc,
                    val_loss=val_loss, val_acc=val_acc, seconds=time.perf_counter() - start, best=improved)
+        if cut:
+            row["train_batches"] = cut     # a short last epoch, stopped at the time budget
         # The row first, so a run killed once its resume state is on disk always shows the epoch;
         # killed in between, Resume drops the row (keep_epochs) and trains that epoch again. The
         # resume state carries the row too, for a row lost to a full disk.
         record_epoch(parts.run, row)
         self.resume.save(parts.model, optimizer, scheduler, self.scaler,
                          dict(epoch=epoch, phase_index=index, best=self.best, since_best=self.since_best, row=row))
-        parts.report(force=True, message=f"Epoch {epoch}/{self.cfg.epochs} done", epoch=epoch,
+        done = f"stopped after {cut} of {n_train} batches, at the time budget" if cut else "done"
+        parts.report(force=True, message=f"Epoch {epoch}/{self.cfg.epochs} {done}", epoch=epoch,
                      epochs=self.cfg.epochs, phase="train", step=n_train, steps=n_train)
 
     def passes(self, batches: PhaseBatches, step_model, optimizer, precision):
-        """This epoch's training pass, then its validation pass: ((loss, acc), (loss, acc), training batches)."""
+        """This epoch's training pass, then its validation pass: ((loss, acc), (loss, acc), training
+        batches, how many of them trained if the budget's deadline cut the pass short, else 0)."""
         parts, cfg = self.parts, self.cfg
         per_rank = dist.local_batch(cfg.batch_size)
         val_batch = 256 if batches.cached else per_rank
@@ -121,10 +126,13 @@ class Loop:
         n_val = math.ceil(len(parts.labels("val")) / (val_batch * dist.world()))
         step_model.train()
         freeze_norm_stats(parts.model)
-        train = self.run_pass(step_model, batches.train(self.epoch, per_rank), optimizer, n_train, precision)
+        counted = Until(batches.train(self.epoch, per_rank), self.clock.stop_training_at(self.validate_s))
+        train = self.run_pass(step_model, counted, optimizer, n_train, precision)
         step_model.eval()
+        started = time.monotonic()
         val = self.run_pass(step_model, batches.val(val_batch), None, n_val, precision)
-        return train, val, n_train
+        self.validate_s = time.monotonic() - started
+        return train, val, n_train, counted.taken if counted.cut else 0
 
     def run_pass(self, step_model, batches, optimizer, n_batches: int, precision):
         parts = self.parts
@@ -138,3 +146,21 @@ class Loop:
         if improved:
             save_checkpoint(self.parts.model, self.parts.run)
         return improved
+
+
+class Until:
+    """Batches until a moment (time.monotonic()), at least one: how a short last epoch stops at
+    the budget's deadline. Iterated lazily, so the batches' own iterator starts where the caller
+    starts this one (under the run's random stream)."""
+
+    def __init__(self, batches, stop_at: float | None):
+        self.batches, self.stop_at = batches, stop_at
+        self.taken, self.cut = 0, False
+
+    def __iter__(self):
+        for batch in self.batches:
+            if self.taken and self.stop_at is not None and time.monotonic() > self.stop_at:
+                self.cut = True
+                return
+            self.taken += 1
+            yield batch

@@ -216,7 +216,7 @@ def _fit(parts: Parts, cfg: RunConfig, criterion, resumed: dict | None, started:
     try:
         phases, cfg = phases_for(parts, cfg, precision, resumed, started)
         clock = BudgetClock.start(cfg, started, len(parts.labels("test")), len(parts.labels("val")),
-                                  measured_image_s(parts.run.read_json("plan.json")))
+                                  measured_image_s(parts.run.read_json("plan.json")), short_epochs=dist.world() == 1)
         loop = Loop(parts, cfg, criterion, phases, caches, precision, clock, ResumeState(parts.run, resumed))
         if resumed:
             loop.restore()

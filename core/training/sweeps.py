@@ -88,12 +88,18 @@ def results(runs: list[Run] | None = None) -> pd.DataFrame:
         row.update({f"vary:{k}": str(v) for k, v in cfg.tags.items()})
         row.update(best_epoch=status.get("best_epoch"), best_val_acc=status.get("best_val_acc"),
                    test_acc=status.get("test_acc"),
-                   s_per_epoch=sum(e["seconds"] for e in epochs) / len(epochs) if epochs else None,
+                   s_per_epoch=_per_epoch(epochs),
                    state=status.get("state"))
         rows.append(row)
     frame = pd.DataFrame(rows)
     first = ["name", "best_val_acc", "test_acc", "best_epoch", "s_per_epoch", "state"]
     return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
+
+
+def _per_epoch(epochs: list[dict]) -> float | None:
+    """Mean seconds of the run's whole epochs (a short last one, cut at the time budget, is left out)."""
+    whole = [e["seconds"] for e in epochs if "train_batches" not in e]
+    return sum(whole) / len(whole) if whole else None
 
 
 def sweeps(runs: list[Run] | None = None) -> dict[str, list[Run]]:
