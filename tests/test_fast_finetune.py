@@ -565,7 +565,7 @@ def test_a_run_whose_epochs_are_cut_at_the_deadline_still_validates_and_tests(fo
     run = core.train(tiny_run_config(folder, time_budget_s=60))
     status, rows = run.status(), run.epochs()
     assert status["state"] == "finished" and status.get("test_acc") is not None, status
-    assert rows and all(r["train_batches"] == 1 for r in rows)         # each pass trained one batch
+    assert [r["train_batches"] for r in rows] == [1]                   # one batch; a cut epoch ends training
     assert all(math.isfinite(r["train_loss"]) and r["val_acc"] is not None for r in rows)
 
 

@@ -239,6 +239,12 @@ class _ReadOnlyRun(Run):
         pass
 
 
+def whole_epoch_seconds(rows: list[dict]) -> list[float]:
+    """Seconds of each whole epoch in a run's rows: a last epoch cut short at the time budget
+    (`train_batches` in its row) says nothing of how long an epoch takes."""
+    return [r["seconds"] for r in rows if isinstance(r.get("seconds"), (int, float)) and "train_batches" not in r]
+
+
 def delete_run(run: Run, root: Path | None = None) -> None:
     """Remove a run's folder; refused while it trains."""
     if run.status().active:

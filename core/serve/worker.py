@@ -225,8 +225,7 @@ def _epoch_seconds(arch: str, freeze: str, size: int) -> float:
     for run in store.list_runs()[:100]:
         cfg = run.config
         if (cfg.arch, cfg.freeze, cfg.image_size) == key:
-            seen += [row["seconds"] for row in run.epochs()      # a short last epoch is no epoch's time
-                     if isinstance(row.get("seconds"), (int, float)) and "train_batches" not in row]
+            seen += store.whole_epoch_seconds(run.epochs())
     value = statistics.median(seen) if seen else FALLBACK_EPOCH_S
     _EPOCH_S[key] = (value, time.monotonic())
     return value

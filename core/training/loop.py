@@ -51,7 +51,8 @@ class Loop:
         while self.epoch < last:
             self.epoch += 1
             started = time.monotonic()
-            self.one_epoch(index, batches, step_model, optimizer, scheduler, precision)
+            if self.one_epoch(index, batches, step_model, optimizer, scheduler, precision):
+                return False       # cut short at the budget's deadline: its time says nothing of the next
             if self.cfg.patience and self.since_best >= self.cfg.patience:
                 self.parts.run.set_status("running", early_stopped=self.epoch)
                 return False
@@ -94,7 +95,9 @@ class Loop:
             scheduler = make_scheduler(self.cfg, optimizer, new_last - first, done=self.epoch - first)
         return new_last, scheduler
 
-    def one_epoch(self, index: int, batches: PhaseBatches, step_model, optimizer, scheduler, precision) -> None:
+    def one_epoch(self, index: int, batches: PhaseBatches, step_model, optimizer, scheduler, precision) -> int:
+        """Trains, validates and records one epoch; returns how many batches trained if the
+        budget's deadline cut it short, else 0."""
         parts, epoch, start = self.parts, self.epoch, time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         (train_loss, train_acc), (val_loss, val_acc), n_train, cut = self.passes(batches, step_model, optimizer,
@@ -115,6 +118,7 @@ class Loop:
         done = f"stopped after {cut} of {n_train} batches, at the time budget" if cut else "done"
         parts.report(force=True, message=f"Epoch {epoch}/{self.cfg.epochs} {done}", epoch=epoch,
                      epochs=self.cfg.epochs, phase="train", step=n_train, steps=n_train)
+        return cut
 
     def passes(self, batches: PhaseBatches, step_model, optimizer, precision):
         """This epoch's training pass, then its validation pass: ((loss, acc), (loss, acc), training

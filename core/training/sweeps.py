@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import secrets
+import statistics
 from dataclasses import replace
 from datetime import datetime
 
@@ -13,7 +14,7 @@ import pandas as pd
 from core import config
 from core.config import FREEZE_MODES, RunConfig
 from core.data.transforms import PRESETS
-from core.serve.store import Run, list_runs
+from core.serve.store import Run, list_runs, whole_epoch_seconds
 from core.serve.worker import MANAGER
 
 # What a sweep can vary: axis -> (label, how a value changes the config)
@@ -88,18 +89,12 @@ def results(runs: list[Run] | None = None) -> pd.DataFrame:
         row.update({f"vary:{k}": str(v) for k, v in cfg.tags.items()})
         row.update(best_epoch=status.get("best_epoch"), best_val_acc=status.get("best_val_acc"),
                    test_acc=status.get("test_acc"),
-                   s_per_epoch=_per_epoch(epochs),
+                   s_per_epoch=statistics.mean(whole) if (whole := whole_epoch_seconds(epochs)) else None,
                    state=status.get("state"))
         rows.append(row)
     frame = pd.DataFrame(rows)
     first = ["name", "best_val_acc", "test_acc", "best_epoch", "s_per_epoch", "state"]
     return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
-
-
-def _per_epoch(epochs: list[dict]) -> float | None:
-    """Mean seconds of the run's whole epochs (a short last one, cut at the time budget, is left out)."""
-    whole = [e["seconds"] for e in epochs if "train_batches" not in e]
-    return sum(whole) / len(whole) if whole else None
 
 
 def sweeps(runs: list[Run] | None = None) -> dict[str, list[Run]]:
